@@ -1,0 +1,1 @@
+"""Baseline compression methods (registered into sparse_kv_cache.METHODS)."""

@@ -1,0 +1,286 @@
+"""Build figures, tables and results.md from results.jsonl alone (no model needed): every number comes from there."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from utils import atomic_write_text, read_jsonl
+
+MB = 1024 * 1024
+
+
+def latest_records(records: list[dict]) -> list[dict]:
+    """One record per cell: the last ok one, else the last one (an error)."""
+    by_cell: dict[str, dict] = {}
+    for r in records:
+        k = r.get("cell")
+        if k is None:
+            continue
+        if r.get("status") == "ok" or by_cell.get(k, {}).get("status") != "ok":
+            by_cell[k] = r
+    return list(by_cell.values())
+
+
+def label(r: dict) -> str:
+    return r["method"] if r.get("budget") is None else f"{r['method']} @ {fmt_budget(r['budget'])}"
+
+
+def fmt_budget(b) -> str:
+    if b is None:
+        return "100%"
+    return f"{b:.0%}" if isinstance(b, float) else f"{b} tok"
+
+
+def budget_order(b) -> float:
+    return 2.0 if b is None else (b if isinstance(b, float) else 1.5 + b / 1e9)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_csv(path: Path, header, rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_fig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def synthetic_tables(ok: list[dict]):
+    """Rows: method @ budget; columns: score per context size, mean score, retention vs full, KV MB per size."""
+    sizes = sorted({r["context_size"] for r in ok})
+    groups = defaultdict(list)
+    for r in ok:
+        groups[(r["method"], r["budget"])].append(r)
+    full_by_size = defaultdict(list)
+    for r in ok:
+        if r["method"] == "full":
+            full_by_size[r["context_size"]].append(r["score"])
+    full_mean = [sum(v) / len(v) for v in full_by_size.values()]
+    full_score = sum(full_mean) / len(full_mean) if full_mean else None
+    header = ["method", "budget"] + [f"score @{s}" for s in sizes] + ["mean score", "vs full"] + \
+        [f"KV MB @{s}" for s in sizes]
+    rows = []
+    for (m, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
+        per_size, kv = [], []
+        for s in sizes:
+            sel = [r for r in rs if r["context_size"] == s]
+            per_size.append(f"{sum(r['score'] for r in sel) / len(sel):.1f}" if sel else "-")
+            kv.append(f"{sum(r['kv_bytes'] for r in sel) / len(sel) / MB:.1f}" if sel else "-")
+        mean = sum(r["score"] for r in rs) / len(rs)
+        ret = f"{100 * mean / full_score:.0f}%" if full_score else "-"
+        rows.append([m, fmt_budget(b)] + per_size + [f"{mean:.1f}", ret] + kv)
+    return header, rows
+
+
+def task_table(ok: list[dict]):
+    tasks = sorted({r["task"] for r in ok})
+    groups = defaultdict(dict)
+    for t in tasks:
+        for r in ok:
+            if r["task"] == t:
+                groups[(r["method"], r["budget"])].setdefault(t, []).append(r["score"])
+    header = ["method", "budget"] + tasks
+    rows = []
+    for (m, b), d in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
+        rows.append([m, fmt_budget(b)] + [f"{sum(d[t]) / len(d[t]):.1f}" if t in d else "-" for t in tasks])
+    return header, rows
+
+
+def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    sns.set_theme(style="whitegrid", context="talk", font_scale=0.7)
+    made = []
+    methods = sorted({r["method"] for r in ok})
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+
+    # 1. accuracy vs KV budget (fractional budgets), mean over tasks and sizes; full as a dashed line
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = [r["score"] for r in ok if r["method"] == "full"]
+    for m in methods:
+        if m == "full":
+            continue
+        pts = defaultdict(list)
+        for r in ok:
+            if r["method"] == m and isinstance(r["budget"], float):
+                pts[r["budget"]].append(r["score"])
+        if pts:
+            xs = sorted(pts)
+            ax.plot([100 * x for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=m, color=palette[m])
+    if full:
+        ax.axhline(sum(full) / len(full), ls="--", color="black", label="full cache")
+    ax.set_xlabel("KV budget (% of the context kept)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Synthetic benchmark: accuracy vs KV budget")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=8)
+    save_fig(fig, fig_dir / "accuracy_vs_budget.png")
+    plt.close(fig)
+    made.append(("Accuracy vs KV budget (mean over tasks and context sizes)", "figures/accuracy_vs_budget.png"))
+
+    # 2. KV memory vs context size per method at its smallest budget
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        rs = [r for r in ok if r["method"] == m]
+        b = min((r["budget"] for r in rs), key=lambda x: budget_order(x))
+        pts = defaultdict(list)
+        for r in rs:
+            if r["budget"] == b:
+                pts[r["context_size"]].append(r["kv_bytes"] / MB)
+        xs = sorted(pts)
+        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})", color=palette[m])
+    ax.set_xlabel("context size (tokens)")
+    ax.set_ylabel("KV cache held (MB)")
+    ax.set_title("KV memory vs context size")
+    ax.legend(fontsize=8)
+    save_fig(fig, fig_dir / "kv_memory_vs_context.png")
+    plt.close(fig)
+    made.append(("KV memory vs context size (smallest budget of each method)", "figures/kv_memory_vs_context.png"))
+
+    # 3. accuracy vs context size
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, b) in sorted({(r["method"], r["budget"]) for r in ok}, key=lambda x: (x[0], -budget_order(x[1]))):
+        if b is not None and b != 0.25 and m != "full":
+            continue
+        pts = defaultdict(list)
+        for r in ok:
+            if r["method"] == m and r["budget"] == b:
+                pts[r["context_size"]].append(r["score"])
+        xs = sorted(pts)
+        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})", color=palette[m])
+    ax.set_xlabel("context size (tokens)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Accuracy vs context size (25% budget)")
+    ax.legend(fontsize=8)
+    save_fig(fig, fig_dir / "accuracy_vs_context.png")
+    plt.close(fig)
+    made.append(("Accuracy vs context size at a 25% budget", "figures/accuracy_vs_context.png"))
+
+    # 4. time per method
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    labels = sorted({label(r) for r in ok})
+    for ax, key, title in ((axes[0], "prefill_s", "prefill time per sample (s)"),
+                           (axes[1], "decode_ms_per_token", "decode time per token (ms)")):
+        vals = [sum(r[key] for r in ok if label(r) == lb) / max(1, sum(1 for r in ok if label(r) == lb))
+                for lb in labels]
+        ax.barh(labels, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
+        ax.set_xlabel(title)
+    axes[0].set_title("Prefill")
+    axes[1].set_title("Decode")
+    fig.tight_layout()
+    save_fig(fig, fig_dir / "timing.png")
+    plt.close(fig)
+    made.append(("Prefill and decode time per method (this run's hardware)", "figures/timing.png"))
+
+    # 5. needle depth x context size heatmaps, one panel per method @ budget
+    combos = sorted({(r["method"], r["budget"]) for r in ok}, key=lambda x: (x[0] != "full", x[0], -budget_order(x[1])))
+    if combos:
+        cols = min(4, len(combos))
+        rows_n = (len(combos) + cols - 1) // cols
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False)
+        for ax, (m, b) in zip(axes.flat, combos):
+            grid = defaultdict(list)
+            for r in ok:
+                if r["method"] == m and r["budget"] == b:
+                    for s in r.get("samples", []):
+                        grid[(round(s["depth"], 2), r["context_size"])].append(s["score"])
+            depths = sorted({d for d, _ in grid})
+            sizes = sorted({c for _, c in grid})
+            mat = [[100 * sum(grid[(d, c)]) / len(grid[(d, c)]) if grid[(d, c)] else float("nan") for c in sizes]
+                   for d in depths]
+            sns.heatmap(mat, ax=ax, vmin=0, vmax=100, cmap="RdYlGn", annot=True, fmt=".0f", cbar=False,
+                        xticklabels=sizes, yticklabels=[f"{d:.0%}" for d in depths])
+            ax.set_title(f"{m} ({fmt_budget(b)})", fontsize=9)
+            ax.set_xlabel("context size")
+            ax.set_ylabel("needle depth")
+        for ax in list(axes.flat)[len(combos):]:
+            ax.axis("off")
+        fig.suptitle("Accuracy (%) by needle depth and context size")
+        fig.tight_layout()
+        save_fig(fig, fig_dir / "depth_heatmap.png")
+        plt.close(fig)
+        made.append(("Accuracy by needle depth and context size", "figures/depth_heatmap.png"))
+    return made
+
+
+def build_report(out_dir, command: str = "", skipped: list[str] | None = None) -> None:
+    out_dir = Path(out_dir)
+    records = latest_records(read_jsonl(out_dir / "results.jsonl"))
+    ok = [r for r in records if r.get("status") == "ok"]
+    errors = [r for r in records if r.get("status") != "ok"]
+    lines = ["# ATSKV results", ""]
+    env = ok[0]["env"] if ok else (records[0].get("env", {}) if records else {})
+    models = sorted({r["model"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    lines += ["## Setup", "",
+              f"- model: {', '.join(models) or '-'}",
+              f"- hardware: {env.get('hardware', '-')} ({env.get('device', '-')}, {env.get('dtype', '-')})",
+              f"- versions: torch {env.get('torch', '-')}, transformers {env.get('transformers', '-')}, "
+              f"python {env.get('python', '-')}",
+              f"- command: `{command}`" if command else "- command: -",
+              f"- seed: {', '.join(map(str, seeds)) or '-'}; eval modes: "
+              f"{', '.join(sorted({r['eval_mode'] for r in records})) or '-'}",
+              f"- cells: {len(ok)} finished, {len(errors)} failed", ""]
+    syn = [r for r in ok if r["benchmark"] == "synthetic"]
+    if syn:
+        header, rows = synthetic_tables(syn)
+        write_csv(out_dir / "tables" / "synthetic.csv", header, rows)
+        t_header, t_rows = task_table(syn)
+        write_csv(out_dir / "tables" / "synthetic_tasks.csv", t_header, t_rows)
+        lines += ["## Synthetic benchmark", "",
+                  f"Tasks: {', '.join(sorted({r['task'] for r in syn}))}; "
+                  f"{syn[0]['num_samples']} samples per cell, needle depths spread over 0-100%. "
+                  "Score: exact match of the key (%). KV MB: what the cache holds after the context "
+                  "(and, in question-agnostic mode, before the question is read).", "",
+                  md_table(header, rows), "", "Per task (mean over context sizes):", "", md_table(t_header, t_rows), ""]
+        for title, path in figures(syn, out_dir / "figures"):
+            lines += [f"![{title}]({path})", ""]
+        lines += summary_lines(syn)
+    if errors:
+        lines += ["## Failed cells", "", md_table(["method", "budget", "task", "context", "error"],
+                  [[r["method"], fmt_budget(r.get("budget")), r.get("task"), r.get("context_size"), r.get("error")]
+                   for r in errors]), ""]
+    if skipped:
+        lines += ["## Skipped", ""]
+        lines += [f"- {b}: not run in this sweep (its loader is not available here; pass --data_dir with the "
+                  f"benchmark's jsonl files, or run where the Hugging Face hub is reachable)" for b in skipped]
+        lines += [""]
+    atomic_write_text(out_dir / "results.md", "\n".join(lines))
+
+
+def summary_lines(ok: list[dict]) -> list[str]:
+    """Which method wins at each budget (mean score over the synthetic cells)."""
+    by = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        if r["method"] != "full":
+            by[r["budget"]][r["method"]].append(r["score"])
+    if not by:
+        return []
+    out = ["## Summary", ""]
+    for b in sorted(by, key=budget_order, reverse=True):
+        means = {m: sum(v) / len(v) for m, v in by[b].items()}
+        best = max(means.values())
+        winners = sorted(m for m, v in means.items() if v == best)
+        out.append(f"- at {fmt_budget(b)}: {', '.join(winners)} ({best:.1f}%)" +
+                   (f"; then {', '.join(f'{m} {v:.1f}%' for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m not in winners)}"
+                    if len(means) > len(winners) else ""))
+    return out + [""]

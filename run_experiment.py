@@ -1,0 +1,255 @@
+"""Sweep methods x budgets x context sizes x benchmarks, append each finished cell to results.jsonl, write the report.
+
+    python run_experiment.py                      # quick sweep on the embedded default model -> outputs/results.md
+    python run_experiment.py --report_only --output_dir outputs   # rebuild the report from results.jsonl
+
+Every option is listed by --help and in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from utils import DEFAULT_MODEL, UserError, append_jsonl, parse_budget, read_jsonl
+
+BENCHMARKS = ("synthetic", "longbench", "zeroscrolls")
+MIN_CONTEXT = 128
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="ATSKV: KV-cache compression sweeps on Hugging Face causal LMs")
+    a = p.add_argument
+    a("--model_name", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded default), a hub id, a local "
+      "directory or a .gguf file")
+    a("--max_seq_len", type=int, default=None, help="largest prompt length in tokens (default: the model's limit)")
+    a("--use_fp16", action="store_true", help="half precision (bf16 where supported) on CUDA; CPU stays fp32")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    a("--methods", default="full,sliding_window", help="comma list: full, sliding_window, snapkv, h2o, "
+      "pyramidkv, dynamic_kv, rocket_kv, atskv, kvpress:<press>")
+    a("--budgets", default="0.5,0.25,0.1", help="comma list of KV budgets: fractions of the context (0.25) "
+      "or tokens per layer (512); 'full' ignores them")
+    a("--context_sizes", default="1024,2048", help="comma list of context sizes in tokens")
+    a("--benchmarks", default="synthetic", help=f"comma list of {', '.join(BENCHMARKS)}")
+    a("--tasks", default="needle,passkey,multi_key", help="synthetic tasks (needle, passkey, multi_key, "
+      "multi_value); for longbench/zeroscrolls the task names of those sets (default: all present)")
+    a("--num_samples", type=int, default=5, help="samples per cell")
+    a("--eval_mode", default="question_agnostic", help="question_agnostic (compress the context before the "
+      "question is read) or question_aware")
+    a("--prefill_chunk", type=int, default=512, help="prefill chunk in tokens; compression runs after each chunk")
+    a("--output_dir", default="outputs")
+    a("--seed", type=int, default=42)
+    a("--data_dir", default=None, help="folder with LongBench / ZeroSCROLLS jsonl files (instead of the hub)")
+    a("--haystack_dir", default=None, help="folder of .txt files to use as the synthetic benchmark's haystack")
+    a("--overwrite", action="store_true", help="start over instead of resuming from results.jsonl")
+    a("--report_only", action="store_true", help="rebuild figures, tables and results.md from results.jsonl")
+    a("--use_api", action="store_true", help="run an API model (Anthropic / OpenAI) instead of a local one")
+    a("--api_model", default=None, help="API model name, e.g. claude-... or gpt-...")
+    return p
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def split_list(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def validate(args) -> dict:
+    """Check every option before any model is loaded; raise UserError naming the bad value and what is accepted."""
+    from evaluation import EVAL_MODES, SYNTHETIC_TASKS
+    from sparse_kv_cache import KVCacheFactory
+    known = KVCacheFactory.known_methods()
+    methods = split_list(args.methods)
+    if not methods:
+        raise UserError("--methods is empty; known methods: " + ", ".join(known))
+    for m in methods:
+        if m not in known and not m.startswith("kvpress:"):
+            raise UserError(f"unknown method {m!r}; known methods: {', '.join(known)}, kvpress:<press>")
+    benchmarks = split_list(args.benchmarks)
+    for b in benchmarks:
+        if b not in BENCHMARKS:
+            raise UserError(f"unknown benchmark {b!r}; accepted: {', '.join(BENCHMARKS)}")
+    budgets = [parse_budget(b) for b in split_list(args.budgets)]
+    if not budgets and any(m != "full" for m in methods):
+        raise UserError("--budgets is empty; give fractions in (0, 1] or token counts >= 1")
+    sizes = []
+    limit = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    for s in split_list(args.context_sizes):
+        try:
+            n = int(s)
+        except ValueError:
+            raise UserError(f"bad context size {s!r}: accepted are whole numbers from {MIN_CONTEXT} to {limit}")
+        if not MIN_CONTEXT <= n <= limit:
+            raise UserError(f"context size {n} out of range: accepted are {MIN_CONTEXT} to {limit} tokens "
+                            f"(the model's limit; raise --max_seq_len for a model with a longer window)")
+        sizes.append(n)
+    if args.eval_mode not in EVAL_MODES:
+        raise UserError(f"unknown --eval_mode {args.eval_mode!r}; accepted: {', '.join(EVAL_MODES)}")
+    tasks = split_list(args.tasks)
+    if "synthetic" in benchmarks:
+        for t in tasks:
+            if t not in SYNTHETIC_TASKS and benchmarks == ["synthetic"]:
+                raise UserError(f"unknown synthetic task {t!r}; accepted: {', '.join(SYNTHETIC_TASKS)}")
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples {args.num_samples} must be >= 1")
+    if args.prefill_chunk < 1:
+        raise UserError(f"--prefill_chunk {args.prefill_chunk} must be >= 1")
+    if args.haystack_dir and not Path(args.haystack_dir).is_dir():
+        raise UserError(f"--haystack_dir {args.haystack_dir!r} is not a directory")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data_dir {args.data_dir!r} is not a directory")
+    check_writable(args.output_dir)
+    if args.use_api:
+        raise UserError("--use_api is not implemented yet (see the API-models issue); run a local model instead")
+    return {"methods": methods, "benchmarks": benchmarks, "budgets": budgets, "sizes": sizes, "tasks": tasks}
+
+
+def check_writable(path: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {path!r} is not writable ({e.strerror})") from None
+
+
+def cell_key(spec: dict) -> str:
+    """A cell is identified by everything that changes its result."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_cells(args, opts: dict) -> list[dict]:
+    cells = []
+    for bench in opts["benchmarks"]:
+        if bench != "synthetic":
+            continue  # real benchmarks are planned by evaluation.plan_real_cells (LongBench / ZeroSCROLLS issue)
+        for task in opts["tasks"]:
+            for size in opts["sizes"]:
+                for method in opts["methods"]:
+                    for budget in ([None] if method == "full" else opts["budgets"]):
+                        cells.append({"model": args.model_name, "method": method, "params": {}, "budget": budget,
+                                      "benchmark": bench, "task": task, "context_size": size,
+                                      "num_samples": args.num_samples, "seed": args.seed,
+                                      "eval_mode": args.eval_mode, "prefill_chunk": args.prefill_chunk,
+                                      "haystack_dir": args.haystack_dir})
+    return cells
+
+
+def finished_keys(results_path: Path) -> set[str]:
+    return {r["cell"] for r in read_jsonl(results_path) if r.get("status") == "ok" and "cell" in r}
+
+
+def run_sweep(args, opts: dict) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import evaluation as ev
+    from utils import load_model_and_tokenizer, model_max_length, set_seed
+
+    out_dir = Path(args.output_dir)
+    results_path = out_dir / "results.jsonl"
+    if args.overwrite and results_path.exists():
+        results_path.unlink()
+    cells = plan_cells(args, opts)
+    done = finished_keys(results_path)
+    todo = [c for c in cells if cell_key(c) not in done]
+    print(f"[atskv] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
+          f"-> {results_path}", file=sys.stderr)
+    skipped = [b for b in opts["benchmarks"] if b != "synthetic"]
+    if not todo:
+        write_report(out_dir, args, skipped)
+        return 0
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
+    limit = model_max_length(model)
+    for s in opts["sizes"]:
+        if limit and s > limit:
+            raise UserError(f"context size {s} exceeds the model's limit of {limit} tokens")
+    env = environment_info(model)
+    fault = os.environ.get("ATSKV_INJECT_FAULT", "")  # testing hook: "oom:<substring of the cell's name>"
+    interrupted = False
+    samples_cache: dict = {}
+    bar = tqdm(todo, desc="sweep", unit="cell", file=sys.stderr)
+    for cell in bar:
+        name = f"{cell['method']}|{cell['budget']}|{cell['task']}|{cell['context_size']}"
+        bar.set_postfix_str(name)
+        set_seed(args.seed)
+        key = (cell["task"], cell["context_size"])
+        if key not in samples_cache:
+            samples_cache[key] = ev.synthetic_samples(tok, cell["task"], cell["context_size"], args.num_samples,
+                                                      args.seed, haystack_dir=args.haystack_dir)
+        inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
+        record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        t0 = time.perf_counter()
+        try:
+            record.update(ev.evaluate_synthetic_cell(model, tok, cell["method"], cell["budget"], samples_cache[key],
+                                                     cell["eval_mode"], cell["prefill_chunk"], cell["params"],
+                                                     fault=inject))
+            record["status"] = "ok"
+        except KeyboardInterrupt:
+            interrupted = True
+            break
+        except (torch.OutOfMemoryError, FloatingPointError, RuntimeError, ValueError) as e:
+            record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)", file=sys.stderr)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        record["wall_s"] = time.perf_counter() - t0
+        append_jsonl(results_path, record)
+    bar.close()
+    write_report(out_dir, args, skipped)
+    if interrupted:
+        print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def environment_info(model) -> dict:
+    import torch
+    import transformers
+    dev = str(model.device)
+    hw = torch.cuda.get_device_name(model.device) if dev.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return {"device": dev, "hardware": hw, "dtype": str(model.dtype).replace("torch.", ""),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def write_report(out_dir: Path, args, skipped: list[str]) -> None:
+    from report import build_report
+    build_report(out_dir, command=" ".join(sys.argv), skipped=skipped)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.report_only:
+            results = Path(args.output_dir) / "results.jsonl"
+            if not results.exists():
+                raise UserError(f"--report_only: no results.jsonl in {args.output_dir!r}")
+            check_writable(args.output_dir)
+            write_report(Path(args.output_dir), args, [])
+            print(f"[atskv] report rebuilt: {Path(args.output_dir) / 'results.md'}", file=sys.stderr)
+            return 0
+        opts = validate(args)
+        code = run_sweep(args, opts)
+        print(f"[atskv] results: {Path(args.output_dir) / 'results.md'}", file=sys.stderr)
+        return code
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("[atskv] interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
