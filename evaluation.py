@@ -257,7 +257,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     }
 
 
-MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 16}
+MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 24}
 
 
 def make_cache(method: str, model, budget, context_length: int, params: dict | None = None):

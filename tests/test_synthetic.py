@@ -1,0 +1,89 @@
+"""The synthetic benchmark: deterministic samples, exact-match scoring, and what it measures on the default model."""
+import pytest
+
+import evaluation as ev
+from sparse_kv_cache import KVCacheFactory
+
+
+def test_samples_are_deterministic_in_the_seed(tokenizer):
+    a = ev.make_synthetic_sample(tokenizer, "multi_key", 512, 0.25, 7)
+    b = ev.make_synthetic_sample(tokenizer, "multi_key", 512, 0.25, 7)
+    c = ev.make_synthetic_sample(tokenizer, "multi_key", 512, 0.25, 8)
+    assert a == b and a.context != c.context
+
+
+@pytest.mark.parametrize("task", ev.SYNTHETIC_TASKS)
+def test_context_has_about_the_requested_size_and_holds_the_answer(tokenizer, task):
+    s = ev.make_synthetic_sample(tokenizer, task, 1024, 0.5, 1)
+    ctx_ids, q_ids = ev.encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+    assert 900 <= len(ctx_ids) <= 1100
+    assert all(a in s.context for a in s.answers) and not any(a in s.question for a in s.answers)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_needle_sits_at_the_requested_depth(tokenizer, depth):
+    s = ev.make_synthetic_sample(tokenizer, "needle", 1024, depth, 3)
+    rel = s.context.index(s.answers[0]) / len(s.context)
+    assert abs(rel - depth) < 0.08
+
+
+def test_multi_key_has_distractors(tokenizer):
+    s = ev.make_synthetic_sample(tokenizer, "multi_key", 1024, 0.5, 3)
+    assert len(s.meta["distractors"]) == 3 and all(k in s.context for k in s.meta["distractors"])
+
+
+def test_repetitive_haystack_for_passkey_and_natural_text_for_needles(tokenizer):
+    p = ev.make_synthetic_sample(tokenizer, "passkey", 512, 0.5, 0)
+    n = ev.make_synthetic_sample(tokenizer, "needle", 512, 0.5, 0)
+    assert ev.REPETITIVE_FILLER.strip() in p.context
+    assert ev.REPETITIVE_FILLER.strip() not in n.context and len(set(n.context.split(". "))) > 20
+
+
+def test_haystack_dir_supplies_the_text(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("Zebras graze on the plain. " * 200)
+    s = ev.make_synthetic_sample(tokenizer, "needle", 512, 0.5, 0, haystack_dir=str(tmp_path))
+    assert "Zebras graze" in s.context
+
+
+@pytest.mark.parametrize("pred,score", [(" 48213.", 1.0), (" 48213 and more", 1.0), (" 4821", 0.0),
+                                        (" 148213", 0.0), ("none\n48213", 0.0), (" the number", 0.0)])
+def test_exact_match_scoring(pred, score):
+    s = ev.Sample("x", "needle", "", "", "", ["48213"])
+    assert ev.score_synthetic(s, pred) == score
+
+
+def test_multi_value_needs_every_value():
+    s = ev.Sample("x", "multi_value", "", "", "", ["11111", "22222"])
+    assert ev.score_synthetic(s, " 11111 and 22222.") == 1.0
+    assert ev.score_synthetic(s, " 11111 and 2222") == 0.0
+
+
+def test_question_part_starts_after_the_context(tokenizer):
+    ctx, q = ev.encode_prompt(tokenizer, "Some context.", "What?", "Answer:")
+    text = tokenizer.decode(ctx + q)
+    assert text.index("Some context.") < text.index("What?") < text.index("Answer:")
+    assert "What?" not in tokenizer.decode(ctx)
+
+
+def _run(model, tok, method, budget, samples):
+    out = []
+    for s in samples:
+        ci, qi = ev.encode_prompt(tok, s.context, s.question, s.answer_prefix)
+        cache = KVCacheFactory.create(method, model, budget=budget, context_length=len(ci))
+        r = ev.run_generation(model, tok, cache, ci, qi, 8)
+        out.append(ev.score_synthetic(s, r["prediction"]))
+    return out
+
+
+def test_full_cache_retrieves_needles_at_1k_and_2k_at_all_depths(model, tokenizer):
+    samples = [ev.make_synthetic_sample(tokenizer, "needle", n, d, 11)
+               for n in (1024, 2048) for d in ev.DEFAULT_DEPTHS]
+    scores = _run(model, tokenizer, "full", None, samples)
+    assert sum(scores) / len(scores) >= 0.9, scores
+
+
+def test_sliding_window_fails_outside_its_window_and_succeeds_inside(model, tokenizer):
+    inside = [ev.make_synthetic_sample(tokenizer, "needle", n, 1.0, 12) for n in (1024, 2048)]
+    outside = [ev.make_synthetic_sample(tokenizer, "needle", n, d, 12) for n in (1024, 2048) for d in (0.25, 0.5)]
+    assert _run(model, tokenizer, "sliding_window", 0.25, inside) == [1.0, 1.0]
+    assert _run(model, tokenizer, "sliding_window", 0.25, outside) == [0.0] * 4
