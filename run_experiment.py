@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import DEFAULT_MODEL, UserError, append_jsonl, parse_budget, read_jsonl
+from utils import DEFAULT_MODEL, UserError, append_jsonl, check_model_name, parse_budget, read_jsonl
 
 BENCHMARKS = ("synthetic", "longbench", "zeroscrolls")
 MIN_CONTEXT = 128
@@ -107,6 +107,7 @@ def validate(args) -> dict:
         raise UserError(f"--haystack_dir {args.haystack_dir!r} is not a directory")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise UserError(f"--data_dir {args.data_dir!r} is not a directory")
+    check_model_name(args.model_name)
     check_writable(args.output_dir)
     if args.use_api:
         raise UserError("--use_api is not implemented yet (see the API-models issue); run a local model instead")

@@ -81,8 +81,27 @@ def check_gguf(path: Path) -> None:
         raise UserError(f"malformed .gguf file {path}: it does not start with the GGUF magic bytes")
 
 
+def check_model_name(model_name: str) -> None:
+    """Reject a bad --model_name from its form and local files alone (no download, no hub)."""
+    if model_name == DEFAULT_MODEL:
+        return
+    p = Path(model_name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model file not found: {model_name}")
+        check_gguf(p)
+    elif p.is_dir():
+        if not (p / "config.json").exists():
+            raise UserError(f"model directory {model_name} has no config.json (accepted: a HF model directory, "
+                            f"a .gguf file, a hub id, or '{DEFAULT_MODEL}')")
+    elif not (model_name.count("/") == 1 and not model_name.startswith((".", "/")) and " " not in model_name):
+        raise UserError(f"unknown model name {model_name!r}: accepted are '{DEFAULT_MODEL}', a Hugging Face hub id "
+                        f"(org/name), a local model directory or a .gguf file")
+
+
 def resolve_model_source(model_name: str) -> tuple[str, dict]:
-    """Map --model_name to (from_pretrained path or id, extra kwargs). Checks local files, not the hub."""
+    """Map --model_name to (from_pretrained path or id, extra kwargs); fetches the default model if needed."""
+    check_model_name(model_name)
     if model_name == DEFAULT_MODEL:
         converted = cache_dir() / "smollm2-135m-hf"
         if (converted / "config.json").exists() and (converted / "model.safetensors").exists():
@@ -91,19 +110,8 @@ def resolve_model_source(model_name: str) -> tuple[str, dict]:
         return str(gguf.parent), {"gguf_file": gguf.name, "_save_to": str(converted)}
     p = Path(model_name).expanduser()
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"model file not found: {model_name}")
-        check_gguf(p)
         return str(p.parent), {"gguf_file": p.name}
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise UserError(f"model directory {model_name} has no config.json (accepted: a HF model directory, "
-                            f"a .gguf file, a hub id, or '{DEFAULT_MODEL}')")
-        return str(p), {}
-    if model_name.count("/") == 1 and not model_name.startswith((".", "/")) and " " not in model_name:
-        return model_name, {}
-    raise UserError(f"unknown model name {model_name!r}: accepted are '{DEFAULT_MODEL}', a Hugging Face hub id "
-                    f"(org/name), a local model directory or a .gguf file")
+    return (str(p) if p.is_dir() else model_name), {}
 
 
 def pick_device_and_dtype(device: str | None = None, use_fp16: bool = False):

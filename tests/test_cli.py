@@ -1,0 +1,157 @@
+"""The command line: bad input fails fast with one line and exit code 2; sweeps resume, survive faults and corrupt lines."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--tasks", "needle", "--context_sizes", "256", "--num_samples", "1", "--budgets", "0.5,0.25"]
+
+
+def cli(*args, env=None, timeout=600):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "run_experiment.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "full,bogus"], "unknown method 'bogus'; known methods: "),
+    (["--benchmarks", "mmlu"], "unknown benchmark 'mmlu'; accepted: synthetic, longbench, zeroscrolls"),
+    (["--context_sizes", "100000"], "context size 100000 out of range: accepted are 128 to 8192"),
+    (["--context_sizes", "16"], "context size 16 out of range"),
+    (["--context_sizes", "abc"], "bad context size 'abc'"),
+    (["--budgets", "1.5"], "budget '1.5' out of range"),
+    (["--budgets", "0"], "budget '0' out of range"),
+    (["--budgets", "half"], "bad budget 'half'"),
+    (["--eval_mode", "sometimes"], "unknown --eval_mode 'sometimes'"),
+    (["--tasks", "sudoku"], "unknown synthetic task 'sudoku'"),
+    (["--num_samples", "0"], "--num_samples 0 must be >= 1"),
+    (["--model_name", "not a model"], "unknown model name 'not a model'"),
+    (["--model_name", "/nonexistent/m.gguf"], "model file not found"),
+])
+def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, tmp_path):
+    t = time.time()
+    proc = cli(*args, "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_malformed_gguf_exits_2(tmp_path):
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"\x00" * 64)
+    proc = cli("--model_name", str(bad), "--output_dir", str(tmp_path / "o"), *TINY)
+    assert proc.returncode == 2 and "malformed .gguf" in proc.stderr
+
+
+def test_unwritable_output_directory_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = cli("--output_dir", str(blocker / "sub"))
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
+
+
+def test_use_api_says_not_implemented_yet(tmp_path):
+    proc = cli("--use_api", "--api_model", "gpt-4o", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+
+
+def _records(out):
+    return [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_sweep_writes_one_line_per_cell_and_a_report(tmp_path):
+    out = tmp_path / "o"
+    proc = cli("--output_dir", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(out)
+    assert [(r["method"], r["budget"]) for r in recs] == [("full", None), ("sliding_window", 0.5),
+                                                         ("sliding_window", 0.25)]
+    assert all(r["status"] == "ok" and r["n_samples"] == 1 for r in recs)
+    md = (out / "results.md").read_text()
+    assert "| full | 100% |" in md and "| sliding_window | 25% |" in md
+    assert (out / "figures" / "accuracy_vs_budget.png").stat().st_size > 1000
+    # rerun: everything is finished, nothing is run again
+    proc = cli("--output_dir", str(out), *TINY)
+    assert proc.returncode == 0 and len(_records(out)) == 3 and "3 already finished, 0 to run" in proc.stderr
+
+
+def test_resume_after_a_kill_runs_no_cell_twice_and_loses_none(tmp_path):
+    out = tmp_path / "o"
+    args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        p = out / "results.jsonl"
+        if p.exists() and len(p.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = _records(out)
+    assert 1 <= len(first) <= 3
+    done = cli("--output_dir", str(out), *TINY)
+    assert done.returncode == 0
+    recs = _records(out)
+    cells = [r["cell"] for r in recs]
+    assert len(cells) == len(set(cells)) == 3
+    assert [r["cell"] for r in recs[:len(first)]] == [r["cell"] for r in first]
+
+
+def test_corrupt_last_line_is_ignored_with_a_warning(tmp_path):
+    out = tmp_path / "o"
+    assert cli("--output_dir", str(out), *TINY).returncode == 0
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"cell": "abc", "status": "o')  # a crash mid-write
+    proc = cli("--output_dir", str(out), *TINY)
+    assert proc.returncode == 0 and "ignoring corrupt line 4" in proc.stderr
+    rep = cli("--report_only", "--output_dir", str(out))
+    assert rep.returncode == 0 and "3 finished" in (out / "results.md").read_text()
+
+
+def test_injected_out_of_memory_in_one_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "o"
+    proc = cli("--output_dir", str(out), *TINY, env={"ATSKV_INJECT_FAULT": "oom:sliding_window|0.5|"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = {(r["method"], r["budget"]): r for r in _records(out)}
+    assert recs[("sliding_window", 0.5)]["status"] == "error"
+    assert "OutOfMemoryError" in recs[("sliding_window", 0.5)]["error"]
+    assert recs[("full", None)]["status"] == "ok" and recs[("sliding_window", 0.25)]["status"] == "ok"
+    assert "Failed cells" in (out / "results.md").read_text()
+    # a rerun retries only the failed cell
+    proc = cli("--output_dir", str(out), *TINY)
+    assert "2 already finished, 1 to run" in proc.stderr
+    assert len(_records(out)) == 4
+
+
+def test_injected_nan_is_recorded(tmp_path):
+    out = tmp_path / "o"
+    proc = cli("--output_dir", str(out), *TINY, "--methods", "full", env={"ATSKV_INJECT_FAULT": "nan:full"})
+    assert proc.returncode == 0
+    (rec,) = _records(out)
+    assert rec["status"] == "error" and "NaN" in rec["error"]
+
+
+def test_same_command_and_seed_give_the_same_results_apart_from_timings(tmp_path):
+    timing = {"time", "wall_s", "prefill_s", "decode_ms_per_token"}
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"o{i}"
+        assert cli("--output_dir", str(out), *TINY, "--methods", "sliding_window", "--budgets", "0.25").returncode == 0
+        runs.append([{k: v for k, v in r.items() if k not in timing} for r in _records(out)])
+    assert runs[0] == runs[1]
+
+
+def test_report_only_needs_no_model_and_rebuilds_results_md(tmp_path):
+    out = tmp_path / "o"
+    assert cli("--output_dir", str(out), *TINY).returncode == 0
+    (out / "results.md").unlink()
+    proc = cli("--report_only", "--output_dir", str(out), env={"ATSKV_CACHE": str(tmp_path / "nocache")})
+    assert proc.returncode == 0 and (out / "results.md").exists()
+    assert not (tmp_path / "nocache" / "smollm2-135m-hf").exists()
