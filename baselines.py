@@ -1,1 +1,294 @@
-"""Baseline compression methods (registered into sparse_kv_cache.METHODS)."""
+"""Baseline compression methods, one small dataclass each (registered into `sparse_kv_cache.METHODS`).
+
+All take the same budget (fraction of the context or tokens per layer) and really evict: kept entries are gathered
+into new, smaller tensors. Under chunked prefill each method runs after every chunk, with that chunk's last queries
+as its observation window; during decoding the budget is held by evicting the lowest stored score (the most recent
+`window` tokens are protected), where the original methods let the cache grow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from sparse_kv_cache import KVMethod, register_method, repeat_heads, window_attention
+
+
+def pooled_window_scores(layer, query, scaling, window: int, kernel: int, pool: str = "avg",
+                         group_reduce: str = "mean") -> torch.Tensor:
+    """SnapKV-style scores (B, H_kv, S): attention of the last `window` queries, averaged over the window, the
+    window's own keys zeroed (they are kept anyway), pooled along the sequence, reduced over each GQA group."""
+    attn = window_attention(query, layer.keys, layer.valid, layer.n_new, scaling, window)  # (B, Hq, w, S)
+    w = attn.shape[2]
+    s = attn.mean(dim=2) if group_reduce == "mean" else attn.sum(dim=2)
+    s[..., s.shape[-1] - w:] = 0.0
+    B, Hq, S = s.shape
+    Hkv = layer.keys.shape[1]
+    if group_reduce == "sum":  # RocketKV: sum over the GQA group first, then max-pool per KV head
+        s = s.view(B, Hkv, Hq // Hkv, S).sum(2)
+    if pool == "avg":
+        s = F.avg_pool1d(s.reshape(-1, 1, S), kernel, stride=1, padding=kernel // 2).view(*s.shape[:2], S)
+    else:
+        s = F.max_pool1d(s.reshape(-1, 1, S), kernel, stride=1, padding=kernel // 2).view(*s.shape[:2], S)
+    if group_reduce == "mean":
+        s = s.view(B, Hkv, Hq // Hkv, S).mean(2)
+    return s
+
+
+@register_method
+@dataclass
+class SnapKV(KVMethod):
+    """SnapKV (Li et al., arXiv 2404.14469; FasterDecoding/SnapKV): keys are scored by the attention of the last
+    `window` queries (the observation window), average-pooled with `kernel`; the top ones and the window are kept.
+    Defaults are the paper's (window 32, kernel 5, avgpool). Per KV head the scores are averaged over the GQA group,
+    as in kvpress's SnapKVPress."""
+    name = "snapkv"
+    window: int = 32
+    kernel: int = 5
+
+    def recent_tokens(self, budget):
+        return self.window
+
+    def observe(self, layer, query, scaling):
+        if layer.n_new > 1:
+            layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel)
+
+    def score(self, layer):
+        return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))
+
+
+@register_method
+@dataclass
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al., arXiv 2406.02069; Zefan-Cai/PyramidKV): SnapKV selection with per-layer budgets in an
+    arithmetic progression, more in lower layers: min = (B - w) / beta, max = 2 (B - w) - min, beta 20 (paper and
+    official code); the budgets sum to B x layers."""
+    name = "pyramidkv"
+    beta: float = 20.0
+
+    def layer_budget(self, layer_idx, n_layers, budget):
+        base = budget - self.window
+        if base <= 0 or n_layers == 1:
+            return budget
+        lo = base / self.beta
+        hi = 2 * base - lo
+        return int(round(hi - layer_idx * (hi - lo) / (n_layers - 1))) + self.window
+
+
+@register_method
+@dataclass
+class H2O(KVMethod):
+    """H2O (Zhang et al., arXiv 2306.14048; FMInference/H2O): heavy hitters by accumulated attention (summed over
+    every query seen and over the GQA group) plus the most recent tokens; half of the budget each (the paper's
+    equal heavy/recent split)."""
+    name = "h2o"
+    recent_ratio: float = 0.5
+
+    def recent_tokens(self, budget):
+        return 0 if budget is None else int(budget * self.recent_ratio)
+
+    def observe(self, layer, query, scaling):
+        attn = window_attention(query, layer.keys, layer.valid, layer.n_new, scaling, layer.n_new)
+        B, Hq, _, S = attn.shape
+        acc = attn.sum(2).view(B, layer.keys.shape[1], -1, S).sum(2)
+        layer.extras["score"] = layer.extras.get("score", torch.zeros_like(acc)) + acc
+
+    def score(self, layer):
+        return layer.extras["score"]
+
+
+@register_method
+@dataclass
+class DynamicKV(KVMethod):
+    """DynamicKV (Zhou et al., arXiv 2412.14838; DreamMr/DynamicKV, `dynamic_v11`): task-aware per-layer budgets.
+
+    Per layer, keys are scored by the last w=8 queries' attention, summed over the window and average-pooled
+    (kernel 7, avgpool as for Llama); each layer first keeps a temporary budget min(10 x base, L - w) + w
+    (base = B - w). Every 4 layers (and at the last), a global top-(base x heads x layers so far) over the stacked
+    scores of all layers so far counts hits per layer; the counts, normalised, are rescaled so that the budgets sum to
+    base x number of layers, and the earlier layers are truncated to their budgets plus the window. With chunked
+    prefill this runs per chunk (the original runs once, over the whole prompt)."""
+    name = "dynamic_kv"
+    window: int = 8
+    kernel: int = 7
+    update_every: int = 4
+    temp_factor: int = 10
+    alloc: dict = field(default_factory=dict, repr=False)
+
+    def recent_tokens(self, budget):
+        return self.window
+
+    def layer_budget(self, layer_idx, n_layers, budget):
+        base = max(1, budget - self.window)
+        if layer_idx in self.alloc:
+            return self.alloc[layer_idx] + self.window
+        return self.temp_factor * base + self.window
+
+    def observe(self, layer, query, scaling):
+        if layer.n_new > 1:
+            self.alloc.pop(layer.layer_idx, None)  # a new prefill chunk: temporary budget until re-allocation
+            attn = window_attention(query, layer.keys, layer.valid, layer.n_new, scaling, self.window)
+            s = attn.sum(2)
+            s[..., s.shape[-1] - attn.shape[2]:] = 0.0
+            B, Hq, S = s.shape
+            s = F.avg_pool1d(s.reshape(-1, 1, S), self.kernel, stride=1, padding=self.kernel // 2).view(B, Hq, S)
+            layer.extras["score"] = s.view(B, layer.keys.shape[1], -1, S).mean(2)
+
+    def score(self, layer):
+        return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))
+
+    def on_layer_done(self, cache, layer_idx):
+        layer = cache.layers[layer_idx]
+        last = layer_idx == cache.num_layers - 1
+        if layer.n_new <= 1 or not ((layer_idx + 1) % self.update_every == 0 or last):
+            return
+        budget = cache.budget_tokens
+        base = max(1, budget - self.window)
+        layers = cache.layers[:layer_idx + 1]
+        H = layer.keys.shape[1]
+        # candidate scores: every stored entry outside the protected window, stacked over layers, heads and tokens
+        flat = [l.extras["score"].masked_fill(l.protected() | ~l.valid, float("-inf")).flatten(1) for l in layers]
+        sizes = [f.shape[1] for f in flat]
+        stacked = torch.cat(flat, dim=1)  # (B, sum of H x S_l)
+        k = min(base * H * len(layers), stacked.shape[1])
+        top = stacked.topk(k, dim=1).indices
+        bounds = torch.tensor([0] + sizes, device=top.device).cumsum(0)
+        hits = torch.stack([((top >= bounds[i]) & (top < bounds[i + 1])).sum() for i in range(len(layers))]).float()
+        for i, b in enumerate(largest_remainder(hits.tolist(), base * cache.num_layers)):
+            self.alloc[i] = b  # may be 0: the layer keeps only its window
+            layers[i].compress(self.layer_budget(i, cache.num_layers, budget))
+
+
+def largest_remainder(weights: list[float], total: int) -> list[int]:
+    """Integers proportional to `weights` that sum exactly to `total`."""
+    if sum(weights) <= 0:
+        weights = [1.0] * len(weights)
+    w = sum(weights)
+    raw = [x * total / w for x in weights]
+    out = [math.floor(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - out[i], reverse=True)[:total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def rocketkv_params(S: int, B: int, max_new: int, head_dim: int) -> dict:
+    """RocketKV's budget split (NVlabs/RocketKV, `get_params_for_token_budget`): compression c = S / B,
+    alpha = min(0.2 + 0.06 log2 c, 0.8), stage-1 capacity C = S / c^alpha (at least min(2 max_new, S)),
+    stage-2 top-k = B / 2, c2 = C / B, chunk g = min(floor c2, ceil sqrt c2), channels r = round(d g / c2)."""
+    c = max(S / B, 1.0)
+    alpha = min(0.2 + 0.06 * math.log2(c), 0.8)
+    C = max(S / c ** alpha, min(2 * max_new, S))
+    c2 = C / B
+    g = max(1, min(math.floor(c2), math.ceil(math.sqrt(c2))))
+    r = max(1, min(head_dim, round(head_dim * g / c2)))
+    return {"alpha": alpha, "capacity": int(round(C)), "topk": max(1, B // 2), "chunk": g, "channels": r}
+
+
+def hybrid_select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, r: int, g: int, k: int,
+                  scaling: float) -> torch.Tensor:
+    """RocketKV stage 2 for one decode query. q (B, Hkv, G, D); kmin/kmax (B, Hkv, n_chunks, D), the element-wise
+    min/max of each chunk of g keys. Top-r channels by the group-mean |q|; per chunk the upper bound of q.k over
+    those channels (max where q > 0, min where q < 0), softmaxed per head with SparQ's temperature
+    sqrt(d sum|q_r| / sum|q|), summed over the group; returns the token indices (B, Hkv, <=k) of the top chunks."""
+    D = q.shape[-1]
+    chan = q.abs().mean(2).topk(r, dim=-1).indices  # (B, Hkv, r)
+    qr = q.gather(-1, chan[:, :, None, :].expand(-1, -1, q.shape[2], -1))  # (B, Hkv, G, r)
+    idx = chan[:, :, None, :].expand(-1, -1, kmin.shape[2], -1)
+    kmin_r, kmax_r = kmin.gather(-1, idx), kmax.gather(-1, idx)  # (B, Hkv, n_chunks, r)
+    bound = torch.where(qr[:, :, :, None, :] > 0, kmax_r[:, :, None], kmin_r[:, :, None])
+    approx = (qr[:, :, :, None, :] * bound).sum(-1)  # (B, Hkv, G, n_chunks)
+    temp = torch.sqrt(D * qr.abs().sum(-1, keepdim=True) / q.abs().sum(-1, keepdim=True).clamp(min=1e-9))
+    probs = torch.softmax(approx.float() / temp, dim=-1).sum(2)  # (B, Hkv, n_chunks)
+    n_sel = min(kmin.shape[2], max(1, math.ceil(k / g)))
+    chunks = probs.topk(n_sel, dim=-1).indices
+    tokens = (chunks[..., None] * g + torch.arange(g, device=q.device)).flatten(-2)
+    return tokens.sort(-1).values
+
+
+@register_method
+@dataclass
+class RocketKV(KVMethod):
+    """RocketKV (Behnam et al., arXiv 2502.14051; NVlabs/RocketKV): two stages.
+
+    Stage 1, SnapKV++ (prefill, permanent): the last 32 queries' softmax attention summed over the window and over
+    the GQA group (selection per KV head), max-pooled with kernel 63; keep the top C - max_new - window plus the
+    window. Stage 2, hybrid sparse attention at every decode step: element-wise min/max of K per chunk of g tokens,
+    top-r channels by |q|, approximate scores, top-k tokens (k = B/2), exact attention over those. C, k, g and r come
+    from `rocketkv_params`. The cache HOLDS C entries (more than B) plus the chunk min/max: B is the number of tokens
+    read per decode step, and the reported bytes say what is held."""
+    name = "rocket_kv"
+    window: int = 32
+    kernel: int = 63
+    max_new_tokens: int = 32
+    params: dict = field(default_factory=dict, repr=False)
+    aux: dict = field(default_factory=dict, repr=False)   # layer -> (kmin, kmax, n_covered)
+    phase: dict = field(default_factory=dict, repr=False)
+
+    def recent_tokens(self, budget):
+        return self.window
+
+    def split(self) -> dict:
+        if not self.params:
+            layer0 = self.cache.layers[0]
+            S = self.cache.context_length or layer0.cumulative_length
+            self.params = rocketkv_params(S, self.cache.budget_tokens, self.max_new_tokens, layer0.keys.shape[-1])
+        return self.params
+
+    def layer_budget(self, layer_idx, n_layers, budget):
+        p = self.split()
+        if self.phase.get(layer_idx) == "prefill":
+            return max(self.window + 1, p["capacity"] - self.max_new_tokens)
+        return p["capacity"]
+
+    def observe(self, layer, query, scaling):
+        self.phase[layer.layer_idx] = "prefill" if layer.n_new > 1 else "decode"
+        if layer.n_new > 1:
+            layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel,
+                                                         pool="max", group_reduce="sum")
+
+    def score(self, layer):
+        return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))
+
+    def on_layer_done(self, cache, layer_idx):
+        layer = cache.layers[layer_idx]
+        if layer.n_new > 1 or layer_idx not in self.aux or self.aux[layer_idx][3] != layer.stored_length() - 1:
+            self.build_aux(layer)
+        else:
+            kmin, kmax, n_cov, _ = self.aux[layer_idx]
+            self.aux[layer_idx] = (kmin, kmax, n_cov, layer.stored_length())
+
+    def build_aux(self, layer):
+        g = self.split()["chunk"]
+        n_cov = (layer.stored_length() // g) * g
+        if g == 1:  # chunks of one token: min = max = the key itself, nothing extra to hold
+            self.aux[layer.layer_idx] = (None, None, n_cov, layer.stored_length())
+            return
+        k = layer.keys[:, :, :n_cov].unflatten(2, (n_cov // g, g))
+        self.aux[layer.layer_idx] = (k.amin(3), k.amax(3), n_cov, layer.stored_length())
+
+    def aux_nbytes(self, layer):
+        a = self.aux.get(layer.layer_idx)
+        return 0 if a is None or a[0] is None else a[0].nbytes + a[1].nbytes
+
+    def attend(self, layer, module, query, keys, values, mask, scaling):
+        p = self.split()
+        a = self.aux.get(layer.layer_idx)
+        if layer.n_new != 1 or a is None or keys.shape[2] <= p["topk"] + 1:
+            return super().attend(layer, module, query, keys, values, mask, scaling)
+        kmin, kmax, n_cov, _ = a
+        if kmin is None:
+            kmin = kmax = keys[:, :, :n_cov]
+        B, Hq, _, D = query.shape
+        Hkv = keys.shape[1]
+        q = query.view(B, Hkv, Hq // Hkv, D)
+        sel = hybrid_select(q, kmin, kmax, p["channels"], p["chunk"], p["topk"], scaling)
+        tail = torch.arange(n_cov, keys.shape[2], device=keys.device).expand(B, Hkv, -1)  # not yet chunked: always
+        idx = torch.cat([sel, tail], dim=-1)
+        k_sel = keys.gather(2, idx[..., None].expand(-1, -1, -1, D))
+        v_sel = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+        ok = layer.valid.gather(2, idx)
+        m = repeat_heads(ok, Hq // Hkv)[:, :, None, :]
+        return F.scaled_dot_product_attention(query, repeat_heads(k_sel, Hq // Hkv), repeat_heads(v_sel, Hq // Hkv),
+                                              attn_mask=m, scale=scaling)

@@ -211,19 +211,31 @@ def forward_chunked(model, cache, ids: torch.Tensor, chunk: int, start: int = 0)
 
 @torch.no_grad()
 def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int], max_new_tokens: int,
-                   mode: str = "question_agnostic", chunk: int = 512):
-    """Prefill (chunked), read the question, decode greedily. Returns text, timings and cache sizes."""
+                   mode: str = "question_agnostic", chunk: int = 512, press=None):
+    """Prefill (chunked), read the question, decode greedily. Returns text, timings and cache sizes.
+
+    With a kvpress `press`, the compressed part is prefilled in one pass under the press (kvpress compresses only
+    in the first forward), as its own pipeline does."""
+    import contextlib
+    if press is not None:
+        ctx = press(model)
+        chunk_first = len(ctx_ids) + len(q_ids)
+    else:
+        ctx = contextlib.nullcontext()
+        chunk_first = chunk
     from sparse_kv_cache import cache_nbytes
     dev = model.device
     stops = stop_token_ids(model, tokenizer)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     if mode == "question_agnostic":
-        forward_chunked(model, cache, torch.tensor([ctx_ids], device=dev), chunk)
+        with ctx:
+            forward_chunked(model, cache, torch.tensor([ctx_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
         logits = forward_chunked(model, cache, torch.tensor([q_ids], device=dev), chunk, start=len(ctx_ids))
     else:
-        logits = forward_chunked(model, cache, torch.tensor([ctx_ids + q_ids], device=dev), chunk)
+        with ctx:
+            logits = forward_chunked(model, cache, torch.tensor([ctx_ids + q_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
     sync()
     t1 = time.perf_counter()
@@ -261,8 +273,29 @@ MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 2
 
 
 def make_cache(method: str, model, budget, context_length: int, params: dict | None = None):
+    """(cache, press): a compressed cache of ours, or for `kvpress:<name>` a DynamicCache and the kvpress press."""
     from sparse_kv_cache import KVCacheFactory
-    return KVCacheFactory.create(method, model, budget=budget, context_length=context_length, **(params or {}))
+    if method.startswith("kvpress:"):
+        from transformers import DynamicCache
+        return DynamicCache(), make_kvpress(method.split(":", 1)[1], budget, context_length, params)
+    return KVCacheFactory.create(method, model, budget=budget, context_length=context_length, **(params or {})), None
+
+
+def make_kvpress(name: str, budget, context_length: int, params: dict | None = None):
+    """NVIDIA kvpress's press `name` (snake_case: snapkv, expected_attention, streaming_llm, knorm, tova, ...) with
+    compression_ratio = 1 - kept / context, the same budget our methods get."""
+    try:
+        import kvpress
+    except ImportError:
+        raise UserError(f"method 'kvpress:{name}' needs NVIDIA kvpress: pip install -r requirements-peers.txt") from None
+    from utils import resolve_budget
+    presses = {c[:-len("Press")].lower(): c for c in dir(kvpress) if c.endswith("Press") and c != "BasePress"}
+    key = name.replace("_", "").lower()
+    if key not in presses:
+        raise UserError(f"unknown kvpress press {name!r}; available: {', '.join(sorted(presses))}")
+    kept = resolve_budget(budget, context_length) if budget is not None else context_length
+    ratio = max(0.0, 1.0 - kept / context_length)
+    return getattr(kvpress, presses[key])(compression_ratio=ratio, **(params or {}))
 
 
 def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,
@@ -273,8 +306,9 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
         ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
         if fault == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
-        cache = make_cache(method, model, budget, len(ctx_ids), params)
-        r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16), mode, chunk)
+        cache, press = make_cache(method, model, budget, len(ctx_ids), params)
+        r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16), mode, chunk,
+                           press)
         if fault == "nan":
             raise FloatingPointError("injected NaN in the logits (ATSKV_INJECT_FAULT)")
         r.update(id=s.id, depth=s.depth, answers=s.answers, score=score_synthetic(s, r["prediction"]))

@@ -87,6 +87,13 @@ class KVMethod:
     def layer_budget(self, layer_idx: int, n_layers: int, budget: int) -> int:
         return budget
 
+    def recent_tokens(self, budget: int | None) -> int:
+        return self.n_recent
+
+    def bind(self, cache: "CompressedCache") -> None:
+        """Called once by the cache that this method instance drives (methods hold per-cache state)."""
+        self.cache = cache
+
     def observe(self, layer: "CompressedLayer", query: torch.Tensor, scaling: float) -> None:
         """Called after each attention call with the queries (B, H_q, q, D) of the new tokens."""
 
@@ -99,6 +106,9 @@ class KVMethod:
         n_kv = query.shape[1] // keys.shape[1]
         return F.scaled_dot_product_attention(query, repeat_heads(keys, n_kv), repeat_heads(values, n_kv),
                                               attn_mask=mask, scale=scaling)
+
+    def aux_nbytes(self, layer: "CompressedLayer") -> int:
+        return 0
 
     def on_layer_done(self, cache: "CompressedCache", layer_idx: int) -> None:
         """Cross-layer coordination hook (DynamicKV) after a layer evicted."""
@@ -177,8 +187,9 @@ class CompressedLayer(CacheLayerMixin):
         """(B, H, S) entries a method never evicts: the first n_sink and the last n_recent positions seen."""
         m = self.method
         prot = self.positions < m.n_sink
-        if m.n_recent > 0:
-            prot |= self.positions >= self.cumulative_length - m.n_recent
+        n_recent = m.recent_tokens(self.budget())
+        if n_recent > 0:
+            prot |= self.positions >= self.cumulative_length - n_recent
         return prot
 
     def compress(self, budget: int | None = None) -> None:
@@ -215,7 +226,11 @@ class CompressedLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[2]
 
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        """K and V bytes held, plus any auxiliary per-entry tensors a method keeps on the device (RocketKV's
+        chunk min/max): nothing a method holds is left out of the count."""
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes + self.method.aux_nbytes(self)
 
     def _batch_apply(self, fn):
         if not self.is_initialized:
@@ -243,13 +258,17 @@ class CompressedCache(Cache):
     def __init__(self, method: KVMethod, num_layers: int, budget=None, context_length: int | None = None):
         self.method = method
         self.num_layers = num_layers
+        self.context_length = context_length
         self.budget_spec = budget
         self.budget_tokens = None if budget is None else (
             resolve_budget(budget, context_length) if context_length else
             (int(budget) if not isinstance(budget, float) else None))
         super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
+        method.bind(self)
 
     def on_update(self, layer_idx: int, q_len: int) -> None:
+        if self.context_length is None and layer_idx == 0:
+            self.context_length = q_len
         # A fractional budget without a given context length is resolved against the first input (the prompt)
         if self.budget_spec is not None and self.budget_tokens is None and layer_idx == 0:
             self.budget_tokens = resolve_budget(self.budget_spec, q_len)
@@ -340,6 +359,4 @@ class KVCacheFactory:
         if bad:
             raise UserError(f"unknown parameter(s) {sorted(bad)} for method {method!r}; accepted: {sorted(accepted)}")
         m = cls(**params)
-        if hasattr(m, "setup"):
-            m.setup(model)
         return CompressedCache(m, _num_layers(model), budget=budget, context_length=context_length)

@@ -1,0 +1,154 @@
+"""Baselines: known answers on small tensors, budgets, generate with batch > 1, and kvpress cross-checks."""
+import math
+
+import pytest
+import torch
+
+import evaluation as ev
+from baselines import DynamicKV, hybrid_select, largest_remainder, rocketkv_params
+from sparse_kv_cache import _PENDING, CompressedCache, KVCacheFactory, cache_nbytes
+
+METHODS = ["sliding_window", "snapkv", "h2o", "pyramidkv", "dynamic_kv", "rocket_kv"]
+
+
+def test_rocketkv_budget_split_matches_the_worked_example():
+    p = rocketkv_params(S=32768, B=256, max_new=128, head_dim=128)
+    assert abs(p["alpha"] - 0.62) < 0.005
+    assert abs(p["capacity"] - 1618) <= 2
+    assert p["topk"] == 128 and p["chunk"] == 3 and p["channels"] == 61
+
+
+def test_rocketkv_stage2_equals_exact_topk_with_all_channels_and_chunks_of_one():
+    torch.manual_seed(0)
+    B, Hkv, G, S, D, k = 2, 3, 1, 200, 16, 20
+    q = torch.randn(B, Hkv, G, D)
+    keys = torch.randn(B, Hkv, S, D)
+    sel = hybrid_select(q, keys, keys, r=D, g=1, k=k, scaling=D ** -0.5)
+    exact = (q @ keys.transpose(-1, -2))[:, :, 0].topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(sel, exact)
+
+
+def test_rocketkv_stage2_with_gqa_groups_equals_exact_topk_of_group_attention():
+    torch.manual_seed(1)
+    B, Hkv, G, S, D, k = 1, 2, 3, 100, 8, 10
+    q = torch.randn(B, Hkv, G, D)
+    keys = torch.randn(B, Hkv, S, D)
+    sel = hybrid_select(q, keys, keys, r=D, g=1, k=k, scaling=D ** -0.5)
+    # with r = d the SparQ temperature is sqrt(d): exact softmax attention, summed over the group
+    probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(D), dim=-1).sum(2)
+    assert torch.equal(sel, probs.topk(k, dim=-1).indices.sort(-1).values)
+
+
+def test_rocketkv_chunks_bound_every_key_in_them():
+    torch.manual_seed(2)
+    q = torch.randn(1, 1, 1, 8)
+    keys = torch.randn(1, 1, 12, 8)
+    k = keys.unflatten(2, (4, 3))
+    sel = hybrid_select(q, k.amin(3), k.amax(3), r=8, g=3, k=3, scaling=8 ** -0.5)
+    assert sel.shape[-1] == 3 and int(sel[0, 0, 0]) % 3 == 0 and torch.equal(sel[0, 0], sel[0, 0, 0] + torch.arange(3))
+
+
+def _filled_cache(n_layers=4, H=2, S=50, budget=20, window=8):
+    m = DynamicKV(window=window)
+    cache = CompressedCache(m, n_layers, budget=budget, context_length=S)
+    for l in range(n_layers):
+        cache.layers[l].update(torch.randn(1, H, S, 4), torch.randn(1, H, S, 4))
+        _PENDING.layer = None
+    return m, cache
+
+
+def test_dynamickv_budgets_sum_to_the_total_and_follow_the_attention_hits():
+    torch.manual_seed(0)
+    m, cache = _filled_cache()
+    weights = [0.1, 1.0, 3.0, 10.0]  # layer 3's scores dominate the global top-k
+    for l, w in enumerate(weights):
+        cache.layers[l].extras["score"] = w * torch.rand(1, 2, 50)
+    m.on_layer_done(cache, 3)
+    budgets = [m.alloc[l] for l in range(4)]
+    assert sum(budgets) == (20 - 8) * 4
+    assert budgets[3] > budgets[2] > budgets[0] and budgets == sorted(budgets)
+    assert cache.stored_lengths() == [b + 8 for b in budgets]
+
+
+def test_dynamickv_only_reallocates_every_fourth_layer_and_at_the_last():
+    m, cache = _filled_cache(n_layers=6)
+    for l in range(6):
+        cache.layers[l].extras["score"] = torch.rand(1, 2, 50)
+    m.on_layer_done(cache, 1)
+    assert m.alloc == {}
+    m.on_layer_done(cache, 5)
+    assert sorted(m.alloc) == list(range(6)) and sum(m.alloc.values()) == 12 * 6
+
+
+def test_largest_remainder_sums_exactly():
+    assert sum(largest_remainder([1, 2, 3.3], 17)) == 17 and largest_remainder([0, 0], 4) == [2, 2]
+
+
+def test_pyramidkv_budgets_decrease_with_depth_and_sum_to_the_total(model, tokenizer):
+    s = ev.make_synthetic_sample(tokenizer, "needle", 800, 0.5, 0)
+    ids = ev.encode_prompt(tokenizer, s.context, s.question)[0]
+    cache = KVCacheFactory.create("pyramidkv", model, budget=200, context_length=len(ids))
+    ev.forward_chunked(model, cache, torch.tensor([ids]), 256)
+    lens = cache.stored_lengths()
+    assert lens == sorted(lens, reverse=True) and lens[0] > lens[-1]
+    assert abs(sum(lens) - 200 * len(lens)) <= len(lens)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_generates_with_batch_3(model, tokenizer, method):
+    prompts = ["The capital of France is", "Write a short poem about the sea. The sea is",
+               "List three prime numbers: 2, 3,"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    cache = KVCacheFactory.create(method, model, budget=0.5)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert out.shape[0] == 3 and out.shape[1] == enc.input_ids.shape[1] + 6
+    assert cache.get_seq_length() == out.shape[1] - 1
+    assert "Paris" in tokenizer.decode(out[0, enc.input_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("method", METHODS[:-1])
+def test_every_method_holds_its_budget_after_prefill_and_decoding(model, tokenizer, method):
+    s = ev.make_synthetic_sample(tokenizer, "needle", 700, 0.5, 0)
+    ci, qi = ev.encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+    cache = KVCacheFactory.create(method, model, budget=0.25, context_length=len(ci))
+    ev.run_generation(model, tokenizer, cache, ci, qi, 6, chunk=256)
+    budget = round(0.25 * len(ci))
+    assert sum(cache.stored_lengths()) <= budget * model.config.num_hidden_layers
+    assert cache.get_seq_length() >= len(ci) + len(qi)
+
+
+def test_rocketkv_holds_its_stage1_capacity_and_counts_its_chunk_summaries(model, tokenizer):
+    s = ev.make_synthetic_sample(tokenizer, "needle", 1000, 0.5, 0)
+    ci, qi = ev.encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+    cache = KVCacheFactory.create("rocket_kv", model, budget=0.1, context_length=len(ci))
+    ev.run_generation(model, tokenizer, cache, ci, qi, 4, chunk=256)
+    p = cache.method.params
+    assert p["chunk"] > 1 and max(cache.stored_lengths()) <= p["capacity"]
+    kv_only = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
+    assert cache_nbytes(cache) > kv_only  # the chunk min/max it holds are counted
+
+
+def test_snapkv_keeps_the_same_entries_as_kvpress_snapkvpress(model, tokenizer):
+    kvpress = pytest.importorskip("kvpress", reason="kvpress is an optional peer (requirements-peers.txt)")
+    from transformers import DynamicCache
+    s = ev.make_synthetic_sample(tokenizer, "needle", 600, 0.5, 0)
+    ids = torch.tensor([ev.encode_prompt(tokenizer, s.context, s.question)[0]])
+    L, kept = ids.shape[1], 150
+    full = DynamicCache()
+    model(ids, past_key_values=full)
+    ref = DynamicCache()
+    with kvpress.SnapKVPress(compression_ratio=1 - kept / L, window_size=64, kernel_size=5)(model):
+        model(ids, past_key_values=ref)
+    ours = KVCacheFactory.create("snapkv", model, budget=kept, window=64, kernel=5)
+    ev.forward_chunked(model, ours, ids, L)
+    mismatched = 0
+    for l in range(model.config.num_hidden_layers):
+        fk, rk = full.layers[l].keys[0], ref.layers[l].keys[0]
+        for h in range(fk.shape[0]):
+            # positions kvpress kept: match its kept keys against the full cache's keys
+            d = torch.cdist(rk[h], fk[h])
+            ref_pos = set(d.argmin(1).tolist())
+            our_pos = set(ours.layers[l].positions[0, h].tolist())
+            assert len(ref_pos) == kept
+            mismatched += len(ref_pos ^ our_pos)
+    assert mismatched == 0
