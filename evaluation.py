@@ -272,13 +272,14 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
 MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 24}
 
 
-def make_cache(method: str, model, budget, context_length: int, params: dict | None = None):
+def make_cache(method: str, model, budget, context_length: int, params: dict | None = None, tokenizer=None):
     """(cache, press): a compressed cache of ours, or for `kvpress:<name>` a DynamicCache and the kvpress press."""
     from sparse_kv_cache import KVCacheFactory
     if method.startswith("kvpress:"):
         from transformers import DynamicCache
         return DynamicCache(), make_kvpress(method.split(":", 1)[1], budget, context_length, params)
-    return KVCacheFactory.create(method, model, budget=budget, context_length=context_length, **(params or {})), None
+    return KVCacheFactory.create(method, model, budget=budget, context_length=context_length, tokenizer=tokenizer,
+                                 **(params or {})), None
 
 
 def make_kvpress(name: str, budget, context_length: int, params: dict | None = None):
@@ -306,7 +307,7 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
         ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
         if fault == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
-        cache, press = make_cache(method, model, budget, len(ctx_ids), params)
+        cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16), mode, chunk,
                            press)
         if fault == "nan":

@@ -33,11 +33,14 @@ from utils import UserError, resolve_budget
 
 ATTN_IMPL = "atskv"
 _PENDING = threading.local()  # the layer whose update() ran last, consumed by the attention call that follows
+_RECORDER = None  # training hook: called with (layer_idx, query, key, value) on uncompressed forwards
 
 
 def atskv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     layer = getattr(_PENDING, "layer", None)
     if layer is None:
+        if _RECORDER is not None:
+            _RECORDER(module.layer_idx, query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     _PENDING.layer = None
@@ -49,9 +52,37 @@ AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
 def install_attention(model) -> None:
-    """Route the model's attention through `atskv_attention` (identical to SDPA for caches that are not ours)."""
+    """Route the model's attention through `atskv_attention` (identical to SDPA for caches that are not ours), and
+    remember each forward's input ids and each attention layer's input hidden states for methods that score tokens
+    with them (ATSKV). The hooks only keep references: no copies, no effect on the outputs."""
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPL:
         model.set_attn_implementation(ATTN_IMPL)
+    if getattr(model, "_atskv_hooked", False):
+        return
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+    def keep_ids(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        _PENDING.input_ids = ids
+        _PENDING.hidden = {}
+
+    def keep_hidden(module, args, kwargs):
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        if getattr(_PENDING, "hidden", None) is not None:
+            _PENDING.hidden[module.layer_idx] = hs
+
+    base.register_forward_pre_hook(keep_ids, with_kwargs=True)
+    for layer in base.layers:
+        layer.self_attn.register_forward_pre_hook(keep_hidden, with_kwargs=True)
+    model._atskv_hooked = True
+
+
+def current_input_ids():
+    return getattr(_PENDING, "input_ids", None)
+
+
+def current_hidden(layer_idx: int):
+    return (getattr(_PENDING, "hidden", None) or {}).get(layer_idx)
 
 
 def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -90,6 +121,11 @@ class KVMethod:
     def recent_tokens(self, budget: int | None) -> int:
         return self.n_recent
 
+    wants_evicted = False
+
+    def on_evict(self, layer: "CompressedLayer", idx: torch.Tensor) -> None:
+        """Entries `idx` (B, H, e) of `layer` are about to be evicted (only called if `wants_evicted`)."""
+
     def bind(self, cache: "CompressedCache") -> None:
         """Called once by the cache that this method instance drives (methods hold per-cache state)."""
         self.cache = cache
@@ -100,6 +136,12 @@ class KVMethod:
     def score(self, layer: "CompressedLayer") -> torch.Tensor:
         """(B, H_kv, S) scores of the stored entries; the top `budget` are kept."""
         raise NotImplementedError
+
+    def select(self, layer: "CompressedLayer", budget: int) -> torch.Tensor:
+        """Indices (B, H_kv, k <= budget) to keep: by default the top `budget` scores, protected entries first."""
+        scores = self.score(layer).float()
+        scores = scores.masked_fill(layer.protected(), float("inf")).masked_fill(~layer.valid, float("-inf"))
+        return scores.topk(budget, dim=-1).indices.sort(dim=-1).values
 
     def attend(self, layer, module, query, keys, values, mask, scaling) -> torch.Tensor:
         """Attention output (B, H_q, q, D) over the stored entries; methods with sparse attention override it."""
@@ -154,7 +196,7 @@ class CompressedLayer(CacheLayerMixin):
         self.positions = torch.cat([self.positions, pos.expand(B, H, q)], dim=2)
         self.valid = torch.cat([self.valid, torch.ones((B, H, q), dtype=torch.bool, device=self.device)], dim=2)
         for k, t in self.extras.items():
-            self.extras[k] = torch.cat([t, t.new_zeros((B, H, q))], dim=2)
+            self.extras[k] = torch.cat([t, t.new_zeros((B, H, q) + t.shape[3:])], dim=2)
         self.cumulative_length += q
         self.n_new = q
         _PENDING.layer = self
@@ -196,13 +238,16 @@ class CompressedLayer(CacheLayerMixin):
         budget = self.budget() if budget is None else budget
         if budget is None or self.keys.shape[2] <= budget:
             return
-        scores = self.method.score(self).float()
-        scores = scores.masked_fill(self.protected(), float("inf")).masked_fill(~self.valid, float("-inf"))
-        keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
-        self.keep_indices(keep)
+        self.keep_indices(self.method.select(self, budget))
 
     def keep_indices(self, idx: torch.Tensor) -> None:
-        """Keep only entries `idx` (B, H, k) of every per-entry tensor: memory really shrinks (new tensors)."""
+        """Keep only entries `idx` (B, H, k) of every per-entry tensor: memory really shrinks (new tensors).
+        The method sees what is evicted first (`on_evict`): ATSKV moves it to its passive store."""
+        if self.method.wants_evicted:
+            drop = torch.ones(self.positions.shape, dtype=torch.bool, device=idx.device).scatter_(2, idx, False)
+            n_drop = self.positions.shape[2] - idx.shape[2]
+            evicted = torch.argsort(drop.to(torch.int8), dim=2, descending=True, stable=True)[..., :n_drop]
+            self.method.on_evict(self, evicted.sort(dim=2).values)
         def take(t):
             if t.dim() == 4:
                 return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).contiguous()
@@ -344,7 +389,7 @@ class KVCacheFactory:
         return sorted(METHODS)
 
     @staticmethod
-    def create(method: str, model, budget=None, context_length: int | None = None, **params):
+    def create(method: str, model, budget=None, context_length: int | None = None, tokenizer=None, **params):
         known = KVCacheFactory.known_methods()
         if method not in METHODS:
             raise UserError(f"unknown method {method!r}; known methods: {', '.join(known)} (and kvpress:<press>)")
@@ -359,4 +404,265 @@ class KVCacheFactory:
         if bad:
             raise UserError(f"unknown parameter(s) {sorted(bad)} for method {method!r}; accepted: {sorted(accepted)}")
         m = cls(**params)
+        if hasattr(m, "attach_model"):
+            m.attach_model(model, tokenizer)
         return CompressedCache(m, _num_layers(model), budget=budget, context_length=context_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ATSKV: trained relevance, adaptive threshold, external memory
+
+class ThresholdController:
+    """Keeps token i of layer l while r_i > tau_l(t) = beta_l * quantile(r_l, q_l(t)).
+
+    q_l(t) = 1 - target_l(t) + delta_l: the target fraction (budget / stored) sets it, and delta_l is adapted after
+    every decision (an integral controller on the kept-fraction error) so that the kept count tracks the budget
+    whatever beta_l and the shape of r do to the threshold; the budget is also a hard cap (top-budget by r among the
+    kept), so the cache never exceeds it. beta_l scales the threshold of layer l (1.0 = the quantile itself)."""
+
+    def __init__(self, n_layers: int, beta=None, gain: float = 1.0, fixed_threshold: float | None = None):
+        self.beta = list(beta) if beta is not None else [1.0] * n_layers
+        self.delta = [0.0] * n_layers
+        self.q: list[float | None] = [None] * n_layers
+        self.gain = gain
+        self.fixed = fixed_threshold
+        self.history: list[tuple[int, float, float]] = []  # (layer, kept fraction, target fraction)
+
+    def select(self, layer_idx: int, r: torch.Tensor, protected: torch.Tensor, budget: int) -> torch.Tensor:
+        """r, protected: (B, H, S). Returns kept indices (B, H, k), k <= budget, sorted by stored order."""
+        S = r.shape[-1]
+        target = min(1.0, budget / S)
+        free = ~protected
+        if self.fixed is not None:
+            tau = torch.full_like(r[..., :1], self.fixed)
+        else:
+            q = min(1.0, max(0.0, 1.0 - target + self.delta[layer_idx]))
+            self.q[layer_idx] = q
+            cand = r.masked_fill(~free, float("nan")).flatten(0, 1).float()
+            tau = self.beta[layer_idx] * torch.nanquantile(cand, q, dim=-1).view(r.shape[0], r.shape[1], 1)
+        keep = protected | (r > tau)
+        n_keep = int(keep.sum(-1).max())
+        k = max(1, min(budget, n_keep))
+        score = r.float().masked_fill(~keep, float("-inf")).masked_fill(protected, float("inf"))
+        idx = score.topk(k, dim=-1).indices.sort(-1).values
+        kept_frac = float(keep.sum(-1).float().mean()) / S
+        if self.fixed is None:  # raise q when keeping too much, lower it when keeping too little
+            self.delta[layer_idx] = min(1.0, max(-1.0, self.delta[layer_idx] + self.gain * (kept_frac - target)))
+        self.history.append((layer_idx, min(kept_frac, k / S), target))
+        return idx
+
+
+@dataclass
+class ATSKV(KVMethod):
+    """ATSKV: a trained per-layer relevance predictor r = sigmoid(w . [h; a; f] + b) scores every stored entry
+    after every chunk and decode step (old entries are re-scored as attention statistics arrive); the
+    `ThresholdController` keeps r > tau_l(t) within each layer's budget (budget x beta_l, the calibrated share);
+    attention sinks and a short recent window are protected; `span` max-pools r over neighbours so that whole spans
+    survive. With `external_memory`, every evicted entry goes to a passive store (CPU; pinned when CUDA is present)
+    and pages of it are recalled into attention when the current queries need them (see `PassiveStore`)."""
+    name = "atskv"
+    n_sink: int = 4
+    n_recent: int = 16
+    window: int = 32
+    span: int = 1
+    variant: str = "default"          # which trained predictor: default, no_h, no_a, no_f
+    random_predictor: bool = False    # ablation: untrained (random) weights
+    fixed_threshold: float | None = None  # ablation: keep r > this value instead of the controller's tau
+    layer_shares: bool = True         # beta_l from calibration (False: equal budgets)
+    external_memory: bool = False
+    recall_tokens: float = 0.5        # tokens recalled per step, as a fraction of the active budget
+    recall_every: int = 1             # decode steps between recalls (the question's forward always recalls)
+    page_size: int = 16
+    passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
+
+    wants_evicted = True
+
+    def attach_model(self, model, tokenizer=None):
+        from relevance_predictor import load_or_train
+        pred = load_or_train(model, tokenizer, variant=self.variant)
+        if self.random_predictor:
+            import copy
+            pred = copy.deepcopy(pred)
+            g = torch.Generator().manual_seed(0)
+            pred.w.data = torch.randn(pred.w.shape, generator=g).to(pred.w.device)
+        self.predictor = pred
+        share = pred.layer_share.tolist() if self.layer_shares else [1.0] * pred.n_layers
+        self.shares = share
+        self.controller = ThresholdController(pred.n_layers, fixed_threshold=self.fixed_threshold)
+        self.counts = None
+        self.passive: dict[int, PassiveStore] = {}
+        self.steps = 0
+
+    def recent_tokens(self, budget):
+        return self.n_recent
+
+    def layer_budget(self, layer_idx, n_layers, budget):
+        return max(self.n_sink + self.n_recent + 1, int(round(budget * self.shares[layer_idx])))
+
+    def _token_counts(self, ids: torch.Tensor) -> torch.Tensor:
+        V = self.predictor.token_flags.shape[0]
+        if self.counts is None or self.counts.shape[0] != ids.shape[0]:
+            self.counts = torch.zeros((ids.shape[0], V), device=ids.device)
+        self.counts.scatter_add_(1, ids.clamp(0, V - 1), torch.ones_like(ids, dtype=self.counts.dtype))
+        return self.counts
+
+    def observe(self, layer, query, scaling):
+        from relevance_predictor import AttentionStatisticsExtractor as A, HandcraftedFeatureExtractor as Hf
+        pred, l = self.predictor, layer.layer_idx
+        B, Hkv, S = layer.positions.shape
+        q = layer.n_new
+        if l == 0 and current_input_ids() is not None:
+            self._token_counts(current_input_ids().to(layer.device))
+        ids = current_input_ids()
+        new_ids = ids[:, -q:].to(layer.device) if ids is not None and ids.shape[1] >= q else \
+            torch.zeros((B, q), dtype=torch.long, device=layer.device)
+        hid = current_hidden(l)
+        new_h = pred.project_hidden(l, hid[:, -q:]) if hid is not None else torch.zeros((B, q, 16), device=layer.device)
+        if "tok" not in layer.extras:
+            layer.extras["tok"] = torch.zeros((B, Hkv, S), device=layer.device)
+            layer.extras["h"] = torch.zeros((B, Hkv, S, new_h.shape[-1]), device=layer.device)
+            layer.extras["acc"] = torch.zeros((B, Hkv, S), device=layer.device)
+        layer.extras["tok"][:, :, S - q:] = new_ids[:, None, :].float()
+        layer.extras["h"][:, :, S - q:] = new_h[:, None].float()
+        attn = window_attention(query, layer.keys, layer.valid, q, scaling, self.window)
+        mean, mx, spread = A.window_stats(attn, Hkv)
+        layer.extras["acc"] = layer.extras["acc"] + mean
+        a = A.features(mean, mx, layer.extras["acc"], spread)
+        tok = layer.extras["tok"].long()
+        freq = self.counts.gather(1, tok.flatten(1)).view(B, Hkv, S) if self.counts is not None else \
+            torch.zeros_like(layer.extras["acc"])
+        f = Hf.features(layer.positions, layer.cumulative_length, layer.keys, layer.values, tok,
+                        pred.token_flags, freq, self.n_sink)
+        x = torch.cat([layer.extras["h"], a, f], dim=-1)
+        r = pred(l, x)
+        if self.span > 1:  # keep spans: an entry is as relevant as its most relevant neighbour
+            r = F.max_pool1d(r.flatten(0, 1)[:, None], self.span, 1, self.span // 2)[:, 0].view(B, Hkv, -1)[..., :S]
+        layer.extras["r"] = r
+
+    def score(self, layer):
+        return layer.extras["r"]
+
+    def select(self, layer, budget):
+        return self.controller.select(layer.layer_idx, self.score(layer).masked_fill(~layer.valid, -1.0),
+                                      layer.protected(), budget)
+
+    def on_evict(self, layer, idx):
+        if not self.external_memory:
+            return
+        store = self.passive.setdefault(layer.layer_idx, PassiveStore(self.page_size, self.passive_limit))
+        take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        store.add(take(layer.keys), take(layer.values), layer.positions.gather(2, idx), layer.valid.gather(2, idx))
+
+    def attend(self, layer, module, query, keys, values, mask, scaling):
+        store = self.passive.get(layer.layer_idx) if self.external_memory else None
+        if layer.layer_idx == 0:
+            self.steps += 1
+        due = layer.n_new > 1 or (self.steps % max(1, self.recall_every) == 0)
+        if store is None or (store.size == 0 and store.pend is None) or not due:
+            return super().attend(layer, module, query, keys, values, mask, scaling)
+        n_tok = max(self.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
+        rk, rv, rvalid = store.recall(query[:, :, -self.window:], n_tok // self.page_size)
+        B, Hq, q, _ = query.shape
+        n_kv = Hq // keys.shape[1]
+        k_all, v_all = torch.cat([rk, keys], 2), torch.cat([rv, values], 2)
+        extra = repeat_heads(rvalid, n_kv)[:, :, None, :].expand(B, Hq, q, -1)
+        if mask is None:
+            mask = torch.ones((B, Hq, q, keys.shape[2]), dtype=torch.bool, device=keys.device)
+        mask = torch.cat([extra, mask.expand(B, Hq, q, -1)], dim=-1)
+        self.last_recall = rk.shape[2]
+        return F.scaled_dot_product_attention(query, repeat_heads(k_all, n_kv), repeat_heads(v_all, n_kv),
+                                              attn_mask=mask, scale=scaling)
+
+    def aux_nbytes(self, layer):
+        store = self.passive.get(layer.layer_idx) if self.external_memory else None
+        return 0 if store is None else store.device_nbytes()
+
+
+class PassiveStore:
+    """One layer's evicted KV (CPU memory, pinned when CUDA is present), with Quest-style page summaries on the
+    model's device: the element-wise min and max of the keys of each page of `page_size` evicted entries. Recall
+    scores every page by the upper bound of q.k (max over the queries and the group's heads) and copies the top
+    pages' K and V to the device for the current attention call; the copies are transient."""
+
+    def __init__(self, page_size: int = 16, limit: int | None = None):
+        self.page_size, self.limit = page_size, limit
+        self.k = self.v = self.pos = self.valid = None   # (B, H, N, D) on CPU
+        self.kmin = self.kmax = None                     # (B, H, N_pages, D) on the device
+        self.pend = None                                 # entries not yet forming a whole page (device)
+        self.size = 0
+
+    def add(self, k, v, pos, valid):
+        """Append evicted entries. Entries wait in a small device-side buffer until a whole page has formed (so
+        single-token evictions during decoding do not make pages of one); the buffer is always attended."""
+        cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+        self.pend = [cat(a, b) for a, b in zip(self.pend, (k, v, pos, valid))] if self.pend else [k, v, pos, valid]
+        P = self.page_size
+        n_full = (self.pend[0].shape[2] // P) * P
+        if n_full:
+            whole = [t[:, :, :n_full] for t in self.pend]
+            self.pend = [t[:, :, n_full:] for t in self.pend]
+            self._add_pages(*whole)
+
+    def _add_pages(self, k, v, pos, valid):
+        device = k.device
+        pin = device.type == "cuda"
+        to_host = lambda t: t.to("cpu", non_blocking=pin).pin_memory() if pin else t.to("cpu")  # noqa: E731
+        P = self.page_size
+        pages = k.unflatten(2, (-1, P))
+        kmin, kmax = pages.amin(3), pages.amax(3)
+        cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+        self.k, self.v = cat(self.k, to_host(k)), cat(self.v, to_host(v))
+        self.pos, self.valid = cat(self.pos, to_host(pos)), cat(self.valid, to_host(valid))
+        self.kmin, self.kmax = cat(self.kmin, kmin), cat(self.kmax, kmax)
+        if self.limit is not None and self.k.shape[2] > self.limit:  # drop the oldest pages beyond the limit
+            drop = ((self.k.shape[2] - self.limit + P - 1) // P) * P
+            self.k, self.v, self.pos, self.valid = (t[:, :, drop:] for t in (self.k, self.v, self.pos, self.valid))
+            self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
+        self.size = self.k.shape[2]
+
+    def recall(self, query: torch.Tensor, n_pages: int):
+        """query (B, H_q, q, D) -> recalled K, V (B, H_kv, n_pages x P + pending, D) on the device, and validity."""
+        if self.kmin is None:
+            return self.pend[0], self.pend[1], self.pend[3]
+        B, Hq, q, D = query.shape
+        Hkv = self.kmin.shape[1]
+        qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
+        # upper bound of q.k over a page: per channel, q times the page's max (q > 0) or min (q < 0)
+        ub = torch.maximum(qg[..., None, :] * self.kmin[:, :, None, None].float(),
+                           qg[..., None, :] * self.kmax[:, :, None, None].float()).sum(-1)  # (B,Hkv,G,q,pages)
+        page_score = ub.amax(dim=(2, 3))
+        n_pages = min(n_pages, page_score.shape[-1])
+        pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
+        P = self.page_size
+        idx = (pages[..., None] * P + torch.arange(P)).flatten(-2)  # (B, Hkv, n_pages x P)
+        dev = query.device
+        take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).to(dev, non_blocking=True)  # noqa: E731
+        k, v, valid = take(self.k), take(self.v), self.valid.gather(2, idx).to(dev)
+        if self.pend is not None and self.pend[0].shape[2]:
+            k, v = torch.cat([k, self.pend[0]], 2), torch.cat([v, self.pend[1]], 2)
+            valid = torch.cat([valid, self.pend[3]], 2)
+        return k, v, valid
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+    def device_nbytes(self) -> int:
+        pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
+        return pend + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+METHODS["atskv"] = ATSKV
+
+
+def tier_bytes(cache) -> dict:
+    """Bytes per tier of a cache: active KV (device), page summaries (device), passive store (host)."""
+    out = {"active_kv_bytes": 0, "summary_bytes": 0, "passive_bytes": 0}
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "keys", None) is None:
+            continue
+        out["active_kv_bytes"] += layer.keys.nbytes + layer.values.nbytes
+    m = getattr(cache, "method", None)
+    for store in (getattr(m, "passive", None) or {}).values() if getattr(m, "external_memory", False) else []:
+        out["summary_bytes"] += store.device_nbytes()
+        out["passive_bytes"] += store.nbytes()
+    return out
