@@ -116,19 +116,27 @@ class DynamicKV(KVMethod):
     update_every: int = 4
     temp_factor: int = 10
     alloc: dict = field(default_factory=dict, repr=False)
+    pending: set = field(default_factory=set, repr=False)   # layers of the chunk in flight, not re-allocated yet
+
+    def win(self, budget: int) -> int:
+        return min(self.window, max(1, budget // 2))  # a budget below the window keeps half for the window
 
     def recent_tokens(self, budget):
-        return self.window
+        return self.window if budget is None else self.win(budget)
 
     def layer_budget(self, layer_idx, n_layers, budget):
-        base = max(1, budget - self.window)
+        w = self.win(budget)
+        base = max(1, budget - w)
         if layer_idx in self.alloc:
-            return self.alloc[layer_idx] + self.window
-        return self.temp_factor * base + self.window
+            return self.alloc[layer_idx] + w
+        if layer_idx in self.pending:  # temporary budget while the chunk's later layers have not run
+            return self.temp_factor * base + w
+        return budget
 
     def observe(self, layer, query, scaling):
         if layer.n_new > 1:
             self.alloc.pop(layer.layer_idx, None)  # a new prefill chunk: temporary budget until re-allocation
+            self.pending.add(layer.layer_idx)
             attn = window_attention(query, layer.keys, layer.valid, layer.n_new, scaling, self.window)
             s = attn.sum(2)
             s[..., s.shape[-1] - attn.shape[2]:] = 0.0
@@ -142,10 +150,10 @@ class DynamicKV(KVMethod):
     def on_layer_done(self, cache, layer_idx):
         layer = cache.layers[layer_idx]
         last = layer_idx == cache.num_layers - 1
-        if layer.n_new <= 1 or not ((layer_idx + 1) % self.update_every == 0 or last):
+        if layer.n_new <= 1 or not ((layer_idx + 1) % self.update_every == 0 or last) or cache.fits():
             return
         budget = cache.budget_tokens
-        base = max(1, budget - self.window)
+        base = max(1, budget - self.win(budget))
         layers = cache.layers[:layer_idx + 1]
         H = layer.keys.shape[1]
         # candidate scores: every stored entry outside the protected window, stacked over layers, heads and tokens
@@ -158,6 +166,7 @@ class DynamicKV(KVMethod):
         hits = torch.stack([((top >= bounds[i]) & (top < bounds[i + 1])).sum() for i in range(len(layers))]).float()
         for i, b in enumerate(largest_remainder(hits.tolist(), base * cache.num_layers)):
             self.alloc[i] = b  # may be 0: the layer keeps only its window
+            self.pending.discard(i)
             layers[i].compress(self.layer_budget(i, cache.num_layers, budget))
 
 
@@ -275,7 +284,7 @@ class RocketKV(KVMethod):
     def attend(self, layer, module, query, keys, values, mask, scaling):
         p = self.split()
         a = self.aux.get(layer.layer_idx)
-        if layer.n_new != 1 or a is None or keys.shape[2] <= p["topk"] + 1:
+        if layer.n_new != 1 or a is None or keys.shape[2] <= p["topk"] + 1 or layer.cache.fits():
             return super().attend(layer, module, query, keys, values, mask, scaling)
         kmin, kmax, n_cov, _ = a
         if kmin is None:

@@ -31,13 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_seq_len", type=int, default=None, help="largest prompt length in tokens (default: the model's limit)")
     a("--use_fp16", action="store_true", help="half precision (bf16 where supported) on CUDA; CPU stays fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    a("--methods", default="full,sliding_window", help="comma list: full, sliding_window, snapkv, h2o, "
-      "pyramidkv, dynamic_kv, rocket_kv, atskv, kvpress:<press>")
-    a("--budgets", default="0.5,0.25,0.1", help="comma list of KV budgets: fractions of the context (0.25) "
+    a("--methods", default="full,sliding_window,snapkv,atskv,atskv[external_memory=true]",
+      help="comma list: full, sliding_window, snapkv, h2o, pyramidkv, dynamic_kv, rocket_kv, atskv, "
+      "kvpress:<press>; parameters in brackets, separated by ';', e.g. atskv[external_memory=true;span=5]")
+    a("--budgets", default="0.25,0.1", help="comma list of KV budgets: fractions of the context (0.25) "
       "or tokens per layer (512); 'full' ignores them")
+    a("--external_memory", action="store_true", help="give every atskv method the external memory (passive "
+      "store + recall)")
+    a("--passive_limit", type=int, default=None, help="entries per layer the passive store may hold (default: "
+      "unlimited)")
+    a("--train_predictor", action="store_true", help="(re)train ATSKV's relevance predictor for --model_name, "
+      "print its held-out ranking quality, and exit")
+    a("--calibration_file", default=None, help="text file to train the predictor on (default: text the model "
+      "generates itself)")
     a("--context_sizes", default="1024,2048", help="comma list of context sizes in tokens")
     a("--benchmarks", default="synthetic", help=f"comma list of {', '.join(BENCHMARKS)}")
-    a("--tasks", default="needle,passkey,multi_key", help="synthetic tasks (needle, passkey, multi_key, "
+    a("--tasks", default="needle,multi_key", help="synthetic tasks (needle, passkey, multi_key, "
       "multi_value); for longbench/zeroscrolls the task names of those sets (default: all present)")
     a("--num_samples", type=int, default=5, help="samples per cell")
     a("--eval_mode", default="question_agnostic", help="question_agnostic (compress the context before the "
@@ -60,7 +69,35 @@ def fail(msg: str) -> None:
 
 
 def split_list(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
+    """Split on commas outside brackets: 'full,atskv[a=1;b=2]' -> ['full', 'atskv[a=1;b=2]']."""
+    out, depth, cur = [], 0, ""
+    for ch in str(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [t for t in out if t]
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'atskv[external_memory=true;span=5]' -> ('atskv', {'external_memory': True, 'span': 5})."""
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise UserError(f"bad method spec {spec!r}: expected name[key=value;...]")
+    name, body = spec[:-1].split("[", 1)
+    params = {}
+    for item in filter(None, (s.strip() for s in body.split(";"))):
+        if "=" not in item:
+            raise UserError(f"bad parameter {item!r} in {spec!r}: expected key=value")
+        k, v = (s.strip() for s in item.split("=", 1))
+        params[k] = json.loads(v) if v.lower() not in ("true", "false", "none") else \
+            {"true": True, "false": False, "none": None}[v.lower()]
+    return name, params
 
 
 def validate(args) -> dict:
@@ -71,9 +108,17 @@ def validate(args) -> dict:
     methods = split_list(args.methods)
     if not methods:
         raise UserError("--methods is empty; known methods: " + ", ".join(known))
-    for m in methods:
+    import dataclasses
+    from sparse_kv_cache import METHODS
+    for spec in methods:
+        m, params = parse_method(spec)
         if m not in known and not m.startswith("kvpress:"):
             raise UserError(f"unknown method {m!r}; known methods: {', '.join(known)}, kvpress:<press>")
+        if m in METHODS and dataclasses.is_dataclass(METHODS[m]):
+            accepted = {f.name for f in dataclasses.fields(METHODS[m])}
+            bad = sorted(set(params) - accepted)
+            if bad:
+                raise UserError(f"unknown parameter(s) {bad} for method {m!r}; accepted: {sorted(accepted)}")
     benchmarks = split_list(args.benchmarks)
     for b in benchmarks:
         if b not in BENCHMARKS:
@@ -136,9 +181,17 @@ def plan_cells(args, opts: dict) -> list[dict]:
             continue  # real benchmarks are planned by evaluation.plan_real_cells (LongBench / ZeroSCROLLS issue)
         for task in opts["tasks"]:
             for size in opts["sizes"]:
-                for method in opts["methods"]:
+                for spec in opts["methods"]:
+                    method, params = parse_method(spec)
+                    if method == "atskv" and args.external_memory:
+                        params.setdefault("external_memory", True)
+                    if method == "atskv" and args.passive_limit is not None:
+                        params.setdefault("passive_limit", args.passive_limit)
+                    label = method if not params else \
+                        method + "[" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(params.items())) + "]"
                     for budget in ([None] if method == "full" else opts["budgets"]):
-                        cells.append({"model": args.model_name, "method": method, "params": {}, "budget": budget,
+                        cells.append({"model": args.model_name, "method": label, "base_method": method,
+                                      "params": params, "budget": budget,
                                       "benchmark": bench, "task": task, "context_size": size,
                                       "num_samples": args.num_samples, "seed": args.seed,
                                       "eval_mode": args.eval_mode, "prefill_chunk": args.prefill_chunk,
@@ -192,7 +245,7 @@ def run_sweep(args, opts: dict) -> int:
         record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         t0 = time.perf_counter()
         try:
-            record.update(ev.evaluate_synthetic_cell(model, tok, cell["method"], cell["budget"], samples_cache[key],
+            record.update(ev.evaluate_synthetic_cell(model, tok, cell["base_method"], cell["budget"], samples_cache[key],
                                                      cell["eval_mode"], cell["prefill_chunk"], cell["params"],
                                                      fault=inject))
             record["status"] = "ok"
@@ -230,9 +283,28 @@ def write_report(out_dir: Path, args, skipped: list[str]) -> None:
     build_report(out_dir, command=" ".join(sys.argv), skipped=skipped)
 
 
+def train_predictor_cli(args) -> int:
+    import relevance_predictor as rp
+    from utils import load_model_and_tokenizer
+    check_model_name(args.model_name)
+    if args.calibration_file and not Path(args.calibration_file).is_file():
+        raise UserError(f"--calibration_file {args.calibration_file!r} not found")
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
+    t0 = time.perf_counter()
+    pred, rep = rp.train_predictor(model, tok, corpus_file=args.calibration_file, seed=args.seed)
+    path = rp.predictor_path(model)
+    pred.save(path, {"variant": "default", "ranking": rep, "version": rp.FORMAT_VERSION})
+    rp._LOADED.pop(str(path), None)
+    print(f"[atskv] predictor trained in {time.perf_counter() - t0:.0f} s -> {path}", file=sys.stderr)
+    print(f"[atskv] held-out top-k recall of the most-attended tokens: {rp.format_ranking(rep)}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.train_predictor:
+            return train_predictor_cli(args)
         if args.report_only:
             results = Path(args.output_dir) / "results.jsonl"
             if not results.exists():

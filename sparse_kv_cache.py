@@ -236,7 +236,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def compress(self, budget: int | None = None) -> None:
         budget = self.budget() if budget is None else budget
-        if budget is None or self.keys.shape[2] <= budget:
+        if budget is None or self.keys.shape[2] <= budget or self.cache.fits():
             return
         self.keep_indices(self.method.select(self, budget))
 
@@ -317,6 +317,11 @@ class CompressedCache(Cache):
         # A fractional budget without a given context length is resolved against the first input (the prompt)
         if self.budget_spec is not None and self.budget_tokens is None and layer_idx == 0:
             self.budget_tokens = resolve_budget(self.budget_spec, q_len)
+
+    def fits(self) -> bool:
+        """Nothing is compressed while every token seen fits in the nominal budget (as the original methods skip
+        compression when the prompt is shorter than their capacity): a 100% budget is the full cache."""
+        return self.budget_tokens is not None and self.layers[0].cumulative_length <= self.budget_tokens
 
     def layer_budget(self, layer_idx: int) -> int | None:
         if self.budget_tokens is None:
@@ -472,7 +477,8 @@ class ATSKV(KVMethod):
     external_memory: bool = False
     recall_tokens: float = 0.5        # tokens recalled per step, as a fraction of the active budget
     recall_every: int = 1             # decode steps between recalls (the question's forward always recalls)
-    page_size: int = 16
+    recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "pages": Quest
+    page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
 
     wants_evicted = True
@@ -497,7 +503,7 @@ class ATSKV(KVMethod):
         return self.n_recent
 
     def layer_budget(self, layer_idx, n_layers, budget):
-        return max(self.n_sink + self.n_recent + 1, int(round(budget * self.shares[layer_idx])))
+        return max(1, int(round(budget * self.shares[layer_idx])))
 
     def _token_counts(self, ids: torch.Tensor) -> torch.Tensor:
         V = self.predictor.token_flags.shape[0]
@@ -549,7 +555,11 @@ class ATSKV(KVMethod):
     def on_evict(self, layer, idx):
         if not self.external_memory:
             return
-        store = self.passive.setdefault(layer.layer_idx, PassiveStore(self.page_size, self.passive_limit))
+        if self.recall_scoring not in ("exact", "pages"):
+            from utils import UserError
+            raise UserError(f"recall_scoring {self.recall_scoring!r}: accepted are 'exact' and 'pages'")
+        page = self.page_size if self.recall_scoring == "pages" else 1
+        store = self.passive.setdefault(layer.layer_idx, PassiveStore(page, self.passive_limit))
         take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
         store.add(take(layer.keys), take(layer.values), layer.positions.gather(2, idx), layer.valid.gather(2, idx))
 
@@ -560,8 +570,8 @@ class ATSKV(KVMethod):
         due = layer.n_new > 1 or (self.steps % max(1, self.recall_every) == 0)
         if store is None or (store.size == 0 and store.pend is None) or not due:
             return super().attend(layer, module, query, keys, values, mask, scaling)
-        n_tok = max(self.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
-        rk, rv, rvalid = store.recall(query[:, :, -self.window:], n_tok // self.page_size)
+        n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
+        rk, rv, rvalid = store.recall(query[:, :, -self.window:], n_tok // store.page_size)
         B, Hq, q, _ = query.shape
         n_kv = Hq // keys.shape[1]
         k_all, v_all = torch.cat([rk, keys], 2), torch.cat([rv, values], 2)
@@ -579,10 +589,14 @@ class ATSKV(KVMethod):
 
 
 class PassiveStore:
-    """One layer's evicted KV (CPU memory, pinned when CUDA is present), with Quest-style page summaries on the
-    model's device: the element-wise min and max of the keys of each page of `page_size` evicted entries. Recall
-    scores every page by the upper bound of q.k (max over the queries and the group's heads) and copies the top
-    pages' K and V to the device for the current attention call; the copies are transient."""
+    """One layer's evicted KV (CPU memory, pinned when CUDA is present). Recall copies the entries the current
+    queries need to the device for the current attention call (transient copies); each query votes with a softmax
+    over the candidates, summed over the queries and the group's heads, and the top candidates are taken per KV head.
+
+    page_size 1 ("exact" scoring): candidates are single entries scored by q.k against the passive keys where they
+    live (host memory: no device summaries). page_size > 1 ("pages", Quest): candidates are pages of `page_size`
+    evicted entries, scored by the upper bound of q.k from the element-wise min/max of their keys, kept on the
+    device."""
 
     def __init__(self, page_size: int = 16, limit: int | None = None):
         self.page_size, self.limit = page_size, limit
@@ -608,39 +622,55 @@ class PassiveStore:
         pin = device.type == "cuda"
         to_host = lambda t: t.to("cpu", non_blocking=pin).pin_memory() if pin else t.to("cpu")  # noqa: E731
         P = self.page_size
-        pages = k.unflatten(2, (-1, P))
-        kmin, kmax = pages.amin(3), pages.amax(3)
-        cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+        if P > 1:
+            pages = k.unflatten(2, (-1, P))
+            kmin, kmax = pages.amin(3), pages.amax(3)
+        else:
+            kmin = kmax = None
+        cat = lambda a, b: b if a is None else torch.cat([a, b], 2) if b is not None else a  # noqa: E731
         self.k, self.v = cat(self.k, to_host(k)), cat(self.v, to_host(v))
         self.pos, self.valid = cat(self.pos, to_host(pos)), cat(self.valid, to_host(valid))
         self.kmin, self.kmax = cat(self.kmin, kmin), cat(self.kmax, kmax)
         if self.limit is not None and self.k.shape[2] > self.limit:  # drop the oldest pages beyond the limit
             drop = ((self.k.shape[2] - self.limit + P - 1) // P) * P
             self.k, self.v, self.pos, self.valid = (t[:, :, drop:] for t in (self.k, self.v, self.pos, self.valid))
-            self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
+            if self.kmin is not None:
+                self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
         self.size = self.k.shape[2]
 
     def recall(self, query: torch.Tensor, n_pages: int):
         """query (B, H_q, q, D) -> recalled K, V (B, H_kv, n_pages x P + pending, D) on the device, and validity."""
-        if self.kmin is None:
+        if self.k is None:
+            self.last_positions = self.pend[2].cpu()
             return self.pend[0], self.pend[1], self.pend[3]
         B, Hq, q, D = query.shape
-        Hkv = self.kmin.shape[1]
-        qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
-        # upper bound of q.k over a page: per channel, q times the page's max (q > 0) or min (q < 0)
-        ub = torch.maximum(qg[..., None, :] * self.kmin[:, :, None, None].float(),
-                           qg[..., None, :] * self.kmax[:, :, None, None].float()).sum(-1)  # (B,Hkv,G,q,pages)
-        page_score = ub.amax(dim=(2, 3))
+        Hkv = self.k.shape[1]
+        if self.page_size == 1:  # exact q.k where the keys live
+            qg = query.view(B, Hkv, Hq // Hkv, q, D).to(self.k.device, torch.float32)
+            ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.k.float())
+            ub = ub.masked_fill(~self.valid[:, :, None, None, :], float("-inf"))
+        else:
+            qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
+            # upper bound of q.k over a page: per channel, q times the page's max (q > 0) or min (q < 0)
+            ub = torch.maximum(qg[..., None, :] * self.kmin[:, :, None, None].float(),
+                               qg[..., None, :] * self.kmax[:, :, None, None].float()).sum(-1)  # (B,Hkv,G,q,pages)
+        # each query votes with a softmax over the pages (as SnapKV's window votes over tokens): a few queries with
+        # large bounds everywhere (sink-like heads) then cannot drown the query that looks for one page
+        page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
         n_pages = min(n_pages, page_score.shape[-1])
         pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
+        if self.page_size == 1:
+            pages = pages.to(self.k.device)
         P = self.page_size
         idx = (pages[..., None] * P + torch.arange(P)).flatten(-2)  # (B, Hkv, n_pages x P)
         dev = query.device
         take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).to(dev, non_blocking=True)  # noqa: E731
         k, v, valid = take(self.k), take(self.v), self.valid.gather(2, idx).to(dev)
+        self.last_positions = self.pos.gather(2, idx)
         if self.pend is not None and self.pend[0].shape[2]:
             k, v = torch.cat([k, self.pend[0]], 2), torch.cat([v, self.pend[1]], 2)
             valid = torch.cat([valid, self.pend[3]], 2)
+            self.last_positions = torch.cat([self.last_positions, self.pend[2].cpu()], 2)
         return k, v, valid
 
     def nbytes(self) -> int:

@@ -1,0 +1,118 @@
+"""ATSKV: the controller, the predictor's persistence, budgets, positions and the external memory."""
+import pytest
+import torch
+
+import evaluation as ev
+import relevance_predictor as rp
+from sparse_kv_cache import KVCacheFactory, ThresholdController, tier_bytes
+
+
+@pytest.fixture(scope="module")
+def predictor(model, tokenizer):
+    return rp.load_or_train(model, tokenizer)  # trains once (about 2 minutes on 2 cores), then cached
+
+
+@pytest.mark.parametrize("beta,target", [(1.0, 0.25), (1.3, 0.25), (0.8, 0.1)])
+def test_controller_kept_fraction_tracks_the_target_within_2_points(beta, target):
+    torch.manual_seed(0)
+    ctl = ThresholdController(1, beta=[beta], gain=0.5)
+    S = 2000
+    fracs = []
+    for step in range(40):
+        r = torch.rand(1, 3, S) ** 2  # a skewed relevance distribution
+        protected = torch.zeros(1, 3, S, dtype=torch.bool)
+        ctl.select(0, r, protected, int(target * S))
+        fracs.append(ctl.history[-1][1])
+    assert abs(sum(fracs[-10:]) / 10 - target) <= 0.02, fracs[-10:]
+
+
+def test_controller_never_keeps_more_than_the_budget():
+    ctl = ThresholdController(1, beta=[0.1])  # a threshold far too low: the cap must hold
+    idx = ctl.select(0, torch.rand(2, 3, 500), torch.zeros(2, 3, 500, dtype=torch.bool), 100)
+    assert idx.shape[-1] <= 100
+
+
+def test_saved_predictor_loads_back_bit_identical(predictor, tmp_path):
+    path = tmp_path / "p.safetensors"
+    predictor.save(path, {"test": 1})
+    loaded = rp.TokenRelevancePredictor.load(path)
+    a, b = predictor.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k]) for k in a)
+
+
+def test_predictor_beats_recency_and_key_norm_on_held_out_ranking(predictor, model, tokenizer):
+    texts = rp.calibration_texts(model, tokenizer, n_new_tokens=200, seed=5)[:8]
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids[:900]
+    rows = rp.build_training_rows(model, torch.tensor([ids]), predictor.token_flags, 256, 256, 32)
+    rep = rp.evaluate_ranking(predictor, [rows], budgets=(0.25,))[0.25]
+    assert rep["predictor"] > rep["recency"] and rep["predictor"] > rep["key_norm"]
+
+
+def _prefill(model, tok, n, budget, chunk=128, **params):
+    s = ev.make_synthetic_sample(tok, "needle", n, 0.5, 0)
+    ci, qi = ev.encode_prompt(tok, s.context, s.question, s.answer_prefix)
+    cache = KVCacheFactory.create("atskv", model, budget=budget, context_length=len(ci), tokenizer=tok, **params)
+    ev.forward_chunked(model, cache, torch.tensor([ci]), chunk)
+    return cache, ci, qi
+
+
+def test_atskv_never_exceeds_its_budget_per_layer_and_in_total(model, tokenizer, predictor):
+    cache, ci, qi = _prefill(model, tokenizer, 700, 0.2)
+    budget = cache.budget_tokens
+    for step in range(3):
+        pos = len(ci) + step
+        p = torch.tensor([pos])
+        model(input_ids=torch.tensor([[qi[step]]]), past_key_values=cache, cache_position=p, position_ids=p[None])
+        lens = cache.stored_lengths()
+        assert all(n <= cache.layer_budget(i) for i, n in enumerate(lens))
+        assert sum(lens) <= budget * len(lens) + len(lens)  # per-layer rounding of the shares
+        assert cache.get_seq_length() == pos + 1
+
+
+def test_atskv_positions_stay_right_across_chunks_and_decoding(model, tokenizer, predictor):
+    cache, ci, qi = _prefill(model, tokenizer, 600, 100, chunk=100)
+    for layer in cache.layers:
+        pos = layer.positions
+        assert int(pos.max()) == len(ci) - 1 and int(pos.min()) == 0  # sinks kept, last token kept
+        assert bool((pos[..., 1:] > pos[..., :-1]).all())  # stored in position order, no duplicates
+
+
+def test_external_memory_keeps_active_bytes_flat_while_the_context_grows_8x(model, tokenizer, predictor):
+    sizes = {}
+    for n in (400, 3200):
+        cache, ci, _ = _prefill(model, tokenizer, n, 64, chunk=256, external_memory=True)
+        sizes[n] = (tier_bytes(cache), len(ci))
+    (small, n_small), (big, n_big) = sizes[400], sizes[3200]
+    assert n_big >= 7 * n_small
+    assert big["active_kv_bytes"] == small["active_kv_bytes"]
+    assert big["passive_bytes"] > 6 * small["passive_bytes"]
+
+
+def test_external_memory_drops_nothing_without_a_limit(model, tokenizer, predictor):
+    cache, ci, _ = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True)
+    for l, layer in enumerate(cache.layers):
+        store = cache.method.passive[l]
+        pending = 0 if store.pend is None else store.pend[0].shape[2]
+        assert layer.stored_length() + store.size + pending == len(ci)
+
+
+def test_passive_limit_bounds_the_store(model, tokenizer, predictor):
+    cache, ci, _ = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True, passive_limit=128)
+    assert all(s.size <= 128 for s in cache.method.passive.values())
+
+
+def test_recall_attends_more_entries_than_the_active_cache_holds(model, tokenizer, predictor):
+    cache, ci, qi = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True)
+    ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
+    assert cache.method.last_recall > 0
+    assert max(cache.stored_lengths()) <= 64
+
+
+def test_atskv_generates_with_batch_3(model, tokenizer, predictor):
+    prompts = ["The capital of France is", "Write a short poem about the sea. The sea is",
+               "List three prime numbers: 2, 3,"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    for em in (False, True):
+        cache = KVCacheFactory.create("atskv", model, budget=0.6, tokenizer=tokenizer, external_memory=em)
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=cache)
+        assert out.shape == (3, enc.input_ids.shape[1] + 6) and cache.get_seq_length() == out.shape[1] - 1
