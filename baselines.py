@@ -262,6 +262,8 @@ class RocketKV(KVMethod):
 
     def on_layer_done(self, cache, layer_idx):
         layer = cache.layers[layer_idx]
+        if cache.budget_tokens is None:
+            return
         if layer.n_new > 1 or layer_idx not in self.aux or self.aux[layer_idx][3] != layer.stored_length() - 1:
             self.build_aux(layer)
         else:
@@ -282,9 +284,8 @@ class RocketKV(KVMethod):
         return 0 if a is None or a[0] is None else a[0].nbytes + a[1].nbytes
 
     def attend(self, layer, module, query, keys, values, mask, scaling):
-        p = self.split()
         a = self.aux.get(layer.layer_idx)
-        if layer.n_new != 1 or a is None or keys.shape[2] <= p["topk"] + 1 or layer.cache.fits():
+        if layer.n_new != 1 or a is None or layer.cache.fits() or keys.shape[2] <= self.split()["topk"] + 1:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         kmin, kmax, n_cov, _ = a
         if kmin is None:

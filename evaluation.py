@@ -168,6 +168,17 @@ def synthetic_samples(tokenizer, task, context_size, num_samples, seed, depths=D
                                   haystack_dir) for i in range(num_samples)]
 
 
+def answer_complete(sample: Sample):
+    """Stop decoding once the first line holds as many whole numbers as the task asks for (what is scored); the
+    text generated after that cannot change the score."""
+    need = len(sample.answers)
+
+    def done(text: str) -> bool:
+        first = text.lstrip().split("\n")[0]
+        return "\n" in text.lstrip() or len(re.findall(r"\d+(?=\D)", first)) >= need
+    return done
+
+
 def score_synthetic(sample: Sample, prediction: str) -> float:
     """Exact match: each gold key must appear as a whole number among the prediction's numbers (first line)."""
     first = prediction.strip().split("\n")[0]
@@ -211,7 +222,7 @@ def forward_chunked(model, cache, ids: torch.Tensor, chunk: int, start: int = 0)
 
 @torch.no_grad()
 def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int], max_new_tokens: int,
-                   mode: str = "question_agnostic", chunk: int = 512, press=None):
+                   mode: str = "question_agnostic", chunk: int = 512, press=None, stop_when=None):
     """Prefill (chunked), read the question, decode greedily. Returns text, timings and cache sizes.
 
     With a kvpress `press`, the compressed part is prefilled in one pass under the press (kvpress compresses only
@@ -246,6 +257,8 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         if tok in stops:
             break
         generated.append(tok)
+        if stop_when is not None and stop_when(tokenizer.decode(generated, skip_special_tokens=True)):
+            break
         p = torch.tensor([pos], device=dev)
         out = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache, use_cache=True,
                     cache_position=p, position_ids=p[None])
@@ -309,7 +322,7 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
         cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16), mode, chunk,
-                           press)
+                           press, stop_when=answer_complete(s))
         if fault == "nan":
             raise FloatingPointError("injected NaN in the logits (ATSKV_INJECT_FAULT)")
         r.update(id=s.id, depth=s.depth, answers=s.answers, score=score_synthetic(s, r["prediction"]))

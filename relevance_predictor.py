@@ -180,6 +180,21 @@ def calibration_texts(model, tokenizer, n_new_tokens: int = 320, seed: int = 0, 
     return texts
 
 
+def cached_calibration_texts(model, tokenizer, seed: int, corpus_file: str | None) -> list[str]:
+    """The model-written calibration text is generated once per model and seed and kept beside the predictors, so
+    that ablation variants are trained on the same text."""
+    import json
+    if corpus_file:
+        return calibration_texts(model, tokenizer, seed=seed, corpus_file=corpus_file)
+    path = predictor_path(model, f"calibration-s{seed}").with_suffix(".json")
+    if path.exists():
+        return json.loads(path.read_text())
+    texts = calibration_texts(model, tokenizer, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(texts))
+    return texts
+
+
 class _Recorder:
     """Captures per layer the (roped) queries, keys, values and input hidden states of one full forward."""
 
@@ -254,7 +269,7 @@ def train_predictor(model, tokenizer, corpus_file: str | None = None, seed: int 
     n_layers = model.config.num_hidden_layers
     flags = HandcraftedFeatureExtractor.token_flags(tokenizer)
     if texts is None:
-        texts = calibration_texts(model, tokenizer, seed=seed, corpus_file=corpus_file)
+        texts = cached_calibration_texts(model, tokenizer, seed, corpus_file)
     all_ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids
     contexts = [all_ids[i:i + context_tokens] for i in range(0, len(all_ids) - context_tokens + 1, context_tokens)]
     if len(contexts) < 2:

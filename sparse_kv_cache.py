@@ -304,6 +304,7 @@ class CompressedCache(Cache):
         self.method = method
         self.num_layers = num_layers
         self.context_length = context_length
+        budget = None if isinstance(budget, float) and budget >= 1.0 else budget  # 100% of the KV: nothing evicted
         self.budget_spec = budget
         self.budget_tokens = None if budget is None else (
             resolve_budget(budget, context_length) if context_length else
@@ -321,7 +322,7 @@ class CompressedCache(Cache):
     def fits(self) -> bool:
         """Nothing is compressed while every token seen fits in the nominal budget (as the original methods skip
         compression when the prompt is shorter than their capacity): a 100% budget is the full cache."""
-        return self.budget_tokens is not None and self.layers[0].cumulative_length <= self.budget_tokens
+        return self.budget_tokens is None or self.layers[0].cumulative_length <= self.budget_tokens
 
     def layer_budget(self, layer_idx: int) -> int | None:
         if self.budget_tokens is None:
@@ -338,6 +339,9 @@ class CompressedCache(Cache):
 class FullCache(DynamicCache):
     """`full`: exactly HF's DynamicCache (no compression), under the same factory."""
     method = None
+
+    def stored_lengths(self) -> list[int]:
+        return [0 if l.keys is None or not l.keys.numel() else l.keys.shape[2] for l in self.layers]
 
 
 def cache_nbytes(cache) -> int:
