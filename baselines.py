@@ -287,6 +287,7 @@ class RocketKV(KVMethod):
         a = self.aux.get(layer.layer_idx)
         if layer.n_new != 1 or a is None or layer.cache.fits() or keys.shape[2] <= self.split()["topk"] + 1:
             return super().attend(layer, module, query, keys, values, mask, scaling)
+        p = self.split()
         kmin, kmax, n_cov, _ = a
         if kmin is None:
             kmin = kmax = keys[:, :, :n_cov]

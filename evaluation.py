@@ -269,7 +269,9 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         peak_bytes = max(peak_bytes, cache_nbytes(cache))
     sync()
     t2 = time.perf_counter()
+    from sparse_kv_cache import tier_bytes
     return {
+        **tier_bytes(cache),
         "prediction": tokenizer.decode(generated, skip_special_tokens=True),
         "n_generated": len(generated),
         "prefill_s": t1 - t0,
@@ -339,6 +341,9 @@ def summarize_samples(per_sample: list[dict]) -> dict:
         "n_empty": sum(1 for r in per_sample if r["n_generated"] == 0),
         "kv_bytes": mean("kv_bytes"),
         "kv_bytes_peak": max(r["kv_bytes_peak"] for r in per_sample) if per_sample else 0,
+        "active_kv_bytes": mean("active_kv_bytes"),
+        "summary_bytes": mean("summary_bytes"),
+        "passive_bytes": mean("passive_bytes"),
         "context_tokens": mean("context_tokens"),
         "prefill_s": mean("prefill_s"),
         "decode_ms_per_token": mean("decode_ms_per_token"),

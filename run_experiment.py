@@ -252,7 +252,7 @@ def run_sweep(args, opts: dict) -> int:
         except KeyboardInterrupt:
             interrupted = True
             break
-        except (torch.OutOfMemoryError, FloatingPointError, RuntimeError, ValueError) as e:
+        except Exception as e:  # a fault inside one cell is recorded there; the sweep goes on
             record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)", file=sys.stderr)
             if torch.cuda.is_available():

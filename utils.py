@@ -161,6 +161,7 @@ def load_model_and_tokenizer(model_name: str = DEFAULT_MODEL, device: str | None
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(save_to, ignore_errors=True)
         os.replace(tmp, save_to)
+        model.config._name_or_path = save_to  # the same identity as every later load (per-model predictor cache)
     if model.dtype != dtype:
         model = model.to(dtype)
     if not device_map:
