@@ -41,8 +41,9 @@ def test_saved_predictor_loads_back_bit_identical(predictor, tmp_path):
 
 
 def test_predictor_beats_recency_and_key_norm_on_held_out_ranking(predictor, model, tokenizer):
-    texts = rp.calibration_texts(model, tokenizer, n_new_tokens=200, seed=5)[:8]
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids[:900]
+    # held-out text the predictor never saw: the synthetic benchmark's generated haystack
+    s = ev.make_synthetic_sample(tokenizer, "needle", 1000, 0.5, 9)
+    ids = tokenizer(s.context, add_special_tokens=False).input_ids[:900]
     rows = rp.build_training_rows(model, torch.tensor([ids]), predictor.token_flags, 256, 256, 32)
     rep = rp.evaluate_ranking(predictor, [rows], budgets=(0.25,))[0.25]
     assert rep["predictor"] > rep["recency"] and rep["predictor"] > rep["key_norm"]
