@@ -353,3 +353,46 @@ def summarize_samples(per_sample: list[dict]) -> dict:
     if out["n_empty"]:
         out["warning"] = f"{out['n_empty']} of {len(per_sample)} generations produced nothing"
     return out
+
+
+@torch.no_grad()
+def measure_prefill_overhead(model, tokenizer, n_tokens: int = 2048, budget=0.25, chunk: int = 512,
+                             repeats: int = 3) -> dict:
+    """ATSKV's prefill cost against the model's own: median wall time of a chunked prefill with the full cache and
+    with `atskv`, and the time spent inside ATSKV's scoring (features + predictor: `observe`) alone."""
+    import statistics
+    from sparse_kv_cache import ATSKV, KVCacheFactory
+    s = make_synthetic_sample(tokenizer, "needle", n_tokens, 0.5, 0)
+    ids = torch.tensor([encode_prompt(tokenizer, s.context, s.question)[0]], device=model.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    spent = []
+    orig = ATSKV.observe
+
+    def timed(self, *a, **k):
+        t = time.perf_counter()
+        orig(self, *a, **k)
+        sync()
+        spent.append(time.perf_counter() - t)
+    out = {}
+    for method in ("full", "atskv"):
+        times, scoring = [], []
+        for _ in range(repeats + 1):  # the first run warms up
+            cache = KVCacheFactory.create(method, model, budget=None if method == "full" else budget,
+                                          context_length=ids.shape[1], tokenizer=tokenizer)
+            spent.clear()
+            ATSKV.observe = timed
+            try:
+                sync()
+                t = time.perf_counter()
+                forward_chunked(model, cache, ids, chunk)
+                sync()
+            finally:
+                ATSKV.observe = orig
+            times.append(time.perf_counter() - t)
+            scoring.append(sum(spent))
+        out[method] = {"prefill_s": statistics.median(times[1:]), "scoring_s": statistics.median(scoring[1:])}
+    full = out["full"]["prefill_s"]
+    out["tokens"] = int(ids.shape[1])
+    out["scoring_share_of_model_prefill"] = out["atskv"]["scoring_s"] / full
+    out["total_overhead_share"] = out["atskv"]["prefill_s"] / full - 1.0
+    return out

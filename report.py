@@ -110,7 +110,7 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
     sns.set_theme(style="whitegrid", context="talk", font_scale=0.7)
     made = []
     methods = sorted({r["method"] for r in ok})
-    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    palette = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))))
 
     # 1. accuracy vs KV budget (fractional budgets), mean over tasks and sizes; full as a dashed line
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -131,7 +131,7 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Synthetic benchmark: accuracy vs KV budget")
     ax.set_ylim(-3, 103)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     save_fig(fig, fig_dir / "accuracy_vs_budget.png")
     plt.close(fig)
     made.append(("Accuracy vs KV budget (mean over tasks and context sizes)", "figures/accuracy_vs_budget.png"))
@@ -150,7 +150,7 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
     ax.set_xlabel("context size (tokens)")
     ax.set_ylabel("KV cache held (MB)")
     ax.set_title("KV memory vs context size")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     save_fig(fig, fig_dir / "kv_memory_vs_context.png")
     plt.close(fig)
     made.append(("KV memory vs context size (smallest budget of each method)", "figures/kv_memory_vs_context.png"))
@@ -170,7 +170,7 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-3, 103)
     ax.set_title("Accuracy vs context size (25% budget)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     save_fig(fig, fig_dir / "accuracy_vs_context.png")
     plt.close(fig)
     made.append(("Accuracy vs context size at a 25% budget", "figures/accuracy_vs_context.png"))
@@ -215,7 +215,7 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
         for ax in list(axes.flat)[len(combos):]:
             ax.axis("off")
         fig.suptitle("Accuracy (%) by needle depth and context size")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
         save_fig(fig, fig_dir / "depth_heatmap.png")
         plt.close(fig)
         made.append(("Accuracy by needle depth and context size", "figures/depth_heatmap.png"))

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--haystack_dir", default=None, help="folder of .txt files to use as the synthetic benchmark's haystack")
     a("--overwrite", action="store_true", help="start over instead of resuming from results.jsonl")
     a("--report_only", action="store_true", help="rebuild figures, tables and results.md from results.jsonl")
+    a("--benchmark", default=None, help="'prefill_overhead': time ATSKV's scoring against the model's own "
+      "prefill (context from --context_sizes, first value) and exit")
     a("--use_api", action="store_true", help="run an API model (Anthropic / OpenAI) instead of a local one")
     a("--api_model", default=None, help="API model name, e.g. claude-... or gpt-...")
     return p
@@ -150,13 +152,35 @@ def validate(args) -> dict:
         raise UserError(f"--prefill_chunk {args.prefill_chunk} must be >= 1")
     if args.haystack_dir and not Path(args.haystack_dir).is_dir():
         raise UserError(f"--haystack_dir {args.haystack_dir!r} is not a directory")
-    if args.data_dir and not Path(args.data_dir).is_dir():
-        raise UserError(f"--data_dir {args.data_dir!r} is not a directory")
+    if args.data_dir:
+        check_data_dir(args.data_dir, [b for b in benchmarks if b != "synthetic"])
     check_model_name(args.model_name)
     check_writable(args.output_dir)
     if args.use_api:
         raise UserError("--use_api is not implemented yet (see the API-models issue); run a local model instead")
     return {"methods": methods, "benchmarks": benchmarks, "budgets": budgets, "sizes": sizes, "tasks": tasks}
+
+
+def check_data_dir(data_dir: str, benchmarks: list[str]) -> None:
+    """Every jsonl file a real benchmark would read must exist and parse: name the file and line that do not."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"--data_dir {data_dir!r} is not a directory")
+    files = sorted(d.glob("*.jsonl"))
+    if benchmarks and not files:
+        raise UserError(f"--data_dir {data_dir!r} holds no .jsonl files (expected LongBench or ZeroSCROLLS "
+                        f"files such as hotpotqa.jsonl or qasper.validation.jsonl)")
+    for f in files:
+        with open(f, errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"corrupt data file {f}: line {n} is not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"corrupt data file {f}: line {n} is not a JSON object")
 
 
 def check_writable(path: str) -> None:
@@ -300,11 +324,32 @@ def train_predictor_cli(args) -> int:
     return 0
 
 
+def benchmark_cli(args) -> int:
+    if args.benchmark != "prefill_overhead":
+        raise UserError(f"unknown --benchmark {args.benchmark!r}; accepted: prefill_overhead")
+    import evaluation as ev
+    from utils import atomic_write_text, load_model_and_tokenizer
+    check_model_name(args.model_name)
+    check_writable(args.output_dir)
+    n = int(split_list(args.context_sizes)[0])
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
+    res = ev.measure_prefill_overhead(model, tok, n_tokens=n, chunk=args.prefill_chunk)
+    res["env"] = environment_info(model)
+    atomic_write_text(Path(args.output_dir) / "prefill_overhead.json", json.dumps(res, indent=1))
+    print(f"prefill of {res['tokens']} tokens (chunk {args.prefill_chunk}): full {res['full']['prefill_s']:.3f} s, "
+          f"atskv {res['atskv']['prefill_s']:.3f} s; ATSKV scoring {res['atskv']['scoring_s']:.3f} s = "
+          f"{100 * res['scoring_share_of_model_prefill']:.1f}% of the model's prefill; total overhead incl. eviction "
+          f"{100 * res['total_overhead_share']:.1f}%")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.train_predictor:
             return train_predictor_cli(args)
+        if args.benchmark is not None:
+            return benchmark_cli(args)
         if args.report_only:
             results = Path(args.output_dir) / "results.jsonl"
             if not results.exists():

@@ -44,6 +44,20 @@ def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, t
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
 
+def test_missing_data_dir_exits_2(tmp_path):
+    proc = cli("--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+def test_corrupt_data_file_names_the_file_and_line(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "hotpotqa.jsonl").write_text('{"input": "q", "context": "c"}\n{"input": "q2", "cont\n')
+    proc = cli("--data_dir", str(d), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert f"corrupt data file {d / 'hotpotqa.jsonl'}: line 2 is not valid JSON" in proc.stderr
+
+
 def test_malformed_gguf_exits_2(tmp_path):
     bad = tmp_path / "m.gguf"
     bad.write_bytes(b"\x00" * 64)
