@@ -19,7 +19,7 @@ import torch
 
 from utils import UserError, stop_token_ids
 
-SYNTHETIC_TASKS = ("passkey", "needle", "multi_key", "multi_value")
+SYNTHETIC_TASKS = ("passkey", "needle", "multi_key", "multi_value", "multi_question")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 EVAL_MODES = ("question_agnostic", "question_aware")
 
@@ -159,6 +159,16 @@ def make_synthetic_sample(tokenizer, task: str, context_size: int, depth: float,
         ctx = _insert(sents, [(depth, f"The special magic numbers for {town} are {keys[0]} and {keys[1]}.")])
         return Sample(sid, task, intro + ctx, f"What are the special magic numbers for {town}?",
                       f"The special magic numbers for {town} are", keys, depth, context_size)
+    if task == "multi_question":
+        # one context, four facts at spread depths (the first at `depth`), asked one after another
+        towns = rng.sample(_NAMES, 4)
+        keys = [_code(rng) for _ in towns]
+        depths = [depth] + [d for d in (0.1, 0.37, 0.63, 0.9) if abs(d - depth) > 0.1][:3]
+        ctx = _insert(sents, [(d, f"The special magic number for {t} is {k}.") for d, t, k in zip(depths, towns, keys)])
+        qs = [(f"What is the special magic number for {t}?", f"The special magic number for {t} is", [k])
+              for t, k in zip(towns, keys)]
+        return Sample(sid, task, intro + ctx, qs[0][0], qs[0][1], qs[0][2], depth, context_size,
+                      meta={"questions": qs, "depths": depths})
     raise UserError(f"unknown synthetic task {task!r}; accepted: {', '.join(SYNTHETIC_TASKS)}")
 
 
@@ -222,7 +232,8 @@ def forward_chunked(model, cache, ids: torch.Tensor, chunk: int, start: int = 0)
 
 @torch.no_grad()
 def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int], max_new_tokens: int,
-                   mode: str = "question_agnostic", chunk: int = 512, press=None, stop_when=None):
+                   mode: str = "question_agnostic", chunk: int = 512, press=None, stop_when=None,
+                   prefilled: bool = False):
     """Prefill (chunked), read the question, decode greedily. Returns text, timings and cache sizes.
 
     With a kvpress `press`, the compressed part is prefilled in one pass under the press (kvpress compresses only
@@ -240,8 +251,9 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     if mode == "question_agnostic":
-        with ctx:
-            forward_chunked(model, cache, torch.tensor([ctx_ids], device=dev), chunk_first)
+        if not prefilled:  # a cache that already holds the (compressed) context skips its prefill
+            with ctx:
+                forward_chunked(model, cache, torch.tensor([ctx_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
         logits = forward_chunked(model, cache, torch.tensor([q_ids], device=dev), chunk, start=len(ctx_ids))
     else:
@@ -284,7 +296,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     }
 
 
-MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 24}
+MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 24, "multi_question": 10}
 
 
 def make_cache(method: str, model, budget, context_length: int, params: dict | None = None, tokenizer=None):
@@ -319,6 +331,10 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
     """Run one cell (method x budget x task x size) and return its record; raises on a fault inside the cell."""
     per_sample = []
     for s in samples:
+        if s.task == "multi_question":
+            r = run_multi_question(model, tokenizer, s, method, budget, params, mode, chunk)
+            per_sample.append(r)
+            continue
         ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
         if fault == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
@@ -330,6 +346,41 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
         r.update(id=s.id, depth=s.depth, answers=s.answers, score=score_synthetic(s, r["prediction"]))
         per_sample.append(r)
     return summarize_samples(per_sample)
+
+
+@torch.no_grad()
+def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params, mode: str, chunk: int) -> dict:
+    """Compress one context once, then ask its questions in turn, each from a copy of the compressed cache (as
+    kvpress's pipeline answers several questions from one compressed context). Score: the fraction answered."""
+    import copy
+    from sparse_kv_cache import tier_bytes
+    questions = s.meta["questions"]
+    ctx_ids, _ = encode_prompt(tokenizer, s.context, questions[0][0], questions[0][1])
+    cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
+    t0 = time.perf_counter()
+    if press is not None:
+        with press(model):
+            forward_chunked(model, cache, torch.tensor([ctx_ids], device=model.device), len(ctx_ids))
+    else:
+        forward_chunked(model, cache, torch.tensor([ctx_ids], device=model.device), chunk)
+    prefill_s = time.perf_counter() - t0
+    tiers = tier_bytes(cache)
+    from sparse_kv_cache import cache_nbytes
+    kv = cache_nbytes(cache)
+    scores, preds, decode = [], [], []
+    for q, prefix, answers in questions:
+        ctx_q, q_ids = encode_prompt(tokenizer, s.context, q, prefix)
+        c = copy.deepcopy(cache)
+        sub = Sample(s.id, "needle", "", q, prefix, answers)
+        r = run_generation(model, tokenizer, c, ctx_ids, q_ids, MAX_NEW_TOKENS["needle"], "question_agnostic",
+                           chunk, None, stop_when=answer_complete(sub), prefilled=True)
+        scores.append(score_synthetic(sub, r["prediction"]))
+        preds.append(r["prediction"])
+        decode.append(r["decode_ms_per_token"])
+    return {**tiers, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
+            "prefill_s": prefill_s, "decode_ms_per_token": sum(decode) / len(decode), "kv_bytes": kv,
+            "kv_bytes_peak": kv, "context_tokens": len(ctx_ids), "question_tokens": 0, "id": s.id,
+            "depth": s.depth, "answers": [a for _, _, a in questions], "score": sum(scores) / len(scores)}
 
 
 def summarize_samples(per_sample: list[dict]) -> dict:

@@ -87,3 +87,18 @@ def test_sliding_window_fails_outside_its_window_and_succeeds_inside(model, toke
     outside = [ev.make_synthetic_sample(tokenizer, "needle", n, d, 12) for n in (1024, 2048) for d in (0.25, 0.5)]
     assert _run(model, tokenizer, "sliding_window", 0.25, inside) == [1.0, 1.0]
     assert _run(model, tokenizer, "sliding_window", 0.25, outside) == [0.0] * 4
+
+
+def test_multi_question_sample_asks_about_four_facts_at_spread_depths(tokenizer):
+    s = ev.make_synthetic_sample(tokenizer, "multi_question", 1024, 0.25, 4)
+    qs = s.meta["questions"]
+    assert len(qs) == 4 and len({q for q, _, _ in qs}) == 4
+    assert all(a[0] in s.context for _, _, a in qs) and len(set(s.meta["depths"])) == 4
+
+
+def test_multi_question_compresses_once_and_answers_each_question_from_a_copy(model, tokenizer):
+    s = ev.make_synthetic_sample(tokenizer, "multi_question", 512, 0.25, 4)
+    r = ev.run_multi_question(model, tokenizer, s, "sliding_window", 0.5, {}, "question_agnostic", 256)
+    assert len(r["prediction"].split(" | ")) == 4
+    assert 0.0 <= r["score"] <= 1.0 and r["context_tokens"] > 400
+    assert r["active_kv_bytes"] < 0.6 * r["context_tokens"] * 23040 * 2  # fp32: twice the bf16 per-token bytes
