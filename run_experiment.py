@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--context_sizes", default="1024,2048", help="comma list of context sizes in tokens")
     a("--benchmarks", default="synthetic", help=f"comma list of {', '.join(BENCHMARKS)}")
     a("--tasks", default="needle,multi_key", help="synthetic tasks (needle, passkey, multi_key, "
-      "multi_value); for longbench/zeroscrolls the task names of those sets (default: all present)")
+      "multi_value, multi_question); for longbench/zeroscrolls the task names of those sets (default: all present)")
     a("--num_samples", type=int, default=5, help="samples per cell")
     a("--eval_mode", default="question_agnostic", help="question_agnostic (compress the context before the "
       "question is read) or question_aware")
