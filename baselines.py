@@ -137,12 +137,8 @@ class DynamicKV(KVMethod):
         if layer.n_new > 1:
             self.alloc.pop(layer.layer_idx, None)  # a new prefill chunk: temporary budget until re-allocation
             self.pending.add(layer.layer_idx)
-            attn = window_attention(query, layer.keys, layer.valid, layer.n_new, scaling, self.window)
-            s = attn.sum(2)
-            s[..., s.shape[-1] - attn.shape[2]:] = 0.0
-            B, Hq, S = s.shape
-            s = F.avg_pool1d(s.reshape(-1, 1, S), self.kernel, stride=1, padding=self.kernel // 2).view(B, Hq, S)
-            layer.extras["score"] = s.view(B, layer.keys.shape[1], -1, S).mean(2)
+            # the window's mean equals its sum up to the same factor in every layer: the global top-k is unchanged
+            layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel)
 
     def score(self, layer):
         return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))

@@ -353,7 +353,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     """Compress one context once, then ask its questions in turn, each from a copy of the compressed cache (as
     kvpress's pipeline answers several questions from one compressed context). Score: the fraction answered."""
     import copy
-    from sparse_kv_cache import tier_bytes
+    from sparse_kv_cache import cache_nbytes, tier_bytes
     questions = s.meta["questions"]
     ctx_ids, _ = encode_prompt(tokenizer, s.context, questions[0][0], questions[0][1])
     cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
@@ -365,7 +365,6 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         forward_chunked(model, cache, torch.tensor([ctx_ids], device=model.device), chunk)
     prefill_s = time.perf_counter() - t0
     tiers = tier_bytes(cache)
-    from sparse_kv_cache import cache_nbytes
     kv = cache_nbytes(cache)
     scores, preds, decode = [], [], []
     for q, prefix, answers in questions:

@@ -36,7 +36,6 @@ def cli(*args, env=None, timeout=600):
     (["--model_name", "/nonexistent/m.gguf"], "model file not found"),
 ])
 def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, tmp_path):
-    t = time.time()
     proc = cli(*args, "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -77,6 +76,14 @@ def test_use_api_says_not_implemented_yet(tmp_path):
     assert proc.returncode == 2 and "not implemented yet" in proc.stderr
 
 
+def wait_for_first_cell(out, limit_s=300):
+    """Poll until the sweep in `out` has written its first finished cell."""
+    deadline = time.time() + limit_s
+    p = out / "results.jsonl"
+    while time.time() < deadline and not (p.exists() and p.read_text().splitlines()):
+        time.sleep(0.05)
+
+
 def _records(out):
     return [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines() if l.strip()]
 
@@ -101,12 +108,7 @@ def test_resume_after_a_kill_runs_no_cell_twice_and_loses_none(tmp_path):
     out = tmp_path / "o"
     args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        p = out / "results.jsonl"
-        if p.exists() and len(p.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.05)
+    wait_for_first_cell(out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = _records(out)
@@ -176,12 +178,7 @@ def test_ctrl_c_stops_with_a_consistent_state_and_resumes(tmp_path):
     out = tmp_path / "o"
     args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        p = out / "results.jsonl"
-        if p.exists() and len(p.read_text().splitlines()) >= 1:
-            break
-        time.sleep(0.05)
+    wait_for_first_cell(out)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     recs = _records(out)  # every line parses: no half-written cell
