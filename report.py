@@ -102,13 +102,24 @@ def task_table(ok: list[dict]):
     return header, rows
 
 
-def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
+BENCH_NAMES = {"synthetic": "Synthetic benchmark", "longbench": "LongBench", "zeroscrolls": "ZeroSCROLLS"}
+
+
+def figures(ok: list[dict], fig_dir: Path, bench: str = "synthetic") -> list[tuple[str, str]]:
+    """The figures of one benchmark, files named <bench>_<figure>.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
     sns.set_theme(style="whitegrid", context="talk", font_scale=0.7)
     made = []
+    score_name = "accuracy (%)" if bench == "synthetic" else "score (official metric, x100)"
+    score_short = "accuracy" if bench == "synthetic" else "score"
+
+    def fig_file(fig, fig_dir, bench, stem, title):
+        save_fig(fig, fig_dir / f"{bench}_{stem}.png")
+        plt.close(fig)
+        return title, f"figures/{bench}_{stem}.png"
     methods = sorted({r["method"] for r in ok})
     palette = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))))
 
@@ -128,13 +139,12 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
     if full:
         ax.axhline(sum(full) / len(full), ls="--", color="black", label="full cache")
     ax.set_xlabel("KV budget (% of the context kept)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Synthetic benchmark: accuracy vs KV budget")
-    ax.set_ylim(-3, 103)
+    ax.set_ylabel(score_name)
+    ax.set_title(f"{BENCH_NAMES[bench]}: {score_short} vs KV budget")
+    ax.set_ylim(-3, 103 if bench == "synthetic" else None)
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
-    save_fig(fig, fig_dir / "accuracy_vs_budget.png")
-    plt.close(fig)
-    made.append(("Accuracy vs KV budget (mean over tasks and context sizes)", "figures/accuracy_vs_budget.png"))
+    made.append(fig_file(fig, fig_dir, bench, "accuracy_vs_budget",
+                         f"{score_short.capitalize()} vs KV budget (mean over tasks and context sizes)"))
 
     # 2. KV memory vs context size per method at its smallest budget
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -149,13 +159,14 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
         ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})", color=palette[m])
     ax.set_xlabel("context size (tokens)")
     ax.set_ylabel("KV cache held (MB)")
-    ax.set_title("KV memory vs context size")
+    ax.set_title(f"{BENCH_NAMES[bench]}: KV memory vs context size")
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
-    save_fig(fig, fig_dir / "kv_memory_vs_context.png")
-    plt.close(fig)
-    made.append(("KV memory vs context size (smallest budget of each method)", "figures/kv_memory_vs_context.png"))
+    made.append(fig_file(fig, fig_dir, bench, "kv_memory_vs_context",
+                         "KV memory vs context size (smallest budget of each method)"))
 
-    # 3. accuracy vs context size
+    # 3. accuracy vs context size (only when the sweep has more than one)
+    if len({r["context_size"] for r in ok}) < 2:
+        return made + timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (m, b) in sorted({(r["method"], r["budget"]) for r in ok}, key=lambda x: (x[0], -budget_order(x[1]))):
         if b is not None and b != 0.25 and m != "full":
@@ -167,14 +178,17 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
         xs = sorted(pts)
         ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})", color=palette[m])
     ax.set_xlabel("context size (tokens)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-3, 103)
-    ax.set_title("Accuracy vs context size (25% budget)")
+    ax.set_ylabel(score_name)
+    ax.set_ylim(-3, 103 if bench == "synthetic" else None)
+    ax.set_title(f"{BENCH_NAMES[bench]}: {score_short} vs context size (25% budget)")
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
-    save_fig(fig, fig_dir / "accuracy_vs_context.png")
-    plt.close(fig)
-    made.append(("Accuracy vs context size at a 25% budget", "figures/accuracy_vs_context.png"))
+    made.append(fig_file(fig, fig_dir, bench, "accuracy_vs_context",
+                         f"{score_short.capitalize()} vs context size at a 25% budget"))
+    return made + timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns)
 
+
+def timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns) -> list[tuple[str, str]]:
+    made = []
     # 4. time per method
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     labels = sorted({label(r) for r in ok})
@@ -184,14 +198,14 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
                 for lb in labels]
         ax.barh(labels, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
         ax.set_xlabel(title)
-    axes[0].set_title("Prefill")
+    axes[0].set_title(f"{BENCH_NAMES[bench]}: prefill")
     axes[1].set_title("Decode")
     fig.tight_layout()
-    save_fig(fig, fig_dir / "timing.png")
-    plt.close(fig)
-    made.append(("Prefill and decode time per method (this run's hardware)", "figures/timing.png"))
+    made.append(fig_file(fig, fig_dir, bench, "timing", "Prefill and decode time per method (this run's hardware)"))
 
     # 5. needle depth x context size heatmaps, one panel per method @ budget
+    if bench != "synthetic":
+        return made
     combos = sorted({(r["method"], r["budget"]) for r in ok}, key=lambda x: (x[0] != "full", x[0], -budget_order(x[1])))
     if combos:
         cols = min(4, len(combos))
@@ -216,21 +230,58 @@ def figures(ok: list[dict], fig_dir: Path) -> list[tuple[str, str]]:
             ax.axis("off")
         fig.suptitle("Accuracy (%) by needle depth and context size")
         fig.tight_layout(rect=(0, 0, 1, 0.97))
-        save_fig(fig, fig_dir / "depth_heatmap.png")
-        plt.close(fig)
-        made.append(("Accuracy by needle depth and context size", "figures/depth_heatmap.png"))
+        made.append(fig_file(fig, fig_dir, bench, "depth_heatmap", "Accuracy by needle depth and context size"))
     return made
 
 
-def build_report(out_dir, command: str = "", skipped: list[str] | None = None) -> None:
+def real_table(ok: list[dict]):
+    """LongBench / ZeroSCROLLS: rows method @ budget (and prompt length); columns the tasks, their average and the
+    retention against the full cache on the same tasks."""
+    tasks = sorted({r["task"] for r in ok})
+    sizes = sorted({r["context_size"] for r in ok})
+    cells = defaultdict(dict)
+    for r in ok:
+        cells[(r["method"], r["budget"], r["context_size"])][r["task"]] = r["score"]
+    header = ["method", "budget", "prompt tokens"] + tasks + ["average", "vs full", "KV MB", "decode ms/token"]
+    rows = []
+    for (m, b, size), d in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][0] != "full", kv[0][0],
+                                                               -budget_order(kv[0][1]))):
+        avg = sum(d.values()) / len(d)
+        full = cells.get(("full", None, size), {})
+        shared = [t for t in d if t in full]
+        full_avg = sum(full[t] for t in shared) / len(shared) if shared else 0
+        ret = f"{100 * sum(d[t] for t in shared) / len(shared) / full_avg:.0f}%" if shared and full_avg else "-"
+        rs = [r for r in ok if (r["method"], r["budget"], r["context_size"]) == (m, b, size)]
+        kv = sum(r["kv_bytes"] for r in rs) / len(rs) / MB
+        ms = sum(r["decode_ms_per_token"] for r in rs) / len(rs)
+        rows.append([m, fmt_budget(b), size] + [f"{d[t]:.1f}" if t in d else "-" for t in tasks] +
+                    [f"{avg:.1f}", ret, f"{kv:.1f}", f"{ms:.1f}"])
+    return header, rows
+
+
+REAL_NOTES = {
+    "longbench": "LongBench's official prompts, generation lengths and metrics (token F1 for QA, ROUGE-L for "
+                 "summaries, classification / retrieval / count scores, code edit similarity; max over gold "
+                 "answers, x100). Prompts longer than the prompt-token limit keep their first and last halves.",
+    "zeroscrolls": "ZeroSCROLLS validation split, its prompts and generation lengths; geometric mean of "
+                   "ROUGE-1/2/Lsum for summaries, F1 for QA, first-letter accuracy for quality (x100). Documents "
+                   "longer than the prompt-token limit are cut at the end and marked with the record's "
+                   "truncation separator.",
+}
+
+
+def build_report(out_dir, command: str = "") -> None:
     out_dir = Path(out_dir)
     records = latest_records(read_jsonl(out_dir / "results.jsonl"))
     ok = [r for r in records if r.get("status") == "ok"]
-    errors = [r for r in records if r.get("status") != "ok"]
+    errors = [r for r in records if r.get("status") == "error"]
+    ran = {r["benchmark"] for r in ok}
+    skipped = {r["benchmark"]: r.get("reason", "") for r in records
+               if r.get("status") == "skipped" and r["benchmark"] not in ran}
     lines = ["# ATSKV results", ""]
-    env = ok[0]["env"] if ok else (records[0].get("env", {}) if records else {})
-    models = sorted({r["model"] for r in records})
-    seeds = sorted({r["seed"] for r in records})
+    env = ok[0]["env"] if ok else next((r["env"] for r in records if "env" in r), {})
+    models = sorted({r["model"] for r in records if "model" in r})
+    seeds = sorted({r["seed"] for r in records if "seed" in r})
     lines += ["## Setup", "",
               f"- model: {', '.join(models) or '-'}",
               f"- hardware: {env.get('hardware', '-')} ({env.get('device', '-')}, {env.get('dtype', '-')})",
@@ -238,8 +289,9 @@ def build_report(out_dir, command: str = "", skipped: list[str] | None = None) -
               f"python {env.get('python', '-')}",
               f"- command: `{command}`" if command else "- command: -",
               f"- seed: {', '.join(map(str, seeds)) or '-'}; eval modes: "
-              f"{', '.join(sorted({r['eval_mode'] for r in records})) or '-'}",
+              f"{', '.join(sorted({r['eval_mode'] for r in records if 'eval_mode' in r})) or '-'}",
               f"- cells: {len(ok)} finished, {len(errors)} failed", ""]
+    summary = []
     syn = [r for r in ok if r["benchmark"] == "synthetic"]
     if syn:
         header, rows = synthetic_tables(syn)
@@ -252,35 +304,50 @@ def build_report(out_dir, command: str = "", skipped: list[str] | None = None) -
                   "Score: exact match of the key (%). KV MB: what the cache holds after the context "
                   "(and, in question-agnostic mode, before the question is read).", "",
                   md_table(header, rows), "", "Per task (mean over context sizes):", "", md_table(t_header, t_rows), ""]
-        for title, path in figures(syn, out_dir / "figures"):
+        for title, path in figures(syn, out_dir / "figures", "synthetic"):
             lines += [f"![{title}]({path})", ""]
-        lines += summary_lines(syn)
+        summary += summary_lines(syn, "Synthetic")
+    for bench in ("longbench", "zeroscrolls"):
+        rs = [r for r in ok if r["benchmark"] == bench]
+        if not rs:
+            continue
+        header, rows = real_table(rs)
+        write_csv(out_dir / "tables" / f"{bench}.csv", header, rows)
+        n = sorted({r["n_samples"] for r in rs})
+        lines += [f"## {BENCH_NAMES[bench]}", "", REAL_NOTES[bench] + f" Samples per task: "
+                  f"{'/'.join(map(str, n))}; data: {rs[0].get('data_dir', '-')}.", "", md_table(header, rows), ""]
+        for title, path in figures(rs, out_dir / "figures", bench):
+            lines += [f"![{title}]({path})", ""]
+        summary += summary_lines(rs, BENCH_NAMES[bench])
+    if summary:
+        lines += ["## Summary: which method wins at which budget", ""] + summary + [""]
     if errors:
-        lines += ["## Failed cells", "", md_table(["method", "budget", "task", "context", "error"],
-                  [[r["method"], fmt_budget(r.get("budget")), r.get("task"), r.get("context_size"), r.get("error")]
-                   for r in errors]), ""]
+        lines += ["## Failed cells", "", md_table(["method", "budget", "benchmark", "task", "context", "error"],
+                  [[r["method"], fmt_budget(r.get("budget")), r.get("benchmark"), r.get("task"),
+                    r.get("context_size"), r.get("error")] for r in errors]), ""]
     if skipped:
         lines += ["## Skipped", ""]
-        lines += [f"- {b}: not run in this sweep (its loader is not available here; pass --data_dir with the "
-                  f"benchmark's jsonl files, or run where the Hugging Face hub is reachable)" for b in skipped]
-        lines += [""]
+        lines += [f"- {BENCH_NAMES.get(b, b)}: {reason}" for b, reason in sorted(skipped.items())]
+        lines += ["", "To run a skipped benchmark, pass `--data_dir` with its jsonl files in the hub's schema "
+                  "(LongBench: `<task>.jsonl`; ZeroSCROLLS: `<task>.validation.jsonl`), or run where the Hugging "
+                  "Face hub is reachable.", ""]
     atomic_write_text(out_dir / "results.md", "\n".join(lines))
 
 
-def summary_lines(ok: list[dict]) -> list[str]:
-    """Which method wins at each budget (mean score over the synthetic cells)."""
+def summary_lines(ok: list[dict], bench_name: str) -> list[str]:
+    """Which method wins at each budget (mean score over the benchmark's cells), against the full cache."""
     by = defaultdict(lambda: defaultdict(list))
+    full = [r["score"] for r in ok if r["method"] == "full"]
     for r in ok:
         if r["method"] != "full":
             by[r["budget"]][r["method"]].append(r["score"])
-    if not by:
-        return []
-    out = ["## Summary", ""]
+    out = []
+    ref = f" (full cache {sum(full) / len(full):.1f})" if full else ""
     for b in sorted(by, key=budget_order, reverse=True):
         means = {m: sum(v) / len(v) for m, v in by[b].items()}
         best = max(means.values())
         winners = sorted(m for m, v in means.items() if v == best)
-        out.append(f"- at {fmt_budget(b)}: {', '.join(winners)} ({best:.1f}%)" +
-                   (f"; then {', '.join(f'{m} {v:.1f}%' for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m not in winners)}"
-                    if len(means) > len(winners) else ""))
-    return out + [""]
+        rest = [f"{m} {v:.1f}" for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m not in winners]
+        out.append(f"- {bench_name}{ref}, at {fmt_budget(b)}: {', '.join(winners)} ({best:.1f})" +
+                   (f"; then {', '.join(rest)}" if rest else ""))
+    return out

@@ -21,6 +21,7 @@ from utils import DEFAULT_MODEL, UserError, append_jsonl, check_model_name, pars
 BENCHMARKS = ("synthetic", "longbench", "zeroscrolls")
 MIN_CONTEXT = 128
 DEFAULT_MAX_SEQ_LEN = 8192
+DEFAULT_SYNTHETIC_TASKS = ("needle", "multi_key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,17 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
       "print its held-out ranking quality, and exit")
     a("--calibration_file", default=None, help="text file to train the predictor on (default: text the model "
       "generates itself)")
-    a("--context_sizes", default="1024,2048", help="comma list of context sizes in tokens")
+    a("--context_sizes", default="1024,2048", help="comma list of context sizes in tokens; for LongBench and "
+      "ZeroSCROLLS, the prompt's truncation length")
     a("--benchmarks", default="synthetic", help=f"comma list of {', '.join(BENCHMARKS)}")
-    a("--tasks", default="needle,multi_key", help="synthetic tasks (needle, passkey, multi_key, "
-      "multi_value, multi_question); for longbench/zeroscrolls the task names of those sets (default: all present)")
+    a("--tasks", default=None, help="synthetic tasks (needle, passkey, multi_key, multi_value, multi_question; "
+      "default: needle,multi_key) and LongBench / ZeroSCROLLS task names (default: every task present)")
     a("--num_samples", type=int, default=5, help="samples per cell")
     a("--eval_mode", default="question_agnostic", help="question_agnostic (compress the context before the "
       "question is read) or question_aware")
     a("--prefill_chunk", type=int, default=512, help="prefill chunk in tokens; compression runs after each chunk")
     a("--output_dir", default="outputs")
     a("--seed", type=int, default=42)
-    a("--data_dir", default=None, help="folder with LongBench / ZeroSCROLLS jsonl files (instead of the hub)")
+    a("--data_dir", default=None, help="folder with LongBench (<task>.jsonl) / ZeroSCROLLS (<task>.validation.jsonl) "
+      "files in the hub's schema, directly or in subfolders longbench/ and zero_scrolls/ (instead of the hub)")
     a("--haystack_dir", default=None, help="folder of .txt files to use as the synthetic benchmark's haystack")
     a("--overwrite", action="store_true", help="start over instead of resuming from results.jsonl")
     a("--report_only", action="store_true", help="rebuild figures, tables and results.md from results.jsonl")
@@ -141,11 +144,14 @@ def validate(args) -> dict:
         sizes.append(n)
     if args.eval_mode not in EVAL_MODES:
         raise UserError(f"unknown --eval_mode {args.eval_mode!r}; accepted: {', '.join(EVAL_MODES)}")
-    tasks = split_list(args.tasks)
-    if "synthetic" in benchmarks:
-        for t in tasks:
-            if t not in SYNTHETIC_TASKS and benchmarks == ["synthetic"]:
-                raise UserError(f"unknown synthetic task {t!r}; accepted: {', '.join(SYNTHETIC_TASKS)}")
+    tasks = split_list(args.tasks) if args.tasks is not None else []  # [] : each benchmark's default
+    from evaluation import REAL_TASKS
+    accepted = (list(SYNTHETIC_TASKS) if "synthetic" in benchmarks else []) + \
+        [t for b in benchmarks if b in REAL_TASKS for t in REAL_TASKS[b]]
+    for t in tasks:
+        if t not in accepted:
+            raise UserError(f"unknown task {t!r} for benchmarks {', '.join(benchmarks)}; accepted: "
+                            f"{', '.join(dict.fromkeys(accepted))}")
     if args.num_samples < 1:
         raise UserError(f"--num_samples {args.num_samples} must be >= 1")
     if args.prefill_chunk < 1:
@@ -166,7 +172,7 @@ def check_data_dir(data_dir: str, benchmarks: list[str]) -> None:
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"--data_dir {data_dir!r} is not a directory")
-    files = sorted(d.glob("*.jsonl"))
+    files = sorted(d.glob("*.jsonl")) + sorted(d.glob("*/*.jsonl"))
     if benchmarks and not files:
         raise UserError(f"--data_dir {data_dir!r} holds no .jsonl files (expected LongBench or ZeroSCROLLS "
                         f"files such as hotpotqa.jsonl or qasper.validation.jsonl)")
@@ -198,12 +204,21 @@ def cell_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def tasks_for(bench: str, args, opts: dict) -> list[str]:
+    """Synthetic: the --tasks that are synthetic. A real benchmark: the --tasks that belong to it, else every task
+    that --data_dir holds (or all of them, from the hub)."""
+    from evaluation import REAL_TASKS, SYNTHETIC_TASKS, available_real_tasks
+    if bench == "synthetic":
+        asked = [t for t in opts["tasks"] if t in SYNTHETIC_TASKS]
+        return asked or list(DEFAULT_SYNTHETIC_TASKS)
+    asked = [t for t in opts["tasks"] if t in REAL_TASKS[bench]]
+    return asked or available_real_tasks(bench, args.data_dir)
+
+
 def plan_cells(args, opts: dict) -> list[dict]:
     cells = []
     for bench in opts["benchmarks"]:
-        if bench != "synthetic":
-            continue  # real benchmarks are planned by evaluation.plan_real_cells (LongBench / ZeroSCROLLS issue)
-        for task in opts["tasks"]:
+        for task in tasks_for(bench, args, opts):
             for size in opts["sizes"]:
                 for spec in opts["methods"]:
                     method, params = parse_method(spec)
@@ -214,12 +229,16 @@ def plan_cells(args, opts: dict) -> list[dict]:
                     label = method if not params else \
                         method + "[" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(params.items())) + "]"
                     for budget in ([None] if method == "full" else opts["budgets"]):
-                        cells.append({"model": args.model_name, "method": label, "base_method": method,
-                                      "params": params, "budget": budget,
-                                      "benchmark": bench, "task": task, "context_size": size,
-                                      "num_samples": args.num_samples, "seed": args.seed,
-                                      "eval_mode": args.eval_mode, "prefill_chunk": args.prefill_chunk,
-                                      "haystack_dir": args.haystack_dir})
+                        cell = {"model": args.model_name, "method": label, "base_method": method,
+                                "params": params, "budget": budget,
+                                "benchmark": bench, "task": task, "context_size": size,
+                                "num_samples": args.num_samples, "seed": args.seed,
+                                "eval_mode": args.eval_mode, "prefill_chunk": args.prefill_chunk}
+                        if bench == "synthetic":
+                            cell["haystack_dir"] = args.haystack_dir
+                        else:  # for LongBench / ZeroSCROLLS the context size is the prompt's truncation length
+                            cell["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
+                        cells.append(cell)
     return cells
 
 
@@ -239,14 +258,18 @@ def run_sweep(args, opts: dict) -> int:
     if args.overwrite and results_path.exists():
         results_path.unlink()
     cells = plan_cells(args, opts)
+    real = [b for b in opts["benchmarks"] if b != "synthetic"]
+    for b in real:  # a real benchmark with no task to run (its files are not in --data_dir) is skipped, said why
+        if not any(c["benchmark"] == b for c in cells):
+            skip_benchmark(results_path, b, f"--data_dir {args.data_dir!r} holds none of its files "
+                           f"({ev.REAL_FILE_HINT[b]})")
     done = finished_keys(results_path)
     todo = [c for c in cells if cell_key(c) not in done]
     print(f"[atskv] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
           f"-> {results_path}", file=sys.stderr)
-    skipped = [b for b in opts["benchmarks"] if b != "synthetic"]
     if not todo:
-        write_report(out_dir, args, skipped)
-        return 0
+        write_report(out_dir, args)
+        return nothing_ran(opts, cells)
     model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
     limit = model_max_length(model)
     for s in opts["sizes"]:
@@ -256,22 +279,42 @@ def run_sweep(args, opts: dict) -> int:
     fault = os.environ.get("ATSKV_INJECT_FAULT", "")  # testing hook: "oom:<substring of the cell's name>"
     interrupted = False
     samples_cache: dict = {}
+    unavailable: set[str] = set()
     bar = tqdm(todo, desc="sweep", unit="cell", file=sys.stderr)
     for cell in bar:
         name = f"{cell['method']}|{cell['budget']}|{cell['task']}|{cell['context_size']}"
         bar.set_postfix_str(name)
+        bench = cell["benchmark"]
+        if bench in unavailable:
+            continue
         set_seed(args.seed)
-        key = (cell["task"], cell["context_size"])
+        key = (bench, cell["task"], cell["context_size"] if bench == "synthetic" else 0)
         if key not in samples_cache:
-            samples_cache[key] = ev.synthetic_samples(tok, cell["task"], cell["context_size"], args.num_samples,
-                                                      args.seed, haystack_dir=args.haystack_dir)
+            try:
+                samples_cache[key] = ev.synthetic_samples(tok, cell["task"], cell["context_size"], args.num_samples,
+                                                          args.seed, haystack_dir=args.haystack_dir) \
+                    if bench == "synthetic" else ev.real_samples(bench, cell["task"], args.data_dir, args.num_samples)
+            except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
+                unavailable.add(bench)
+                skip_benchmark(results_path, bench, str(e))
+                print(f"\n[atskv] skipping {bench}: {e}", file=sys.stderr)
+                continue
         inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
         record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         t0 = time.perf_counter()
         try:
-            record.update(ev.evaluate_synthetic_cell(model, tok, cell["base_method"], cell["budget"], samples_cache[key],
-                                                     cell["eval_mode"], cell["prefill_chunk"], cell["params"],
-                                                     fault=inject))
+            if bench == "synthetic":
+                record.update(ev.evaluate_synthetic_cell(model, tok, cell["base_method"], cell["budget"],
+                                                         samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
+                                                         cell["params"], fault=inject))
+            else:
+                longest = max(ev.LONGBENCH_MAX_NEW_TOKENS.get(cell["task"], 0) if bench == "longbench" else
+                              ev.ZEROSCROLLS_MAX_NEW_TOKENS[cell["task"]], 1)
+                # the prompt, the chat wrapper and the generation must fit in the model's window
+                record["max_prompt_tokens"] = min(cell["context_size"], (limit or 10 ** 9) - longest - 64)
+                record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
+                                                    samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
+                                                    record["max_prompt_tokens"], cell["params"], fault=inject))
             record["status"] = "ok"
         except KeyboardInterrupt:
             interrupted = True
@@ -284,10 +327,26 @@ def run_sweep(args, opts: dict) -> int:
         record["wall_s"] = time.perf_counter() - t0
         append_jsonl(results_path, record)
     bar.close()
-    write_report(out_dir, args, skipped)
+    write_report(out_dir, args)
     if interrupted:
         print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
         return 130
+    return nothing_ran(opts, cells, unavailable)
+
+
+def skip_benchmark(results_path: Path, bench: str, reason: str) -> None:
+    """A skipped benchmark is a record too, so that --report_only can still say what was skipped and why."""
+    append_jsonl(results_path, {"cell": f"skipped:{bench}", "status": "skipped", "benchmark": bench,
+                                "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:
+    """A sweep that asked only for benchmarks that could not be loaded fails; otherwise the rest has run."""
+    runnable = [c for c in cells if c["benchmark"] not in unavailable]
+    if not runnable:
+        raise UserError(f"nothing to run: {', '.join(opts['benchmarks'])} could not be loaded (see results.md); "
+                        f"pass --data_dir with the benchmarks' jsonl files or run where the Hugging Face hub is "
+                        f"reachable")
     return 0
 
 
@@ -302,9 +361,9 @@ def environment_info(model) -> dict:
             "python": platform.python_version()}
 
 
-def write_report(out_dir: Path, args, skipped: list[str]) -> None:
+def write_report(out_dir: Path, args) -> None:
     from report import build_report
-    build_report(out_dir, command=" ".join(sys.argv), skipped=skipped)
+    build_report(out_dir, command=" ".join(sys.argv))
 
 
 def train_predictor_cli(args) -> int:
@@ -355,7 +414,7 @@ def main(argv=None) -> int:
             if not results.exists():
                 raise UserError(f"--report_only: no results.jsonl in {args.output_dir!r}")
             check_writable(args.output_dir)
-            write_report(Path(args.output_dir), args, [])
+            write_report(Path(args.output_dir), args)
             print(f"[atskv] report rebuilt: {Path(args.output_dir) / 'results.md'}", file=sys.stderr)
             return 0
         opts = validate(args)

@@ -30,7 +30,7 @@ def cli(*args, env=None, timeout=600):
     (["--budgets", "0"], "budget '0' out of range"),
     (["--budgets", "half"], "bad budget 'half'"),
     (["--eval_mode", "sometimes"], "unknown --eval_mode 'sometimes'"),
-    (["--tasks", "sudoku"], "unknown synthetic task 'sudoku'"),
+    (["--tasks", "sudoku"], "unknown task 'sudoku' for benchmarks synthetic; accepted: passkey"),
     (["--num_samples", "0"], "--num_samples 0 must be >= 1"),
     (["--model_name", "not a model"], "unknown model name 'not a model'"),
     (["--model_name", "/nonexistent/m.gguf"], "model file not found"),
@@ -98,7 +98,7 @@ def test_sweep_writes_one_line_per_cell_and_a_report(tmp_path):
     assert all(r["status"] == "ok" and r["n_samples"] == 1 for r in recs)
     md = (out / "results.md").read_text()
     assert "| full | 100% |" in md and "| sliding_window | 25% |" in md
-    assert (out / "figures" / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert (out / "figures" / "synthetic_accuracy_vs_budget.png").stat().st_size > 1000
     # rerun: everything is finished, nothing is run again
     proc = cli("--output_dir", str(out), *TINY)
     assert proc.returncode == 0 and len(_records(out)) == 3 and "3 already finished, 0 to run" in proc.stderr

@@ -1,0 +1,182 @@
+"""Official scoring of LongBench and ZeroSCROLLS, written from their definitions.
+
+LongBench (THUDM/LongBench, `metrics.py` / `eval.py`): every metric scores one prediction against one gold answer in
+[0, 1]; a sample's score is the max over its gold answers; a task's score is the mean x 100. For trec, triviaqa,
+samsum (and lsht) only the prediction's first line is scored.
+
+ZeroSCROLLS (tau/zero_scrolls, `metrics/`): geometric mean of ROUGE-1/2/L for the summaries, SQuAD-style F1 for the
+open QA tasks, accuracy of the first A-D letter for quality, an exponential similarity of percentages for
+space_digest and the concordance index of an order for book_sum_sort.
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation and F1 (LongBench's `normalize_answer`, the SQuAD rule)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1_score(prediction: str, gold: str, **_) -> float:
+    return token_f1(normalize_answer(prediction).split(), normalize_answer(gold).split())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ROUGE (Google's maintained `rouge-score` package)
+
+_SCORERS: dict = {}
+
+
+def _rouge(kind: tuple[str, ...]):
+    if kind not in _SCORERS:
+        from rouge_score import rouge_scorer
+        _SCORERS[kind] = rouge_scorer.RougeScorer(list(kind), use_stemmer=False)
+    return _SCORERS[kind]
+
+
+def rouge_l_score(prediction: str, gold: str, **_) -> float:
+    """ROUGE-L F-measure (LongBench scores summaries with it; 0 for an empty prediction)."""
+    if not prediction.strip() or not gold.strip():
+        return 0.0
+    return _rouge(("rougeL",)).score(gold, prediction)["rougeL"].fmeasure
+
+
+def rouge_geometric_mean(prediction: str, gold: str, **_) -> float:
+    """ZeroSCROLLS' summary score: the geometric mean of ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures (sentences split
+    on newlines, as SCROLLS does)."""
+    if not prediction.strip() or not gold.strip():
+        return 0.0
+    s = _rouge(("rouge1", "rouge2", "rougeLsum")).score(gold, prediction)
+    vals = [s["rouge1"].fmeasure, s["rouge2"].fmeasure, s["rougeLsum"].fmeasure]
+    return math.prod(vals) ** (1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LongBench's task-specific scores
+
+def classification_score(prediction: str, gold: str, all_classes: list[str] | None = None, **_) -> float:
+    """trec: the class names found in the prediction, minus those that are only part of the gold name; 1/n when
+    the gold is among the n left, else 0."""
+    found = [c for c in (all_classes or []) if c in prediction]
+    found = [c for c in found if not (c in gold and c != gold)]
+    return 1.0 / len(found) if gold in found else 0.0
+
+
+def retrieval_score(prediction: str, gold: str, **_) -> float:
+    """passage_retrieval: the share of the numbers in the prediction that equal the gold paragraph's number."""
+    m = re.findall(r"Paragraph (\d+)", gold)
+    if not m:
+        return 0.0
+    numbers = re.findall(r"\d+", prediction)
+    return sum(n == m[0] for n in numbers) / len(numbers) if numbers else 0.0
+
+
+def count_score(prediction: str, gold: str, **_) -> float:
+    """passage_count: the share of the numbers in the prediction that equal the gold count."""
+    numbers = re.findall(r"\d+", prediction)
+    return sum(n == str(gold) for n in numbers) / len(numbers) if numbers else 0.0
+
+
+def code_sim_score(prediction: str, gold: str, **_) -> float:
+    """lcc / repobench-p: fuzzy ratio (rapidfuzz) of the first line that is not a comment or a code fence."""
+    from rapidfuzz import fuzz
+    line = ""
+    for candidate in prediction.lstrip("\n").split("\n"):
+        if "`" not in candidate and "#" not in candidate and "//" not in candidate:
+            line = candidate
+            break
+    return fuzz.ratio(line, gold) / 100.0
+
+
+LONGBENCH_METRICS = {
+    "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score, "hotpotqa": qa_f1_score,
+    "2wikimqa": qa_f1_score, "musique": qa_f1_score, "triviaqa": qa_f1_score,
+    "gov_report": rouge_l_score, "qmsum": rouge_l_score, "multi_news": rouge_l_score, "samsum": rouge_l_score,
+    "trec": classification_score, "passage_retrieval_en": retrieval_score, "passage_count": count_score,
+    "lcc": code_sim_score, "repobench-p": code_sim_score,
+}
+FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")
+
+
+def longbench_score(task: str, prediction: str, answers: list[str], all_classes=None) -> float:
+    """One sample's score in [0, 1]: the max over the gold answers (x100 is applied to the task mean)."""
+    if task not in LONGBENCH_METRICS:
+        raise ValueError(f"unknown LongBench task {task!r}; known: {', '.join(LONGBENCH_METRICS)}")
+    if task in FIRST_LINE_ONLY:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    metric = LONGBENCH_METRICS[task]
+    return max((metric(prediction, g, all_classes=all_classes) for g in answers), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeroSCROLLS
+
+def first_letter_accuracy(prediction: str, gold: str, **_) -> float:
+    """quality: the first of the letters A-D that the prediction writes as a standalone letter must be the gold's."""
+    def letter(text):
+        m = re.search(r"\b([ABCD])\b", text)
+        return m.group(1) if m else None
+    p = letter(prediction)
+    return float(p is not None and p == letter(gold))
+
+
+def _percent(text: str) -> float | None:
+    m = re.search(r"(\d+(?:\.\d+)?)\s*%", text) or re.search(r"(\d+(?:\.\d+)?)", text)
+    return float(m.group(1)) if m else None
+
+
+def exp_similarity(prediction: str, gold: str, **_) -> float:
+    """space_digest: 0.5 ** (|gold% - predicted%| / 10); 0 when the prediction holds no percentage."""
+    p, g = _percent(prediction), _percent(gold)
+    if p is None or g is None:
+        return 0.0
+    return 0.5 ** (abs(g - p) / 10.0)
+
+
+def concordance_index(prediction: str, gold: str, **_) -> float:
+    """book_sum_sort: the share of pairs of summary ids that the predicted order puts in the gold's order. Ids the
+    prediction leaves out count as wrong pairs; repeated ids count once (their first place)."""
+    gold_ids = re.findall(r"\d+", gold)
+    rank = {}
+    for i, n in enumerate(re.findall(r"\d+", prediction)):
+        rank.setdefault(n, i)
+    pairs = [(a, b) for i, a in enumerate(gold_ids) for b in gold_ids[i + 1:]]
+    if not pairs:
+        return 0.0
+    right = sum(1 for a, b in pairs if a in rank and b in rank and rank[a] < rank[b])
+    return right / len(pairs)
+
+
+ZEROSCROLLS_METRICS = {
+    "gov_report": rouge_geometric_mean, "summ_screen_fd": rouge_geometric_mean, "qmsum": rouge_geometric_mean,
+    "squality": rouge_geometric_mean, "qasper": qa_f1_score, "narrative_qa": qa_f1_score, "musique": qa_f1_score,
+    "quality": first_letter_accuracy, "space_digest": exp_similarity, "book_sum_sort": concordance_index,
+}
+
+
+def zeroscrolls_score(task: str, prediction: str, answers: list[str]) -> float:
+    if task not in ZEROSCROLLS_METRICS:
+        raise ValueError(f"unknown ZeroSCROLLS task {task!r}; known: {', '.join(ZEROSCROLLS_METRICS)}")
+    metric = ZEROSCROLLS_METRICS[task]
+    return max((metric(prediction, g) for g in answers), default=0.0)
