@@ -276,8 +276,16 @@ def build_report(out_dir, command: str = "") -> None:
     ok = [r for r in records if r.get("status") == "ok"]
     errors = [r for r in records if r.get("status") == "error"]
     ran = {r["benchmark"] for r in ok}
-    skipped = {r["benchmark"]: r.get("reason", "") for r in records
-               if r.get("status") == "skipped" and r["benchmark"] not in ran}
+    ran_tasks = {(r["benchmark"], r["task"]) for r in ok}
+    skipped = {}  # a whole benchmark that never ran, or tasks of one that did not run
+    for r in records:
+        if r.get("status") != "skipped":
+            continue
+        tasks = r.get("tasks")
+        if tasks and any((r["benchmark"], t) not in ran_tasks for t in tasks):
+            skipped[f"{BENCH_NAMES.get(r['benchmark'], r['benchmark'])} ({', '.join(tasks)})"] = r["reason"]
+        elif not tasks and r["benchmark"] not in ran:
+            skipped[BENCH_NAMES.get(r["benchmark"], r["benchmark"])] = r.get("reason", "")
     lines = ["# ATSKV results", ""]
     env = ok[0]["env"] if ok else next((r["env"] for r in records if "env" in r), {})
     models = sorted({r["model"] for r in records if "model" in r})
@@ -327,7 +335,7 @@ def build_report(out_dir, command: str = "") -> None:
                     r.get("context_size"), r.get("error")] for r in errors]), ""]
     if skipped:
         lines += ["## Skipped", ""]
-        lines += [f"- {BENCH_NAMES.get(b, b)}: {reason}" for b, reason in sorted(skipped.items())]
+        lines += [f"- {b}: {reason}" for b, reason in sorted(skipped.items())]
         lines += ["", "To run a skipped benchmark, pass `--data_dir` with its jsonl files in the hub's schema "
                   "(LongBench: `<task>.jsonl`; ZeroSCROLLS: `<task>.validation.jsonl`), or run where the Hugging "
                   "Face hub is reachable.", ""]

@@ -212,7 +212,14 @@ def tasks_for(bench: str, args, opts: dict) -> list[str]:
         asked = [t for t in opts["tasks"] if t in SYNTHETIC_TASKS]
         return asked or list(DEFAULT_SYNTHETIC_TASKS)
     asked = [t for t in opts["tasks"] if t in REAL_TASKS[bench]]
-    return asked or available_real_tasks(bench, args.data_dir)
+    present = available_real_tasks(bench, args.data_dir)
+    if not asked:
+        return present
+    missing = [t for t in asked if t not in present]
+    if missing:  # asked for, but not in --data_dir: said in the report, the rest runs
+        skip_benchmark(Path(args.output_dir) / "results.jsonl", bench, f"task(s) {', '.join(missing)} not in "
+                       f"--data_dir {args.data_dir!r}", tasks=missing)
+    return [t for t in asked if t in present]
 
 
 def plan_cells(args, opts: dict) -> list[dict]:
@@ -334,10 +341,12 @@ def run_sweep(args, opts: dict) -> int:
     return nothing_ran(opts, cells, unavailable)
 
 
-def skip_benchmark(results_path: Path, bench: str, reason: str) -> None:
-    """A skipped benchmark is a record too, so that --report_only can still say what was skipped and why."""
-    append_jsonl(results_path, {"cell": f"skipped:{bench}", "status": "skipped", "benchmark": bench,
-                                "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+def skip_benchmark(results_path: Path, bench: str, reason: str, tasks: list[str] | None = None) -> None:
+    """A skipped benchmark (or some of its tasks) is a record too, so that --report_only can still say what was
+    skipped and why."""
+    append_jsonl(results_path, {"cell": f"skipped:{bench}" + (":" + ",".join(tasks) if tasks else ""),
+                                "status": "skipped", "benchmark": bench, "tasks": tasks, "reason": reason,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:

@@ -484,6 +484,7 @@ class ATSKV(KVMethod):
     recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "pages": Quest
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
+    promote: bool = False             # recalled entries compete for the active cache by the controller's rule
 
     wants_evicted = True
 
@@ -563,9 +564,12 @@ class ATSKV(KVMethod):
             from utils import UserError
             raise UserError(f"recall_scoring {self.recall_scoring!r}: accepted are 'exact' and 'pages'")
         page = self.page_size if self.recall_scoring == "pages" else 1
-        store = self.passive.setdefault(layer.layer_idx, PassiveStore(page, self.passive_limit))
-        take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
-        store.add(take(layer.keys), take(layer.values), layer.positions.gather(2, idx), layer.valid.gather(2, idx))
+        if layer.layer_idx not in self.passive:
+            self.passive[layer.layer_idx] = PassiveStore(page, self.passive_limit, layer.device.type == "cuda")
+        take = lambda t: t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        extras = {n: take(t) for n, t in layer.extras.items() if n in ("tok", "h", "acc")} if self.promote else None
+        self.passive[layer.layer_idx].add(take(layer.keys), take(layer.values), layer.positions.gather(2, idx),
+                                          layer.valid.gather(2, idx), extras)
 
     def attend(self, layer, module, query, keys, values, mask, scaling):
         store = self.passive.get(layer.layer_idx) if self.external_memory else None
@@ -575,17 +579,32 @@ class ATSKV(KVMethod):
         if store is None or (store.size == 0 and store.pend is None) or not due:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
-        rk, rv, rvalid = store.recall(query[:, :, -self.window:], n_tok // store.page_size)
+        rec = store.recall(query[:, :, -self.window:], n_tok // store.page_size)  # the copy starts (side stream)
+        o1, lse1 = attention_lse(query, keys, values, mask, scaling)             # meanwhile: the active cache
+        rec.wait()
         B, Hq, q, _ = query.shape
-        n_kv = Hq // keys.shape[1]
-        k_all, v_all = torch.cat([rk, keys], 2), torch.cat([rv, values], 2)
-        extra = repeat_heads(rvalid, n_kv)[:, :, None, :].expand(B, Hq, q, -1)
-        if mask is None:
-            mask = torch.ones((B, Hq, q, keys.shape[2]), dtype=torch.bool, device=keys.device)
-        mask = torch.cat([extra, mask.expand(B, Hq, q, -1)], dim=-1)
-        self.last_recall = rk.shape[2]
-        return F.scaled_dot_product_attention(query, repeat_heads(k_all, n_kv), repeat_heads(v_all, n_kv),
-                                              attn_mask=mask, scale=scaling)
+        rmask = repeat_heads(rec.valid, Hq // keys.shape[1])[:, :, None, :].expand(B, Hq, q, -1)
+        o2, lse2 = attention_lse(query, rec.k, rec.v, rmask, scaling)
+        self.last_recall = rec.k.shape[2]
+        if self.promote and store.k is not None and store.page_size == 1:
+            self._promote(layer, store, rec)
+        return merge_attention(o1, lse1, o2, lse2).to(query.dtype)
+
+    def _promote(self, layer, store, rec):
+        """Move the recalled entries into the active cache, in front of the stored ones (the new tokens stay
+        last). The relevance of every entry is then recomputed (`observe`) and the controller's eviction keeps the
+        layer within budget: recalled entries whose r beats tau_l stay active, the others go back to the store."""
+        n = store.last_idx.shape[2]
+        dev = layer.device
+        k, v = rec.k[:, :, :n], rec.v[:, :, :n]
+        layer.keys, layer.values = torch.cat([k, layer.keys], 2), torch.cat([v, layer.values], 2)
+        layer.positions = torch.cat([store.last_positions.to(dev), layer.positions], 2)
+        layer.valid = torch.cat([rec.valid[:, :, :n], layer.valid], 2)
+        for name, t in layer.extras.items():
+            old = store.last_extras.get(name)
+            old = old.to(dev, t.dtype) if old is not None else t.new_zeros(t.shape[:2] + (n,) + t.shape[3:])
+            layer.extras[name] = torch.cat([old, t], 2)
+        store.remove_recalled()
 
     def aux_nbytes(self, layer):
         store = self.passive.get(layer.layer_idx) if self.external_memory else None
@@ -594,59 +613,116 @@ class ATSKV(KVMethod):
 
 class PassiveStore:
     """One layer's evicted KV (CPU memory, pinned when CUDA is present). Recall copies the entries the current
-    queries need to the device for the current attention call (transient copies); each query votes with a softmax
-    over the candidates, summed over the queries and the group's heads, and the top candidates are taken per KV head.
+    queries need to the device for the current attention call; each query votes with a softmax over the candidates,
+    summed over the queries and the group's heads, and the top candidates are taken per KV head.
 
     page_size 1 ("exact" scoring): candidates are single entries scored by q.k against the passive keys where they
     live (host memory: no device summaries). page_size > 1 ("pages", Quest): candidates are pages of `page_size`
     evicted entries, scored by the upper bound of q.k from the element-wise min/max of their keys, kept on the
-    device."""
+    device.
 
-    def __init__(self, page_size: int = 16, limit: int | None = None):
-        self.page_size, self.limit = page_size, limit
-        self.k = self.v = self.pos = self.valid = None   # (B, H, N, D) on CPU
+    On CUDA both directions are asynchronous on a side stream (`stream`): an eviction's device-to-host copy into
+    pinned memory runs while the model computes on (the host side waits for it only when it next reads the store),
+    and a recall's host-to-device copy runs while the attention over the active cache is computed (`Recalled.wait`
+    makes the compute stream wait for it just before the recalled entries are used)."""
+
+    def __init__(self, page_size: int = 16, limit: int | None = None, use_stream: bool = False):
+        self.page_size, self.limit, self.use_stream = page_size, limit, use_stream
+        self.k = self.v = self.pos = self.valid = None   # (B, H, N, D) / (B, H, N) on the host
+        self.extras: dict[str, torch.Tensor] = {}        # per-entry method state kept with the entry (promotion)
         self.kmin = self.kmax = None                     # (B, H, N_pages, D) on the device
         self.pend = None                                 # entries not yet forming a whole page (device)
+        self.pend_extras: dict[str, torch.Tensor] = {}
+        self.chunks: list[tuple] = []                    # offloads in flight: (host tensors, extras, done event)
         self.size = 0
 
-    def add(self, k, v, pos, valid):
+    def add(self, k, v, pos, valid, extras: dict | None = None):
         """Append evicted entries. Entries wait in a small device-side buffer until a whole page has formed (so
         single-token evictions during decoding do not make pages of one); the buffer is always attended."""
         cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+        extras = extras or {}
         self.pend = [cat(a, b) for a, b in zip(self.pend, (k, v, pos, valid))] if self.pend else [k, v, pos, valid]
+        self.pend_extras = {n: cat(self.pend_extras.get(n), t) for n, t in extras.items()}
         P = self.page_size
         n_full = (self.pend[0].shape[2] // P) * P
         if n_full:
             whole = [t[:, :, :n_full] for t in self.pend]
+            whole_ex = {n: t[:, :, :n_full] for n, t in self.pend_extras.items()}
             self.pend = [t[:, :, n_full:] for t in self.pend]
-            self._add_pages(*whole)
+            self.pend_extras = {n: t[:, :, n_full:] for n, t in self.pend_extras.items()}
+            self._add_pages(*whole, whole_ex)
 
-    def _add_pages(self, k, v, pos, valid):
-        device = k.device
-        pin = device.type == "cuda"
-        to_host = lambda t: t.to("cpu", non_blocking=pin).pin_memory() if pin else t.to("cpu")  # noqa: E731
+    def _offload(self, tensors: list[torch.Tensor]):
+        """Device -> host copies; on CUDA into pinned buffers on the side stream, not waited for here."""
+        if not (self.use_stream and tensors[0].is_cuda):
+            return [t.to("cpu") for t in tensors], None
+        stream = side_stream(tensors[0].device)
+        ready = torch.cuda.Event()
+        ready.record()                                  # the tensors are complete on the compute stream
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+                t.record_stream(stream)                 # keep the device memory alive until the copy is done
+            done = torch.cuda.Event()
+            done.record()
+        return host, done
+
+    def _add_pages(self, k, v, pos, valid, extras):
         P = self.page_size
         if P > 1:
             pages = k.unflatten(2, (-1, P))
-            kmin, kmax = pages.amin(3), pages.amax(3)
-        else:
-            kmin = kmax = None
-        cat = lambda a, b: b if a is None else torch.cat([a, b], 2) if b is not None else a  # noqa: E731
-        self.k, self.v = cat(self.k, to_host(k)), cat(self.v, to_host(v))
-        self.pos, self.valid = cat(self.pos, to_host(pos)), cat(self.valid, to_host(valid))
-        self.kmin, self.kmax = cat(self.kmin, kmin), cat(self.kmax, kmax)
+            cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+            self.kmin, self.kmax = cat(self.kmin, pages.amin(3)), cat(self.kmax, pages.amax(3))
+        names = sorted(extras)
+        host, done = self._offload([k, v, pos, valid] + [extras[n] for n in names])
+        self.chunks.append((host[:4], dict(zip(names, host[4:])), done))
+        self.size += k.shape[2]
+        if self.limit is not None and self.size > self.limit:
+            self.settle()
+
+    def settle(self):
+        """Join the offloads in flight into the host store (waiting for their copies) and apply the limit."""
+        if not self.chunks:
+            return
+        for _, _, done in self.chunks:
+            if done is not None:
+                done.synchronize()
+        def cat(parts):  # host concatenation, into pinned memory when CUDA copies come from it
+            parts = [p for p in parts if p is not None]
+            shape = list(parts[0].shape)
+            shape[2] = sum(p.shape[2] for p in parts)
+            return torch.cat(parts, 2, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.use_stream))
+        held = [(self.k, self.v, self.pos, self.valid)] if self.k is not None else []
+        cols = list(zip(*(held + [c[0] for c in self.chunks])))
+        self.k, self.v, self.pos, self.valid = (cat(c) for c in cols)
+        self.extras = {n: cat([self.extras.get(n)] + [c[1][n] for c in self.chunks]) for n in self.chunks[0][1]}
+        self.chunks = []
+        P = self.page_size
         if self.limit is not None and self.k.shape[2] > self.limit:  # drop the oldest pages beyond the limit
             drop = ((self.k.shape[2] - self.limit + P - 1) // P) * P
-            self.k, self.v, self.pos, self.valid = (t[:, :, drop:] for t in (self.k, self.v, self.pos, self.valid))
+            self._keep(slice(drop, None))
             if self.kmin is not None:
                 self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
         self.size = self.k.shape[2]
 
-    def recall(self, query: torch.Tensor, n_pages: int):
-        """query (B, H_q, q, D) -> recalled K, V (B, H_kv, n_pages x P + pending, D) on the device, and validity."""
+    def __getstate__(self):  # a deep copy (one compressed context, several questions) joins the copies in flight
+        self.settle()
+        return self.__dict__
+
+    def _keep(self, sel):
+        self.k, self.v, self.pos, self.valid = (t[:, :, sel] for t in (self.k, self.v, self.pos, self.valid))
+        self.extras = {n: t[:, :, sel] for n, t in self.extras.items()}
+
+    def recall(self, query: torch.Tensor, n_pages: int) -> "Recalled":
+        """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n_pages x P + pending, D), on their way to the
+        device (`Recalled.wait()` before use)."""
+        self.settle()
+        dev = query.device
         if self.k is None:
             self.last_positions = self.pend[2].cpu()
-            return self.pend[0], self.pend[1], self.pend[3]
+            return Recalled(self.pend[0], self.pend[1], self.pend[3], None, None)
         B, Hq, q, D = query.shape
         Hkv = self.k.shape[1]
         if self.page_size == 1:  # exact q.k where the keys live
@@ -663,26 +739,93 @@ class PassiveStore:
         page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
         n_pages = min(n_pages, page_score.shape[-1])
         pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
-        if self.page_size == 1:
-            pages = pages.to(self.k.device)
         P = self.page_size
-        idx = (pages[..., None] * P + torch.arange(P)).flatten(-2)  # (B, Hkv, n_pages x P)
-        dev = query.device
-        take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).to(dev, non_blocking=True)  # noqa: E731
-        k, v, valid = take(self.k), take(self.v), self.valid.gather(2, idx).to(dev)
+        idx = (pages[..., None] * P + torch.arange(P)).flatten(-2)  # (B, Hkv, n_pages x P), host
+        self.last_idx = idx
+        pinned = self.use_stream and dev.type == "cuda"
+
+        def gather(t):  # into a pinned buffer when the copy to the device is to be asynchronous
+            ix = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
+            out = torch.empty(ix.shape, dtype=t.dtype, pin_memory=pinned)
+            return torch.gather(t, 2, ix, out=out)
+        host = [gather(self.k), gather(self.v), gather(self.valid)]
         self.last_positions = self.pos.gather(2, idx)
-        if self.pend is not None and self.pend[0].shape[2]:
-            k, v = torch.cat([k, self.pend[0]], 2), torch.cat([v, self.pend[1]], 2)
-            valid = torch.cat([valid, self.pend[3]], 2)
-            self.last_positions = torch.cat([self.last_positions, self.pend[2].cpu()], 2)
-        return k, v, valid
+        self.last_extras = {n: t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1]))
+                            for n, t in self.extras.items()}
+        if pinned:
+            with torch.cuda.stream(side_stream(dev)):
+                k, v, valid = (t.to(dev, non_blocking=True) for t in host)
+                done = torch.cuda.Event()
+                done.record()
+        else:
+            (k, v, valid), done = (t.to(dev) for t in host), None
+        return Recalled(k, v, valid, self.pend, done)
+
+    def remove_recalled(self) -> None:
+        """Take the entries of the last recall out of the store (they were promoted into the active cache)."""
+        keep = torch.ones(self.valid.shape, dtype=torch.bool).scatter_(2, self.last_idx, False)
+        n = int(keep[0, 0].sum())
+        take = lambda t: t[keep].view(t.shape[0], t.shape[1], n, *t.shape[3:])  # noqa: E731
+        self.k, self.v, self.pos, self.valid = take(self.k), take(self.v), take(self.pos), take(self.valid)
+        self.extras = {name: take(t) for name, t in self.extras.items()}
+        self.size = n
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+        held = [(self.k, self.v)] + [(h[0], h[1]) for h, _, _ in self.chunks]
+        return sum(k.nbytes + v.nbytes for k, v in held if k is not None)
 
     def device_nbytes(self) -> int:
         pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
         return pend + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    """One side stream per CUDA device for the passive stores' copies (kept out of the caches so they deep-copy)."""
+    key = torch.device(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+    return _SIDE_STREAMS[key]
+
+
+class Recalled:
+    """Recalled entries on their way to the device, plus the store's pending (device) buffer."""
+
+    def __init__(self, k, v, valid, pend, done):
+        self.k, self.v, self.valid, self.pend, self.done = k, v, valid, pend, done
+
+    def wait(self):
+        """Make the compute stream wait for the copy, then append the pending buffer."""
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+            for t in (self.k, self.v, self.valid):
+                t.record_stream(torch.cuda.current_stream())
+            self.done = None
+        if self.pend is not None and self.pend[0].shape[2]:
+            self.k, self.v = torch.cat([self.k, self.pend[0]], 2), torch.cat([self.v, self.pend[1]], 2)
+            self.valid = torch.cat([self.valid, self.pend[3]], 2)
+            self.pend = None
+        return self
+
+
+def attention_lse(query, keys, values, mask, scaling):
+    """Softmax attention (B, H_q, q, D) and its log-sum-exp (B, H_q, q, 1), float32: two parts of one attention
+    computed apart (the active cache, then the recalled entries) merge exactly by their log-sum-exps."""
+    n_kv = query.shape[1] // keys.shape[1]
+    logits = torch.matmul(query.float(), repeat_heads(keys, n_kv).float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse.clamp_min(-1e30)).nan_to_num(0.0)
+    return torch.matmul(probs, repeat_heads(values, n_kv).float()), lse
+
+
+def merge_attention(o1, lse1, o2, lse2):
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m).nan_to_num(0.0), torch.exp(lse2 - m).nan_to_num(0.0)
+    return (w1 * o1 + w2 * o2) / (w1 + w2)
 
 
 METHODS["atskv"] = ATSKV

@@ -117,3 +117,41 @@ def test_atskv_generates_with_batch_3(model, tokenizer, predictor):
         cache = KVCacheFactory.create("atskv", model, budget=0.6, tokenizer=tokenizer, external_memory=em)
         out = model.generate(**enc, max_new_tokens=6, do_sample=False, past_key_values=cache)
         assert out.shape == (3, enc.input_ids.shape[1] + 6) and cache.get_seq_length() == out.shape[1] - 1
+
+
+def test_attention_split_in_two_and_merged_by_log_sum_exp_equals_attention_over_the_union():
+    from sparse_kv_cache import attention_lse, merge_attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, generator=g)
+    k1, v1 = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    k2, v2 = torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 2, 4, 8, generator=g)
+    m1 = torch.rand(2, 6, 5, 7, generator=g) > 0.3
+    m1[..., 0] = True
+    m2 = torch.rand(2, 6, 5, 4, generator=g) > 0.5
+    m2[1] = False  # a part with no allowed entry at all contributes nothing
+    o1, l1 = attention_lse(q, k1, v1, m1, 0.35)
+    o2, l2 = attention_lse(q, k2, v2, m2, 0.35)
+    rep = lambda t: t.repeat_interleave(3, dim=1)  # noqa: E731
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, rep(torch.cat([k1, k2], 2)), rep(torch.cat([v1, v2], 2)), attn_mask=torch.cat([m1, m2], -1), scale=0.35)
+    assert torch.allclose(merge_attention(o1, l1, o2, l2), want, atol=1e-5)
+
+
+def test_promotion_moves_recalled_entries_into_the_active_cache_within_budget_and_loses_none(model, tokenizer,
+                                                                                            predictor):
+    cache, ci, qi = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True, promote=True)
+    before = [layer.positions.clone() for layer in cache.layers]
+    ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
+    seen = len(ci) + len(qi)
+    moved = 0
+    for l, layer in enumerate(cache.layers):
+        assert layer.stored_length() <= cache.layer_budget(l)
+        store = cache.method.passive[l]
+        store.settle()
+        for h in range(layer.positions.shape[1]):
+            held = torch.cat([layer.positions[0, h], store.pos[0, h]] if store.pos is not None else
+                             [layer.positions[0, h]]).sort().values
+            assert held.tolist() == list(range(seen))  # every token in exactly one tier
+        old = set(before[l][0, 0].tolist())
+        moved += sum(1 for p in layer.positions[0, 0].tolist() if p not in old and p < len(ci))
+    assert moved > 0  # some evicted context entries won their way back into the active cache
