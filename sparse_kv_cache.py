@@ -87,7 +87,11 @@ def current_hidden(layer_idx: int):
 
 def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     """(B, H_kv, ...) -> (B, H_kv * n, ...), the GQA expansion."""
-    return x if n == 1 else x.repeat_interleave(n, dim=1)
+    if n == 1:
+        return x
+    # expand + reshape: the same result as repeat_interleave(n, dim=1), several times faster on CPU
+    return x.unsqueeze(2).expand(x.shape[0], x.shape[1], n, *x.shape[2:]).reshape(x.shape[0], x.shape[1] * n,
+                                                                                  *x.shape[2:])
 
 
 def window_attention(query, keys, valid, n_new, scaling, window):
