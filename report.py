@@ -259,6 +259,28 @@ def real_table(ok: list[dict]):
     return header, rows
 
 
+def api_table(recs: list[dict]):
+    """Rows: API model, method @ budget; per benchmark/task score, mean, tokens in and out, input saved vs full."""
+    tasks = sorted({(r["benchmark"], r["task"]) for r in recs})
+    cells = defaultdict(list)
+    for r in recs:
+        cells[(r["model"], r["method"], r["budget"])].append(r)
+    header = ["model", "method", "budget"] + [f"{b}/{t}" for b, t in tasks] + \
+        ["mean score", "input tokens", "output tokens", "input saved vs full"]
+    rows = []
+    for (model, m, b), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][1],
+                                                                  -budget_order(kv[0][2]))):
+        by_task = {(r["benchmark"], r["task"]): r["score"] for r in rs}
+        full = [r for r in recs if r["model"] == model and r["method"] == "full"]
+        n_in = sum(r["input_tokens"] for r in rs)
+        shared = {(r["benchmark"], r["task"], r["context_size"]) for r in rs}
+        full_in = sum(r["input_tokens"] for r in full if (r["benchmark"], r["task"], r["context_size"]) in shared)
+        saved = f"{100 * (1 - n_in / full_in):.0f}%" if full_in else "-"
+        rows.append([model, m, fmt_budget(b)] + [f"{by_task[t]:.1f}" if t in by_task else "-" for t in tasks] +
+                    [f"{sum(by_task.values()) / len(by_task):.1f}", n_in, sum(r["output_tokens"] for r in rs), saved])
+    return header, rows
+
+
 REAL_NOTES = {
     "longbench": "LongBench's official prompts, generation lengths and metrics (token F1 for QA, ROUGE-L for "
                  "summaries, classification / retrieval / count scores, code edit similarity; max over gold "
@@ -300,6 +322,8 @@ def build_report(out_dir, command: str = "") -> None:
               f"{', '.join(sorted({r['eval_mode'] for r in records if 'eval_mode' in r})) or '-'}",
               f"- cells: {len(ok)} finished, {len(errors)} failed", ""]
     summary = []
+    api = [r for r in ok if r.get("api")]
+    ok = [r for r in ok if not r.get("api")]
     syn = [r for r in ok if r["benchmark"] == "synthetic"]
     if syn:
         header, rows = synthetic_tables(syn)
@@ -327,6 +351,14 @@ def build_report(out_dir, command: str = "") -> None:
         for title, path in figures(rs, out_dir / "figures", bench):
             lines += [f"![{title}]({path})", ""]
         summary += summary_lines(rs, BENCH_NAMES[bench])
+    if api:
+        header, rows = api_table(api)
+        write_csv(out_dir / "tables" / "api.csv", header, rows)
+        lines += ["## API models", "", "Hosted models on the same tasks, prompts, truncation and scoring. `full` sends the "
+                  "whole prompt; `atskv` drops the context's least relevant sentences / lines (the local model's "
+                  "relevance predictor) down to the budget. Tokens are the provider's own counts; the input tokens "
+                  "saved are the input cost saved.", "", md_table(header, rows), ""]
+        summary += summary_lines(api, "API")
     if summary:
         lines += ["## Summary: which method wins at which budget", ""] + summary + [""]
     if errors:

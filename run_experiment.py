@@ -63,8 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--report_only", action="store_true", help="rebuild figures, tables and results.md from results.jsonl")
     a("--benchmark", default=None, help="'prefill_overhead': time ATSKV's scoring against the model's own "
       "prefill (context from --context_sizes, first value) and exit")
-    a("--use_api", action="store_true", help="run an API model (Anthropic / OpenAI) instead of a local one")
-    a("--api_model", default=None, help="API model name, e.g. claude-... or gpt-...")
+    a("--use_api", action="store_true", help="run a hosted model instead of a local one: methods full (the whole "
+      "prompt) and atskv (the prompt compressed to the budget with the local model's relevance predictor); the key "
+      "comes from ANTHROPIC_API_KEY / OPENAI_API_KEY")
+    a("--api_model", default=None, help="claude-* (anthropic SDK, Messages API) or gpt-* / o<N>* (openai SDK, Chat "
+      "Completions)")
+    a("--api_base_url", default=None, help="base URL of a compatible server (default: the provider's)")
+    a("--api_concurrency", type=int, default=4, help="requests in flight at once")
+    a("--api_timeout", type=float, default=60.0, help="seconds per request before it is retried")
+    a("--api_max_retries", type=int, default=5, help="retries per request on 429, 5xx, timeouts and malformed "
+      "answers (exponential backoff, Retry-After honoured)")
     return p
 
 
@@ -163,7 +171,15 @@ def validate(args) -> dict:
     check_model_name(args.model_name)
     check_writable(args.output_dir)
     if args.use_api:
-        raise UserError("--use_api is not implemented yet (see the API-models issue); run a local model instead")
+        import api_models
+        api_models.api_key(api_models.provider_for(args.api_model))  # a missing key fails here, before any work
+        for spec in methods:
+            if parse_method(spec)[0] not in api_models.API_METHODS:
+                raise UserError(f"method {spec!r} cannot run with --use_api; accepted: "
+                                f"{', '.join(api_models.API_METHODS)}")
+        if args.api_concurrency < 1 or args.api_max_retries < 0 or args.api_timeout <= 0:
+            raise UserError(f"--api_concurrency {args.api_concurrency} must be >= 1, --api_max_retries "
+                            f"{args.api_max_retries} >= 0 and --api_timeout {args.api_timeout} > 0")
     return {"methods": methods, "benchmarks": benchmarks, "budgets": budgets, "sizes": sizes, "tasks": tasks}
 
 
@@ -241,6 +257,9 @@ def plan_cells(args, opts: dict) -> list[dict]:
                                 "benchmark": bench, "task": task, "context_size": size,
                                 "num_samples": args.num_samples, "seed": args.seed,
                                 "eval_mode": args.eval_mode, "prefill_chunk": args.prefill_chunk}
+                        if args.use_api:  # the hosted model answers; the local model only scores (atskv)
+                            cell.update(model=args.api_model, api=True, api_base_url=args.api_base_url,
+                                        scorer=args.model_name)
                         if bench == "synthetic":
                             cell["haystack_dir"] = args.haystack_dir
                         else:  # for LongBench / ZeroSCROLLS the context size is the prompt's truncation length
@@ -310,7 +329,11 @@ def run_sweep(args, opts: dict) -> int:
         record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         t0 = time.perf_counter()
         try:
-            if bench == "synthetic":
+            if args.use_api:
+                record.update(run_api_cell(args, cell, samples_cache[key], limit, (model, tok), results_path))
+                record["env"] = {"device": "api", "hardware": f"{cell['model']} via {api_client(args).provider} API"
+                                 + (f" at {args.api_base_url}" if args.api_base_url else "")}
+            elif bench == "synthetic":
                 record.update(ev.evaluate_synthetic_cell(model, tok, cell["base_method"], cell["budget"],
                                                          samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
                                                          cell["params"], fault=inject))
@@ -322,7 +345,7 @@ def run_sweep(args, opts: dict) -> int:
                 record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
                                                     samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
                                                     record["max_prompt_tokens"], cell["params"], fault=inject))
-            record["status"] = "ok"
+            record.setdefault("status", "ok")
         except KeyboardInterrupt:
             interrupted = True
             break
@@ -339,6 +362,39 @@ def run_sweep(args, opts: dict) -> int:
         print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
         return 130
     return nothing_ran(opts, cells, unavailable)
+
+
+_CLIENT = {}
+
+
+def api_client(args):
+    import api_models
+    if "c" not in _CLIENT:
+        _CLIENT["c"] = api_models.APIClient(api_models.APIConfig(
+            args.api_model, args.api_base_url, args.api_timeout, args.api_max_retries, args.api_concurrency))
+    return _CLIENT["c"]
+
+
+def run_api_cell(args, cell: dict, samples, limit, scorer, results_path: Path) -> dict:
+    """One cell through the API; the samples an earlier run of this cell answered are reused, so a rerun asks
+    again only the requests that failed."""
+    import api_models
+    import evaluation as ev
+    previous = {}
+    for r in read_jsonl(results_path):
+        if r.get("cell") == cell_key(cell):
+            previous.update({s["id"]: s for s in r.get("samples", []) if s.get("status") == "ok"})
+    longest = 0 if cell["benchmark"] == "synthetic" else max(
+        ev.LONGBENCH_MAX_NEW_TOKENS.get(cell["task"], 0) if cell["benchmark"] == "longbench" else
+        ev.ZEROSCROLLS_MAX_NEW_TOKENS[cell["task"]], 1)
+    max_prompt = None if cell["benchmark"] == "synthetic" else min(cell["context_size"],
+                                                                   (limit or 10 ** 9) - longest - 64)
+    out = api_models.evaluate_api_cell(api_client(args), cell["base_method"], cell["budget"], samples, max_prompt,
+                                       scorer=scorer, tokenizer=scorer[1], previous=previous)
+    if out["status"] != "ok":
+        print(f"\n[atskv] {cell['method']}|{cell['task']}: {out['error']} (recorded; the sweep goes on)",
+              file=sys.stderr)
+    return out
 
 
 def skip_benchmark(results_path: Path, bench: str, reason: str, tasks: list[str] | None = None) -> None:
