@@ -160,9 +160,22 @@ def text_units(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+_RELEVANCE: dict = {}  # text -> (offsets, r): one context is scored once for all the budgets of a sweep
+
+
 def token_relevance(model, tokenizer, text: str, chunk: int = 512):
     """(offsets, r): each token's character span and its relevance, the ATSKV predictor's r averaged over layers
     and KV heads, from one chunked prefill of `text` through an uncompressed ATSKV cache."""
+    import hashlib
+    key = (id(model), hashlib.sha256(text.encode()).hexdigest())
+    if key not in _RELEVANCE:
+        if len(_RELEVANCE) > 256:
+            _RELEVANCE.clear()
+        _RELEVANCE[key] = _token_relevance(model, tokenizer, text, chunk)
+    return _RELEVANCE[key]
+
+
+def _token_relevance(model, tokenizer, text: str, chunk: int):
     import torch
     import evaluation as ev
     from sparse_kv_cache import KVCacheFactory

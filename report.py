@@ -141,26 +141,38 @@ def figures(ok: list[dict], fig_dir: Path, bench: str = "synthetic") -> list[tup
     ax.set_xlabel("KV budget (% of the context kept)")
     ax.set_ylabel(score_name)
     ax.set_title(f"{BENCH_NAMES[bench]}: {score_short} vs KV budget")
-    ax.set_ylim(-3, 103 if bench == "synthetic" else None)
+    ax.set_ylim(*((-3, 103) if bench == "synthetic" else (0, None)))
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     made.append(fig_file(fig, fig_dir, bench, "accuracy_vs_budget",
                          f"{score_short.capitalize()} vs KV budget (mean over tasks and context sizes)"))
 
-    # 2. KV memory vs context size per method at its smallest budget
+    # 2. KV memory vs context size per method at its smallest budget (one context size: bars per method @ budget)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        rs = [r for r in ok if r["method"] == m]
-        b = min((r["budget"] for r in rs), key=lambda x: budget_order(x))
-        pts = defaultdict(list)
-        for r in rs:
-            if r["budget"] == b:
-                pts[r["context_size"]].append(r["kv_bytes"] / MB)
-        xs = sorted(pts)
-        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})", color=palette[m])
-    ax.set_xlabel("context size (tokens)")
-    ax.set_ylabel("KV cache held (MB)")
-    ax.set_title(f"{BENCH_NAMES[bench]}: KV memory vs context size")
-    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
+    if len({r["context_size"] for r in ok}) == 1:
+        labels = sorted({label(r) for r in ok}, key=lambda lb: (lb.split(" @")[0], lb))
+        vals = [sum(r["kv_bytes"] for r in ok if label(r) == lb) / MB / sum(1 for r in ok if label(r) == lb)
+                for lb in labels]
+        ax.barh(labels, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.set_xlim(0, 1.15 * max(vals + [1e-9]))
+        ax.set_xlabel(f"KV cache held after the context (MB), {ok[0]['context_size']}-token prompts")
+        ax.set_title(f"{BENCH_NAMES[bench]}: KV memory per method")
+    else:
+        for m in methods:
+            rs = [r for r in ok if r["method"] == m]
+            b = min((r["budget"] for r in rs), key=lambda x: budget_order(x))
+            pts = defaultdict(list)
+            for r in rs:
+                if r["budget"] == b:
+                    pts[r["context_size"]].append(r["kv_bytes"] / MB)
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})",
+                    color=palette[m])
+        ax.set_xlabel("context size (tokens)")
+        ax.set_ylabel("KV cache held (MB)")
+        ax.set_title(f"{BENCH_NAMES[bench]}: KV memory vs context size")
+        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     made.append(fig_file(fig, fig_dir, bench, "kv_memory_vs_context",
                          "KV memory vs context size (smallest budget of each method)"))
 
@@ -179,7 +191,7 @@ def figures(ok: list[dict], fig_dir: Path, bench: str = "synthetic") -> list[tup
         ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})", color=palette[m])
     ax.set_xlabel("context size (tokens)")
     ax.set_ylabel(score_name)
-    ax.set_ylim(-3, 103 if bench == "synthetic" else None)
+    ax.set_ylim(*((-3, 103) if bench == "synthetic" else (0, None)))
     ax.set_title(f"{BENCH_NAMES[bench]}: {score_short} vs context size (25% budget)")
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     made.append(fig_file(fig, fig_dir, bench, "accuracy_vs_context",
@@ -198,6 +210,10 @@ def timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns) -> list[
                 for lb in labels]
         ax.barh(labels, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
         ax.set_xlabel(title)
+        if key == "decode_ms_per_token":  # throughput beside each bar
+            for y, v in enumerate(vals):
+                ax.text(v, y, f" {1000 / v:.0f} tok/s" if v else "", va="center", fontsize=8)
+            ax.set_xlim(0, 1.3 * max(vals + [1e-9]))
     axes[0].set_title(f"{BENCH_NAMES[bench]}: prefill")
     axes[1].set_title("Decode")
     fig.tight_layout()

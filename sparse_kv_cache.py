@@ -644,7 +644,8 @@ class PassiveStore:
         """Append evicted entries. Entries wait in a small device-side buffer until a whole page has formed (so
         single-token evictions during decoding do not make pages of one); the buffer is always attended."""
         cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
-        extras = extras or {}
+        k, v = k.detach(), v.detach()  # the store holds data, never a piece of an autograd graph
+        extras = {n: t.detach() for n, t in (extras or {}).items()}
         self.pend = [cat(a, b) for a, b in zip(self.pend, (k, v, pos, valid))] if self.pend else [k, v, pos, valid]
         self.pend_extras = {n: cat(self.pend_extras.get(n), t) for n, t in extras.items()}
         P = self.page_size

@@ -80,10 +80,10 @@ def test_atskv_positions_stay_right_across_chunks_and_decoding(model, tokenizer,
 
 def test_external_memory_keeps_active_bytes_flat_while_the_context_grows_8x(model, tokenizer, predictor):
     sizes = {}
-    for n in (400, 3200):
+    for n in (300, 2400):
         cache, ci, _ = _prefill(model, tokenizer, n, 64, chunk=256, external_memory=True)
         sizes[n] = (tier_bytes(cache), len(ci))
-    (small, n_small), (big, n_big) = sizes[400], sizes[3200]
+    (small, n_small), (big, n_big) = sizes[300], sizes[2400]
     assert n_big >= 7 * n_small
     assert big["active_kv_bytes"] == small["active_kv_bytes"]
     assert big["passive_bytes"] > 6 * small["passive_bytes"]

@@ -71,10 +71,6 @@ def test_unwritable_output_directory_exits_2(tmp_path):
     assert proc.returncode == 2 and "is not writable" in proc.stderr
 
 
-def test_use_api_says_not_implemented_yet(tmp_path):
-    proc = cli("--use_api", "--api_model", "gpt-4o", "--output_dir", str(tmp_path))
-    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
-
 
 def wait_for_first_cell(out, limit_s=300):
     """Poll until the sweep in `out` has written its first finished cell."""

@@ -70,7 +70,7 @@ def _run(model, tok, method, budget, samples):
     for s in samples:
         ci, qi = ev.encode_prompt(tok, s.context, s.question, s.answer_prefix)
         cache = KVCacheFactory.create(method, model, budget=budget, context_length=len(ci))
-        r = ev.run_generation(model, tok, cache, ci, qi, 8)
+        r = ev.run_generation(model, tok, cache, ci, qi, 8, stop_when=ev.answer_complete(s))
         out.append(ev.score_synthetic(s, r["prediction"]))
     return out
 
