@@ -398,7 +398,7 @@ def summary_lines(ok: list[dict], bench_name: str) -> list[str]:
         if r["method"] != "full":
             by[r["budget"]][r["method"]].append(r["score"])
     out = []
-    ref = f" (full cache {sum(full) / len(full):.1f})" if full else ""
+    ref = f" ({'full prompt' if ok and ok[0].get('api') else 'full cache'} {sum(full) / len(full):.1f})" if full else ""
     for b in sorted(by, key=budget_order, reverse=True):
         means = {m: sum(v) / len(v) for m, v in by[b].items()}
         best = max(means.values())
