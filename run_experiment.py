@@ -338,10 +338,7 @@ def run_sweep(args, opts: dict) -> int:
                                                          samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
                                                          cell["params"], fault=inject))
             else:
-                longest = max(ev.LONGBENCH_MAX_NEW_TOKENS.get(cell["task"], 0) if bench == "longbench" else
-                              ev.ZEROSCROLLS_MAX_NEW_TOKENS[cell["task"]], 1)
-                # the prompt, the chat wrapper and the generation must fit in the model's window
-                record["max_prompt_tokens"] = min(cell["context_size"], (limit or 10 ** 9) - longest - 64)
+                record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
                 record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
                                                     samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
                                                     record["max_prompt_tokens"], cell["params"], fault=inject))
@@ -364,6 +361,14 @@ def run_sweep(args, opts: dict) -> int:
     return nothing_ran(opts, cells, unavailable)
 
 
+def max_prompt_tokens(cell: dict, limit: int | None) -> int:
+    """A LongBench / ZeroSCROLLS prompt's truncation length: the cell's context size, so far as the prompt, the chat
+    wrapper and the task's generation still fit in the model's window."""
+    import evaluation as ev
+    gen = (ev.LONGBENCH_MAX_NEW_TOKENS if cell["benchmark"] == "longbench" else ev.ZEROSCROLLS_MAX_NEW_TOKENS)
+    return min(cell["context_size"], (limit or 10 ** 9) - max(gen.get(cell["task"], 0), 1) - 64)
+
+
 _CLIENT = {}
 
 
@@ -384,11 +389,7 @@ def run_api_cell(args, cell: dict, samples, limit, scorer, results_path: Path) -
     for r in read_jsonl(results_path):
         if r.get("cell") == cell_key(cell):
             previous.update({s["id"]: s for s in r.get("samples", []) if s.get("status") == "ok"})
-    longest = 0 if cell["benchmark"] == "synthetic" else max(
-        ev.LONGBENCH_MAX_NEW_TOKENS.get(cell["task"], 0) if cell["benchmark"] == "longbench" else
-        ev.ZEROSCROLLS_MAX_NEW_TOKENS[cell["task"]], 1)
-    max_prompt = None if cell["benchmark"] == "synthetic" else min(cell["context_size"],
-                                                                   (limit or 10 ** 9) - longest - 64)
+    max_prompt = None if cell["benchmark"] == "synthetic" else max_prompt_tokens(cell, limit)
     out = api_models.evaluate_api_cell(api_client(args), cell["base_method"], cell["budget"], samples, max_prompt,
                                        scorer=scorer, tokenizer=scorer[1], previous=previous)
     if out["status"] != "ok":
