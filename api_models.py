@@ -222,8 +222,9 @@ def prompt_parts(tokenizer, s, max_prompt_tokens: int | None) -> tuple[str, str]
     """(context text, question text) with the same truncation as a local run (the local tokenizer counts)."""
     import evaluation as ev
     if s.meta.get("benchmark") in ("longbench", "zeroscrolls"):
-        meta = dict(s.meta, use_chat=False)  # the API applies its own chat format
-        ctx_ids, q_ids = ev.encode_real(tokenizer, type(s)(**{**s.__dict__, "meta": meta}), max_prompt_tokens)
+        from dataclasses import replace
+        plain = replace(s, meta=dict(s.meta, use_chat=False))  # the API applies its own chat format
+        ctx_ids, q_ids = ev.encode_real(tokenizer, plain, max_prompt_tokens)
         return tokenizer.decode(ctx_ids), tokenizer.decode(q_ids)
     question = "\n\n" + s.question + ("\n" + s.answer_prefix if s.answer_prefix else "")
     return s.context, question

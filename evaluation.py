@@ -368,7 +368,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     kv = cache_nbytes(cache)
     scores, preds, decode = [], [], []
     for q, prefix, answers in questions:
-        ctx_q, q_ids = encode_prompt(tokenizer, s.context, q, prefix)
+        _, q_ids = encode_prompt(tokenizer, s.context, q, prefix)
         c = copy.deepcopy(cache)
         sub = Sample(s.id, "needle", "", q, prefix, answers)
         r = run_generation(model, tokenizer, c, ctx_ids, q_ids, MAX_NEW_TOKENS["needle"], "question_agnostic",

@@ -94,6 +94,12 @@ def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
                                                                                   *x.shape[2:])
 
 
+def gather_entries(t: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries `idx` (B, H, k) along dim 2 of a per-entry tensor: (B, H, S) or (B, H, S, D)."""
+    ix = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
+    return torch.gather(t, 2, ix, out=out)
+
+
 def window_attention(query, keys, valid, n_new, scaling, window):
     """Softmax attention of the last `window` queries over all keys, (B, H_q, w, S): what SnapKV-like methods score.
 
@@ -252,10 +258,7 @@ class CompressedLayer(CacheLayerMixin):
             n_drop = self.positions.shape[2] - idx.shape[2]
             evicted = torch.argsort(drop.to(torch.int8), dim=2, descending=True, stable=True)[..., :n_drop]
             self.method.on_evict(self, evicted.sort(dim=2).values)
-        def take(t):
-            if t.dim() == 4:
-                return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).contiguous()
-            return t.gather(2, idx).contiguous()
+        take = lambda t: gather_entries(t, idx)  # noqa: E731 - a gather makes new, contiguous tensors
         self.keys, self.values = take(self.keys), take(self.values)
         self.positions, self.valid = take(self.positions), take(self.valid)
         self.extras = {k: take(t) for k, t in self.extras.items()}
@@ -570,10 +573,10 @@ class ATSKV(KVMethod):
         page = self.page_size if self.recall_scoring == "pages" else 1
         if layer.layer_idx not in self.passive:
             self.passive[layer.layer_idx] = PassiveStore(page, self.passive_limit, layer.device.type == "cuda")
-        take = lambda t: t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        take = lambda t: gather_entries(t, idx)  # noqa: E731
         extras = {n: take(t) for n, t in layer.extras.items() if n in ("tok", "h", "acc")} if self.promote else None
-        self.passive[layer.layer_idx].add(take(layer.keys), take(layer.values), layer.positions.gather(2, idx),
-                                          layer.valid.gather(2, idx), extras)
+        self.passive[layer.layer_idx].add(take(layer.keys), take(layer.values), take(layer.positions),
+                                          take(layer.valid), extras)
 
     def attend(self, layer, module, query, keys, values, mask, scaling):
         store = self.passive.get(layer.layer_idx) if self.external_memory else None
@@ -638,6 +641,7 @@ class PassiveStore:
         self.pend = None                                 # entries not yet forming a whole page (device)
         self.pend_extras: dict[str, torch.Tensor] = {}
         self.chunks: list[tuple] = []                    # offloads in flight: (host tensors, extras, done event)
+        self._buf: dict[str, torch.Tensor] = {}          # host buffers with spare capacity; k, v, ... are views
         self.size = 0
 
     def add(self, k, v, pos, valid, extras: dict | None = None):
@@ -694,15 +698,27 @@ class PassiveStore:
         for _, _, done in self.chunks:
             if done is not None:
                 done.synchronize()
-        def cat(parts):  # host concatenation, into pinned memory when CUDA copies come from it
-            parts = [p for p in parts if p is not None]
-            shape = list(parts[0].shape)
-            shape[2] = sum(p.shape[2] for p in parts)
-            return torch.cat(parts, 2, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.use_stream))
-        held = [(self.k, self.v, self.pos, self.valid)] if self.k is not None else []
-        cols = list(zip(*(held + [c[0] for c in self.chunks])))
-        self.k, self.v, self.pos, self.valid = (cat(c) for c in cols)
-        self.extras = {n: cat([self.extras.get(n)] + [c[1][n] for c in self.chunks]) for n in self.chunks[0][1]}
+        n, new = self.size_settled(), sum(c[0][0].shape[2] for c in self.chunks)
+        fields = {"k": 0, "v": 1, "pos": 2, "valid": 3}
+        for name in list(fields) + [f"x:{e}" for e in self.chunks[0][1]]:
+            parts = [c[0][fields[name]] if name in fields else c[1][name[2:]] for c in self.chunks]
+            held = getattr(self, name) if name in fields else self.extras.get(name[2:])
+            buf = self._buf.get(name)
+            if buf is None or buf.shape[2] < n + new:  # grow by doubling: appending is amortised O(new)
+                cap = max(n + new, 2 * n)
+                buf = torch.empty(parts[0].shape[:2] + (cap,) + parts[0].shape[3:], dtype=parts[0].dtype,
+                                  pin_memory=self.use_stream)  # pinned: recall's copies to the device start there
+                if n:
+                    buf[:, :, :n] = held
+                self._buf[name] = buf
+            o = n
+            for t in parts:
+                buf[:, :, o:o + t.shape[2]] = t
+                o += t.shape[2]
+            if name in fields:
+                setattr(self, name, buf[:, :, :n + new])
+            else:
+                self.extras[name[2:]] = buf[:, :, :n + new]
         self.chunks = []
         P = self.page_size
         if self.limit is not None and self.k.shape[2] > self.limit:  # drop the oldest pages beyond the limit
@@ -712,13 +728,19 @@ class PassiveStore:
                 self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
         self.size = self.k.shape[2]
 
+    def size_settled(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
     def __getstate__(self):  # a deep copy (one compressed context, several questions) joins the copies in flight
         self.settle()
-        return self.__dict__
+        state = dict(self.__dict__)
+        state["_buf"] = {}  # the views are copied, not the spare capacity behind them
+        return state
 
     def _keep(self, sel):
         self.k, self.v, self.pos, self.valid = (t[:, :, sel] for t in (self.k, self.v, self.pos, self.valid))
         self.extras = {n: t[:, :, sel] for n, t in self.extras.items()}
+        self._buf = {}  # compacted: the next settle starts new buffers
 
     def recall(self, query: torch.Tensor, n_pages: int) -> "Recalled":
         """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n_pages x P + pending, D), on their way to the
@@ -750,13 +772,10 @@ class PassiveStore:
         pinned = self.use_stream and dev.type == "cuda"
 
         def gather(t):  # into a pinned buffer when the copy to the device is to be asynchronous
-            ix = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
-            out = torch.empty(ix.shape, dtype=t.dtype, pin_memory=pinned)
-            return torch.gather(t, 2, ix, out=out)
+            return gather_entries(t, idx, out=torch.empty(idx.shape + t.shape[3:], dtype=t.dtype, pin_memory=pinned))
         host = [gather(self.k), gather(self.v), gather(self.valid)]
-        self.last_positions = self.pos.gather(2, idx)
-        self.last_extras = {n: t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1]))
-                            for n, t in self.extras.items()}
+        self.last_positions = gather_entries(self.pos, idx)
+        self.last_extras = {n: gather_entries(t, idx) for n, t in self.extras.items()}
         if pinned:
             with torch.cuda.stream(side_stream(dev)):
                 k, v, valid = (t.to(dev, non_blocking=True) for t in host)
@@ -773,6 +792,7 @@ class PassiveStore:
         take = lambda t: t[keep].view(t.shape[0], t.shape[1], n, *t.shape[3:])  # noqa: E731
         self.k, self.v, self.pos, self.valid = take(self.k), take(self.v), take(self.pos), take(self.valid)
         self.extras = {name: take(t) for name, t in self.extras.items()}
+        self._buf = {}
         self.size = n
 
     def nbytes(self) -> int:
