@@ -370,8 +370,8 @@ def build_report(out_dir, command: str = "") -> None:
     if api:
         header, rows = api_table(api)
         write_csv(out_dir / "tables" / "api.csv", header, rows)
-        lines += ["## API models", "", "Hosted models on the same tasks, prompts, truncation and scoring. `full` sends the "
-                  "whole prompt; `atskv` drops the context's least relevant sentences / lines (the local model's "
+        lines += ["## API models", "", "Hosted models on the same tasks, prompts, truncation and scoring. `full` "
+                  "sends the whole prompt; `atskv` drops the context's least relevant sentences / lines (the local model's "
                   "relevance predictor) down to the budget. Tokens are the provider's own counts; the input tokens "
                   "saved are the input cost saved.", "", md_table(header, rows), ""]
         summary += summary_lines(api, "API")

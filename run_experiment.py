@@ -307,52 +307,55 @@ def run_sweep(args, opts: dict) -> int:
     samples_cache: dict = {}
     unavailable: set[str] = set()
     bar = tqdm(todo, desc="sweep", unit="cell", file=sys.stderr)
-    for cell in bar:
-        name = f"{cell['method']}|{cell['budget']}|{cell['task']}|{cell['context_size']}"
-        bar.set_postfix_str(name)
-        bench = cell["benchmark"]
-        if bench in unavailable:
-            continue
-        set_seed(args.seed)
-        key = (bench, cell["task"], cell["context_size"] if bench == "synthetic" else 0)
-        if key not in samples_cache:
-            try:
-                samples_cache[key] = ev.synthetic_samples(tok, cell["task"], cell["context_size"], args.num_samples,
-                                                          args.seed, haystack_dir=args.haystack_dir) \
-                    if bench == "synthetic" else ev.real_samples(bench, cell["task"], args.data_dir, args.num_samples)
-            except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
-                unavailable.add(bench)
-                skip_benchmark(results_path, bench, str(e))
-                print(f"\n[atskv] skipping {bench}: {e}", file=sys.stderr)
+    try:  # Ctrl-C anywhere in the loop (not only inside a cell) still ends with the report written
+        for cell in bar:
+            name = f"{cell['method']}|{cell['budget']}|{cell['task']}|{cell['context_size']}"
+            bar.set_postfix_str(name)
+            bench = cell["benchmark"]
+            if bench in unavailable:
                 continue
-        inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
-        record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        t0 = time.perf_counter()
-        try:
-            if args.use_api:
-                record.update(run_api_cell(args, cell, samples_cache[key], limit, (model, tok), results_path))
-                record["env"] = {"device": "api", "hardware": f"{cell['model']} via {api_client(args).provider} API"
-                                 + (f" at {args.api_base_url}" if args.api_base_url else "")}
-            elif bench == "synthetic":
-                record.update(ev.evaluate_synthetic_cell(model, tok, cell["base_method"], cell["budget"],
-                                                         samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
-                                                         cell["params"], fault=inject))
-            else:
-                record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
-                record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
-                                                    samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
-                                                    record["max_prompt_tokens"], cell["params"], fault=inject))
-            record.setdefault("status", "ok")
-        except KeyboardInterrupt:
-            interrupted = True
-            break
-        except Exception as e:  # a fault inside one cell is recorded there; the sweep goes on
-            record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)", file=sys.stderr)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        record["wall_s"] = time.perf_counter() - t0
-        append_jsonl(results_path, record)
+            set_seed(args.seed)
+            key = (bench, cell["task"], cell["context_size"] if bench == "synthetic" else 0)
+            if key not in samples_cache:
+                try:
+                    samples_cache[key] = ev.synthetic_samples(
+                        tok, cell["task"], cell["context_size"], args.num_samples, args.seed,
+                        haystack_dir=args.haystack_dir) if bench == "synthetic" else \
+                        ev.real_samples(bench, cell["task"], args.data_dir, args.num_samples)
+                except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
+                    unavailable.add(bench)
+                    skip_benchmark(results_path, bench, str(e))
+                    print(f"\n[atskv] skipping {bench}: {e}", file=sys.stderr)
+                    continue
+            inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
+            record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            t0 = time.perf_counter()
+            try:
+                if args.use_api:
+                    record.update(run_api_cell(args, cell, samples_cache[key], limit, (model, tok), results_path))
+                    where = f" at {args.api_base_url}" if args.api_base_url else ""
+                    record["env"] = {"device": "api",
+                                     "hardware": f"{cell['model']} via {api_client(args).provider} API{where}"}
+                elif bench == "synthetic":
+                    record.update(ev.evaluate_synthetic_cell(
+                        model, tok, cell["base_method"], cell["budget"], samples_cache[key], cell["eval_mode"],
+                        cell["prefill_chunk"], cell["params"], fault=inject))
+                else:
+                    record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
+                    record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
+                                                        samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
+                                                        record["max_prompt_tokens"], cell["params"], fault=inject))
+                record.setdefault("status", "ok")
+            except Exception as e:  # a fault inside one cell is recorded there; the sweep goes on
+                record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)",
+                      file=sys.stderr)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            record["wall_s"] = time.perf_counter() - t0
+            append_jsonl(results_path, record)
+    except KeyboardInterrupt:
+        interrupted = True
     bar.close()
     write_report(out_dir, args)
     if interrupted:
