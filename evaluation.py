@@ -233,8 +233,12 @@ def forward_chunked(model, cache, ids: torch.Tensor, chunk: int, start: int = 0)
 @torch.no_grad()
 def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int], max_new_tokens: int,
                    mode: str = "question_agnostic", chunk: int = 512, press=None, stop_when=None,
-                   prefilled: bool = False):
+                   prefilled: bool = False, fast: bool = False, compile: bool = False):
     """Prefill (chunked), read the question, decode greedily. Returns text, timings and cache sizes.
+
+    `fast`: decode with the static-shape path (`fast_decode.StaticDecoder`, a CUDA graph on CUDA): the prefill is the
+    same, then all `max_new_tokens` steps run on the device and the stop rules are applied to the tokens afterwards
+    (the same text as the plain loop, which stops early).
 
     With a kvpress `press`, the compressed part is prefilled in one pass under the press (kvpress compresses only
     in the first forward), as its own pipeline does."""
@@ -264,6 +268,19 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     t1 = time.perf_counter()
     peak_bytes = cache_nbytes(cache)
     generated, pos = [], len(ctx_ids) + len(q_ids)
+    if fast:
+        from fast_decode import StaticDecoder, method_of
+        dec = StaticDecoder.from_cache(model, method_of(cache), cache, pos, max_new_tokens, compile=compile)
+        cache = None  # the plain cache's tensors were copied into the slots
+        peak_bytes = bytes_after_context = dec.kv_bytes()
+        toks = dec.generate(logits[0].argmax(), max_new_tokens)[0].tolist()
+        for tok in toks:  # the plain loop's stop rules
+            if tok in stops:
+                break
+            generated.append(tok)
+            if stop_when is not None and stop_when(tokenizer.decode(generated, skip_special_tokens=True)):
+                break
+        max_new_tokens = 0
     for _ in range(max_new_tokens):
         tok = int(logits[0].argmax())
         if tok in stops:
@@ -283,7 +300,8 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     t2 = time.perf_counter()
     from sparse_kv_cache import tier_bytes
     return {
-        **tier_bytes(cache),
+        **(tier_bytes(cache) if cache is not None else
+           {"active_kv_bytes": peak_bytes, "summary_bytes": 0, "passive_bytes": 0}),
         "prediction": tokenizer.decode(generated, skip_special_tokens=True),
         "n_generated": len(generated),
         "prefill_s": t1 - t0,

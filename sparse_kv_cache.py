@@ -459,7 +459,8 @@ class ThresholdController:
         keep = protected | (r > tau)
         n_keep = int(keep.sum(-1).max())
         k = max(1, min(budget, n_keep))
-        score = r.float().masked_fill(~keep, float("-inf")).masked_fill(protected, float("inf"))
+        # protected first, then the kept by r; a row that kept fewer than k is topped up with its most relevant others
+        score = torch.where(keep, r.float(), r.float() - 4.0).masked_fill(protected, float("inf"))
         idx = score.topk(k, dim=-1).indices.sort(-1).values
         kept_frac = float(keep.sum(-1).float().mean()) / S
         if self.fixed is None:  # raise q when keeping too much, lower it when keeping too little

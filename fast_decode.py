@@ -1,0 +1,455 @@
+"""The fast decode path: a static-shape decode step for Llama-architecture models, with each method's per-step work
+(scoring the new token, eviction) inside the step, replayed as one CUDA graph.
+
+Why: HF's plain decode loop is bound by Python and kernel launches (60-100 ms a step on an H200 with the 135M default
+model, whatever the KV length: ../shared/gpu/README.md), so a compressed cache saves memory but no time. Here each
+layer's cache is a fixed number of slots (a budget is naturally of fixed size). A step writes the new token into the
+first free slot, attends over all slots with a bias that hides free ones, and the method frees the slots it evicts.
+Shapes never change, so a whole step (every layer, greedy sampling, the bookkeeping) is captured once in a CUDA graph
+and replayed; `compile=True` also fuses the element-wise work with torch.compile.
+
+The prefill stays the plain path's (HF forward + the method's compression after each chunk): `StaticDecoder` takes
+over the compressed cache for decoding and makes the plain path's decisions, step for step:
+- full: nothing evicted (slots for the prompt and the new tokens);
+- sliding_window, snapkv, pyramidkv, dynamic_kv, h2o: the top layer budget by the method's score, protected entries
+  first (`KVMethod.select`); h2o adds each step's attention to its scores, new snapkv / dynamic_kv entries score 0;
+- atskv: every entry is re-scored by the predictor with the step's attention statistics and features, and the
+  threshold controller keeps r > beta_l * quantile(r, q_l) within the budget and adapts q_l (`controller_keep`, the
+  tensor form of `ThresholdController.select`: same quantile, hard cap and integral update, without host syncs).
+Not supported, with a clear error: rocket_kv (its decode attention is sparse), atskv with external memory or span > 1,
+kvpress presses, and a model whose layers sit on several devices (use the plain path with --device_map auto).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from utils import UserError
+
+FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
+SLOT_ALIGN = 16   # slot counts are rounded up so that the attention bias rows stay aligned for SDPA's kernels
+
+
+def method_of(cache) -> str:
+    """The method name of a cache built by `KVCacheFactory` ('full' for HF's own caches)."""
+    m = getattr(cache, "method", None)
+    return "full" if m is None else m.name
+
+
+def check_fast_model(model) -> None:
+    """The lean step re-implements a Llama decoder layer (RMSNorm, RoPE, GQA, SwiGLU): refuse anything else."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    cfg = model.config.get_text_config(decoder=True)
+    layer = base.layers[0] if base is not None and hasattr(base, "layers") else None
+    ok = layer is not None and all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+        and all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) \
+        and getattr(cfg, "hidden_act", "silu") == "silu" and hasattr(base, "rotary_emb")
+    if not ok:
+        raise UserError(f"the fast decode path supports Llama-architecture models (Llama, Mistral, Qwen2, SmolLM); "
+                        f"{type(model).__name__} is not one: use the plain path")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise UserError(f"the fast decode path runs on one device; the model sits on {sorted(map(str, devices))}")
+
+
+class LeanWeights:
+    """The decoder's weights in the layout the lean step wants: q/k/v and gate/up fused into one matmul each."""
+
+    def __init__(self, model):
+        check_fast_model(model)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        cfg = model.config.get_text_config(decoder=True)
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.embed, self.rotary, self.norm, self.lm_head = base.embed_tokens, base.rotary_emb, base.norm, \
+            model.get_output_embeddings()
+        self.layers = []
+        for layer in base.layers:
+            a, m = layer.self_attn, layer.mlp
+            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append({
+                "ln1": layer.input_layernorm.weight, "eps1": layer.input_layernorm.variance_epsilon,
+                "ln2": layer.post_attention_layernorm.weight, "eps2": layer.post_attention_layernorm.variance_epsilon,
+                "wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), "bqkv": bias,
+                "wo": a.o_proj.weight, "wgu": torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                "wd": m.down_proj.weight, "scaling": getattr(a, "scaling", self.head_dim ** -0.5)})
+        self.nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def rms_norm(x, w, eps):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
+    """x (B, hidden) -> normed input h, roped q (B, H_kv, G, D), roped k and v (B, H_kv, D)."""
+    B = x.shape[0]
+    h = rms_norm(x, ln, eps)
+    qkv = F.linear(h, wqkv, bqkv)
+    q = qkv[:, : n_heads * head_dim].view(B, n_heads, head_dim)
+    k = qkv[:, n_heads * head_dim: (n_heads + n_kv) * head_dim].view(B, n_kv, head_dim)
+    v = qkv[:, (n_heads + n_kv) * head_dim:].view(B, n_kv, head_dim)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v
+
+
+def post_attention(x, attn, wo, ln, eps, wgu, wd):
+    """Residual + o_proj, then the SwiGLU MLP block. attn (B, H_q * D)."""
+    x = x + F.linear(attn, wo)
+    h = rms_norm(x, ln, eps)
+    g, u = F.linear(h, wgu).chunk(2, dim=-1)
+    return x + F.linear(F.silu(g) * u, wd)
+
+
+def stable_rank(score: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry in its row by descending score (0 = best), ties by stored order."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    return torch.argsort(order, dim=-1, stable=True)
+
+
+def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
+    """`ThresholdController.select` in tensor form over slots (no host sync, static shapes).
+
+    r, protected, present: (B, H, N); free slots (present False) are not entries. delta: float64 scalar tensor.
+    Returns (kept (B, H, N) bool, new delta). Every row keeps the same number k <= budget of entries, as the plain
+    path's gather does."""
+    B, H, N = r.shape
+    S = present[0, 0].sum().double()            # stored entries (the same in every row)
+    target = torch.clamp(budget / S, max=1.0)
+    r = r.float()
+    free = present & ~protected
+    if fixed is not None:
+        tau = torch.full_like(r[..., :1], fixed)
+    else:
+        q = torch.clamp(1.0 - target + delta, 0.0, 1.0).float()
+        vals = torch.sort(r.masked_fill(~free, float("inf")), dim=-1).values   # like nanquantile over the free
+        n = free.sum(-1, keepdim=True)
+        rank = q * (n.float() - 1)
+        lo = rank.to(torch.long).clamp(0, N - 1)
+        hi = torch.ceil(rank).to(torch.long).clamp(0, N - 1)
+        v_lo, v_hi = vals.gather(-1, lo), vals.gather(-1, hi)
+        quant = torch.lerp(v_lo, v_hi, rank - lo.float())
+        tau = beta * torch.where(n > 0, quant, torch.full_like(quant, float("nan")))
+    keep = (protected | (r > tau)) & present
+    n_keep = keep.sum(-1).max()
+    k = torch.clamp(n_keep, min=1, max=budget)
+    # the plain path's top-k: protected first, then the kept by r, then the others by r; free slots never count
+    score = torch.where(keep, r, r - 4.0).masked_fill(protected & present, float("inf"))
+    score = score.masked_fill(~present, float("-inf"))
+    kept = (stable_rank(score) < k) & present
+    kept_frac = keep.sum(-1).float().mean().double() / S
+    new_delta = delta if fixed is not None else torch.clamp(delta + gain * (kept_frac - target), -1.0, 1.0)
+    return kept, new_delta
+
+
+class SlotLayer:
+    """One layer's static cache: slots (B, H_kv, N) with keys, values, position, presence, validity and the method's
+    per-slot state. `budget` is the layer's budget (None: nothing is ever evicted)."""
+
+    def __init__(self, keys, values, positions, valid, n_slots: int, budget: int | None):
+        B, H, S, D = keys.shape
+        dev = keys.device
+        self.K = keys.new_zeros((B, H, n_slots, D))
+        self.V = values.new_zeros((B, H, n_slots, values.shape[-1]))
+        self.K[:, :, :S], self.V[:, :, :S] = keys, values
+        self.pos = torch.full((B, H, n_slots), -1, dtype=torch.long, device=dev)
+        self.pos[:, :, :S] = positions
+        self.present = torch.zeros((B, H, n_slots), dtype=torch.bool, device=dev)
+        self.present[:, :, :S] = True
+        self.valid = torch.ones((B, H, n_slots), dtype=torch.bool, device=dev)
+        self.valid[:, :, :S] = valid
+        self.budget = budget
+        self.state: dict[str, torch.Tensor] = {}
+
+    def slot_tensor(self, t, fill=0):
+        """Per-entry tensor (B, H, S, ...) of the plain cache -> per-slot (B, H, N, ...)."""
+        out = t.new_full(t.shape[:2] + (self.K.shape[2],) + t.shape[3:], fill)
+        out[:, :, : t.shape[2]] = t
+        return out
+
+    def nbytes(self) -> int:
+        return self.K.nbytes + self.V.nbytes
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class StaticDecoder:
+    """Greedy decoding over a static slot cache. Build it from the plain path's cache after the prefill
+    (`from_cache`), then `generate(first_token, n_steps)`; on CUDA the step is captured once and replayed."""
+
+    def __init__(self, model, method: str, slots: list[SlotLayer], start_pos, max_steps: int, method_obj=None,
+                 budget_tokens: int | None = None, compile: bool = False, use_graph: bool | None = None,
+                 score: bool = True):
+        if method not in FAST_METHODS:
+            raise UserError(f"method {method!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
+        self.model, self.method, self.m, self.slots = model, method, method_obj, slots
+        self.w = LeanWeights(model)
+        self.dev = slots[0].K.device
+        B = slots[0].K.shape[0]
+        self.B = B
+        self.budget_tokens = budget_tokens
+        self.score_on = score          # False: the same slots and step without the method's scoring (overhead)
+        self.cur = torch.as_tensor(start_pos, device=self.dev).expand(B).clone().long()  # position of the new token
+        self.tok = torch.zeros(B, dtype=torch.long, device=self.dev)
+        self.out = torch.zeros((B, max_steps + 1), dtype=torch.long, device=self.dev)
+        self.t = torch.zeros((), dtype=torch.long, device=self.dev)
+        self.use_graph = (self.dev.type == "cuda") if use_graph is None else use_graph
+        self.graph = None
+        self.pre, self.post, self.decide = pre_attention, post_attention, controller_keep
+        if compile:
+            self.pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
+            self.post = torch.compile(post_attention, fullgraph=True, dynamic=False)
+            self.decide = torch.compile(controller_keep, fullgraph=True, dynamic=True)
+        self.steps_done = 0
+
+    # -- building from the plain path's cache -------------------------------------------------------------------
+    @classmethod
+    def from_cache(cls, model, method: str, cache, start_pos: int, max_steps: int, **kw) -> "StaticDecoder":
+        from sparse_kv_cache import CompressedCache
+        if method not in FAST_METHODS:
+            raise UserError(f"method {method!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
+        slots, m, budget_tokens = [], None, None
+        if not isinstance(cache, CompressedCache):   # the full cache (a DynamicCache)
+            for layer in cache.layers:
+                B, H, S, _ = layer.keys.shape
+                pos = torch.arange(S, device=layer.keys.device).expand(B, H, S)
+                slots.append(SlotLayer(layer.keys, layer.values, pos, torch.ones_like(pos, dtype=torch.bool),
+                                       _round_up(S + max_steps + 1, SLOT_ALIGN), None))
+        else:
+            m = cache.method
+            if method == "atskv" and (m.external_memory or m.span > 1):
+                raise UserError("the fast decode path runs atskv without external memory and with span 1; "
+                                f"got external_memory={m.external_memory}, span={m.span}")
+            budget_tokens = cache.budget_tokens
+            coefs = logit_coefs(m.predictor) if method == "atskv" else None
+            for l, layer in enumerate(cache.layers):
+                budget = cache.layer_budget(l)
+                S = layer.stored_length()
+                n = _round_up(max(S, budget or 0) + 1 if budget else S + max_steps + 1, SLOT_ALIGN)
+                sl = SlotLayer(layer.keys, layer.values, layer.positions, layer.valid, n, budget)
+                if method == "atskv":
+                    sl.state["acc"] = sl.slot_tensor(layer.extras["acc"].float())
+                    sl.state["tok"] = sl.slot_tensor(layer.extras["tok"].long())
+                    sl.state["z0"] = sl.slot_tensor(static_logit(coefs[l], m.predictor.token_flags,
+                                                                 layer.extras["h"],
+                                                                 layer.positions, layer.keys, layer.values,
+                                                                 layer.extras["tok"].long(), m.n_sink))
+                    sl.state["delta"] = torch.tensor(m.controller.delta[l], dtype=torch.float64, device=sl.K.device)
+                elif method == "h2o":
+                    sl.state["score"] = sl.slot_tensor(layer.extras["score"].float())
+                elif method in ("snapkv", "pyramidkv", "dynamic_kv"):
+                    sl.state["score"] = sl.slot_tensor(m.score(layer).float())
+                slots.append(sl)
+        dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
+        if method == "atskv":
+            dec.counts, dec.coefs = m.counts.clone(), coefs
+        return dec
+
+    def kv_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.slots)
+
+    def kv_bytes_present(self) -> int:
+        return sum(int(s.present.sum()) * (s.K.shape[-1] + s.V.shape[-1]) * s.K.element_size() for s in self.slots)
+
+    # -- one decode step ----------------------------------------------------------------------------------------
+    def _step(self) -> None:
+        w, B = self.w, self.B
+        x = w.embed(self.tok)
+        cos, sin = w.rotary(x[:, None], self.cur[:, None])          # (B, 1, D): broadcast over the heads
+        seen = self.cur + 1
+        if self.method == "atskv" and self.score_on:
+            self.counts.scatter_add_(1, self.tok[:, None].clamp(0, self.counts.shape[1] - 1),
+                                     torch.ones((B, 1), dtype=self.counts.dtype, device=self.dev))
+        for l, (lw, sl) in enumerate(zip(w.layers, self.slots)):
+            h, q, k, v = self.pre(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, w.n_heads, w.n_kv,
+                                  w.head_dim)
+            slot = (~sl.present).to(torch.uint8).argmax(-1, keepdim=True)             # (B, H, 1): first free slot
+            D = k.shape[-1]
+            sl.K.scatter_(2, slot[..., None].expand(-1, -1, 1, D), k[:, :, None])
+            sl.V.scatter_(2, slot[..., None].expand(-1, -1, 1, v.shape[-1]), v[:, :, None])
+            sl.present.scatter_(2, slot, True)
+            sl.valid.scatter_(2, slot, True)
+            sl.pos.scatter_(2, slot, self.cur[:, None, None].expand(-1, sl.pos.shape[1], 1))
+            ok = sl.present & sl.valid
+            need_probs = self.score_on and self.method in ("atskv", "h2o")
+            if need_probs:
+                logits = torch.matmul(q, sl.K.transpose(-1, -2)).float() * lw["scaling"]    # (B, H, G, N)
+                probs = torch.softmax(logits.masked_fill(~ok[:, :, None], float("-inf")), dim=-1)
+                attn = torch.matmul(probs.to(sl.V.dtype), sl.V)
+            else:
+                bias = torch.zeros(ok.shape, dtype=q.dtype, device=self.dev).masked_fill(~ok, float("-inf"))
+                attn = F.scaled_dot_product_attention(q, sl.K, sl.V, attn_mask=bias[:, :, None].expand(
+                    -1, -1, q.shape[2], -1), scale=lw["scaling"])
+                probs = None
+            if sl.budget is not None:
+                if self.score_on:
+                    self._evict(l, sl, slot, h, k, v, probs, seen)
+                else:   # bare: free the oldest entry when over budget, no scoring (to measure the method's share)
+                    over = sl.present[0, 0].sum() > sl.budget
+                    old = sl.pos.masked_fill(~sl.present | (sl.pos < 4), torch.iinfo(torch.long).max).argmin(-1)
+                    sl.present.scatter_(2, old[..., None], ~over.expand(old.shape)[..., None])
+            x = self.post(x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
+        logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
+        nxt = logits.float().argmax(-1)
+        self.tok.copy_(nxt)
+        self.t += 1
+        self.out.scatter_(1, torch.remainder(self.t, self.out.shape[1]).expand(B)[:, None], nxt[:, None])
+        self.cur += 1
+
+    def _evict(self, l, sl, slot, h, k, v, probs, seen):
+        """The method's per-step work on one layer: score the entries, free the slots it evicts."""
+        m = self.m
+        s_seen = seen[:, None, None]
+        over = (sl.present[0, 0].sum() > sl.budget) & (seen[0] > self.budget_tokens)   # compress() and fits()
+        prot = sl.present & (sl.pos < m.n_sink)
+        n_recent = m.recent_tokens(sl.budget)
+        if n_recent > 0:
+            prot |= sl.present & (sl.pos >= s_seen - n_recent)
+        if self.method == "atskv":
+            pred = m.predictor
+            B, H = k.shape[:2]
+            st = sl.state
+            new_tok = self.tok[:, None, None].expand(B, H, 1)
+            z0 = static_logit(self.coefs[l], pred.token_flags,
+                              pred.project_hidden(l, h)[:, None, None].expand(B, H, 1, -1),
+                              self.cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None], new_tok,
+                              m.n_sink)
+            st["z0"].scatter_(2, slot, z0)
+            st["tok"].scatter_(2, slot, new_tok)
+            st["acc"].scatter_(2, slot, torch.zeros_like(z0))
+            mean, mx, spread = window_stats(probs)
+            st["acc"] += mean
+            freq = self.counts.gather(1, st["tok"].flatten(1)).view(st["tok"].shape)
+            r = torch.sigmoid(st["z0"] + dynamic_logit(self.coefs[l], sl.pos, s_seen, mean, mx, st["acc"], spread, freq))
+            r = r.masked_fill(~sl.valid, -1.0)
+            kept, delta = self.decide(r, prot, sl.present, sl.budget, m.controller.beta[l], st["delta"],
+                                      m.controller.gain, m.controller.fixed)
+            st["delta"].copy_(torch.where(over, delta, st["delta"]))
+        else:
+            if self.method == "sliding_window":
+                score = sl.pos.float()
+            else:
+                st = sl.state
+                new = torch.zeros_like(slot, dtype=torch.float)
+                st["score"].scatter_(2, slot, new)
+                if self.method == "h2o":   # accumulated attention, summed over the GQA group
+                    st["score"] += probs.sum(2)
+                score = st["score"]
+            score = score.masked_fill(prot, float("inf")).masked_fill(~sl.valid, float("-inf"))
+            score = score.masked_fill(~sl.present, float("-inf"))
+            kept = (stable_rank(score) < sl.budget) & sl.present
+        sl.present.copy_(torch.where(over, kept, sl.present))
+
+    # -- running ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.use_graph:
+            if self.graph is None:
+                self._capture()
+            else:
+                self.graph.replay()
+        else:
+            self._step()
+        self.steps_done += 1
+
+    def _capture(self) -> None:
+        """Two eager steps (real ones: compilation and cuBLAS warm up there), then one captured step, replayed."""
+        s = torch.cuda.Stream(self.dev)
+        s.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step()
+                self.steps_done += 1
+        torch.cuda.current_stream(self.dev).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.graph.replay()
+
+    @torch.no_grad()
+    def generate(self, first_token, n_tokens: int) -> torch.Tensor:
+        """Tokens (B, n_tokens): `first_token` (B,) (the prefill's argmax), then n_tokens - 1 decode steps."""
+        first = torch.as_tensor(first_token, device=self.dev).long().view(-1).expand(self.B)
+        self.tok.copy_(first)
+        self.out[:, 0] = first
+        self.t.zero_()
+        if n_tokens > self.out.shape[1]:
+            raise ValueError(f"n_tokens {n_tokens} > max_steps + 1 = {self.out.shape[1]}")
+        while self.steps_done < n_tokens - 1:
+            if self.use_graph and self.graph is None and n_tokens - 1 - self.steps_done < 4:
+                self._step()             # too few steps left to warm up and capture a graph
+                self.steps_done += 1
+            else:
+                self.step()
+        return self.out[:, :n_tokens].clone()
+
+
+def window_stats(probs):
+    """probs (B, H_kv, G, N) of the one new query -> mean, max and spread over the group's heads, as
+    `AttentionStatisticsExtractor.window_stats` computes them for a window of one query."""
+    mean = probs.mean(2)
+    mx = probs.amax(2)
+    spread = probs.std(2, unbiased=False) / (mean + 1e-6) if probs.shape[2] > 1 else torch.zeros_like(mean)
+    return mean, mx, spread
+
+
+# The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when
+# it is written (h, sink flag, key and value norms, token flags) and what changes every step (position relative to the
+# tokens seen, distance to the end, frequency, attention statistics). Feature order: relevance_predictor.N_FEATURES.
+_STATIC_F = (2, 3, 4, 5, 6, 7, 8)   # indices within f: sink flag, log |k|, log |v|, 4 token flags
+_DYNAMIC_F = (0, 1, 9)              # pos / seen, log1p(distance to the end) / 10, log1p(frequency)
+
+
+def logit_coefs(pred) -> list[dict]:
+    """Per layer: (coefficient, mean) of each feature group of the split logit, computed once (not in the graph)."""
+    from relevance_predictor import A_DIM, H_DIM
+    groups = {"h": list(range(H_DIM)), "a": list(range(H_DIM, H_DIM + A_DIM)),
+              "fs": [H_DIM + A_DIM + i for i in _STATIC_F], "fd": [H_DIM + A_DIM + i for i in _DYNAMIC_F]}
+    out = []
+    for l in range(pred.n_layers):
+        c = (pred.w[l] * pred.feature_mask / pred.feat_std[l]).detach()
+        out.append({g: (c[idx].clone(), pred.feat_mean[l][idx].clone()) for g, idx in groups.items()}
+                   | {"b": pred.b[l].detach().clone()})
+    return out
+
+
+def static_logit(co, flags, h, positions, keys, values, tok, n_sink):
+    """b + the contribution of the features fixed when an entry is written, (B, H, S)."""
+    c, mu = co["h"]
+    z = ((h.float() - mu) * c).sum(-1) + co["b"]
+    tf = flags[tok.clamp(min=0)].float()
+    fs = torch.stack([(positions < n_sink).float(), torch.log(keys.float().norm(dim=-1) + 1e-6),
+                      torch.log(values.float().norm(dim=-1) + 1e-6), tf[..., 0], tf[..., 1], tf[..., 2],
+                      tf[..., 3]], dim=-1)
+    c, mu = co["fs"]
+    return z + ((fs - mu) * c).sum(-1)
+
+
+def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):
+    """The contribution of the attention statistics and the time-dependent features, (B, H, N)."""
+    pos = positions.float()
+    a = torch.stack([torch.log(mean + 1e-6), torch.log(mx + 1e-6), torch.log(acc + 1e-6),
+                     spread.clamp(max=10.0)], dim=-1)
+    fd = torch.stack([pos / seen.clamp(min=1), torch.log1p((seen - 1 - pos).clamp(min=0)) / 10.0,
+                      torch.log1p(freq.float())], dim=-1)
+    (ca, mua), (cf, muf) = co["a"], co["fd"]
+    return ((a - mua) * ca).sum(-1) + ((fd - muf) * cf).sum(-1)
+
+
+def memory_floor_ms(weight_bytes: int, kv_bytes: int, bandwidth_gbs: float) -> float:
+    """Reading the weights and the KV once per step at the device's bandwidth: no decode step can be faster."""
+    return 1000.0 * (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
+
+
+def round_up_slots(n: int) -> int:
+    return _round_up(n, SLOT_ALIGN)
+

@@ -1,0 +1,108 @@
+"""The fast (static-shape) decode path makes the plain path's decisions: same tokens, same entries kept."""
+import pytest
+import torch
+
+import evaluation as ev
+from fast_decode import StaticDecoder, controller_keep
+from sparse_kv_cache import KVCacheFactory, ThresholdController
+from utils import UserError
+
+N_STEPS = 12
+
+
+def plain_decode(model, cache, ids, n_steps):
+    """The plain loop: prefill, then greedy steps through HF's forward. Returns tokens (B, n_steps + 1)."""
+    logits = ev.forward_chunked(model, cache, ids, chunk=128)
+    toks = [logits.argmax(-1)]
+    pos = ids.shape[1]
+    for _ in range(n_steps):
+        p = torch.tensor([pos])
+        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(ids.shape[0], -1))
+        toks.append(out.logits[:, -1].argmax(-1))
+        pos += 1
+    return torch.stack(toks, 1)
+
+
+def kept_positions(positions_bhs):
+    return [[sorted(row.tolist()) for row in b] for b in positions_bhs]
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer):
+    s = ev.synthetic_samples(tokenizer, "needle", 320, 1, seed=3)[0]
+    c, q = ev.encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+    return torch.tensor([c + q])
+
+
+@pytest.mark.parametrize("method", ["full", "sliding_window", "snapkv", "pyramidkv", "h2o", "dynamic_kv", "atskv"])
+def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_plain_path(model, tokenizer,
+                                                                                           prompt, method):
+    ids = prompt.expand(2, -1)  # batch 2
+    budget = 96
+    plain = KVCacheFactory.create(method, model, budget=budget, tokenizer=tokenizer)
+    want = plain_decode(model, plain, ids, N_STEPS)
+
+    cache = KVCacheFactory.create(method, model, budget=budget, tokenizer=tokenizer)
+    logits = ev.forward_chunked(model, cache, ids, chunk=128)
+    dec = StaticDecoder.from_cache(model, method, cache, ids.shape[1], N_STEPS)
+    got = dec.generate(logits.argmax(-1), N_STEPS + 1)
+    assert torch.equal(got, want)
+    if method == "full":
+        assert all(int(s.present[0, 0].sum()) == ids.shape[1] + N_STEPS for s in dec.slots)
+        return
+    # both fed the same N_STEPS tokens after the prefill: the same entries must be kept, per batch row and head
+    for layer, sl in zip(plain.layers, dec.slots):
+        fast = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.pos, sl.present)]
+        assert fast == kept_positions(layer.positions)
+        assert max(len(r) for b in fast for r in b) <= sl.budget
+
+
+def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt):
+    """Step by step against the plain cache, for atskv (the controller decides every step)."""
+    ids = prompt
+    plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer)
+    logits = ev.forward_chunked(model, plain, ids, chunk=128)
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer)
+    ev.forward_chunked(model, cache, ids, chunk=128)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], N_STEPS)
+    tok = logits.argmax(-1)
+    dec.tok.copy_(tok)
+    pos = ids.shape[1]
+    for step in range(N_STEPS):
+        p = torch.tensor([pos])
+        out = model(input_ids=tok[:, None], past_key_values=plain, use_cache=True, cache_position=p,
+                    position_ids=p[None])
+        dec.step()
+        tok = out.logits[:, -1].argmax(-1)
+        assert torch.equal(dec.tok, tok), f"step {step}"
+        for l, (layer, sl) in enumerate(zip(plain.layers, dec.slots)):
+            fast = sorted(sl.pos[0, 0][sl.present[0, 0]].tolist())
+            assert fast == sorted(layer.positions[0, 0].tolist()), f"step {step} layer {l}"
+            assert len(fast) <= sl.budget
+        pos += 1
+
+
+def test_controller_keep_keeps_what_the_threshold_controller_keeps():
+    torch.manual_seed(0)
+    ctl = ThresholdController(1, beta=[1.1], gain=0.5)
+    delta = torch.tensor(0.0, dtype=torch.float64)
+    for _ in range(6):
+        S, budget = 301, 300
+        r = torch.rand(2, 3, S) ** 2
+        protected = torch.zeros(2, 3, S, dtype=torch.bool)
+        protected[..., :4] = protected[..., -20:] = True
+        idx = ctl.select(0, r, protected, budget)
+        present = torch.ones(2, 3, S + 11, dtype=torch.bool)
+        present[..., S:] = False   # free slots are not entries
+        pad = lambda t, v: torch.cat([t, torch.full((2, 3, 11), v, dtype=t.dtype)], -1)  # noqa: E731
+        kept, delta = controller_keep(pad(r, 0.0), pad(protected, False), present, budget, 1.1, delta, 0.5, None)
+        assert [[row.nonzero()[:, 0].tolist() for row in b] for b in kept] == idx.tolist()
+        assert abs(float(delta) - ctl.delta[0]) < 1e-9
+
+
+def test_fast_path_refuses_a_method_it_does_not_implement(model, tokenizer, prompt):
+    cache = KVCacheFactory.create("rocket_kv", model, budget=64, tokenizer=tokenizer)
+    ev.forward_chunked(model, cache, prompt, chunk=128)
+    with pytest.raises(UserError, match="rocket_kv.*accepted: full, sliding_window"):
+        StaticDecoder.from_cache(model, "rocket_kv", cache, prompt.shape[1], 4)
