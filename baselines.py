@@ -153,7 +153,8 @@ class DynamicKV(KVMethod):
         layers = cache.layers[:layer_idx + 1]
         H = layer.keys.shape[1]
         # candidate scores: every stored entry outside the protected window, stacked over layers, heads and tokens
-        flat = [l.extras["score"].masked_fill(l.protected() | ~l.valid, float("-inf")).flatten(1) for l in layers]
+        flat = [l.extras["score"].masked_fill(l.protected() | ~l.valid, float("-inf")).flatten(1).to(layer.device)
+                for l in layers]  # (layers may sit on several devices)
         sizes = [f.shape[1] for f in flat]
         stacked = torch.cat(flat, dim=1)  # (B, sum of H x S_l)
         k = min(base * H * len(layers), stacked.shape[1])

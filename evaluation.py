@@ -345,8 +345,9 @@ def make_kvpress(name: str, budget, context_length: int, params: dict | None = N
 
 
 def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,
-                            params: dict | None = None, fault: str | None = None) -> dict:
-    """Run one cell (method x budget x task x size) and return its record; raises on a fault inside the cell."""
+                            params: dict | None = None, fault: str | None = None, fast: bool = False) -> dict:
+    """Run one cell (method x budget x task x size) and return its record; raises on a fault inside the cell.
+    `fast`: decode with the static-shape path (`run_generation`)."""
     per_sample = []
     for s in samples:
         if s.task == "multi_question":
@@ -358,7 +359,7 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
         cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16), mode, chunk,
-                           press, stop_when=answer_complete(s))
+                           press, stop_when=answer_complete(s), fast=fast)
         if fault == "nan":
             raise FloatingPointError("injected NaN in the logits (ATSKV_INJECT_FAULT)")
         r.update(id=s.id, depth=s.depth, answers=s.answers, score=score_synthetic(s, r["prediction"]))
@@ -464,6 +465,198 @@ def measure_prefill_overhead(model, tokenizer, n_tokens: int = 2048, budget=0.25
     out["scoring_share_of_model_prefill"] = out["atskv"]["scoring_s"] / full
     out["total_overhead_share"] = out["atskv"]["prefill_s"] / full - 1.0
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed: the plain decode loop against the fast (static-shape, CUDA-graph) path, beside the memory floor
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def device_bandwidth_gbs(device) -> float:
+    """Measured copy bandwidth of the device (bytes read + written per second, GB/s): the floor's denominator."""
+    device = torch.device(device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB of float32 on a GPU, 64 MiB on a CPU
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    t = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * src.nbytes * reps / (time.perf_counter() - t) / 1e9
+
+
+def _peak_reset(dev):
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev) -> int:
+    return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
+
+
+def _time_steps(dev, fn, n: int) -> float:
+    """Median milliseconds of `fn` over n calls (CUDA events on a GPU)."""
+    import statistics
+    times = []
+    for _ in range(n):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
+                         plain_steps: int = 6, compile: bool = False, bandwidth_gbs: float = 0.0,
+                         params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
+    """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
+    method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
+    method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
+    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots; the method's share of
+    the step is 1 - bare / fast). Per path: median decode ms per step, tokens/s, peak device memory while decoding,
+    the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
+    from fast_decode import StaticDecoder, memory_floor_ms
+    from sparse_kv_cache import cache_nbytes
+    dev = model.device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
+    _peak_reset(dev)
+    _sync(dev)
+    t = time.perf_counter()
+    logits = forward_chunked(model, cache, ids, chunk)
+    _sync(dev)
+    prefill_s = time.perf_counter() - t
+    prefill_peak = _peak(dev)
+    tok = logits.argmax(-1)
+    pos = context
+
+    def plain_step():
+        nonlocal tok, pos
+        p = torch.tensor([pos], device=dev)
+        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(batch, -1))
+        tok = out.logits[:, -1].argmax(-1)
+        pos += 1
+    _peak_reset(dev)
+    plain_step()  # warm-up
+    plain_ms = _time_steps(dev, plain_step, plain_steps)
+    base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
+            "compile": compile, "dtype": str(model.dtype).replace("torch.", ""), "weights_bytes": weights,
+            "bandwidth_gbs": bandwidth_gbs, "prefill_s": prefill_s, "prefill_peak_bytes": prefill_peak}
+
+    def rec(path, ms, kv_read, peak):
+        floor = memory_floor_ms(weights, kv_read, bandwidth_gbs) if bandwidth_gbs else None
+        return {**base, "path": path, "decode_ms": ms, "tok_s": 1000.0 * batch / ms, "kv_bytes_read": kv_read,
+                "decode_peak_bytes": peak, "floor_ms": floor, "x_floor": ms / floor if floor else None}
+    out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))]
+    dec = StaticDecoder.from_cache(model, method, cache, pos, 3 * steps + 8, compile=compile)
+    cache = None
+    dec.tok.copy_(tok)
+    dec.t.zero_()
+    _peak_reset(dev)
+    dec.step()  # warm-up steps (and compilation), capture
+    _sync(dev)
+    out.append(rec("fast", _time_steps(dev, dec.step, steps), dec.kv_bytes(), _peak(dev)))
+    if dec.method != "full":
+        dec.score_on, dec.graph = False, None
+        dec.step()
+        out.append(rec("fast_bare", _time_steps(dev, dec.step, steps), dec.kv_bytes(), _peak(dev)))
+    return out
+
+
+@torch.no_grad()
+def largest_decode_batch(model, tokenizer, method: str, budget, context: int, params: dict | None = None,
+                         start: int = 64, limit: int = 1 << 16, chunk: int = 512) -> dict:
+    """The largest batch whose decode state fits in the device's memory beside the weights: one random-token
+    context is prefilled (the plain path), its slot cache is repeated to batch B and two decode steps run; B doubles
+    from `start` until memory runs out, then a bisection narrows it to within 3%. Prefill is not part of it (a
+    serving system prefills in micro-batches)."""
+    import gc
+    from fast_decode import StaticDecoder
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(dev)
+    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
+    logits = forward_chunked(model, cache, ids, chunk)
+    one = StaticDecoder.from_cache(model, method, cache, context, 8, use_graph=False)
+    one.tok.copy_(logits.argmax(-1))
+    per_seq = one.kv_bytes()
+    del cache
+
+    def fits(b: int) -> bool:
+        dec = None
+        try:
+            dec = one.repeated(b)
+            dec.step()
+            dec.step()
+            _sync(dev)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del dec
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    lo, hi = 0, None
+    b = start
+    while b <= limit:
+        if fits(b):
+            lo, b = b, b * 2
+        else:
+            hi = b
+            break
+    while hi is not None and hi - lo > max(1, lo // 33):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    return {"benchmark": "speed_max_batch", "method": method, "budget": budget, "context": context,
+            "max_batch": lo, "limit_reached": hi is None, "kv_bytes_per_sequence": per_seq,
+            "device_memory_bytes": total, "dtype": str(model.dtype).replace("torch.", "")}
+
+
+@torch.no_grad()
+def check_fast_answers(model, tokenizer, method: str, budget, samples: list[Sample], chunk: int = 512,
+                       compile: bool = False, params: dict | None = None) -> dict:
+    """The synthetic benchmark through the plain loop and through the fast path: the same prompts, prefill and
+    stop rules. Returns how many predictions are identical and both scores."""
+    same, sp, sf = 0, 0.0, 0.0
+    diffs = []
+    for s in samples:
+        ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+        preds = []
+        for fast in (False, True):
+            cache, _ = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
+            r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16),
+                               chunk=chunk, stop_when=answer_complete(s), fast=fast, compile=compile)
+            preds.append(r["prediction"])
+        same += preds[0] == preds[1]
+        sp += score_synthetic(s, preds[0])
+        sf += score_synthetic(s, preds[1])
+        if preds[0] != preds[1]:
+            diffs.append({"id": s.id, "plain": preds[0], "fast": preds[1]})
+    n = len(samples)
+    return {"benchmark": "speed_answers", "method": method, "budget": budget, "task": samples[0].task if n else "",
+            "context": samples[0].context_size if n else 0, "n": n, "same": same,
+            "score_plain": 100 * sp / max(1, n), "score_fast": 100 * sf / max(1, n), "differences": diffs[:5],
+            "dtype": str(model.dtype).replace("torch.", "")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -645,7 +838,8 @@ def first_line_done(text: str) -> bool:
 
 
 def evaluate_real_cell(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,
-                       max_prompt_tokens: int, params: dict | None = None, fault: str | None = None) -> dict:
+                       max_prompt_tokens: int, params: dict | None = None, fault: str | None = None,
+                       fast: bool = False) -> dict:
     """One LongBench / ZeroSCROLLS cell: the official prompt and truncation, greedy decoding to the task's
     generation length, the official metric (score x100, mean over samples)."""
     import metrics
@@ -658,7 +852,7 @@ def evaluate_real_cell(model, tokenizer, method: str, budget, samples: list[Samp
         stop = first_line_done if (s.meta["benchmark"] == "longbench" and s.task in metrics.FIRST_LINE_ONLY) \
             else None
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, s.meta["max_new_tokens"], mode, chunk, press,
-                           stop_when=stop)
+                           stop_when=stop, fast=fast)
         r.update(id=s.id, depth=-1.0, answers=s.answers, score=score_real(s, r["prediction"]))
         per_sample.append(r)
     return summarize_samples(per_sample)

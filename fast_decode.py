@@ -76,6 +76,13 @@ class LeanWeights:
         self.nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def lean_weights(model) -> LeanWeights:
+    """One `LeanWeights` per model (the fused copies are made once)."""
+    if getattr(model, "_atskv_lean", None) is None:
+        model._atskv_lean = LeanWeights(model)
+    return model._atskv_lean
+
+
 def rms_norm(x, w, eps):
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -108,42 +115,44 @@ def post_attention(x, attn, wo, ln, eps, wgu, wd):
     return x + F.linear(F.silu(g) * u, wd)
 
 
-def stable_rank(score: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry in its row by descending score (0 = best), ties by stored order."""
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    return torch.argsort(order, dim=-1, stable=True)
+def top_mask(score: torch.Tensor, k) -> torch.Tensor:
+    """(B, H, N) bool: the k highest scores of each row (one sort; ties by slot order)."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    rank_ok = torch.arange(score.shape[-1], device=score.device) < k
+    return torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, rank_ok.expand_as(order))
 
 
 def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
-    """`ThresholdController.select` in tensor form over slots (no host sync, static shapes).
+    """`ThresholdController.select` in tensor form over slots (no host sync, static shapes, one sort).
 
     r, protected, present: (B, H, N); free slots (present False) are not entries. delta: float64 scalar tensor.
     Returns (kept (B, H, N) bool, new delta). Every row keeps the same number k <= budget of entries, as the plain
-    path's gather does."""
+    path's gather does: its protected entries, then its unprotected ones by r (the kept-by-threshold rank above the
+    others and have the higher r, so one ascending sort of r serves both the quantile and the top-k)."""
     B, H, N = r.shape
     S = present[0, 0].sum().double()            # stored entries (the same in every row)
     target = torch.clamp(budget / S, max=1.0)
     r = r.float()
+    prot = protected & present
     free = present & ~protected
+    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1, stable=True)  # the free first, by r
+    n = free.sum(-1, keepdim=True)
     if fixed is not None:
         tau = torch.full_like(r[..., :1], fixed)
-    else:
+    else:  # torch.nanquantile over the free entries: linear interpolation at rank q (n - 1)
         q = torch.clamp(1.0 - target + delta, 0.0, 1.0).float()
-        vals = torch.sort(r.masked_fill(~free, float("inf")), dim=-1).values   # like nanquantile over the free
-        n = free.sum(-1, keepdim=True)
         rank = q * (n.float() - 1)
         lo = rank.to(torch.long).clamp(0, N - 1)
         hi = torch.ceil(rank).to(torch.long).clamp(0, N - 1)
-        v_lo, v_hi = vals.gather(-1, lo), vals.gather(-1, hi)
-        quant = torch.lerp(v_lo, v_hi, rank - lo.float())
+        quant = torch.lerp(vals.gather(-1, lo), vals.gather(-1, hi), rank - lo.float())
         tau = beta * torch.where(n > 0, quant, torch.full_like(quant, float("nan")))
-    keep = (protected | (r > tau)) & present
+    keep = prot | (free & (r > tau))
     n_keep = keep.sum(-1).max()
     k = torch.clamp(n_keep, min=1, max=budget)
-    # the plain path's top-k: protected first, then the kept by r, then the others by r; free slots never count
-    score = torch.where(keep, r, r - 4.0).masked_fill(protected & present, float("inf"))
-    score = score.masked_fill(~present, float("-inf"))
-    kept = (stable_rank(score) < k) & present
+    m = (k - prot.sum(-1, keepdim=True)).clamp(min=0)       # unprotected entries each row keeps: its m highest r
+    posn = torch.arange(N, device=r.device)
+    take = (posn >= n - m) & (posn < n)                      # in sorted order: the last m of the n free
+    kept = prot | torch.zeros_like(free).scatter(-1, order, take)
     kept_frac = keep.sum(-1).float().mean().double() / S
     new_delta = delta if fixed is not None else torch.clamp(delta + gain * (kept_frac - target), -1.0, 1.0)
     return kept, new_delta
@@ -192,7 +201,7 @@ class StaticDecoder:
         if method not in FAST_METHODS:
             raise UserError(f"method {method!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
         self.model, self.method, self.m, self.slots = model, method, method_obj, slots
-        self.w = LeanWeights(model)
+        self.w = lean_weights(model)
         self.dev = slots[0].K.device
         B = slots[0].K.shape[0]
         self.B = B
@@ -253,6 +262,23 @@ class StaticDecoder:
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
         return dec
+
+    def repeated(self, batch: int) -> "StaticDecoder":
+        """A copy of this batch-1 decoder with its whole state repeated to `batch` rows (memory tests)."""
+        import copy
+        rep = lambda t: t.repeat(batch, *([1] * (t.dim() - 1)))  # noqa: E731
+        new = copy.copy(self)
+        new.slots = []
+        for sl in self.slots:
+            n = copy.copy(sl)
+            n.K, n.V, n.pos, n.present, n.valid = map(rep, (sl.K, sl.V, sl.pos, sl.present, sl.valid))
+            n.state = {k: v.clone() if v.dim() == 0 else rep(v) for k, v in sl.state.items()}
+            new.slots.append(n)
+        new.B, new.graph, new.t = batch, None, self.t.clone()
+        new.cur, new.tok, new.out = rep(self.cur), rep(self.tok), rep(self.out)
+        if hasattr(self, "counts"):
+            new.counts = rep(self.counts)
+        return new
 
     def kv_bytes(self) -> int:
         return sum(s.nbytes() for s in self.slots)
@@ -346,7 +372,7 @@ class StaticDecoder:
                 score = st["score"]
             score = score.masked_fill(prot, float("inf")).masked_fill(~sl.valid, float("-inf"))
             score = score.masked_fill(~sl.present, float("-inf"))
-            kept = (stable_rank(score) < sl.budget) & sl.present
+            kept = top_mask(score, sl.budget) & sl.present
         sl.present.copy_(torch.where(over, kept, sl.present))
 
     # -- running ------------------------------------------------------------------------------------------------

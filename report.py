@@ -314,7 +314,7 @@ def build_report(out_dir, command: str = "") -> None:
     ok = [r for r in records if r.get("status") == "ok"]
     errors = [r for r in records if r.get("status") == "error"]
     ran = {r["benchmark"] for r in ok}
-    ran_tasks = {(r["benchmark"], r["task"]) for r in ok}
+    ran_tasks = {(r["benchmark"], r.get("task")) for r in ok}
     skipped = {}  # a whole benchmark that never ran, or tasks of one that did not run
     for r in records:
         if r.get("status") != "skipped":
@@ -375,6 +375,9 @@ def build_report(out_dir, command: str = "") -> None:
                   "relevance predictor) down to the budget. Tokens are the provider's own counts; the input tokens "
                   "saved are the input cost saved.", "", md_table(header, rows), ""]
         summary += summary_lines(api, "API")
+    speed = [r for r in ok if r["benchmark"].startswith("speed")]
+    if speed:
+        lines += speed_section(speed, out_dir)
     if summary:
         lines += ["## Summary: which method wins at which budget", ""] + summary + [""]
     if errors:
@@ -407,3 +410,108 @@ def summary_lines(ok: list[dict], bench_name: str) -> list[str]:
         out.append(f"- {bench_name}{ref}, at {fmt_budget(b)}: {', '.join(winners)} ({best:.1f})" +
                    (f"; then {', '.join(rest)}" if rest else ""))
     return out
+
+
+SPEED_PATHS = {"hf_plain": "HF plain loop", "fast": "fast path", "fast_bare": "fast path, no scoring"}
+
+
+def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
+    """Decode speed per method, context, batch and path beside the memory floor; the method's share of the step;
+    the largest batch that fits; the answers of the fast path against the plain loop."""
+    lines = ["## Decode speed", ""]
+    cells = [r for r in recs if r["benchmark"] == "speed"]
+    if cells:
+        r0 = cells[0]
+        lines += [f"Device: {r0['env'].get('hardware', '-')}, {r0['dtype']}; bandwidth "
+                  f"{r0['bandwidth_gbs']:.0f} GB/s (the floor: weights + the KV read once per step at that rate); "
+                  f"torch.compile: {'on' if r0['compile'] else 'off'}. Contexts are random tokens (speed only). "
+                  "HF plain loop: one forward per step through the method's cache. Fast path: static slots, one "
+                  "CUDA graph per step. KV read: what the step's attention reads (the fast path reads every slot).",
+                  ""]
+        ref = {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
+               and r["path"] == "hf_plain"}
+        fast_full = {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
+                     and r["path"] == "fast"}
+        header = ["method", "context", "batch", "path", "prefill s", "decode ms/step", "tok/s", "floor ms",
+                  "x floor", "vs HF plain full", "vs fast full", "KV read MB", "peak GB"]
+        rows = []
+        order = {"hf_plain": 0, "fast": 1, "fast_bare": 2}
+        for r in sorted(cells, key=lambda r: (r["context"], r["batch"], r["method"] != "full", r["method"],
+                                               budget_order(r["budget"]), order[r["path"]])):
+            k = (r["context"], r["batch"])
+            rows.append([label(r), r["context"], r["batch"], SPEED_PATHS[r["path"]], f"{r['prefill_s']:.2f}",
+                         f"{r['decode_ms']:.2f}", f"{r['tok_s']:.0f}",
+                         f"{r['floor_ms']:.2f}" if r.get("floor_ms") else "-",
+                         f"{r['x_floor']:.1f}" if r.get("x_floor") else "-",
+                         f"{r['tok_s'] / ref[k]:.1f}x" if k in ref else "-",
+                         f"{r['tok_s'] / fast_full[k]:.2f}x" if k in fast_full else "-",
+                         f"{r['kv_bytes_read'] / MB:.1f}",
+                         f"{r['decode_peak_bytes'] / 1e9:.2f}" if r.get("decode_peak_bytes") else "-"])
+        write_csv(out_dir / "tables" / "speed.csv", header, rows)
+        lines += [md_table(header, rows), ""]
+        share = []
+        by = {(r["method"], r["budget"], r["context"], r["batch"], r["path"]): r for r in cells}
+        for (m, b, c, n, p), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0])):
+            bare = by.get((m, b, c, n, "fast_bare"))
+            if p == "fast" and bare:
+                share.append([label(r), c, n, f"{r['decode_ms']:.2f}", f"{bare['decode_ms']:.2f}",
+                              f"{100 * (1 - bare['decode_ms'] / r['decode_ms']):.0f}%"])
+        if share:
+            lines += ["The method's per-step work (scoring, eviction) as a share of the fast step: the same slots "
+                      "and step without it (the oldest entry is freed instead).", "",
+                      md_table(["method", "context", "batch", "fast ms", "without scoring ms", "share"], share), ""]
+        lines += [f"![decode speed]({speed_figure(cells, out_dir / 'figures')})", ""]
+    mb = [r for r in recs if r["benchmark"] == "speed_max_batch"]
+    if mb:
+        lines += ["Largest decode batch that fits in the device's memory (the decode state and two steps; prefill "
+                  "in micro-batches is not counted):", "",
+                  md_table(["method", "context", "largest batch", "KV per sequence MB", "device GB"],
+                           [[label(r), r["context"], f"{r['max_batch']}{'+' if r['limit_reached'] else ''}",
+                             f"{r['kv_bytes_per_sequence'] / MB:.1f}",
+                             f"{r['device_memory_bytes'] / 1e9:.0f}" if r.get("device_memory_bytes") else "-"]
+                            for r in sorted(mb, key=lambda r: (r["method"] != "full", label(r)))]), ""]
+    ans = [r for r in recs if r["benchmark"] == "speed_answers"]
+    if ans:
+        lines += ["Answers of the fast path against the plain loop on the synthetic benchmark (same prompts and "
+                  "prefill; greedy):", "",
+                  md_table(["method", "task", "context", "dtype", "samples", "identical answers", "score plain",
+                            "score fast"],
+                           [[label(r), r["task"], r["context"], r["dtype"], r["n"], r["same"],
+                             f"{r['score_plain']:.0f}", f"{r['score_fast']:.0f}"] for r in ans]), ""]
+    return lines
+
+
+def speed_figure(cells: list[dict], fig_dir: Path) -> str:
+    """Decode ms per step against batch, one panel per context: solid = fast path, dotted = HF plain loop, thin
+    dashed = the memory floor of the fast path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    contexts = sorted({r["context"] for r in cells})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4.2), squeeze=False)
+    labels = sorted({label(r) for r in cells})
+    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    style = {"hf_plain": ":", "fast": "-", "fast_bare": "-."}
+    for ax, c in zip(axes[0], contexts):
+        for lab in labels:
+            for path in ("hf_plain", "fast", "fast_bare"):
+                rs = sorted((r for r in cells if r["context"] == c and label(r) == lab and r["path"] == path),
+                            key=lambda r: r["batch"])
+                if not rs:
+                    continue
+                ax.plot([r["batch"] for r in rs], [r["decode_ms"] for r in rs], style[path], marker="o",
+                        color=colors[lab], label=f"{lab}, {SPEED_PATHS[path]}")
+                if path == "fast" and all(r.get("floor_ms") for r in rs):
+                    ax.plot([r["batch"] for r in rs], [r["floor_ms"] for r in rs], "--", lw=0.8,
+                            color=colors[lab], alpha=0.6, label=f"{lab}, memory floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode ms per step")
+        ax.set_title(f"context {c}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    path = fig_dir / "speed_decode.png"
+    save_fig(fig, path)
+    plt.close(fig)
+    return f"figures/{path.name}"

@@ -62,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="start over instead of resuming from results.jsonl")
     a("--report_only", action="store_true", help="rebuild figures, tables and results.md from results.jsonl")
     a("--benchmark", default=None, help="'prefill_overhead': time ATSKV's scoring against the model's own "
-      "prefill (context from --context_sizes, first value) and exit")
+      "prefill (context from --context_sizes, first value) and exit; 'speed': decode speed of the plain loop and "
+      "the fast path per method, context (--context_sizes) and batch (--batch_sizes), beside the memory floor")
+    a("--batch_sizes", default="1,16,64", help="speed benchmark: comma list of batch sizes")
+    a("--decode_steps", type=int, default=32, help="speed benchmark: timed decode steps per path")
+    a("--compile", action="store_true", help="fast path: also fuse the step's element-wise work with torch.compile "
+      "(compiles once per shape, then captured in the CUDA graph)")
+    a("--max_batch", action="store_true", help="speed benchmark: also find the largest decode batch that fits in "
+      "the device's memory, per method, at the largest context size")
+    a("--check_answers", type=int, default=0, help="speed benchmark: also decode N synthetic needle samples (at "
+      "the smallest context size) by the plain loop and by the fast path and count identical answers")
+    a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
+    a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
+      "pyramidkv, dynamic_kv, h2o, atskv without external memory)")
+    a("--device_map", default=None, help="accelerate device map for models larger than one GPU: auto, balanced, "
+      "sequential (the plain path; compression runs on each layer's device)")
     a("--use_api", action="store_true", help="run a hosted model instead of a local one: methods full (the whole "
       "prompt) and atskv (the prompt compressed to the budget with the local model's relevance predictor); the key "
       "comes from ANTHROPIC_API_KEY / OPENAI_API_KEY")
@@ -132,6 +146,13 @@ def validate(args) -> dict:
             bad = sorted(set(params) - accepted)
             if bad:
                 raise UserError(f"unknown parameter(s) {bad} for method {m!r}; accepted: {sorted(accepted)}")
+    if args.fast_decode:
+        from fast_decode import FAST_METHODS
+        for spec in methods:
+            m, params = parse_method(spec)
+            if m not in FAST_METHODS or m == "atskv" and (params.get("external_memory") or args.external_memory):
+                raise UserError(f"--fast_decode: {spec!r} has no fast decode path; accepted: "
+                                f"{', '.join(FAST_METHODS)} (atskv without external memory)")
     benchmarks = split_list(args.benchmarks)
     for b in benchmarks:
         if b not in BENCHMARKS:
@@ -260,6 +281,8 @@ def plan_cells(args, opts: dict) -> list[dict]:
                         if args.use_api:  # the hosted model answers; the local model only scores (atskv)
                             cell.update(model=args.api_model, api=True, api_base_url=args.api_base_url,
                                         scorer=args.model_name)
+                        if args.fast_decode and not args.use_api:  # (absent otherwise: old cells keep their keys)
+                            cell["fast_decode"] = True
                         if bench == "synthetic":
                             cell["haystack_dir"] = args.haystack_dir
                         else:  # for LongBench / ZeroSCROLLS the context size is the prompt's truncation length
@@ -296,7 +319,8 @@ def run_sweep(args, opts: dict) -> int:
     if not todo:
         write_report(out_dir, args)
         return nothing_ran(opts, cells)
-    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16,
+                                          device_map=args.device_map)
     limit = model_max_length(model)
     for s in opts["sizes"]:
         if limit and s > limit:
@@ -339,12 +363,13 @@ def run_sweep(args, opts: dict) -> int:
                 elif bench == "synthetic":
                     record.update(ev.evaluate_synthetic_cell(
                         model, tok, cell["base_method"], cell["budget"], samples_cache[key], cell["eval_mode"],
-                        cell["prefill_chunk"], cell["params"], fault=inject))
+                        cell["prefill_chunk"], cell["params"], fault=inject, fast=cell.get("fast_decode", False)))
                 else:
                     record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
                     record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
                                                         samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
-                                                        record["max_prompt_tokens"], cell["params"], fault=inject))
+                                                        record["max_prompt_tokens"], cell["params"], fault=inject,
+                                                        fast=cell.get("fast_decode", False)))
                 record.setdefault("status", "ok")
             except Exception as e:  # a fault inside one cell is recorded there; the sweep goes on
                 record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -452,9 +477,109 @@ def train_predictor_cli(args) -> int:
     return 0
 
 
+SPEED_DEFAULT_METHODS = "full,sliding_window,atskv"
+
+
+def speed_cli(args) -> int:
+    """--benchmark speed: one record per (method, budget, context, batch, path) appended to results.jsonl as it
+    finishes (a rerun resumes), then the report's speed section."""
+    import torch
+
+    import evaluation as ev
+    from fast_decode import FAST_METHODS
+    from utils import load_model_and_tokenizer
+    check_model_name(args.model_name)
+    check_writable(args.output_dir)
+    specs = split_list(SPEED_DEFAULT_METHODS if args.methods == build_parser().get_default("methods")
+                       else args.methods)
+    methods = [parse_method(m) for m in specs]
+    for m, _ in methods:
+        if m not in FAST_METHODS:
+            raise UserError(f"method {m!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
+    budgets = [parse_budget(b) for b in split_list(args.budgets)]
+    sizes = [int(x) for x in split_list(args.context_sizes)]
+    try:
+        batches = [int(x) for x in split_list(args.batch_sizes)]
+    except ValueError:
+        raise UserError(f"--batch_sizes {args.batch_sizes!r}: expected a comma list of positive integers") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch_sizes {args.batch_sizes!r}: expected a comma list of positive integers")
+    if args.decode_steps < 4:
+        raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (two warm-up steps, the capture, one timed)")
+    out_dir = Path(args.output_dir)
+    results_path = out_dir / "results.jsonl"
+    if args.overwrite and results_path.exists():
+        results_path.unlink()
+    done = finished_keys(results_path)
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
+    env = environment_info(model)
+    if args.max_batch and model.device.type != "cuda":
+        raise UserError(f"--max_batch searches the device's memory: it needs a CUDA device, not {model.device}")
+    bw = args.bandwidth_gbs or ev.device_bandwidth_gbs(model.device)
+    print(f"[atskv] speed benchmark on {env['hardware']} ({env['dtype']}), bandwidth {bw:.0f} GB/s "
+          f"{'(given)' if args.bandwidth_gbs else '(measured)'} -> {results_path}", file=sys.stderr)
+
+    def save(spec: dict, fn) -> None:
+        key = cell_key(spec)
+        if f"{key}-0" in done:  # finished in an earlier run
+            return
+        t = time.perf_counter()
+        try:
+            recs = fn()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            recs = [{**spec, "status": "error", "error": "out of memory"}]
+        for i, r in enumerate(recs):
+            r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
+                     wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            append_jsonl(results_path, r)
+            if r["status"] == "ok" and r["benchmark"] == "speed":
+                print(f"[atskv] {r['method']:>14} @ {str(r['budget']):>4} ctx {r['context']:>5} batch "
+                      f"{r['batch']:>4} {r['path']:>9}: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.0f} tok/s "
+                      f"floor {r['floor_ms']:.2f} ms (x{r['x_floor']:.1f})", file=sys.stderr)
+            elif r["status"] == "ok":
+                print(f"[atskv] {json.dumps({k: v for k, v in r.items() if k not in ('env', 'cell')})}",
+                      file=sys.stderr)
+    common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
+    try:
+        for size in sizes:
+            for batch in batches:
+                for m, params in methods:
+                    for budget in ([None] if m == "full" else budgets):
+                        spec = {**common, "benchmark": "speed", "method": m, "params": params, "budget": budget,
+                                "context": size, "batch": batch, "steps": args.decode_steps}
+                        save(spec, lambda: ev.measure_decode_speed(
+                            model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
+                            bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
+        if args.max_batch:
+            for m, params in methods:
+                for budget in ([None] if m == "full" else budgets):
+                    spec = {**common, "benchmark": "speed_max_batch", "method": m, "params": params,
+                            "budget": budget, "context": max(sizes)}
+                    save(spec, lambda: [ev.largest_decode_batch(model, tok, m, budget, max(sizes), params,
+                                                                chunk=args.prefill_chunk)])
+        if args.check_answers > 0:
+            samples = ev.synthetic_samples(tok, "needle", min(sizes), args.check_answers, args.seed)
+            for m, params in methods:
+                for budget in ([None] if m == "full" else budgets):
+                    spec = {**common, "benchmark": "speed_answers", "method": m, "params": params,
+                            "budget": budget, "context": min(sizes), "n": args.check_answers, "seed": args.seed}
+                    save(spec, lambda: [ev.check_fast_answers(model, tok, m, budget, samples, args.prefill_chunk,
+                                                              compile=args.compile, params=params)])
+    except KeyboardInterrupt:
+        write_report(out_dir, args)
+        print("[atskv] interrupted: finished records kept", file=sys.stderr)
+        return 130
+    write_report(out_dir, args)
+    print(f"[atskv] results: {out_dir / 'results.md'}", file=sys.stderr)
+    return 0
+
+
 def benchmark_cli(args) -> int:
+    if args.benchmark == "speed":
+        return speed_cli(args)
     if args.benchmark != "prefill_overhead":
-        raise UserError(f"unknown --benchmark {args.benchmark!r}; accepted: prefill_overhead")
+        raise UserError(f"unknown --benchmark {args.benchmark!r}; accepted: prefill_overhead, speed")
     import evaluation as ev
     from utils import atomic_write_text, load_model_and_tokenizer
     check_model_name(args.model_name)

@@ -525,9 +525,19 @@ class ATSKV(KVMethod):
         self.counts.scatter_add_(1, ids.clamp(0, V - 1), torch.ones_like(ids, dtype=self.counts.dtype))
         return self.counts
 
+    def predictor_on(self, device):
+        """The predictor on a layer's device (layers may sit on several devices under --device_map)."""
+        if self.predictor.w.device == device:
+            return self.predictor
+        copies = self.__dict__.setdefault("_pred_copies", {})
+        if str(device) not in copies:
+            import copy
+            copies[str(device)] = copy.deepcopy(self.predictor).to(device)
+        return copies[str(device)]
+
     def observe(self, layer, query, scaling):
         from relevance_predictor import AttentionStatisticsExtractor as A, HandcraftedFeatureExtractor as Hf
-        pred, l = self.predictor, layer.layer_idx
+        pred, l = self.predictor_on(layer.device), layer.layer_idx
         B, Hkv, S = layer.positions.shape
         q = layer.n_new
         if l == 0 and current_input_ids() is not None:
@@ -548,7 +558,8 @@ class ATSKV(KVMethod):
         layer.extras["acc"] = layer.extras["acc"] + mean
         a = A.features(mean, mx, layer.extras["acc"], spread)
         tok = layer.extras["tok"].long()
-        freq = self.counts.gather(1, tok.flatten(1)).view(B, Hkv, S) if self.counts is not None else \
+        counts = self.counts.to(layer.device) if self.counts is not None else None
+        freq = counts.gather(1, tok.flatten(1)).view(B, Hkv, S) if counts is not None else \
             torch.zeros_like(layer.extras["acc"])
         f = Hf.features(layer.positions, layer.cumulative_length, layer.keys, layer.values, tok,
                         pred.token_flags, freq, self.n_sink)

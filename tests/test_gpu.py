@@ -1,0 +1,79 @@
+"""On a CUDA device: the fast path inside a CUDA graph (and compiled) makes the plain path's decisions, and
+compression works when the model's layers sit on different devices (--device_map)."""
+import pytest
+import torch
+
+import evaluation as ev
+from fast_decode import StaticDecoder
+from sparse_kv_cache import KVCacheFactory
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+N_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def cuda_model():
+    from utils import load_model_and_tokenizer
+    return load_model_and_tokenizer("smollm2-135m", device="cuda")  # fp32
+
+
+@pytest.fixture(scope="module")
+def prompt(cuda_model):
+    tok = cuda_model[1]
+    s = ev.synthetic_samples(tok, "needle", 600, 1, seed=3)[0]
+    c, q = ev.encode_prompt(tok, s.context, s.question, s.answer_prefix)
+    return torch.tensor([c + q], device="cuda").expand(2, -1)
+
+
+def plain_decode(model, cache, ids, n_steps):
+    logits = ev.forward_chunked(model, cache, ids, chunk=256)
+    toks = [logits.argmax(-1)]
+    pos = ids.shape[1]
+    for _ in range(n_steps):
+        p = torch.tensor([pos], device=ids.device)
+        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(ids.shape[0], -1))
+        toks.append(out.logits[:, -1].argmax(-1))
+        pos += 1
+    return torch.stack(toks, 1)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("method", ["full", "sliding_window", "h2o", "atskv"])
+def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(cuda_model, prompt, method,
+                                                                                   compile):
+    model, tok = cuda_model
+    plain = KVCacheFactory.create(method, model, budget=128, tokenizer=tok)
+    want = plain_decode(model, plain, prompt, N_STEPS)
+    cache = KVCacheFactory.create(method, model, budget=128, tokenizer=tok)
+    logits = ev.forward_chunked(model, cache, prompt, chunk=256)
+    dec = StaticDecoder.from_cache(model, method, cache, prompt.shape[1], N_STEPS, compile=compile)
+    got = dec.generate(logits.argmax(-1), N_STEPS + 1)
+    assert dec.graph is not None  # the steps after the warm-up were replays of one captured graph
+    assert torch.equal(got, want)
+    if method != "full":
+        for layer, sl in zip(plain.layers, dec.slots):
+            fast = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.pos, sl.present)]
+            assert fast == [[sorted(r.tolist()) for r in b] for b in layer.positions]
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "dynamic_kv", "atskv"])
+def test_compression_works_with_layers_split_between_the_gpu_and_the_cpu(cuda_model, method):
+    from utils import load_model_and_tokenizer
+    model, tok = cuda_model
+    n = model.config.num_hidden_layers
+    dmap = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0}
+    dmap |= {f"model.layers.{i}": 0 if i < n // 2 else "cpu" for i in range(n)}
+    split, _ = load_model_and_tokenizer("smollm2-135m", device_map=dmap)
+    s = ev.synthetic_samples(tok, "needle", 1024, 1, seed=5)[0]
+    c, q = ev.encode_prompt(tok, s.context, s.question, s.answer_prefix)
+    preds = []
+    for m in (model, split):
+        cache, _ = ev.make_cache(method, m, 0.25, len(c), tokenizer=tok)
+        preds.append(ev.run_generation(m, tok, cache, c, q, 10)["prediction"])
+        if method != "full" and m is split:
+            devices = {str(layer.keys.device) for layer in cache.layers}
+            assert devices == {"cuda:0", "cpu"}
+            assert all(layer.stored_length() <= cache.layer_budget(i)
+                       for i, layer in enumerate(cache.layers))
+    assert preds[0] == preds[1]
