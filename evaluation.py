@@ -523,7 +523,7 @@ def _time_steps(dev, fn, n: int) -> float:
 
 @torch.no_grad()
 def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
-                         plain_steps: int = 6, compile: bool = False, bandwidth_gbs: float = 0.0,
+                         plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
                          params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
     """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
     method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
@@ -557,6 +557,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
         pos += 1
     _peak_reset(dev)
     plain_step()  # warm-up
+    plain_step()
     plain_ms = _time_steps(dev, plain_step, plain_steps)
     base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
             "compile": compile, "dtype": str(model.dtype).replace("torch.", ""), "weights_bytes": weights,

@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from utils import UserError
 
 FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
-SLOT_ALIGN = 16   # slot counts are rounded up so that the attention bias rows stay aligned for SDPA's kernels
+SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
+# Free slots are hidden from attention without a mask, so that SDPA can use its flash kernel: keys and values carry
+# PAD extra channels; the query's first extra channel is 1 and the key's is 0 for a stored entry and HIDDEN for a
+# free (or padding) slot, which adds HIDDEN x scaling (about -3750 for head size 64) to its logit: exp() of it is 0.
+PAD = 8
+HIDDEN = -30000.0
 
 
 def method_of(cache) -> str:
@@ -78,7 +83,8 @@ class LeanWeights:
 
 def lean_weights(model) -> LeanWeights:
     """One `LeanWeights` per model (the fused copies are made once)."""
-    if getattr(model, "_atskv_lean", None) is None:
+    lean = getattr(model, "_atskv_lean", None)
+    if lean is None or lean.layers[0]["wqkv"].dtype != model.dtype or lean.layers[0]["wqkv"].device != model.device:
         model._atskv_lean = LeanWeights(model)
     return model._atskv_lean
 
@@ -94,8 +100,10 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
-    """x (B, hidden) -> normed input h, roped q (B, H_kv, G, D), roped k and v (B, H_kv, D)."""
+def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, valid, pos, cur, n_heads: int, n_kv: int,
+                  head_dim: int):
+    """x (B, hidden): RMSNorm, q/k/v, RoPE; the new entry is written into each row's first free slot.
+    Returns the normed input h, the padded query (B, H_kv, G, D + PAD), k and v (B, H_kv, D), and the slot."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
     qkv = F.linear(h, wqkv, bqkv)
@@ -104,7 +112,86 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, hea
     v = qkv[:, (n_heads + n_kv) * head_dim:].view(B, n_kv, head_dim)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v
+    slot = (~present).to(torch.uint8).argmax(-1, keepdim=True)              # (B, H_kv, 1): the first free slot
+    pad = K.shape[-1] - head_dim
+    K.scatter_(2, slot[..., None].expand(B, n_kv, 1, K.shape[-1]),
+               torch.cat([k, k.new_zeros(B, n_kv, pad)], -1)[:, :, None])  # its bias channel: 0, visible
+    V.scatter_(2, slot[..., None].expand(B, n_kv, 1, V.shape[-1]),
+               torch.cat([v, v.new_zeros(B, n_kv, V.shape[-1] - head_dim)], -1)[:, :, None])
+    present.scatter_(2, slot, True)
+    valid.scatter_(2, slot, True)
+    pos.scatter_(2, slot, cur[:, None, None].expand(B, n_kv, 1))
+    G = n_heads // n_kv
+    qp = torch.cat([q.view(B, n_kv, G, head_dim), q.new_ones(B, n_kv, G, 1), q.new_zeros(B, n_kv, G, pad - 1)], -1)
+    return h, qp, k, v, slot
+
+
+def attention_with_probs(qp, K, V, scaling: float, head_dim: int):
+    """Attention of the padded query over every slot, and its softmax probabilities (B, H_kv, G, N) in float32
+    (ATSKV and H2O score with them); free slots get probability 0 through the bias channel."""
+    probs = torch.softmax(torch.matmul(qp, K.transpose(-1, -2)).float() * scaling, dim=-1)
+    return torch.matmul(probs.to(V.dtype), V)[..., :head_dim], probs
+
+
+def hide_free(K, present, valid, head_dim: int):
+    """Refresh the bias channel after an eviction: freed and padding slots are hidden."""
+    K.select(-1, head_dim).copy_(torch.where(present & valid, 0.0, HIDDEN).to(K.dtype))
+
+
+def protection(present, pos, seen, n_sink: int, n_recent):
+    """Entries never evicted: the first n_sink positions and the last n_recent seen (KVMethod.protected)."""
+    return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
+
+
+def bare_evict(K, present, valid, pos, budget, head_dim: int):
+    """No scoring (to measure a method's share of the step): free the oldest non-sink entry when over budget."""
+    over = present[0, 0].sum() > budget
+    old = pos.masked_fill(~present | (pos < 4), torch.iinfo(torch.long).max).argmin(-1)
+    present.scatter_(2, old[..., None], ~over.expand(old.shape)[..., None])
+    hide_free(K, present, valid, head_dim)
+
+
+def generic_evict(kind: str, K, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int,
+                  n_sink: int, n_recent, head_dim: int):
+    """Score-based methods: keep the top budget by score, protected entries first (KVMethod.select)."""
+    over = (present[0, 0].sum() > budget) & (seen[0] > budget_tokens)          # compress() and fits()
+    prot = protection(present, pos, seen, n_sink, n_recent)
+    if kind == "sliding_window":
+        sc = pos.float()
+    else:
+        score.scatter_(2, slot, torch.zeros_like(slot, dtype=score.dtype))     # a new entry scores 0 ...
+        if kind == "h2o":
+            score += probs.sum(2)                       # ... and H2O adds the step's attention, summed over the group
+        sc = score
+    sc = sc.masked_fill(prot, float("inf")).masked_fill(~valid | ~present, float("-inf"))
+    kept = top_mask(sc, budget) & present
+    present.copy_(torch.where(over, kept, present))
+    hide_free(K, present, valid, head_dim)
+
+
+def atskv_evict(K, present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
+                co: dict, h_mean, h_proj, budget, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
+                n_recent, head_dim: int):
+    """ATSKV on one layer: the new entry's write-time logit, every entry re-scored with this step's attention
+    statistics and features, and the threshold controller's decision (`ATSKV.observe` + `select`)."""
+    B, H = k.shape[:2]
+    over = (present[0, 0].sum() > budget) & (seen[0] > budget_tokens)
+    prot = protection(present, pos, seen, n_sink, n_recent)
+    new_tok = tok[:, None, None].expand(B, H, 1)
+    hp = ((h.float() - h_mean) @ h_proj)[:, None, None].expand(B, H, 1, -1)
+    z0.scatter_(2, slot, static_logit(co, flags, hp, cur[:, None, None].expand(B, H, 1), k[:, :, None],
+                                      v[:, :, None], new_tok, n_sink))
+    toks.scatter_(2, slot, new_tok)
+    acc.scatter_(2, slot, torch.zeros_like(slot, dtype=acc.dtype))
+    mean, mx, spread = window_stats(probs)
+    acc += mean
+    freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
+    r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
+    r = r.masked_fill(~valid, -1.0)
+    kept, new_delta = controller_keep(r, prot, present, budget, beta, delta, gain, fixed)
+    delta.copy_(torch.where(over, new_delta, delta))
+    present.copy_(torch.where(over, kept, present))
+    hide_free(K, present, valid, head_dim)
 
 
 def post_attention(x, attn, wo, ln, eps, wgu, wd):
@@ -148,7 +235,7 @@ def controller_keep(r, protected, present, budget: int, beta: float, delta, gain
         tau = beta * torch.where(n > 0, quant, torch.full_like(quant, float("nan")))
     keep = prot | (free & (r > tau))
     n_keep = keep.sum(-1).max()
-    k = torch.clamp(n_keep, min=1, max=budget)
+    k = torch.minimum(torch.clamp(n_keep, min=1), torch.as_tensor(budget, device=r.device))
     m = (k - prot.sum(-1, keepdim=True)).clamp(min=0)       # unprotected entries each row keeps: its m highest r
     posn = torch.arange(N, device=r.device)
     take = (posn >= n - m) & (posn < n)                      # in sorted order: the last m of the n free
@@ -165,15 +252,18 @@ class SlotLayer:
     def __init__(self, keys, values, positions, valid, n_slots: int, budget: int | None):
         B, H, S, D = keys.shape
         dev = keys.device
-        self.K = keys.new_zeros((B, H, n_slots, D))
-        self.V = values.new_zeros((B, H, n_slots, values.shape[-1]))
-        self.K[:, :, :S], self.V[:, :, :S] = keys, values
+        Dp = D + PAD
+        self.D = D
+        self.K = keys.new_zeros((B, H, n_slots, Dp))
+        self.V = values.new_zeros((B, H, n_slots, values.shape[-1] + PAD))
+        self.K[:, :, :S, :D], self.V[:, :, :S, :D] = keys, values
         self.pos = torch.full((B, H, n_slots), -1, dtype=torch.long, device=dev)
         self.pos[:, :, :S] = positions
         self.present = torch.zeros((B, H, n_slots), dtype=torch.bool, device=dev)
         self.present[:, :, :S] = True
         self.valid = torch.ones((B, H, n_slots), dtype=torch.bool, device=dev)
         self.valid[:, :, :S] = valid
+        self.K[..., D] = torch.where(self.present & self.valid, 0.0, HIDDEN)
         self.budget = budget
         self.state: dict[str, torch.Tensor] = {}
 
@@ -213,11 +303,12 @@ class StaticDecoder:
         self.t = torch.zeros((), dtype=torch.long, device=self.dev)
         self.use_graph = (self.dev.type == "cuda") if use_graph is None else use_graph
         self.graph = None
-        self.pre, self.post, self.decide = pre_attention, post_attention, controller_keep
-        if compile:
-            self.pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
-            self.post = torch.compile(post_attention, fullgraph=True, dynamic=False)
-            self.decide = torch.compile(controller_keep, fullgraph=True, dynamic=True)
+        self.fn = {"pre": pre_attention, "post": post_attention, "attn": attention_with_probs,
+                   "bare": bare_evict, "generic": generic_evict, "atskv": atskv_evict}
+        if compile:  # fuse each piece's element-wise work; layers of other slot counts recompile once, dynamically
+            from torch import _dynamo
+            _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)
+            self.fn = compiled_functions()
         self.steps_done = 0
 
     # -- building from the plain path's cache -------------------------------------------------------------------
@@ -287,93 +378,61 @@ class StaticDecoder:
         return sum(int(s.present.sum()) * (s.K.shape[-1] + s.V.shape[-1]) * s.K.element_size() for s in self.slots)
 
     # -- one decode step ----------------------------------------------------------------------------------------
+    def _layer_args(self):
+        """Per-layer constants as device tensors (so that compiled functions are not specialised per layer)."""
+        if getattr(self, "_largs", None) is None:
+            m, dev = self.m, self.dev
+            self._largs = []
+            for l, sl in enumerate(self.slots):
+                a = {}
+                if sl.budget is not None:
+                    a["budget"] = torch.tensor(sl.budget, device=dev)
+                    a["n_recent"] = torch.tensor(m.recent_tokens(sl.budget) if m is not None else 0, device=dev)
+                if self.method == "atskv":
+                    a["beta"] = torch.tensor(m.controller.beta[l], dtype=torch.float32, device=dev)
+                    a["h_mean"], a["h_proj"] = m.predictor.h_mean[l], m.predictor.h_proj[l]
+                self._largs.append(a)
+        return self._largs
+
     def _step(self) -> None:
-        w, B = self.w, self.B
+        w, B, m = self.w, self.B, self.m
         x = w.embed(self.tok)
         cos, sin = w.rotary(x[:, None], self.cur[:, None])          # (B, 1, D): broadcast over the heads
         seen = self.cur + 1
-        if self.method == "atskv" and self.score_on:
+        atskv = self.method == "atskv" and self.score_on
+        if atskv:
             self.counts.scatter_add_(1, self.tok[:, None].clamp(0, self.counts.shape[1] - 1),
                                      torch.ones((B, 1), dtype=self.counts.dtype, device=self.dev))
-        for l, (lw, sl) in enumerate(zip(w.layers, self.slots)):
-            h, q, k, v = self.pre(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, w.n_heads, w.n_kv,
-                                  w.head_dim)
-            slot = (~sl.present).to(torch.uint8).argmax(-1, keepdim=True)             # (B, H, 1): first free slot
-            D = k.shape[-1]
-            sl.K.scatter_(2, slot[..., None].expand(-1, -1, 1, D), k[:, :, None])
-            sl.V.scatter_(2, slot[..., None].expand(-1, -1, 1, v.shape[-1]), v[:, :, None])
-            sl.present.scatter_(2, slot, True)
-            sl.valid.scatter_(2, slot, True)
-            sl.pos.scatter_(2, slot, self.cur[:, None, None].expand(-1, sl.pos.shape[1], 1))
-            ok = sl.present & sl.valid
-            need_probs = self.score_on and self.method in ("atskv", "h2o")
+        need_probs = self.score_on and self.method in ("atskv", "h2o")
+        D = w.head_dim
+        for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
+            h, qp, k, v, slot = self.fn["pre"](x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, sl.K, sl.V,
+                                               sl.present, sl.valid, sl.pos, self.cur, w.n_heads, w.n_kv, D)
             if need_probs:
-                logits = torch.matmul(q, sl.K.transpose(-1, -2)).float() * lw["scaling"]    # (B, H, G, N)
-                probs = torch.softmax(logits.masked_fill(~ok[:, :, None], float("-inf")), dim=-1)
-                attn = torch.matmul(probs.to(sl.V.dtype), sl.V)
-            else:
-                bias = torch.zeros(ok.shape, dtype=q.dtype, device=self.dev).masked_fill(~ok, float("-inf"))
-                attn = F.scaled_dot_product_attention(q, sl.K, sl.V, attn_mask=bias[:, :, None].expand(
-                    -1, -1, q.shape[2], -1), scale=lw["scaling"])
-                probs = None
+                attn, probs = self.fn["attn"](qp, sl.K, sl.V, lw["scaling"], D)
+            else:  # no mask: the bias channel hides free slots, and SDPA may use its flash kernel
+                attn, probs = F.scaled_dot_product_attention(qp, sl.K, sl.V, scale=lw["scaling"])[..., :D], None
             if sl.budget is not None:
-                if self.score_on:
-                    self._evict(l, sl, slot, h, k, v, probs, seen)
-                else:   # bare: free the oldest entry when over budget, no scoring (to measure the method's share)
-                    over = sl.present[0, 0].sum() > sl.budget
-                    old = sl.pos.masked_fill(~sl.present | (sl.pos < 4), torch.iinfo(torch.long).max).argmin(-1)
-                    sl.present.scatter_(2, old[..., None], ~over.expand(old.shape)[..., None])
-            x = self.post(x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
+                if not self.score_on:
+                    self.fn["bare"](sl.K, sl.present, sl.valid, sl.pos, la["budget"], D)
+                elif atskv:
+                    st = sl.state
+                    self.fn["atskv"](sl.K, sl.present, sl.valid, sl.pos, st["z0"], st["tok"], st["acc"], st["delta"],
+                                     self.counts, m.predictor.token_flags, probs, slot, h, k, v, self.tok, self.cur,
+                                     seen, self.coefs[l], la["h_mean"], la["h_proj"], la["budget"],
+                                     self.budget_tokens, la["beta"], m.controller.gain, m.controller.fixed,
+                                     m.n_sink, la["n_recent"], D)
+                else:
+                    self.fn["generic"](self.method, sl.K, sl.present, sl.valid, sl.pos, sl.state.get("score"),
+                                       probs, slot, seen, la["budget"], self.budget_tokens, m.n_sink,
+                                       la["n_recent"], D)
+            x = self.fn["post"](x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
         nxt = logits.float().argmax(-1)
         self.tok.copy_(nxt)
         self.t += 1
         self.out.scatter_(1, torch.remainder(self.t, self.out.shape[1]).expand(B)[:, None], nxt[:, None])
         self.cur += 1
-
-    def _evict(self, l, sl, slot, h, k, v, probs, seen):
-        """The method's per-step work on one layer: score the entries, free the slots it evicts."""
-        m = self.m
-        s_seen = seen[:, None, None]
-        over = (sl.present[0, 0].sum() > sl.budget) & (seen[0] > self.budget_tokens)   # compress() and fits()
-        prot = sl.present & (sl.pos < m.n_sink)
-        n_recent = m.recent_tokens(sl.budget)
-        if n_recent > 0:
-            prot |= sl.present & (sl.pos >= s_seen - n_recent)
-        if self.method == "atskv":
-            pred = m.predictor
-            B, H = k.shape[:2]
-            st = sl.state
-            new_tok = self.tok[:, None, None].expand(B, H, 1)
-            z0 = static_logit(self.coefs[l], pred.token_flags,
-                              pred.project_hidden(l, h)[:, None, None].expand(B, H, 1, -1),
-                              self.cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None], new_tok,
-                              m.n_sink)
-            st["z0"].scatter_(2, slot, z0)
-            st["tok"].scatter_(2, slot, new_tok)
-            st["acc"].scatter_(2, slot, torch.zeros_like(z0))
-            mean, mx, spread = window_stats(probs)
-            st["acc"] += mean
-            freq = self.counts.gather(1, st["tok"].flatten(1)).view(st["tok"].shape)
-            r = torch.sigmoid(st["z0"] + dynamic_logit(self.coefs[l], sl.pos, s_seen, mean, mx, st["acc"], spread, freq))
-            r = r.masked_fill(~sl.valid, -1.0)
-            kept, delta = self.decide(r, prot, sl.present, sl.budget, m.controller.beta[l], st["delta"],
-                                      m.controller.gain, m.controller.fixed)
-            st["delta"].copy_(torch.where(over, delta, st["delta"]))
-        else:
-            if self.method == "sliding_window":
-                score = sl.pos.float()
-            else:
-                st = sl.state
-                new = torch.zeros_like(slot, dtype=torch.float)
-                st["score"].scatter_(2, slot, new)
-                if self.method == "h2o":   # accumulated attention, summed over the GQA group
-                    st["score"] += probs.sum(2)
-                score = st["score"]
-            score = score.masked_fill(prot, float("inf")).masked_fill(~sl.valid, float("-inf"))
-            score = score.masked_fill(~sl.present, float("-inf"))
-            kept = top_mask(score, sl.budget) & sl.present
-        sl.present.copy_(torch.where(over, kept, sl.present))
 
     # -- running ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -417,6 +476,18 @@ class StaticDecoder:
             else:
                 self.step()
         return self.out[:, :n_tokens].clone()
+
+
+_COMPILED: dict = {}
+
+
+def compiled_functions() -> dict:
+    """The step's pieces compiled once per process (torch.compile caches per shape and guards)."""
+    if not _COMPILED:
+        c = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
+        _COMPILED.update(pre=c(pre_attention), post=c(post_attention), attn=c(attention_with_probs),
+                         bare=c(bare_evict), generic=c(generic_evict), atskv=c(atskv_evict))
+    return _COMPILED
 
 
 def window_stats(probs):

@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decode_steps", type=int, default=32, help="speed benchmark: timed decode steps per path")
     a("--compile", action="store_true", help="fast path: also fuse the step's element-wise work with torch.compile "
       "(compiles once per shape, then captured in the CUDA graph)")
-    a("--max_batch", action="store_true", help="speed benchmark: also find the largest decode batch that fits in "
-      "the device's memory, per method, at the largest context size")
-    a("--check_answers", type=int, default=0, help="speed benchmark: also decode N synthetic needle samples (at "
-      "the smallest context size) by the plain loop and by the fast path and count identical answers")
+    a("--speed_parts", default="timing", help="speed benchmark: comma list of timing (per method, context, batch "
+      "and path), max_batch (the largest decode batch that fits, at the largest context), answers (synthetic needle "
+      "samples at the smallest context through the plain loop and the fast path: identical answers?)")
+    a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
       "pyramidkv, dynamic_kv, h2o, atskv without external memory)")
@@ -504,6 +504,12 @@ def speed_cli(args) -> int:
         raise UserError(f"--batch_sizes {args.batch_sizes!r}: expected a comma list of positive integers") from None
     if not batches or min(batches) < 1:
         raise UserError(f"--batch_sizes {args.batch_sizes!r}: expected a comma list of positive integers")
+    parts = split_list(args.speed_parts)
+    bad = [p for p in parts if p not in ("timing", "max_batch", "answers")] or ([] if parts else ["(empty)"])
+    if bad:
+        raise UserError(f"--speed_parts: unknown part(s) {', '.join(bad)}; accepted: timing, max_batch, answers")
+    if args.check_answers < 1:
+        raise UserError(f"--check_answers {args.check_answers}: at least 1 sample")
     if args.decode_steps < 4:
         raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (two warm-up steps, the capture, one timed)")
     out_dir = Path(args.output_dir)
@@ -513,8 +519,9 @@ def speed_cli(args) -> int:
     done = finished_keys(results_path)
     model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
     env = environment_info(model)
-    if args.max_batch and model.device.type != "cuda":
-        raise UserError(f"--max_batch searches the device's memory: it needs a CUDA device, not {model.device}")
+    if "max_batch" in parts and model.device.type != "cuda":
+        raise UserError(f"--speed_parts max_batch searches the device's memory: it needs a CUDA device, not "
+                        f"{model.device}")
     bw = args.bandwidth_gbs or ev.device_bandwidth_gbs(model.device)
     print(f"[atskv] speed benchmark on {env['hardware']} ({env['dtype']}), bandwidth {bw:.0f} GB/s "
           f"{'(given)' if args.bandwidth_gbs else '(measured)'} -> {results_path}", file=sys.stderr)
@@ -542,7 +549,7 @@ def speed_cli(args) -> int:
                       file=sys.stderr)
     common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
     try:
-        for size in sizes:
+        for size in sizes if "timing" in parts else []:
             for batch in batches:
                 for m, params in methods:
                     for budget in ([None] if m == "full" else budgets):
@@ -551,14 +558,14 @@ def speed_cli(args) -> int:
                         save(spec, lambda: ev.measure_decode_speed(
                             model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
                             bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
-        if args.max_batch:
+        if "max_batch" in parts:
             for m, params in methods:
                 for budget in ([None] if m == "full" else budgets):
                     spec = {**common, "benchmark": "speed_max_batch", "method": m, "params": params,
                             "budget": budget, "context": max(sizes)}
                     save(spec, lambda: [ev.largest_decode_batch(model, tok, m, budget, max(sizes), params,
                                                                 chunk=args.prefill_chunk)])
-        if args.check_answers > 0:
+        if "answers" in parts:
             samples = ev.synthetic_samples(tok, "needle", min(sizes), args.check_answers, args.seed)
             for m, params in methods:
                 for budget in ([None] if m == "full" else budgets):
