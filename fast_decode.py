@@ -100,10 +100,9 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, valid, pos, cur, n_heads: int, n_kv: int,
-                  head_dim: int):
-    """x (B, hidden): RMSNorm, q/k/v, RoPE; the new entry is written into each row's first free slot.
-    Returns the normed input h, the padded query (B, H_kv, G, D + PAD), k and v (B, H_kv, D), and the slot."""
+def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int, n_kv: int, head_dim: int):
+    """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the padded query (B, H_kv, G, D + PAD),
+    k and v (B, H_kv, D), their padded forms to store, and the slot they go to (each row's first free one)."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
     qkv = F.linear(h, wqkv, bqkv)
@@ -114,16 +113,22 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, valid, pos, c
     k = k * cos + rotate_half(k) * sin
     slot = (~present).to(torch.uint8).argmax(-1, keepdim=True)              # (B, H_kv, 1): the first free slot
     pad = K.shape[-1] - head_dim
-    K.scatter_(2, slot[..., None].expand(B, n_kv, 1, K.shape[-1]),
-               torch.cat([k, k.new_zeros(B, n_kv, pad)], -1)[:, :, None])  # its bias channel: 0, visible
-    V.scatter_(2, slot[..., None].expand(B, n_kv, 1, V.shape[-1]),
-               torch.cat([v, v.new_zeros(B, n_kv, V.shape[-1] - head_dim)], -1)[:, :, None])
-    present.scatter_(2, slot, True)
-    valid.scatter_(2, slot, True)
-    pos.scatter_(2, slot, cur[:, None, None].expand(B, n_kv, 1))
+    kp = torch.cat([k, k.new_zeros(B, n_kv, pad)], -1)                      # its bias channel: 0, visible
+    vp = torch.cat([v, v.new_zeros(B, n_kv, V.shape[-1] - head_dim)], -1)
     G = n_heads // n_kv
     qp = torch.cat([q.view(B, n_kv, G, head_dim), q.new_ones(B, n_kv, G, 1), q.new_zeros(B, n_kv, G, pad - 1)], -1)
-    return h, qp, k, v, slot
+    return h, qp, k, v, kp, vp, slot
+
+
+def write_entry(K, V, present, valid, pos, kp, vp, slot, cur):
+    """The new entry into its slot, in place (outside torch.compile: a compiled in-place write into a large input
+    may become a copy of the whole buffer)."""
+    B, H = slot.shape[:2]
+    K.scatter_(2, slot[..., None].expand(B, H, 1, K.shape[-1]), kp[:, :, None])
+    V.scatter_(2, slot[..., None].expand(B, H, 1, V.shape[-1]), vp[:, :, None])
+    present.scatter_(2, slot, True)
+    valid.scatter_(2, slot, True)
+    pos.scatter_(2, slot, cur[:, None, None].expand(B, H, 1))
 
 
 def attention_with_probs(qp, K, V, scaling: float, head_dim: int):
@@ -134,7 +139,7 @@ def attention_with_probs(qp, K, V, scaling: float, head_dim: int):
 
 
 def hide_free(K, present, valid, head_dim: int):
-    """Refresh the bias channel after an eviction: freed and padding slots are hidden."""
+    """Refresh the bias channel after an eviction: freed and padding slots are hidden (in place, not compiled)."""
     K.select(-1, head_dim).copy_(torch.where(present & valid, 0.0, HIDDEN).to(K.dtype))
 
 
@@ -148,7 +153,6 @@ def bare_evict(K, present, valid, pos, budget, head_dim: int):
     over = present[0, 0].sum() > budget
     old = pos.masked_fill(~present | (pos < 4), torch.iinfo(torch.long).max).argmin(-1)
     present.scatter_(2, old[..., None], ~over.expand(old.shape)[..., None])
-    hide_free(K, present, valid, head_dim)
 
 
 def generic_evict(kind: str, K, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int,
@@ -166,7 +170,6 @@ def generic_evict(kind: str, K, present, valid, pos, score, probs, slot, seen, b
     sc = sc.masked_fill(prot, float("inf")).masked_fill(~valid | ~present, float("-inf"))
     kept = top_mask(sc, budget) & present
     present.copy_(torch.where(over, kept, present))
-    hide_free(K, present, valid, head_dim)
 
 
 def atskv_evict(K, present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
@@ -191,7 +194,6 @@ def atskv_evict(K, present, valid, pos, z0, toks, acc, delta, counts, flags, pro
     kept, new_delta = controller_keep(r, prot, present, budget, beta, delta, gain, fixed)
     delta.copy_(torch.where(over, new_delta, delta))
     present.copy_(torch.where(over, kept, present))
-    hide_free(K, present, valid, head_dim)
 
 
 def post_attention(x, attn, wo, ln, eps, wgu, wd):
@@ -406,8 +408,9 @@ class StaticDecoder:
         need_probs = self.score_on and self.method in ("atskv", "h2o")
         D = w.head_dim
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
-            h, qp, k, v, slot = self.fn["pre"](x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, sl.K, sl.V,
-                                               sl.present, sl.valid, sl.pos, self.cur, w.n_heads, w.n_kv, D)
+            h, qp, k, v, kp, vp, slot = self.fn["pre"](x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin,
+                                                       sl.K, sl.V, sl.present, w.n_heads, w.n_kv, D)
+            write_entry(sl.K, sl.V, sl.present, sl.valid, sl.pos, kp, vp, slot, self.cur)
             if need_probs:
                 attn, probs = self.fn["attn"](qp, sl.K, sl.V, lw["scaling"], D)
             else:  # no mask: the bias channel hides free slots, and SDPA may use its flash kernel
@@ -426,6 +429,7 @@ class StaticDecoder:
                     self.fn["generic"](self.method, sl.K, sl.present, sl.valid, sl.pos, sl.state.get("score"),
                                        probs, slot, seen, la["budget"], self.budget_tokens, m.n_sink,
                                        la["n_recent"], D)
+                hide_free(sl.K, sl.present, sl.valid, D)
             x = self.fn["post"](x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
         nxt = logits.float().argmax(-1)
