@@ -205,8 +205,8 @@ def post_attention(x, attn, wo, ln, eps, wgu, wd):
 
 
 def top_mask(score: torch.Tensor, k) -> torch.Tensor:
-    """(B, H, N) bool: the k highest scores of each row (one sort; ties by slot order)."""
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    """(B, H, N) bool: the k highest scores of each row (one sort; ties broken arbitrarily, as by topk)."""
+    order = torch.sort(score, dim=-1, descending=True).indices
     rank_ok = torch.arange(score.shape[-1], device=score.device) < k
     return torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, rank_ok.expand_as(order))
 
@@ -224,7 +224,7 @@ def controller_keep(r, protected, present, budget: int, beta: float, delta, gain
     r = r.float()
     prot = protected & present
     free = present & ~protected
-    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1, stable=True)  # the free first, by r
+    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1)  # the free first, by r
     n = free.sum(-1, keepdim=True)
     if fixed is not None:
         tau = torch.full_like(r[..., :1], fixed)
