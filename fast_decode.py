@@ -432,6 +432,7 @@ class StaticDecoder:
                 hide_free(sl.K, sl.present, sl.valid, D)
             x = self.fn["post"](x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
+        self.logits = logits                # (B, vocab) of the last step (the graph's output buffer when replayed)
         nxt = logits.float().argmax(-1)
         self.tok.copy_(nxt)
         self.t += 1
