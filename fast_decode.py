@@ -111,7 +111,10 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int,
     v = qkv[:, (n_heads + n_kv) * head_dim:].view(B, n_kv, head_dim)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    slot = (~present).to(torch.uint8).argmax(-1, keepdim=True)              # (B, H_kv, 1): the first free slot
+    N = present.shape[-1]
+    idx = torch.arange(N, device=present.device)
+    # (B, H_kv, 1): the first free slot, as a min (argmax over ties is not always the first one in compiled code)
+    slot = torch.where(present, N, idx).amin(-1, keepdim=True).clamp(max=N - 1)
     pad = K.shape[-1] - head_dim
     kp = torch.cat([k, k.new_zeros(B, n_kv, pad)], -1)                      # its bias channel: 0, visible
     vp = torch.cat([v, v.new_zeros(B, n_kv, V.shape[-1] - head_dim)], -1)
