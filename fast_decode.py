@@ -288,7 +288,8 @@ def _round_up(n: int, m: int) -> int:
 
 class StaticDecoder:
     """Greedy decoding over a static slot cache. Build it from the plain path's cache after the prefill
-    (`from_cache`), then `generate(first_token, n_steps)`; on CUDA the step is captured once and replayed."""
+    (`from_cache`, which takes the cache's entries over and empties it), then `generate(first_token, n_steps)`; on
+    CUDA the step is captured once and replayed."""
 
     def __init__(self, model, method: str, slots: list[SlotLayer], start_pos, max_steps: int, method_obj=None,
                  budget_tokens: int | None = None, compile: bool = False, use_graph: bool | None = None,
@@ -357,6 +358,10 @@ class StaticDecoder:
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
+        if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
+            for layer in cache.layers:
+                layer.keys = layer.values = layer.positions = layer.valid = None
+                layer.extras = {}
         return dec
 
     def repeated(self, batch: int) -> "StaticDecoder":

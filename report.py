@@ -474,9 +474,10 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
     if ans:
         lines += ["Answers of the fast path against the plain loop on the synthetic benchmark (same prompts and "
                   "prefill; greedy):", "",
-                  md_table(["method", "task", "context", "dtype", "samples", "identical answers", "score plain",
-                            "score fast"],
-                           [[label(r), r["task"], r["context"], r["dtype"], r["n"], r["same"],
+                  md_table(["method", "task", "context", "dtype", "compiled", "samples", "identical answers",
+                            "score plain", "score fast"],
+                           [[label(r), r["task"], r["context"], r["dtype"], {True: "yes", False: "no"}.get(
+                               r.get("compile"), "-"), r["n"], r["same"],
                              f"{r['score_plain']:.0f}", f"{r['score_fast']:.0f}"] for r in ans]), ""]
     return lines
 

@@ -537,6 +537,7 @@ def speed_cli(args) -> int:
             torch.cuda.empty_cache()
             recs = [{**spec, "status": "error", "error": "out of memory"}]
         for i, r in enumerate(recs):
+            r.setdefault("compile", args.compile)
             r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
                      wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
             append_jsonl(results_path, r)
