@@ -1,0 +1,58 @@
+"""The speed benchmark: records per path beside the memory floor, the report's speed section, resuming, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fast_decode import memory_floor_ms
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEED = ["--benchmark", "speed", "--context_sizes", "256", "--batch_sizes", "2", "--budgets", "0.25",
+         "--methods", "full,atskv", "--decode_steps", "4", "--device", "cpu"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "run_experiment.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ))
+
+
+def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
+    assert memory_floor_ms(3_000_000_000, 1_300_000_000, 4300.0) == pytest.approx(1000 * 4.3e9 / 4.3e12)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "rocket_kv"], "method 'rocket_kv' has no fast decode path; accepted: full, sliding_window"),
+    (["--speed_parts", "timing,warp"], "--speed_parts: unknown part(s) warp; accepted: timing, max_batch, answers"),
+    (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
+    (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
+])
+def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    proc = cli(*SPEED, *args, "--output_dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_resumes(tmp_path):
+    proc = cli(*SPEED, "--output_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    paths = sorted((r["method"], r["path"]) for r in recs)
+    assert paths == [("atskv", "fast"), ("atskv", "fast_bare"), ("atskv", "hf_plain"), ("full", "fast"),
+                     ("full", "hf_plain")]
+    for r in recs:
+        assert r["tok_s"] == pytest.approx(1000 * 2 / r["decode_ms"])
+        assert r["floor_ms"] == pytest.approx(memory_floor_ms(r["weights_bytes"], r["kv_bytes_read"],
+                                                              r["bandwidth_gbs"]))
+    by = {(r["method"], r["path"]): r for r in recs}
+    # the fast path reads every slot: at least what the plain cache holds
+    assert by["atskv", "fast"]["kv_bytes_read"] >= by["atskv", "hf_plain"]["kv_bytes_read"]
+    assert by["atskv", "hf_plain"]["kv_bytes_read"] < by["full", "hf_plain"]["kv_bytes_read"] / 2
+    md = (tmp_path / "results.md").read_text()
+    assert "## Decode speed" in md and "| atskv @ 25% | 256 | 2 | fast path |" in md
+    assert (tmp_path / "figures" / "speed_decode.png").stat().st_size > 0
+    again = cli(*SPEED, "--output_dir", str(tmp_path))
+    assert again.returncode == 0
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(recs)  # nothing re-measured
