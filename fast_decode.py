@@ -151,15 +151,15 @@ def protection(present, pos, seen, n_sink: int, n_recent):
     return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
 
 
-def bare_evict(K, present, valid, pos, budget, head_dim: int):
+def bare_evict(present, pos, budget):
     """No scoring (to measure a method's share of the step): free the oldest non-sink entry when over budget."""
     over = present[0, 0].sum() > budget
     old = pos.masked_fill(~present | (pos < 4), torch.iinfo(torch.long).max).argmin(-1)
     present.scatter_(2, old[..., None], ~over.expand(old.shape)[..., None])
 
 
-def generic_evict(kind: str, K, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int,
-                  n_sink: int, n_recent, head_dim: int):
+def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int, n_sink: int,
+                  n_recent):
     """Score-based methods: keep the top budget by score, protected entries first (KVMethod.select)."""
     over = (present[0, 0].sum() > budget) & (seen[0] > budget_tokens)          # compress() and fits()
     prot = protection(present, pos, seen, n_sink, n_recent)
@@ -175,9 +175,9 @@ def generic_evict(kind: str, K, present, valid, pos, score, probs, slot, seen, b
     present.copy_(torch.where(over, kept, present))
 
 
-def atskv_evict(K, present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
+def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
                 co: dict, h_mean, h_proj, budget, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
-                n_recent, head_dim: int):
+                n_recent):
     """ATSKV on one layer: the new entry's write-time logit, every entry re-scored with this step's attention
     statistics and features, and the threshold controller's decision (`ATSKV.observe` + `select`)."""
     B, H = k.shape[:2]
@@ -384,10 +384,6 @@ class StaticDecoder:
     def kv_bytes(self) -> int:
         return sum(s.nbytes() for s in self.slots)
 
-    def kv_bytes_present(self) -> int:
-        return sum(int(s.present.sum()) * (s.K.shape[-1] + s.V.shape[-1]) * s.K.element_size() for s in self.slots)
-
-    # -- one decode step ----------------------------------------------------------------------------------------
     def _layer_args(self):
         """Per-layer constants as device tensors (so that compiled functions are not specialised per layer)."""
         if getattr(self, "_largs", None) is None:
@@ -425,18 +421,17 @@ class StaticDecoder:
                 attn, probs = F.scaled_dot_product_attention(qp, sl.K, sl.V, scale=lw["scaling"])[..., :D], None
             if sl.budget is not None:
                 if not self.score_on:
-                    self.fn["bare"](sl.K, sl.present, sl.valid, sl.pos, la["budget"], D)
+                    self.fn["bare"](sl.present, sl.pos, la["budget"])
                 elif atskv:
                     st = sl.state
-                    self.fn["atskv"](sl.K, sl.present, sl.valid, sl.pos, st["z0"], st["tok"], st["acc"], st["delta"],
+                    self.fn["atskv"](sl.present, sl.valid, sl.pos, st["z0"], st["tok"], st["acc"], st["delta"],
                                      self.counts, m.predictor.token_flags, probs, slot, h, k, v, self.tok, self.cur,
                                      seen, self.coefs[l], la["h_mean"], la["h_proj"], la["budget"],
                                      self.budget_tokens, la["beta"], m.controller.gain, m.controller.fixed,
-                                     m.n_sink, la["n_recent"], D)
+                                     m.n_sink, la["n_recent"])
                 else:
-                    self.fn["generic"](self.method, sl.K, sl.present, sl.valid, sl.pos, sl.state.get("score"),
-                                       probs, slot, seen, la["budget"], self.budget_tokens, m.n_sink,
-                                       la["n_recent"], D)
+                    self.fn["generic"](self.method, sl.present, sl.valid, sl.pos, sl.state.get("score"), probs,
+                                       slot, seen, la["budget"], self.budget_tokens, m.n_sink, la["n_recent"])
                 hide_free(sl.K, sl.present, sl.valid, D)
             x = self.fn["post"](x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
@@ -558,8 +553,3 @@ def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):
 def memory_floor_ms(weight_bytes: int, kv_bytes: int, bandwidth_gbs: float) -> float:
     """Reading the weights and the KV once per step at the device's bandwidth: no decode step can be faster."""
     return 1000.0 * (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
-
-
-def round_up_slots(n: int) -> int:
-    return _round_up(n, SLOT_ALIGN)
-
