@@ -252,7 +252,6 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     from sparse_kv_cache import cache_nbytes
     dev = model.device
     stops = stop_token_ids(model, tokenizer)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     if mode == "question_agnostic":
         if not prefilled:  # a cache that already holds the (compressed) context skips its prefill
@@ -264,39 +263,38 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         with ctx:
             logits = forward_chunked(model, cache, torch.tensor([ctx_ids + q_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
-    sync()
+    _sync(dev)
     t1 = time.perf_counter()
     peak_bytes = cache_nbytes(cache)
     generated, pos = [], len(ctx_ids) + len(q_ids)
     if fast:
         from fast_decode import StaticDecoder, method_of
         dec = StaticDecoder.from_cache(model, method_of(cache), cache, pos, max_new_tokens, compile=compile)
-        cache = None  # the plain cache's tensors were copied into the slots
+        cache = None  # the decoder took the entries over
         peak_bytes = bytes_after_context = dec.kv_bytes()
-        toks = dec.generate(logits[0].argmax(), max_new_tokens)[0].tolist()
-        for tok in toks:  # the plain loop's stop rules
+        for tok in dec.generate(logits[0].argmax(), max_new_tokens)[0].tolist():  # then the plain loop's stop rules
             if tok in stops:
                 break
             generated.append(tok)
             if stop_when is not None and stop_when(tokenizer.decode(generated, skip_special_tokens=True)):
                 break
-        max_new_tokens = 0
-    for _ in range(max_new_tokens):
-        tok = int(logits[0].argmax())
-        if tok in stops:
-            break
-        generated.append(tok)
-        if stop_when is not None and stop_when(tokenizer.decode(generated, skip_special_tokens=True)):
-            break
-        p = torch.tensor([pos], device=dev)
-        out = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache, use_cache=True,
-                    cache_position=p, position_ids=p[None])
-        logits = out.logits[:, -1]
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError("NaN or inf in the logits")
-        pos += 1
-        peak_bytes = max(peak_bytes, cache_nbytes(cache))
-    sync()
+    else:
+        for _ in range(max_new_tokens):
+            tok = int(logits[0].argmax())
+            if tok in stops:
+                break
+            generated.append(tok)
+            if stop_when is not None and stop_when(tokenizer.decode(generated, skip_special_tokens=True)):
+                break
+            p = torch.tensor([pos], device=dev)
+            out = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache, use_cache=True,
+                        cache_position=p, position_ids=p[None])
+            logits = out.logits[:, -1]
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("NaN or inf in the logits")
+            pos += 1
+            peak_bytes = max(peak_bytes, cache_nbytes(cache))
+    _sync(dev)
     t2 = time.perf_counter()
     from sparse_kv_cache import tier_bytes
     return {
@@ -433,7 +431,7 @@ def measure_prefill_overhead(model, tokenizer, n_tokens: int = 2048, budget=0.25
     from sparse_kv_cache import ATSKV, KVCacheFactory
     s = make_synthetic_sample(tokenizer, "needle", n_tokens, 0.5, 0)
     ids = torch.tensor([encode_prompt(tokenizer, s.context, s.question)[0]], device=model.device)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync = lambda: _sync(model.device)  # noqa: E731
     spent = []
     orig = ATSKV.observe
 

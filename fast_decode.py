@@ -1,8 +1,8 @@
 """The fast decode path: a static-shape decode step for Llama-architecture models, with each method's per-step work
 (scoring the new token, eviction) inside the step, replayed as one CUDA graph.
 
-Why: HF's plain decode loop is bound by Python and kernel launches (60-100 ms a step on an H200 with the 135M default
-model, whatever the KV length: ../shared/gpu/README.md), so a compressed cache saves memory but no time. Here each
+Why: HF's plain decode loop is bound by Python and kernel launches (60-110 ms a step on an H200 with the 135M default
+model, whatever the KV length; README, "Decode speed"), so a compressed cache saves memory but no time. Here each
 layer's cache is a fixed number of slots (a budget is naturally of fixed size). A step writes the new token into the
 first free slot, attends over all slots with a bias that hides free ones, and the method frees the slots it evicts.
 Shapes never change, so a whole step (every layer, greedy sampling, the bookkeeping) is captured once in a CUDA graph
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
 FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
@@ -33,6 +34,14 @@ SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
 # free (or padding) slot, which adds HIDDEN x scaling (about -3750 for head size 64) to its logit: exp() of it is 0.
 PAD = 8
 HIDDEN = -30000.0
+
+
+def check_fast_method(name: str, params: dict | None = None) -> None:
+    """Raise a one-line UserError unless the fast path implements method `name` with these parameters."""
+    params = params or {}
+    if name not in FAST_METHODS or name == "atskv" and (params.get("external_memory") or params.get("span", 1) > 1):
+        raise UserError(f"method {name!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)} (atskv "
+                        f"without external memory, span 1)")
 
 
 def method_of(cache) -> str:
@@ -78,7 +87,6 @@ class LeanWeights:
                 "wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), "bqkv": bias,
                 "wo": a.o_proj.weight, "wgu": torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
                 "wd": m.down_proj.weight, "scaling": getattr(a, "scaling", self.head_dim ** -0.5)})
-        self.nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def lean_weights(model) -> LeanWeights:
@@ -189,7 +197,8 @@ def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs,
                                       v[:, :, None], new_tok, n_sink))
     toks.scatter_(2, slot, new_tok)
     acc.scatter_(2, slot, torch.zeros_like(slot, dtype=acc.dtype))
-    mean, mx, spread = window_stats(probs)
+    B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
+    mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
     acc += mean
     freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
     r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
@@ -257,9 +266,7 @@ class SlotLayer:
     def __init__(self, keys, values, positions, valid, n_slots: int, budget: int | None):
         B, H, S, D = keys.shape
         dev = keys.device
-        Dp = D + PAD
-        self.D = D
-        self.K = keys.new_zeros((B, H, n_slots, Dp))
+        self.K = keys.new_zeros((B, H, n_slots, D + PAD))
         self.V = values.new_zeros((B, H, n_slots, values.shape[-1] + PAD))
         self.K[:, :, :S, :D], self.V[:, :, :S, :D] = keys, values
         self.pos = torch.full((B, H, n_slots), -1, dtype=torch.long, device=dev)
@@ -272,9 +279,9 @@ class SlotLayer:
         self.budget = budget
         self.state: dict[str, torch.Tensor] = {}
 
-    def slot_tensor(self, t, fill=0):
-        """Per-entry tensor (B, H, S, ...) of the plain cache -> per-slot (B, H, N, ...)."""
-        out = t.new_full(t.shape[:2] + (self.K.shape[2],) + t.shape[3:], fill)
+    def slot_tensor(self, t):
+        """Per-entry tensor (B, H, S, ...) of the plain cache -> per-slot (B, H, N, ...), zero in free slots."""
+        out = t.new_zeros(t.shape[:2] + (self.K.shape[2],) + t.shape[3:])
         out[:, :, : t.shape[2]] = t
         return out
 
@@ -294,8 +301,6 @@ class StaticDecoder:
     def __init__(self, model, method: str, slots: list[SlotLayer], start_pos, max_steps: int, method_obj=None,
                  budget_tokens: int | None = None, compile: bool = False, use_graph: bool | None = None,
                  score: bool = True):
-        if method not in FAST_METHODS:
-            raise UserError(f"method {method!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
         self.model, self.method, self.m, self.slots = model, method, method_obj, slots
         self.w = lean_weights(model)
         self.dev = slots[0].K.device
@@ -321,9 +326,10 @@ class StaticDecoder:
     @classmethod
     def from_cache(cls, model, method: str, cache, start_pos: int, max_steps: int, **kw) -> "StaticDecoder":
         from sparse_kv_cache import CompressedCache
-        if method not in FAST_METHODS:
-            raise UserError(f"method {method!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
-        slots, m, budget_tokens = [], None, None
+        m = getattr(cache, "method", None)
+        check_fast_method(method, {} if m is None else {"external_memory": getattr(m, "external_memory", False),
+                                                        "span": getattr(m, "span", 1)})
+        slots, budget_tokens = [], None
         if not isinstance(cache, CompressedCache):   # the full cache (a DynamicCache)
             for layer in cache.layers:
                 B, H, S, _ = layer.keys.shape
@@ -331,10 +337,6 @@ class StaticDecoder:
                 slots.append(SlotLayer(layer.keys, layer.values, pos, torch.ones_like(pos, dtype=torch.bool),
                                        _round_up(S + max_steps + 1, SLOT_ALIGN), None))
         else:
-            m = cache.method
-            if method == "atskv" and (m.external_memory or m.span > 1):
-                raise UserError("the fast decode path runs atskv without external memory and with span 1; "
-                                f"got external_memory={m.external_memory}, span={m.span}")
             budget_tokens = cache.budget_tokens
             coefs = logit_coefs(m.predictor) if method == "atskv" else None
             for l, layer in enumerate(cache.layers):
@@ -498,15 +500,6 @@ def compiled_functions() -> dict:
     return _COMPILED
 
 
-def window_stats(probs):
-    """probs (B, H_kv, G, N) of the one new query -> mean, max and spread over the group's heads, as
-    `AttentionStatisticsExtractor.window_stats` computes them for a window of one query."""
-    mean = probs.mean(2)
-    mx = probs.amax(2)
-    spread = probs.std(2, unbiased=False) / (mean + 1e-6) if probs.shape[2] > 1 else torch.zeros_like(mean)
-    return mean, mx, spread
-
-
 # The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when
 # it is written (h, sink flag, key and value norms, token flags) and what changes every step (position relative to the
 # tokens seen, distance to the end, frequency, attention statistics). Feature order: relevance_predictor.N_FEATURES.
@@ -531,19 +524,18 @@ def static_logit(co, flags, h, positions, keys, values, tok, n_sink):
     """b + the contribution of the features fixed when an entry is written, (B, H, S)."""
     c, mu = co["h"]
     z = ((h.float() - mu) * c).sum(-1) + co["b"]
-    tf = flags[tok.clamp(min=0)].float()
-    fs = torch.stack([(positions < n_sink).float(), torch.log(keys.float().norm(dim=-1) + 1e-6),
-                      torch.log(values.float().norm(dim=-1) + 1e-6), tf[..., 0], tf[..., 1], tf[..., 2],
-                      tf[..., 3]], dim=-1)
+    f = HandcraftedFeatureExtractor.features(positions, 1, keys, values, tok, flags, torch.zeros_like(positions),
+                                             n_sink)
     c, mu = co["fs"]
-    return z + ((fs - mu) * c).sum(-1)
+    return z + ((f[..., list(_STATIC_F)] - mu) * c).sum(-1)
 
 
 def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):
-    """The contribution of the attention statistics and the time-dependent features, (B, H, N)."""
+    """The contribution of the attention statistics and the time-dependent features, (B, H, N). The three
+    time-dependent features are HandcraftedFeatureExtractor's (position / seen, distance to the end, frequency),
+    computed here without the key and value norms that a slot fixed when it was written."""
     pos = positions.float()
-    a = torch.stack([torch.log(mean + 1e-6), torch.log(mx + 1e-6), torch.log(acc + 1e-6),
-                     spread.clamp(max=10.0)], dim=-1)
+    a = AttentionStatisticsExtractor.features(mean, mx, acc, spread)
     fd = torch.stack([pos / seen.clamp(min=1), torch.log1p((seen - 1 - pos).clamp(min=0)) / 10.0,
                       torch.log1p(freq.float())], dim=-1)
     (ca, mua), (cf, muf) = co["a"], co["fd"]

@@ -147,12 +147,14 @@ def validate(args) -> dict:
             if bad:
                 raise UserError(f"unknown parameter(s) {bad} for method {m!r}; accepted: {sorted(accepted)}")
     if args.fast_decode:
-        from fast_decode import FAST_METHODS
+        from fast_decode import check_fast_method
         for spec in methods:
             m, params = parse_method(spec)
-            if m not in FAST_METHODS or m == "atskv" and (params.get("external_memory") or args.external_memory):
-                raise UserError(f"--fast_decode: {spec!r} has no fast decode path; accepted: "
-                                f"{', '.join(FAST_METHODS)} (atskv without external memory)")
+            try:
+                check_fast_method(m, {**params, "external_memory": params.get("external_memory")
+                                      or (m == "atskv" and args.external_memory)})
+            except UserError as e:
+                raise UserError(f"--fast_decode: {e}") from None
     benchmarks = split_list(args.benchmarks)
     for b in benchmarks:
         if b not in BENCHMARKS:
@@ -160,17 +162,7 @@ def validate(args) -> dict:
     budgets = [parse_budget(b) for b in split_list(args.budgets)]
     if not budgets and any(m != "full" for m in methods):
         raise UserError("--budgets is empty; give fractions in (0, 1] or token counts >= 1")
-    sizes = []
-    limit = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
-    for s in split_list(args.context_sizes):
-        try:
-            n = int(s)
-        except ValueError:
-            raise UserError(f"bad context size {s!r}: accepted are whole numbers from {MIN_CONTEXT} to {limit}")
-        if not MIN_CONTEXT <= n <= limit:
-            raise UserError(f"context size {n} out of range: accepted are {MIN_CONTEXT} to {limit} tokens "
-                            f"(the model's limit; raise --max_seq_len for a model with a longer window)")
-        sizes.append(n)
+    sizes = parse_context_sizes(args)
     if args.eval_mode not in EVAL_MODES:
         raise UserError(f"unknown --eval_mode {args.eval_mode!r}; accepted: {', '.join(EVAL_MODES)}")
     tasks = split_list(args.tasks) if args.tasks is not None else []  # [] : each benchmark's default
@@ -202,6 +194,21 @@ def validate(args) -> dict:
             raise UserError(f"--api_concurrency {args.api_concurrency} must be >= 1, --api_max_retries "
                             f"{args.api_max_retries} >= 0 and --api_timeout {args.api_timeout} > 0")
     return {"methods": methods, "benchmarks": benchmarks, "budgets": budgets, "sizes": sizes, "tasks": tasks}
+
+
+def parse_context_sizes(args) -> list[int]:
+    sizes = []
+    limit = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    for s in split_list(args.context_sizes):
+        try:
+            n = int(s)
+        except ValueError:
+            raise UserError(f"bad context size {s!r}: accepted are whole numbers from {MIN_CONTEXT} to {limit}")
+        if not MIN_CONTEXT <= n <= limit:
+            raise UserError(f"context size {n} out of range: accepted are {MIN_CONTEXT} to {limit} tokens "
+                            f"(the model's limit; raise --max_seq_len for a model with a longer window)")
+        sizes.append(n)
+    return sizes
 
 
 def check_data_dir(data_dir: str, benchmarks: list[str]) -> None:
@@ -486,18 +493,17 @@ def speed_cli(args) -> int:
     import torch
 
     import evaluation as ev
-    from fast_decode import FAST_METHODS
+    from fast_decode import check_fast_method
     from utils import load_model_and_tokenizer
     check_model_name(args.model_name)
     check_writable(args.output_dir)
     specs = split_list(SPEED_DEFAULT_METHODS if args.methods == build_parser().get_default("methods")
                        else args.methods)
     methods = [parse_method(m) for m in specs]
-    for m, _ in methods:
-        if m not in FAST_METHODS:
-            raise UserError(f"method {m!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)}")
+    for m, params in methods:
+        check_fast_method(m, params)
     budgets = [parse_budget(b) for b in split_list(args.budgets)]
-    sizes = [int(x) for x in split_list(args.context_sizes)]
+    sizes = parse_context_sizes(args)
     try:
         batches = [int(x) for x in split_list(args.batch_sizes)]
     except ValueError:
