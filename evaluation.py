@@ -519,6 +519,23 @@ def _time_steps(dev, fn, n: int) -> float:
     return statistics.median(times)
 
 
+def _time_run(dev, fn, n: int) -> float:
+    """Mean milliseconds of `fn` over n consecutive calls (one pair of CUDA events around all of them)."""
+    _sync(dev)
+    if dev.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / n
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1000 * (time.perf_counter() - t) / n
+
+
 @torch.no_grad()
 def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
                          plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
@@ -527,7 +544,8 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots; the method's share of
-    the step is 1 - bare / fast). Per path: median decode ms per step, tokens/s, peak device memory while decoding,
+    the step is 1 - bare / fast). Per path: decode ms per step (plain: the median of single steps; fast: the mean
+    of `steps` consecutive replays, rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while decoding,
     the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
@@ -566,18 +584,20 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
         return {**base, "path": path, "decode_ms": ms, "tok_s": 1000.0 * batch / ms, "kv_bytes_read": kv_read,
                 "decode_peak_bytes": peak, "floor_ms": floor, "x_floor": ms / floor if floor else None}
     out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))]
-    dec = StaticDecoder.from_cache(model, method, cache, pos, 3 * steps + 8, compile=compile)
+    every = int((params or {}).get("evict_every", 1)) if method == "atskv" else 1
+    n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
+    dec = StaticDecoder.from_cache(model, method, cache, pos, 2 * n + 4 * every + 16, compile=compile)
     cache = None
     dec.tok.copy_(tok)
     dec.t.zero_()
     _peak_reset(dev)
-    dec.step()  # warm-up steps (and compilation), capture
+    dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
     _sync(dev)
-    out.append(rec("fast", _time_steps(dev, dec.step, steps), dec.kv_bytes(), _peak(dev)))
+    out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
     if dec.method != "full":
-        dec.score_on, dec.graph = False, None
-        dec.step()
-        out.append(rec("fast_bare", _time_steps(dev, dec.step, steps), dec.kv_bytes(), _peak(dev)))
+        dec.set_scoring(False)
+        dec.warm_up()
+        out.append(rec("fast_bare", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
     return out
 
 

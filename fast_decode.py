@@ -131,15 +131,23 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int,
     return h, qp, k, v, kp, vp, slot
 
 
-def write_entry(K, V, present, valid, pos, kp, vp, slot, cur):
-    """The new entry into its slot, in place (outside torch.compile: a compiled in-place write into a large input
-    may become a copy of the whole buffer)."""
+def put(t, slot, value):
+    """t[b, h, slot[b, h]] = value[b, h] in place, for every row b and head h. An index_put_, which torch.compile
+    keeps in place (a scatter_ into a large buffer could become a copy of the whole buffer)."""
     B, H = slot.shape[:2]
-    K.scatter_(2, slot[..., None].expand(B, H, 1, K.shape[-1]), kp[:, :, None])
-    V.scatter_(2, slot[..., None].expand(B, H, 1, V.shape[-1]), vp[:, :, None])
-    present.scatter_(2, slot, True)
-    valid.scatter_(2, slot, True)
-    pos.scatter_(2, slot, cur[:, None, None].expand(B, H, 1))
+    b = torch.arange(B, device=t.device)[:, None].expand(B, H)
+    h = torch.arange(H, device=t.device)[None].expand(B, H)
+    t.index_put_((b, h, slot[..., 0]), value)
+
+
+def write_entry(K, V, present, valid, pos, kp, vp, slot, cur):
+    """The new entry into its slot, in place."""
+    B, H = slot.shape[:2]
+    put(K, slot, kp)
+    put(V, slot, vp)
+    put(present, slot, torch.ones((B, H), dtype=torch.bool, device=K.device))
+    put(valid, slot, torch.ones((B, H), dtype=torch.bool, device=K.device))
+    put(pos, slot, cur[:, None].expand(B, H))
 
 
 def attention_with_probs(qp, K, V, scaling: float, head_dim: int):
@@ -150,7 +158,7 @@ def attention_with_probs(qp, K, V, scaling: float, head_dim: int):
 
 
 def hide_free(K, present, valid, head_dim: int):
-    """Refresh the bias channel after an eviction: freed and padding slots are hidden (in place, not compiled)."""
+    """Refresh the bias channel after an eviction: freed and padding slots are hidden (in place)."""
     K.select(-1, head_dim).copy_(torch.where(present & valid, 0.0, HIDDEN).to(K.dtype))
 
 
@@ -163,7 +171,7 @@ def bare_evict(present, pos, budget):
     """No scoring (to measure a method's share of the step): free the oldest non-sink entry when over budget."""
     over = present[0, 0].sum() > budget
     old = pos.masked_fill(~present | (pos < 4), torch.iinfo(torch.long).max).argmin(-1)
-    present.scatter_(2, old[..., None], ~over.expand(old.shape)[..., None])
+    put(present, old[..., None], ~over.expand(old.shape))
 
 
 def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int, n_sink: int,
@@ -174,7 +182,7 @@ def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budg
     if kind == "sliding_window":
         sc = pos.float()
     else:
-        score.scatter_(2, slot, torch.zeros_like(slot, dtype=score.dtype))     # a new entry scores 0 ...
+        put(score, slot, torch.zeros(slot.shape[:2], dtype=score.dtype, device=score.device))  # a new entry: 0 ...
         if kind == "h2o":
             score += probs.sum(2)                       # ... and H2O adds the step's attention, summed over the group
         sc = score
@@ -184,26 +192,29 @@ def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budg
 
 
 def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
-                co: dict, h_mean, h_proj, budget, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
-                n_recent):
-    """ATSKV on one layer: the new entry's write-time logit, every entry re-scored with this step's attention
-    statistics and features, and the threshold controller's decision (`ATSKV.observe` + `select`)."""
+                co: dict, h_mean, h_proj, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
+                n_recent, evict: bool = True):
+    """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit and this step's attention
+    statistics every step; when `evict` (evict_every's schedule), every entry re-scored and the threshold
+    controller's decision, keeping at most `keep` entries."""
     B, H = k.shape[:2]
-    over = (present[0, 0].sum() > budget) & (seen[0] > budget_tokens)
-    prot = protection(present, pos, seen, n_sink, n_recent)
-    new_tok = tok[:, None, None].expand(B, H, 1)
+    new_tok = tok[:, None].expand(B, H)
     hp = ((h.float() - h_mean) @ h_proj)[:, None, None].expand(B, H, 1, -1)
-    z0.scatter_(2, slot, static_logit(co, flags, hp, cur[:, None, None].expand(B, H, 1), k[:, :, None],
-                                      v[:, :, None], new_tok, n_sink))
-    toks.scatter_(2, slot, new_tok)
-    acc.scatter_(2, slot, torch.zeros_like(slot, dtype=acc.dtype))
+    put(z0, slot, static_logit(co, flags, hp, cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None],
+                               new_tok[..., None], n_sink)[..., 0])
+    put(toks, slot, new_tok)
+    put(acc, slot, torch.zeros((B, H), dtype=acc.dtype, device=acc.device))
     B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
     mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
     acc += mean
+    if not evict:
+        return
+    over = (present[0, 0].sum() > keep) & (seen[0] > budget_tokens)
+    prot = protection(present, pos, seen, n_sink, n_recent)
     freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
     r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
     r = r.masked_fill(~valid, -1.0)
-    kept, new_delta = controller_keep(r, prot, present, budget, beta, delta, gain, fixed)
+    kept, new_delta = controller_keep(r, prot, present, keep, beta, delta, gain, fixed)
     delta.copy_(torch.where(over, new_delta, delta))
     present.copy_(torch.where(over, kept, present))
 
@@ -216,6 +227,34 @@ def post_attention(x, attn, wo, ln, eps, wgu, wd):
     return x + F.linear(F.silu(g) * u, wd)
 
 
+def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, pos, present, valid,
+               st: dict, la: dict, co, c: dict):
+    """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
+    element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
+    kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring), atskv or a
+    generic method; evict: whether this step is one of atskv's scheduled evictions."""
+    D = c["head_dim"]
+    h, qp, k, v, kp, vp, slot = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, K, V,
+                                               present, c["n_heads"], c["n_kv"], D)
+    write_entry(K, V, present, valid, pos, kp, vp, slot, cur)
+    if kind in ("atskv", "h2o"):
+        attn, probs = attention_with_probs(qp, K, V, lw["scaling"], D)
+    else:  # no mask: the bias channel hides free slots, and SDPA may use its flash kernel
+        attn, probs = F.scaled_dot_product_attention(qp, K, V, scale=lw["scaling"])[..., :D], None
+    if kind == "bare":
+        bare_evict(present, pos, la["budget"])
+    elif kind == "atskv":
+        atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
+                    slot, h, k, v, tok, cur, seen, co, la["h_mean"], la["h_proj"], la["keep"], c["budget_tokens"],
+                    la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"], evict)
+    elif kind != "full":
+        generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
+                      c["budget_tokens"], c["n_sink"], la["n_recent"])
+    if kind != "full" and evict:
+        hide_free(K, present, valid, D)
+    return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
+
+
 def top_mask(score: torch.Tensor, k) -> torch.Tensor:
     """(B, H, N) bool: the k highest scores of each row (one sort; ties broken arbitrarily, as by topk)."""
     order = torch.sort(score, dim=-1, descending=True).indices
@@ -226,7 +265,7 @@ def top_mask(score: torch.Tensor, k) -> torch.Tensor:
 def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
     """`ThresholdController.select` in tensor form over slots (no host sync, static shapes, one sort).
 
-    r, protected, present: (B, H, N); free slots (present False) are not entries. delta: float64 scalar tensor.
+    r, protected, present: (B, H, N); free slots (present False) are not entries. delta: float64, shape (1,) or ().
     Returns (kept (B, H, N) bool, new delta). Every row keeps the same number k <= budget of entries, as the plain
     path's gather does: its protected entries, then its unprotected ones by r (the kept-by-threshold rank above the
     others and have the higher r, so one ascending sort of r serves both the quantile and the top-k)."""
@@ -313,13 +352,13 @@ class StaticDecoder:
         self.out = torch.zeros((B, max_steps + 1), dtype=torch.long, device=self.dev)
         self.t = torch.zeros((), dtype=torch.long, device=self.dev)
         self.use_graph = (self.dev.type == "cuda") if use_graph is None else use_graph
-        self.graph = None
-        self.fn = {"pre": pre_attention, "post": post_attention, "attn": attention_with_probs,
-                   "bare": bare_evict, "generic": generic_evict, "atskv": atskv_evict}
-        if compile:  # fuse each piece's element-wise work; layers of other slot counts recompile once, dynamically
-            from torch import _dynamo
-            _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)
-            self.fn = compiled_functions()
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}   # one captured step per variant (atskv: evict, keep)
+        self.eager_runs: dict[str, int] = {}
+        self.pool = None
+        self.logits_of: dict[str, torch.Tensor] = {}
+        self.every = getattr(method_obj, "evict_every", 1) if method == "atskv" else 1
+        self.decode_step0 = 0          # the plain cache's decode steps since its last prefill chunk (evict_every)
+        self.fn = compiled_layer_step() if compile else layer_step
         self.steps_done = 0
 
     # -- building from the plain path's cache -------------------------------------------------------------------
@@ -351,7 +390,8 @@ class StaticDecoder:
                                                                  layer.extras["h"],
                                                                  layer.positions, layer.keys, layer.values,
                                                                  layer.extras["tok"].long(), m.n_sink))
-                    sl.state["delta"] = torch.tensor(m.controller.delta[l], dtype=torch.float64, device=sl.K.device)
+                    # shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
+                    sl.state["delta"] = torch.tensor([m.controller.delta[l]], dtype=torch.float64, device=sl.K.device)
                 elif method == "h2o":
                     sl.state["score"] = sl.slot_tensor(layer.extras["score"].float())
                 elif method in ("snapkv", "pyramidkv", "dynamic_kv"):
@@ -360,6 +400,7 @@ class StaticDecoder:
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
+            dec.decode_step0 = getattr(cache.layers[0], "decode_steps", -1) + 1
         if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
             for layer in cache.layers:
                 layer.keys = layer.values = layer.positions = layer.valid = None
@@ -375,9 +416,10 @@ class StaticDecoder:
         for sl in self.slots:
             n = copy.copy(sl)
             n.K, n.V, n.pos, n.present, n.valid = map(rep, (sl.K, sl.V, sl.pos, sl.present, sl.valid))
-            n.state = {k: v.clone() if v.dim() == 0 else rep(v) for k, v in sl.state.items()}
+            n.state = {k: v.clone() if k == "delta" else rep(v) for k, v in sl.state.items()}
             new.slots.append(n)
-        new.B, new.graph, new.t = batch, None, self.t.clone()
+        new.B, new.t = batch, self.t.clone()
+        new.graphs, new.eager_runs, new.pool, new.logits_of = {}, {}, None, {}
         new.cur, new.tok, new.out = rep(self.cur), rep(self.tok), rep(self.out)
         if hasattr(self, "counts"):
             new.counts = rep(self.counts)
@@ -396,79 +438,100 @@ class StaticDecoder:
                 if sl.budget is not None:
                     a["budget"] = torch.tensor(sl.budget, device=dev)
                     a["n_recent"] = torch.tensor(m.recent_tokens(sl.budget) if m is not None else 0, device=dev)
+                    a["keep"] = torch.tensor(max(1, sl.budget - self.every + 1), device=dev)  # evict_every's target
                 if self.method == "atskv":
                     a["beta"] = torch.tensor(m.controller.beta[l], dtype=torch.float32, device=dev)
                     a["h_mean"], a["h_proj"] = m.predictor.h_mean[l], m.predictor.h_proj[l]
                 self._largs.append(a)
         return self._largs
 
-    def _step(self) -> None:
-        w, B, m = self.w, self.B, self.m
+    def _consts(self) -> dict:
+        w, m = self.w, self.m
+        c = {"head_dim": w.head_dim, "n_heads": w.n_heads, "n_kv": w.n_kv, "budget_tokens": self.budget_tokens,
+             "n_sink": getattr(m, "n_sink", 0)}
+        if self.method == "atskv":
+            c.update(flags=m.predictor.token_flags, gain=m.controller.gain, fixed=m.controller.fixed)
+        return c
+
+    def variant(self) -> str:
+        """Which step runs next: 'step'; atskv with evict_every > 1: 'evict' on its schedule, else 'keep'."""
+        if not self.score_on:
+            return "bare"
+        if self.every == 1:
+            return "step"
+        return "evict" if (self.decode_step0 + self.steps_done) % self.every == 0 else "keep"
+
+    def _step(self, variant: str) -> None:
+        w, B = self.w, self.B
         x = w.embed(self.tok)
         cos, sin = w.rotary(x[:, None], self.cur[:, None])          # (B, 1, D): broadcast over the heads
         seen = self.cur + 1
-        atskv = self.method == "atskv" and self.score_on
-        if atskv:
+        if self.method == "atskv" and self.score_on:
             self.counts.scatter_add_(1, self.tok[:, None].clamp(0, self.counts.shape[1] - 1),
                                      torch.ones((B, 1), dtype=self.counts.dtype, device=self.dev))
-        need_probs = self.score_on and self.method in ("atskv", "h2o")
-        D = w.head_dim
+        c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
-            h, qp, k, v, kp, vp, slot = self.fn["pre"](x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin,
-                                                       sl.K, sl.V, sl.present, w.n_heads, w.n_kv, D)
-            write_entry(sl.K, sl.V, sl.present, sl.valid, sl.pos, kp, vp, slot, self.cur)
-            if need_probs:
-                attn, probs = self.fn["attn"](qp, sl.K, sl.V, lw["scaling"], D)
-            else:  # no mask: the bias channel hides free slots, and SDPA may use its flash kernel
-                attn, probs = F.scaled_dot_product_attention(qp, sl.K, sl.V, scale=lw["scaling"])[..., :D], None
-            if sl.budget is not None:
-                if not self.score_on:
-                    self.fn["bare"](sl.present, sl.pos, la["budget"])
-                elif atskv:
-                    st = sl.state
-                    self.fn["atskv"](sl.present, sl.valid, sl.pos, st["z0"], st["tok"], st["acc"], st["delta"],
-                                     self.counts, m.predictor.token_flags, probs, slot, h, k, v, self.tok, self.cur,
-                                     seen, self.coefs[l], la["h_mean"], la["h_proj"], la["budget"],
-                                     self.budget_tokens, la["beta"], m.controller.gain, m.controller.fixed,
-                                     m.n_sink, la["n_recent"])
-                else:
-                    self.fn["generic"](self.method, sl.present, sl.valid, sl.pos, sl.state.get("score"), probs,
-                                       slot, seen, la["budget"], self.budget_tokens, m.n_sink, la["n_recent"])
-                hide_free(sl.K, sl.present, sl.valid, D)
-            x = self.fn["post"](x, attn.reshape(B, -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
+            kind = "full" if sl.budget is None else "bare" if variant == "bare" else self.method
+            x = self.fn(kind, variant != "keep", x, cos, sin, self.cur, seen, self.tok, getattr(self, "counts", None),
+                        lw, sl.K, sl.V, sl.pos, sl.present, sl.valid, sl.state, la,
+                        self.coefs[l] if kind == "atskv" else None, c)
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
-        self.logits = logits                # (B, vocab) of the last step (the graph's output buffer when replayed)
+        self.logits_of[variant] = logits      # (B, vocab); a captured graph's output buffer when replayed
+        self.last_variant = variant
         nxt = logits.float().argmax(-1)
         self.tok.copy_(nxt)
         self.t += 1
         self.out.scatter_(1, torch.remainder(self.t, self.out.shape[1]).expand(B)[:, None], nxt[:, None])
         self.cur += 1
 
+    @property
+    def logits(self) -> torch.Tensor:
+        """The last step's logits (B, vocab)."""
+        return self.logits_of[self.last_variant]
+
     # -- running ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> None:
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-            else:
-                self.graph.replay()
+    def step(self, may_capture: bool = True) -> None:
+        """One decode step. On CUDA each variant of the step runs eagerly twice (compilation and cuBLAS warm up
+        there, on a side stream), is then captured once in a CUDA graph and replayed from then on."""
+        v = self.variant()
+        if not self.use_graph:
+            self._step(v)
+        elif v in self.graphs:
+            self.graphs[v].replay()
+            self.last_variant = v
+        elif self.eager_runs.get(v, 0) < 2 or not may_capture:
+            s = torch.cuda.Stream(self.dev)
+            s.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(s):
+                self._step(v)
+            torch.cuda.current_stream(self.dev).wait_stream(s)
+            self.eager_runs[v] = self.eager_runs.get(v, 0) + 1
         else:
-            self._step()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()   # the variants never run at once: one memory pool
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._step(v)
+            self.graphs[v] = g
+            g.replay()
         self.steps_done += 1
 
-    def _capture(self) -> None:
-        """Two eager steps (real ones: compilation and cuBLAS warm up there), then one captured step, replayed."""
-        s = torch.cuda.Stream(self.dev)
-        s.wait_stream(torch.cuda.current_stream(self.dev))
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                self._step()
-                self.steps_done += 1
-        torch.cuda.current_stream(self.dev).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        self.graph.replay()
+    def variants(self) -> list[str]:
+        return ["bare"] if not self.score_on else ["step"] if self.every == 1 else ["evict", "keep"]
+
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Real steps until every variant of the step is captured (on CUDA; one step elsewhere). Returns how many."""
+        n = 0
+        while n == 0 or self.use_graph and any(v not in self.graphs for v in self.variants()):
+            self.step()
+            n += 1
+        return n
+
+    def set_scoring(self, on: bool) -> None:
+        """Switch the method's scoring and eviction on or off (off: `bare`, to measure its share of the step)."""
+        self.score_on = on
 
     @torch.no_grad()
     def generate(self, first_token, n_tokens: int) -> torch.Tensor:
@@ -479,25 +542,22 @@ class StaticDecoder:
         self.t.zero_()
         if n_tokens > self.out.shape[1]:
             raise ValueError(f"n_tokens {n_tokens} > max_steps + 1 = {self.out.shape[1]}")
-        while self.steps_done < n_tokens - 1:
-            if self.use_graph and self.graph is None and n_tokens - 1 - self.steps_done < 4:
-                self._step()             # too few steps left to warm up and capture a graph
-                self.steps_done += 1
-            else:
-                self.step()
+        done = self.steps_done
+        while self.steps_done - done < n_tokens - 1:
+            self.step(may_capture=n_tokens - 1 - (self.steps_done - done) >= 4)  # too few left to pay a capture
         return self.out[:, :n_tokens].clone()
 
 
 _COMPILED: dict = {}
 
 
-def compiled_functions() -> dict:
-    """The step's pieces compiled once per process (torch.compile caches per shape and guards)."""
+def compiled_layer_step():
+    """`layer_step` compiled once per process (torch.compile caches per shape and guards)."""
     if not _COMPILED:
-        c = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
-        _COMPILED.update(pre=c(pre_attention), post=c(post_attention), attn=c(attention_with_probs),
-                         bare=c(bare_evict), generic=c(generic_evict), atskv=c(atskv_evict))
-    return _COMPILED
+        from torch import _dynamo
+        _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)  # a recompile per slot count
+        _COMPILED["layer"] = torch.compile(layer_step, fullgraph=True)
+    return _COMPILED["layer"]
 
 
 # The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when

@@ -165,6 +165,10 @@ class KVMethod:
     def on_layer_done(self, cache: "CompressedCache", layer_idx: int) -> None:
         """Cross-layer coordination hook (DynamicKV) after a layer evicted."""
 
+    def evict_to(self, layer: "CompressedLayer", budget: int) -> int | None:
+        """How many entries this update's eviction keeps (None: no eviction now). Default: the budget, every time."""
+        return budget
+
 
 class CompressedLayer(CacheLayerMixin):
     """One layer of a compressed cache: keys/values (B, H_kv, S, D) plus per-entry position, validity and extras.
@@ -246,9 +250,12 @@ class CompressedLayer(CacheLayerMixin):
 
     def compress(self, budget: int | None = None) -> None:
         budget = self.budget() if budget is None else budget
-        if budget is None or self.keys.shape[2] <= budget or self.cache.fits():
+        if budget is None or self.cache.fits():
             return
-        self.keep_indices(self.method.select(self, budget))
+        keep = self.method.evict_to(self, budget)
+        if keep is None or self.keys.shape[2] <= keep:
+            return
+        self.keep_indices(self.method.select(self, keep))
 
     def keep_indices(self, idx: torch.Tensor) -> None:
         """Keep only entries `idx` (B, H, k) of every per-entry tensor: memory really shrinks (new tensors).
@@ -493,8 +500,15 @@ class ATSKV(KVMethod):
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
     promote: bool = False             # recalled entries compete for the active cache by the controller's rule
+    evict_every: int = 1              # decoding evicts every this many steps, down to budget - evict_every + 1, so
+                                      #   the layer never holds more than its budget and scoring runs 1/evict_every
+                                      #   as often (the fast path skips it between evictions; speed, README)
 
     wants_evicted = True
+
+    def __post_init__(self):
+        if not isinstance(self.evict_every, int) or isinstance(self.evict_every, bool) or self.evict_every < 1:
+            raise UserError(f"evict_every {self.evict_every!r}: accepted are integers >= 1")
 
     def attach_model(self, model, tokenizer=None):
         from relevance_predictor import load_or_train
@@ -514,6 +528,14 @@ class ATSKV(KVMethod):
 
     def recent_tokens(self, budget):
         return self.n_recent if budget is None else min(self.n_recent, budget // 2)
+
+    def evict_to(self, layer, budget):
+        """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts only when
+        s % evict_every == 0, to budget - evict_every + 1: the steps in between add one entry each and stay within
+        the budget."""
+        if self.evict_every == 1 or layer.n_new > 1:
+            return budget
+        return max(1, budget - self.evict_every + 1) if layer.decode_steps % self.evict_every == 0 else None
 
     def layer_budget(self, layer_idx, n_layers, budget):
         return max(1, int(round(budget * self.shares[layer_idx])))
@@ -540,6 +562,8 @@ class ATSKV(KVMethod):
         pred, l = self.predictor_on(layer.device), layer.layer_idx
         B, Hkv, S = layer.positions.shape
         q = layer.n_new
+        # decode steps since the last prefill chunk, this one excluded (evict_to's schedule)
+        layer.decode_steps = -1 if q > 1 else getattr(layer, "decode_steps", -1) + 1
         if l == 0 and current_input_ids() is not None:
             self._token_counts(current_input_ids().to(layer.device))
         ids = current_input_ids()

@@ -70,6 +70,31 @@ def test_atskv_never_exceeds_its_budget_per_layer_and_in_total(model, tokenizer,
         assert cache.get_seq_length() == pos + 1
 
 
+def test_evict_every_evicts_on_its_schedule_and_never_exceeds_the_budget(model, tokenizer, predictor):
+    every = 4
+    cache, ci, qi = _prefill(model, tokenizer, 700, 0.2, evict_every=every)
+    assert all(n <= cache.layer_budget(i) for i, n in enumerate(cache.stored_lengths()))  # prefill: to the budget
+    before = cache.stored_lengths()
+    for step in range(9):
+        p = torch.tensor([len(ci) + step])
+        model(input_ids=torch.tensor([[qi[step]]]), past_key_values=cache, cache_position=p, position_ids=p[None])
+        lens = cache.stored_lengths()
+        for i, (n, b) in enumerate(zip(lens, before)):
+            budget = cache.layer_budget(i)
+            assert n <= budget
+            if step % every == 0:          # a scheduled eviction: down to budget - every + 1
+                assert n <= budget - every + 1
+            else:                          # in between: the new entry is added, nothing evicted
+                assert n == b + 1
+        before = lens
+
+
+def test_evict_every_below_1_is_refused(model, tokenizer, predictor):
+    from utils import UserError
+    with pytest.raises(UserError, match="evict_every 0.*accepted"):
+        _prefill(model, tokenizer, 300, 50, evict_every=0)
+
+
 def test_atskv_positions_stay_right_across_chunks_and_decoding(model, tokenizer, predictor):
     cache, ci, qi = _prefill(model, tokenizer, 600, 100, chunk=100)
     for layer in cache.layers:

@@ -58,12 +58,13 @@ def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_p
         assert max(len(r) for b in fast for r in b) <= sl.budget
 
 
-def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt):
-    """Step by step against the plain cache, for atskv (the controller decides every step)."""
+@pytest.mark.parametrize("every", [1, 4])
+def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt, every):
+    """Step by step against the plain cache, for atskv (the controller decides every step, or every 4th step)."""
     ids = prompt
-    plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer)
+    plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=every)
     logits = ev.forward_chunked(model, plain, ids, chunk=128)
-    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer)
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=every)
     ev.forward_chunked(model, cache, ids, chunk=128)
     dec = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], N_STEPS)
     tok = logits.argmax(-1)
@@ -106,3 +107,23 @@ def test_fast_path_refuses_a_method_it_does_not_implement(model, tokenizer, prom
     ev.forward_chunked(model, cache, prompt, chunk=128)
     with pytest.raises(UserError, match="rocket_kv.*accepted: full, sliding_window"):
         StaticDecoder.from_cache(model, "rocket_kv", cache, prompt.shape[1], 4)
+
+
+def test_compiled_step_makes_the_same_decisions_as_the_eager_step(model, tokenizer, prompt):
+    """torch.compile of the whole layer step (atskv, every 4th step evicting): the same tokens and kept entries as
+    the eager step, every step. (It once lost the controller's in-place update of a 0-dim CPU tensor.)"""
+    decs = []
+    for compile in (False, True):
+        cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=4)
+        logits = ev.forward_chunked(model, cache, prompt.expand(2, -1), chunk=128)
+        decs.append(StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], N_STEPS, compile=compile))
+        decs[-1].tok.copy_(logits.argmax(-1))
+    for step in range(N_STEPS):
+        for d in decs:
+            d.step()
+        assert torch.equal(decs[0].tok, decs[1].tok), f"step {step}"
+        for l, (a, b) in enumerate(zip(decs[0].slots, decs[1].slots)):
+            assert torch.equal(a.state["delta"], b.state["delta"]), f"step {step} layer {l}"
+            assert [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(a.pos, a.present)] == \
+                   [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(b.pos, b.present)], \
+                   f"step {step} layer {l}"
