@@ -425,8 +425,9 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
         lines += [f"Device: {r0['env'].get('hardware', '-')}, {r0['dtype']}; bandwidth "
                   f"{r0['bandwidth_gbs']:.0f} GB/s (the floor: weights + the KV read once per step at that rate); "
                   f"torch.compile: {'on' if r0['compile'] else 'off'}. Contexts are random tokens (speed only). "
-                  "HF plain loop: one forward per step through the method's cache. Fast path: static slots, one "
-                  "CUDA graph per step. KV read: what the step's attention reads (the fast path reads every slot).",
+                  "HF plain loop: one forward per step through the method's cache (median of single steps). Fast "
+                  "path: static slots, one CUDA graph per step variant (mean of consecutive steps, whole cycles of "
+                  "atskv's evict_every). KV read: what the step's attention reads (the fast path reads every slot).",
                   ""]
         ref = {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
                and r["path"] == "hf_plain"}

@@ -499,8 +499,8 @@ def speed_cli(args) -> int:
     check_writable(args.output_dir)
     specs = split_list(SPEED_DEFAULT_METHODS if args.methods == build_parser().get_default("methods")
                        else args.methods)
-    methods = [parse_method(m) for m in specs]
-    for m, params in methods:
+    methods = [(spec, *parse_method(spec)) for spec in specs]   # (label as given, method, its parameters)
+    for _, m, params in methods:
         check_fast_method(m, params)
     budgets = [parse_budget(b) for b in split_list(args.budgets)]
     sizes = parse_context_sizes(args)
@@ -544,6 +544,7 @@ def speed_cli(args) -> int:
             recs = [{**spec, "status": "error", "error": "out of memory"}]
         for i, r in enumerate(recs):
             r.setdefault("compile", args.compile)
+            r.update(method=spec["method"], base_method=spec["base_method"], params=spec["params"])
             r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
                      wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
             append_jsonl(results_path, r)
@@ -558,26 +559,27 @@ def speed_cli(args) -> int:
     try:
         for size in sizes if "timing" in parts else []:
             for batch in batches:
-                for m, params in methods:
+                for label, m, params in methods:
                     for budget in ([None] if m == "full" else budgets):
-                        spec = {**common, "benchmark": "speed", "method": m, "params": params, "budget": budget,
-                                "context": size, "batch": batch, "steps": args.decode_steps}
+                        spec = {**common, "benchmark": "speed", "method": label, "base_method": m, "params": params,
+                                "budget": budget, "context": size, "batch": batch, "steps": args.decode_steps}
                         save(spec, lambda: ev.measure_decode_speed(
                             model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
                             bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
         if "max_batch" in parts:
-            for m, params in methods:
+            for label, m, params in methods:
                 for budget in ([None] if m == "full" else budgets):
-                    spec = {**common, "benchmark": "speed_max_batch", "method": m, "params": params,
-                            "budget": budget, "context": max(sizes)}
+                    spec = {**common, "benchmark": "speed_max_batch", "method": label, "base_method": m,
+                            "params": params, "budget": budget, "context": max(sizes)}
                     save(spec, lambda: [ev.largest_decode_batch(model, tok, m, budget, max(sizes), params,
                                                                 chunk=args.prefill_chunk)])
         if "answers" in parts:
             samples = ev.synthetic_samples(tok, "needle", min(sizes), args.check_answers, args.seed)
-            for m, params in methods:
+            for label, m, params in methods:
                 for budget in ([None] if m == "full" else budgets):
-                    spec = {**common, "benchmark": "speed_answers", "method": m, "params": params,
-                            "budget": budget, "context": min(sizes), "n": args.check_answers, "seed": args.seed}
+                    spec = {**common, "benchmark": "speed_answers", "method": label, "base_method": m,
+                            "params": params, "budget": budget, "context": min(sizes), "n": args.check_answers,
+                            "seed": args.seed}
                     save(spec, lambda: [ev.check_fast_answers(model, tok, m, budget, samples, args.prefill_chunk,
                                                               compile=args.compile, params=params)])
     except KeyboardInterrupt:
