@@ -564,6 +564,7 @@ def compiled_layer_step():
 # it is written (h, sink flag, key and value norms, token flags) and what changes every step (position relative to the
 # tokens seen, distance to the end, frequency, attention statistics). Feature order: relevance_predictor.N_FEATURES.
 _STATIC_F = (2, 3, 4, 5, 6, 7, 8)   # indices within f: sink flag, log |k|, log |v|, 4 token flags
+_STATIC_SLICE = slice(2, 9)         # the same as a slice (a list index would copy a CPU tensor: no CUDA graph)
 _DYNAMIC_F = (0, 1, 9)              # pos / seen, log1p(distance to the end) / 10, log1p(frequency)
 
 
@@ -587,7 +588,7 @@ def static_logit(co, flags, h, positions, keys, values, tok, n_sink):
     f = HandcraftedFeatureExtractor.features(positions, 1, keys, values, tok, flags, torch.zeros_like(positions),
                                              n_sink)
     c, mu = co["fs"]
-    return z + ((f[..., list(_STATIC_F)] - mu) * c).sum(-1)
+    return z + ((f[..., _STATIC_SLICE] - mu) * c).sum(-1)
 
 
 def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):

@@ -38,14 +38,15 @@ def plain_decode(model, cache, ids, n_steps):
     return torch.stack(toks, 1)
 
 
-@pytest.mark.parametrize("method,compile", [("full", False), ("sliding_window", False), ("h2o", False),
-                                            ("atskv", False), ("full", True), ("atskv", True)])
+@pytest.mark.parametrize("method,compile,params", [
+    ("full", False, {}), ("sliding_window", False, {}), ("h2o", False, {}), ("atskv", False, {}), ("full", True, {}),
+    ("atskv", True, {}), ("atskv", False, {"evict_every": 4}), ("atskv", True, {"evict_every": 4})])
 def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(cuda_model, prompt, method,
-                                                                                   compile):
+                                                                                   compile, params):
     model, tok = cuda_model
-    plain = KVCacheFactory.create(method, model, budget=128, tokenizer=tok)
+    plain = KVCacheFactory.create(method, model, budget=128, tokenizer=tok, **params)
     want = plain_decode(model, plain, prompt, N_STEPS)
-    cache = KVCacheFactory.create(method, model, budget=128, tokenizer=tok)
+    cache = KVCacheFactory.create(method, model, budget=128, tokenizer=tok, **params)
     logits = ev.forward_chunked(model, cache, prompt, chunk=256)
     dec = StaticDecoder.from_cache(model, method, cache, prompt.shape[1], N_STEPS, compile=compile)
     got = dec.generate(logits.argmax(-1), N_STEPS + 1)
