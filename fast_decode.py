@@ -39,9 +39,10 @@ HIDDEN = -30000.0
 def check_fast_method(name: str, params: dict | None = None) -> None:
     """Raise a one-line UserError unless the fast path implements method `name` with these parameters."""
     params = params or {}
-    if name not in FAST_METHODS or name == "atskv" and (params.get("external_memory") or params.get("span", 1) > 1):
+    if name not in FAST_METHODS or name == "atskv" and (params.get("external_memory") or params.get("span", 1) > 1
+                                                        or params.get("consensus")):
         raise UserError(f"method {name!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)} (atskv "
-                        f"without external memory, span 1)")
+                        f"without external memory or consensus, span 1)")
 
 
 def method_of(cache) -> str:
@@ -367,7 +368,8 @@ class StaticDecoder:
         from sparse_kv_cache import CompressedCache
         m = getattr(cache, "method", None)
         check_fast_method(method, {} if m is None else {"external_memory": getattr(m, "external_memory", False),
-                                                        "span": getattr(m, "span", 1)})
+                                                        "span": getattr(m, "span", 1),
+                                                        "consensus": getattr(m, "consensus", False)})
         slots, budget_tokens = [], None
         if not isinstance(cache, CompressedCache):   # the full cache (a DynamicCache)
             for layer in cache.layers:

@@ -500,6 +500,8 @@ class ATSKV(KVMethod):
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
     promote: bool = False             # recalled entries compete for the active cache by the controller's rule
+    consensus: bool = False           # one ranking for all layers and heads: each position's r averaged over the
+                                      #   layers and heads that store it, applied after the forward's last layer
     evict_every: int = 1              # decoding evicts every this many steps, down to budget - evict_every + 1, so
                                       #   the layer never holds more than its budget and scoring runs 1/evict_every
                                       #   as often (the fast path skips it between evictions; speed, README)
@@ -530,6 +532,10 @@ class ATSKV(KVMethod):
         return self.n_recent if budget is None else min(self.n_recent, budget // 2)
 
     def evict_to(self, layer, budget):
+        """With `consensus`, nothing here: `on_layer_done` evicts every layer after the last one."""
+        return None if self.consensus else self.keep_target(layer, budget)
+
+    def keep_target(self, layer, budget):
         """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts only when
         s % evict_every == 0, to budget - evict_every + 1: the steps in between add one entry each and stay within
         the budget."""
@@ -599,6 +605,29 @@ class ATSKV(KVMethod):
     def select(self, layer, budget):
         return self.controller.select(layer.layer_idx, self.score(layer).masked_fill(~layer.valid, -1.0),
                                       layer.protected(), budget)
+
+    def on_layer_done(self, cache, layer_idx):
+        """consensus: after the last layer, every layer keeps its budget by one ranking of the positions, their r
+        averaged over all the layers and heads that store them, so that a span is kept or lost everywhere at once
+        (feasibility: a needle partly kept across layers and heads is a needle lost)."""
+        if not self.consensus or layer_idx != cache.num_layers - 1 or cache.fits():
+            return
+        dev = cache.layers[0].device
+        B, T = cache.layers[0].positions.shape[0], cache.layers[0].cumulative_length
+        total = torch.zeros((B, T), device=dev)
+        count = torch.zeros((B, T), device=dev)
+        for layer in cache.layers:
+            pos = layer.positions.flatten(1).to(dev)
+            total.scatter_add_(1, pos, layer.extras["r"].flatten(1).float().to(dev))
+            count.scatter_add_(1, pos, torch.ones_like(pos, dtype=torch.float))
+        mean_r = total / count.clamp(min=1)
+        for layer in cache.layers:
+            keep = self.keep_target(layer, layer.budget())
+            if keep is None or layer.stored_length() <= keep:
+                continue
+            g = mean_r.to(layer.device).gather(1, layer.positions.flatten(1)).view(layer.positions.shape)
+            layer.keep_indices(self.controller.select(layer.layer_idx, g.masked_fill(~layer.valid, -1.0),
+                                                      layer.protected(), keep))
 
     def on_evict(self, layer, idx):
         if not self.external_memory:
