@@ -89,6 +89,23 @@ def test_evict_every_evicts_on_its_schedule_and_never_exceeds_the_budget(model, 
         before = lens
 
 
+def test_consensus_keeps_one_ranking_for_every_head_within_each_layers_budget(model, tokenizer, predictor):
+    cache, ci, qi = _prefill(model, tokenizer, 700, 0.2, consensus=True)
+    for step in range(2):
+        p = torch.tensor([len(ci) + step])
+        model(input_ids=torch.tensor([[qi[step]]]), past_key_values=cache, cache_position=p, position_ids=p[None])
+    for i, layer in enumerate(cache.layers):
+        assert layer.stored_length() <= cache.layer_budget(i)
+        assert all(torch.equal(layer.positions[:, 0], layer.positions[:, h]) for h in range(layer.positions.shape[1]))
+    # layers of the same budget that keep as many entries keep the same positions: one ranking
+    by_budget = {}
+    for i, layer in enumerate(cache.layers):
+        by_budget.setdefault((cache.layer_budget(i), layer.stored_length()), []).append(
+            set(layer.positions[0, 0].tolist()))
+    assert any(len(v) > 1 for v in by_budget.values())
+    assert all(all(s == v[0] for s in v) for v in by_budget.values() if len(v) > 1)
+
+
 def test_evict_every_below_1_is_refused(model, tokenizer, predictor):
     from utils import UserError
     with pytest.raises(UserError, match="evict_every 0.*accepted"):

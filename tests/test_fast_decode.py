@@ -102,6 +102,13 @@ def test_controller_keep_keeps_what_the_threshold_controller_keeps():
         assert abs(float(delta) - ctl.delta[0]) < 1e-9
 
 
+def test_fast_path_refuses_atskv_with_consensus(model, tokenizer, prompt):
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, consensus=True)
+    ev.forward_chunked(model, cache, prompt, chunk=128)
+    with pytest.raises(UserError, match="atskv without external memory or consensus"):
+        StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], 4)
+
+
 def test_fast_path_refuses_a_method_it_does_not_implement(model, tokenizer, prompt):
     cache = KVCacheFactory.create("rocket_kv", model, budget=64, tokenizer=tokenizer)
     ev.forward_chunked(model, cache, prompt, chunk=128)
