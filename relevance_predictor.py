@@ -31,7 +31,11 @@ H_DIM = 16      # principal components of the hidden state kept per layer
 A_DIM = 4
 F_DIM = 10
 N_FEATURES = H_DIM + A_DIM + F_DIM
-FEATURE_GROUPS = {"h": slice(0, H_DIM), "a": slice(H_DIM, H_DIM + A_DIM), "f": slice(H_DIM + A_DIM, N_FEATURES)}
+FEATURE_GROUPS = {"h": slice(0, H_DIM), "a": slice(H_DIM, H_DIM + A_DIM), "f": slice(H_DIM + A_DIM, N_FEATURES),
+                  "f_content": slice(H_DIM + A_DIM + 2, N_FEATURES)}   # f without position / distance to the end
+# the trained predictors: which feature groups each sees (the ablation's variants)
+VARIANT_GROUPS = {"default": ("h", "a", "f"), "no_h": ("a", "f"), "no_a": ("h", "f"), "no_f": ("h", "a"),
+                  "no_pos": ("h", "a", "f_content")}
 FORMAT_VERSION = 1
 
 CALIBRATION_PROMPTS = [
@@ -353,6 +357,9 @@ _LOADED: dict = {}
 
 def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -> TokenRelevancePredictor:
     """The cached predictor of this model (safetensors), training it first if there is none."""
+    if variant not in VARIANT_GROUPS:
+        from utils import UserError
+        raise UserError(f"unknown predictor variant {variant!r}; accepted: {', '.join(VARIANT_GROUPS)}")
     path = predictor_path(model, variant)
     key = str(path)
     if key in _LOADED:
@@ -363,9 +370,7 @@ def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -
             raise UserError(f"no trained relevance predictor at {path}; run `python run_experiment.py "
                             f"--train_predictor --model_name ...` first (a sweep with atskv trains it itself)")
         print(f"[atskv] training the relevance predictor for this model (once; cached at {path})", file=sys.stderr)
-        groups = {"default": ("h", "a", "f"), "no_h": ("a", "f"), "no_a": ("h", "f"), "no_f": ("h", "a")}
-        pred, rep = train_predictor(model, tokenizer, feature_groups=groups.get(variant, ("h", "a", "f")),
-                                    **train_kw)
+        pred, rep = train_predictor(model, tokenizer, feature_groups=VARIANT_GROUPS[variant], **train_kw)
         pred.save(path, {"variant": variant, "ranking": rep, "version": FORMAT_VERSION})
         print(f"[atskv] held-out top-k recall of the most-attended tokens: {format_ranking(rep)}", file=sys.stderr)
     _LOADED[key] = TokenRelevancePredictor.load(path).to(model.device)

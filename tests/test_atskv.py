@@ -106,6 +106,12 @@ def test_consensus_keeps_one_ranking_for_every_head_within_each_layers_budget(mo
     assert all(all(s == v[0] for s in v) for v in by_budget.values() if len(v) > 1)
 
 
+def test_unknown_predictor_variant_is_refused(model, tokenizer):
+    from utils import UserError
+    with pytest.raises(UserError, match="unknown predictor variant 'nope'; accepted: default, .*no_pos"):
+        rp.load_or_train(model, tokenizer, variant="nope")
+
+
 def test_evict_every_below_1_is_refused(model, tokenizer, predictor):
     from utils import UserError
     with pytest.raises(UserError, match="evict_every 0.*accepted"):
