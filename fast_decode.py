@@ -1,12 +1,12 @@
 """The fast decode path: a static-shape decode step for Llama-architecture models, with each method's per-step work
 (scoring the new token, eviction) inside the step, replayed as one CUDA graph.
 
-Why: HF's plain decode loop is bound by Python and kernel launches (60-110 ms a step on an H200 with the 135M default
+Why: HF's plain decode loop is bound by Python and kernel launches (25-110 ms a step on an H200 with the 135M default
 model, whatever the KV length; README, "Decode speed"), so a compressed cache saves memory but no time. Here each
 layer's cache is a fixed number of slots (a budget is naturally of fixed size). A step writes the new token into the
 first free slot, attends over all slots with a bias that hides free ones, and the method frees the slots it evicts.
 Shapes never change, so a whole step (every layer, greedy sampling, the bookkeeping) is captured once in a CUDA graph
-and replayed; `compile=True` also fuses the element-wise work with torch.compile.
+and replayed; `compile=True` compiles each layer's step (`layer_step`) as one torch.compile region.
 
 The prefill stays the plain path's (HF forward + the method's compression after each chunk): `StaticDecoder` takes
 over the compressed cache for decoding and makes the plain path's decisions, step for step:
@@ -15,9 +15,10 @@ over the compressed cache for decoding and makes the plain path's decisions, ste
   first (`KVMethod.select`); h2o adds each step's attention to its scores, new snapkv / dynamic_kv entries score 0;
 - atskv: every entry is re-scored by the predictor with the step's attention statistics and features, and the
   threshold controller keeps r > beta_l * quantile(r, q_l) within the budget and adapts q_l (`controller_keep`, the
-  tensor form of `ThresholdController.select`: same quantile, hard cap and integral update, without host syncs).
-Not supported, with a clear error: rocket_kv (its decode attention is sparse), atskv with external memory or span > 1,
-kvpress presses, and a model whose layers sit on several devices (use the plain path with --device_map auto).
+  tensor form of `ThresholdController.select`: same quantile, hard cap and integral update, without host syncs);
+  with evict_every > 1 only on its schedule (a second captured graph runs the steps that do not evict).
+Not supported, with a clear error: rocket_kv (its decode attention is sparse), atskv with external memory, span > 1
+or consensus, kvpress presses, and a model whose layers sit on several devices (use the plain path with --device_map auto).
 """
 from __future__ import annotations
 
