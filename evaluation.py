@@ -602,6 +602,47 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
 
 
 @torch.no_grad()
+def profile_decode_step(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None = None,
+                        compile: bool = False, steps: int = 2, top: int = 12, chunk: int = 512,
+                        seed: int = 0) -> list[dict]:
+    """Where a fast decode step's time goes: per variant of the step (atskv with evict_every: the step that evicts
+    and the one that does not; compressed methods: also the step without scoring), run eagerly (a replayed CUDA
+    graph hides its kernels from the profiler) after two warm-up steps, `steps` steps under torch.profiler. On a GPU
+    it counts CUDA kernels and their device time, elsewhere CPU operators and their self time."""
+    from torch.profiler import ProfilerActivity, profile
+    from fast_decode import StaticDecoder
+    dev = model.device
+    cuda = dev.type == "cuda"
+    ids = torch.randint(0, model.config.vocab_size, (batch, context),
+                        generator=torch.Generator().manual_seed(seed)).to(dev)
+    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
+    logits = forward_chunked(model, cache, ids, chunk)
+    dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
+    dec.tok.copy_(logits.argmax(-1))
+    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    out = []
+    for variant in dec.variants() + ([] if method == "full" else ["bare"]):
+        dec.set_scoring(variant != "bare")
+        for _ in range(2):
+            dec._step(variant)
+        _sync(dev)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                dec._step(variant)
+            _sync(dev)
+        events = [e for e in prof.key_averages() if spent(e) > 0]
+        events.sort(key=lambda e: -spent(e))
+        out.append({"benchmark": "speed_profile", "method": method, "budget": budget, "context": context,
+                    "batch": batch, "variant": variant, "unit": "CUDA kernels" if cuda else "CPU operators",
+                    "dtype": str(model.dtype).replace("torch.", ""), "compile": compile,
+                    "per_step": sum(e.count for e in events) / steps,
+                    "ms_per_step": sum(spent(e) for e in events) / steps / 1000,
+                    "top": [{"name": e.key[:120], "ms_per_step": spent(e) / steps / 1000, "per_step": e.count / steps}
+                            for e in events[:top]]})
+    return out
+
+
+@torch.no_grad()
 def largest_decode_batch(model, tokenizer, method: str, budget, context: int, params: dict | None = None,
                          start: int = 64, limit: int = 1 << 16, chunk: int = 512) -> dict:
     """The largest batch whose decode state fits in the device's memory beside the weights: one random-token

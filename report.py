@@ -471,6 +471,14 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                              f"{r['kv_bytes_per_sequence'] / MB:.1f}",
                              f"{r['device_memory_bytes'] / 1e9:.0f}" if r.get("device_memory_bytes") else "-"]
                             for r in sorted(mb, key=lambda r: (r["method"] != "full", label(r)))]), ""]
+    prof = [r for r in recs if r["benchmark"] == "speed_profile"]
+    if prof:
+        rows = [[label(r), r["context"], r["batch"], r["variant"], f"{r['per_step']:.0f}", f"{r['ms_per_step']:.2f}",
+                 "; ".join(f"{t['name'][:48]} {t['ms_per_step']:.3f} ms x{t['per_step']:.0f}" for t in r["top"][:3])]
+                for r in sorted(prof, key=lambda r: (r["context"], r["batch"], label(r), r["variant"]))]
+        lines += [f"Profile of one fast step ({prof[0]['unit']}; run eagerly: a replayed graph hides its kernels):",
+                  "", md_table(["method", "context", "batch", "step", "per step", "ms per step", "largest three"],
+                               rows), ""]
     ans = [r for r in recs if r["benchmark"] == "speed_answers"]
     if ans:
         lines += ["Answers of the fast path against the plain loop on the synthetic benchmark (same prompts and "

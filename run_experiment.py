@@ -66,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
       "the fast path per method, context (--context_sizes) and batch (--batch_sizes), beside the memory floor")
     a("--batch_sizes", default="1,16,64", help="speed benchmark: comma list of batch sizes")
     a("--decode_steps", type=int, default=32, help="speed benchmark: timed decode steps per path")
-    a("--compile", action="store_true", help="fast path: also fuse the step's element-wise work with torch.compile "
-      "(compiles once per shape, then captured in the CUDA graph)")
+    a("--compile", action="store_true", help="fast path: compile each layer's step with torch.compile (once per "
+      "shape, then captured in the CUDA graph)")
     a("--speed_parts", default="timing", help="speed benchmark: comma list of timing (per method, context, batch "
       "and path), max_batch (the largest decode batch that fits, at the largest context), answers (synthetic needle "
-      "samples at the smallest context through the plain loop and the fast path: identical answers?)")
+      "samples at the smallest context through the plain loop and the fast path: identical answers?), profile (per "
+      "method, context and batch: the kernels of one fast step and their time, by torch.profiler)")
     a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
@@ -487,6 +488,9 @@ def train_predictor_cli(args) -> int:
 SPEED_DEFAULT_METHODS = "full,sliding_window,atskv"
 
 
+SPEED_PARTS = ("timing", "max_batch", "answers", "profile")
+
+
 def speed_cli(args) -> int:
     """--benchmark speed: one record per (method, budget, context, batch, path) appended to results.jsonl as it
     finishes (a rerun resumes), then the report's speed section."""
@@ -511,9 +515,9 @@ def speed_cli(args) -> int:
     if not batches or min(batches) < 1:
         raise UserError(f"--batch_sizes {args.batch_sizes!r}: expected a comma list of positive integers")
     parts = split_list(args.speed_parts)
-    bad = [p for p in parts if p not in ("timing", "max_batch", "answers")] or ([] if parts else ["(empty)"])
+    bad = [p for p in parts if p not in SPEED_PARTS] or ([] if parts else ["(empty)"])
     if bad:
-        raise UserError(f"--speed_parts: unknown part(s) {', '.join(bad)}; accepted: timing, max_batch, answers")
+        raise UserError(f"--speed_parts: unknown part(s) {', '.join(bad)}; accepted: {', '.join(SPEED_PARTS)}")
     if args.check_answers < 1:
         raise UserError(f"--check_answers {args.check_answers}: at least 1 sample")
     if args.decode_steps < 4:
@@ -552,6 +556,11 @@ def speed_cli(args) -> int:
                 print(f"[atskv] {r['method']:>14} @ {str(r['budget']):>4} ctx {r['context']:>5} batch "
                       f"{r['batch']:>4} {r['path']:>9}: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.0f} tok/s "
                       f"floor {r['floor_ms']:.2f} ms (x{r['x_floor']:.1f})", file=sys.stderr)
+            elif r["status"] == "ok" and r["benchmark"] == "speed_profile":
+                print(f"[atskv] profile {r['method']} @ {r['budget']} ctx {r['context']} batch {r['batch']} "
+                      f"{r['variant']}: {r['per_step']:.0f} {r['unit']} per step, {r['ms_per_step']:.2f} ms; top: "
+                      + "; ".join(f"{t['name'][:50]} {t['ms_per_step']:.3f} ms x{t['per_step']:.0f}"
+                                  for t in r["top"][:5]), file=sys.stderr)
             elif r["status"] == "ok":
                 print(f"[atskv] {json.dumps({k: v for k, v in r.items() if k not in ('env', 'cell')})}",
                       file=sys.stderr)
@@ -566,6 +575,15 @@ def speed_cli(args) -> int:
                         save(spec, lambda: ev.measure_decode_speed(
                             model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
                             bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
+        for size in sizes if "profile" in parts else []:
+            for batch in batches:
+                for label, m, params in methods:
+                    for budget in ([None] if m == "full" else budgets):
+                        spec = {**common, "benchmark": "speed_profile", "method": label, "base_method": m,
+                                "params": params, "budget": budget, "context": size, "batch": batch}
+                        save(spec, lambda: ev.profile_decode_step(
+                            model, tok, m, budget, size, batch, params, compile=args.compile,
+                            chunk=args.prefill_chunk, seed=args.seed))
         if "max_batch" in parts:
             for label, m, params in methods:
                 for budget in ([None] if m == "full" else budgets):

@@ -25,7 +25,8 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
 
 @pytest.mark.parametrize("args,message", [
     (["--methods", "rocket_kv"], "method 'rocket_kv' has no fast decode path; accepted: full, sliding_window"),
-    (["--speed_parts", "timing,warp"], "--speed_parts: unknown part(s) warp; accepted: timing, max_batch, answers"),
+    (["--speed_parts", "timing,warp"],
+     "--speed_parts: unknown part(s) warp; accepted: timing, max_batch, answers, profile"),
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
 ])
@@ -56,3 +57,21 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     again = cli(*SPEED, "--output_dir", str(tmp_path))
     assert again.returncode == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(recs)  # nothing re-measured
+
+
+def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path):
+    args = ["--benchmark", "speed", "--speed_parts", "profile", "--context_sizes", "256", "--batch_sizes", "1",
+            "--budgets", "0.25", "--methods", "full,atskv[evict_every=4]", "--device", "cpu"]
+    proc = cli(*args, "--output_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["variant"]) for r in recs) == [
+        ("atskv[evict_every=4]", "bare"), ("atskv[evict_every=4]", "evict"), ("atskv[evict_every=4]", "keep"),
+        ("full", "step")]
+    by = {r["variant"]: r for r in recs}
+    for r in recs:
+        assert r["unit"] == "CPU operators" and r["per_step"] > 0
+        assert sum(t["ms_per_step"] for t in r["top"]) <= r["ms_per_step"] + 1e-9
+        assert r["top"] == sorted(r["top"], key=lambda t: -t["ms_per_step"])
+    assert by["evict"]["per_step"] > by["keep"]["per_step"]   # the scoring and the controller run only there
+    assert "Profile of one fast step (CPU operators" in (tmp_path / "results.md").read_text()
