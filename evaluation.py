@@ -500,6 +500,27 @@ def _peak(dev) -> int:
     return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
 
 
+def _dtype_name(model) -> str:
+    return str(model.dtype).replace("torch.", "")
+
+
+def _prefill_random(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None,
+                    chunk: int, seed: int):
+    """A batch of random-token contexts (speed only: the values do not matter) prefilled with the method (chunked,
+    the plain path), device peak memory counted from the prefill on. Returns the cache, the last logits and the
+    prefill's seconds."""
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, context),
+                        generator=torch.Generator().manual_seed(seed)).to(dev)
+    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
+    _peak_reset(dev)
+    _sync(dev)
+    t = time.perf_counter()
+    logits = forward_chunked(model, cache, ids, chunk)
+    _sync(dev)
+    return cache, logits, time.perf_counter() - t
+
+
 def _time_steps(dev, fn, n: int) -> float:
     """Median milliseconds of `fn` over n calls (CUDA events on a GPU)."""
     import statistics
@@ -545,21 +566,14 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots; the method's share of
     the step is 1 - bare / fast). Per path: decode ms per step (plain: the median of single steps; fast: the mean
-    of `steps` consecutive replays, rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while decoding,
-    the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
+    of `steps` consecutive replays, rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory
+    while decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured
+    bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
     dev = model.device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
-    _peak_reset(dev)
-    _sync(dev)
-    t = time.perf_counter()
-    logits = forward_chunked(model, cache, ids, chunk)
-    _sync(dev)
-    prefill_s = time.perf_counter() - t
+    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
     prefill_peak = _peak(dev)
     tok = logits.argmax(-1)
     pos = context
@@ -576,7 +590,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     plain_step()
     plain_ms = _time_steps(dev, plain_step, plain_steps)
     base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
-            "compile": compile, "dtype": str(model.dtype).replace("torch.", ""), "weights_bytes": weights,
+            "compile": compile, "dtype": _dtype_name(model), "weights_bytes": weights,
             "bandwidth_gbs": bandwidth_gbs, "prefill_s": prefill_s, "prefill_peak_bytes": prefill_peak}
 
     def rec(path, ms, kv_read, peak):
@@ -584,7 +598,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
         return {**base, "path": path, "decode_ms": ms, "tok_s": 1000.0 * batch / ms, "kv_bytes_read": kv_read,
                 "decode_peak_bytes": peak, "floor_ms": floor, "x_floor": ms / floor if floor else None}
     out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))]
-    every = int((params or {}).get("evict_every", 1)) if method == "atskv" else 1
+    every = getattr(getattr(cache, "method", None), "evict_every", 1)
     n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
     dec = StaticDecoder.from_cache(model, method, cache, pos, 2 * n + 4 * every + 16, compile=compile)
     cache = None
@@ -613,10 +627,7 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
     from fast_decode import StaticDecoder
     dev = model.device
     cuda = dev.type == "cuda"
-    ids = torch.randint(0, model.config.vocab_size, (batch, context),
-                        generator=torch.Generator().manual_seed(seed)).to(dev)
-    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
-    logits = forward_chunked(model, cache, ids, chunk)
+    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
     dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
     dec.tok.copy_(logits.argmax(-1))
     spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
@@ -634,7 +645,7 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
         events.sort(key=lambda e: -spent(e))
         out.append({"benchmark": "speed_profile", "method": method, "budget": budget, "context": context,
                     "batch": batch, "variant": variant, "unit": "CUDA kernels" if cuda else "CPU operators",
-                    "dtype": str(model.dtype).replace("torch.", ""), "compile": compile,
+                    "dtype": _dtype_name(model), "compile": compile,
                     "per_step": sum(e.count for e in events) / steps,
                     "ms_per_step": sum(spent(e) for e in events) / steps / 1000,
                     "top": [{"name": e.key[:120], "ms_per_step": spent(e) / steps / 1000, "per_step": e.count / steps}
@@ -652,9 +663,7 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     import gc
     from fast_decode import StaticDecoder
     dev = model.device
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(dev)
-    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
-    logits = forward_chunked(model, cache, ids, chunk)
+    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed=0)
     one = StaticDecoder.from_cache(model, method, cache, context, 8, use_graph=False)
     one.tok.copy_(logits.argmax(-1))
     per_seq = one.kv_bytes()
@@ -689,7 +698,7 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return {"benchmark": "speed_max_batch", "method": method, "budget": budget, "context": context,
             "max_batch": lo, "limit_reached": hi is None, "kv_bytes_per_sequence": per_seq,
-            "device_memory_bytes": total, "dtype": str(model.dtype).replace("torch.", "")}
+            "device_memory_bytes": total, "dtype": _dtype_name(model)}
 
 
 @torch.no_grad()
@@ -716,7 +725,7 @@ def check_fast_answers(model, tokenizer, method: str, budget, samples: list[Samp
     return {"benchmark": "speed_answers", "method": method, "budget": budget, "task": samples[0].task if n else "",
             "context": samples[0].context_size if n else 0, "n": n, "same": same,
             "score_plain": 100 * sp / max(1, n), "score_fast": 100 * sf / max(1, n), "differences": diffs[:5],
-            "dtype": str(model.dtype).replace("torch.", "")}
+            "dtype": _dtype_name(model)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

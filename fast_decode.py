@@ -18,14 +18,15 @@ over the compressed cache for decoding and makes the plain path's decisions, ste
   tensor form of `ThresholdController.select`: same quantile, hard cap and integral update, without host syncs);
   with evict_every > 1 only on its schedule (a second captured graph runs the steps that do not evict).
 Not supported, with a clear error: rocket_kv (its decode attention is sparse), atskv with external memory, span > 1
-or consensus, kvpress presses, and a model whose layers sit on several devices (use the plain path with --device_map auto).
+or consensus, kvpress presses, and a model whose layers sit on several devices (use the plain path with
+--device_map auto).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
+from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor, project
 from utils import UserError
 
 FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
@@ -201,7 +202,7 @@ def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs,
     controller's decision, keeping at most `keep` entries."""
     B, H = k.shape[:2]
     new_tok = tok[:, None].expand(B, H)
-    hp = ((h.float() - h_mean) @ h_proj)[:, None, None].expand(B, H, 1, -1)
+    hp = project(h, h_mean, h_proj)[:, None, None].expand(B, H, 1, -1)
     put(z0, slot, static_logit(co, flags, hp, cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None],
                                new_tok[..., None], n_sink)[..., 0])
     put(toks, slot, new_tok)
@@ -403,7 +404,7 @@ class StaticDecoder:
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
-            dec.decode_step0 = getattr(cache.layers[0], "decode_steps", -1) + 1
+            dec.decode_step0 = cache.layers[0].decode_steps + 1
         if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
             for layer in cache.layers:
                 layer.keys = layer.values = layer.positions = layer.valid = None
@@ -449,11 +450,15 @@ class StaticDecoder:
         return self._largs
 
     def _consts(self) -> dict:
+        """The step's constants, the same for every layer (made once: _step runs eagerly off CUDA)."""
+        if getattr(self, "_c", None) is not None:
+            return self._c
         w, m = self.w, self.m
         c = {"head_dim": w.head_dim, "n_heads": w.n_heads, "n_kv": w.n_kv, "budget_tokens": self.budget_tokens,
              "n_sink": getattr(m, "n_sink", 0)}
         if self.method == "atskv":
             c.update(flags=m.predictor.token_flags, gain=m.controller.gain, fixed=m.controller.fixed)
+        self._c = c
         return c
 
     def variant(self) -> str:
@@ -566,16 +571,17 @@ def compiled_layer_step():
 # The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when
 # it is written (h, sink flag, key and value norms, token flags) and what changes every step (position relative to the
 # tokens seen, distance to the end, frequency, attention statistics). Feature order: relevance_predictor.N_FEATURES.
-_STATIC_F = (2, 3, 4, 5, 6, 7, 8)   # indices within f: sink flag, log |k|, log |v|, 4 token flags
-_STATIC_SLICE = slice(2, 9)         # the same as a slice (a list index would copy a CPU tensor: no CUDA graph)
-_DYNAMIC_F = (0, 1, 9)              # pos / seen, log1p(distance to the end) / 10, log1p(frequency)
+_STATIC_F = slice(2, 9)   # within f: sink flag, log |k|, log |v|, 4 token flags (a slice: a list index would copy a
+                          # CPU tensor to the device, which a CUDA graph capture refuses)
+_DYNAMIC_F = (0, 1, 9)    # pos / seen, log1p(distance to the end) / 10, log1p(frequency)
 
 
 def logit_coefs(pred) -> list[dict]:
     """Per layer: (coefficient, mean) of each feature group of the split logit, computed once (not in the graph)."""
-    from relevance_predictor import A_DIM, H_DIM
+    from relevance_predictor import A_DIM, F_DIM, H_DIM
     groups = {"h": list(range(H_DIM)), "a": list(range(H_DIM, H_DIM + A_DIM)),
-              "fs": [H_DIM + A_DIM + i for i in _STATIC_F], "fd": [H_DIM + A_DIM + i for i in _DYNAMIC_F]}
+              "fs": [H_DIM + A_DIM + i for i in range(F_DIM)[_STATIC_F]],
+              "fd": [H_DIM + A_DIM + i for i in _DYNAMIC_F]}
     out = []
     for l in range(pred.n_layers):
         c = (pred.w[l] * pred.feature_mask / pred.feat_std[l]).detach()
@@ -591,7 +597,7 @@ def static_logit(co, flags, h, positions, keys, values, tok, n_sink):
     f = HandcraftedFeatureExtractor.features(positions, 1, keys, values, tok, flags, torch.zeros_like(positions),
                                              n_sink)
     c, mu = co["fs"]
-    return z + ((f[..., _STATIC_SLICE] - mu) * c).sum(-1)
+    return z + ((f[..., _STATIC_F] - mu) * c).sum(-1)
 
 
 def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):

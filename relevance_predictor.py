@@ -107,6 +107,12 @@ class HandcraftedFeatureExtractor:
                             tf[..., 3], torch.log1p(freq.float())], dim=-1)
 
 
+def project(hidden: torch.Tensor, h_mean: torch.Tensor, h_proj: torch.Tensor) -> torch.Tensor:
+    """The low-rank projection of a hidden state, (..., hidden_size) -> (..., H_DIM), from one layer's mean and
+    projection (a function of tensors, so that the fast path's compiled step can call it too)."""
+    return (hidden.float() - h_mean) @ h_proj
+
+
 class TokenRelevancePredictor(nn.Module):
     """Per layer: r = sigmoid(w . [h; a; f] + b), features standardised with the calibration statistics."""
 
@@ -125,7 +131,7 @@ class TokenRelevancePredictor(nn.Module):
 
     def project_hidden(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., hidden_size) -> (..., H_DIM)."""
-        return (hidden.float() - self.h_mean[layer]) @ self.h_proj[layer]
+        return project(hidden, self.h_mean[layer], self.h_proj[layer])
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x (..., N_FEATURES) raw features -> relevance in (0, 1)."""

@@ -521,7 +521,7 @@ def speed_cli(args) -> int:
     if args.check_answers < 1:
         raise UserError(f"--check_answers {args.check_answers}: at least 1 sample")
     if args.decode_steps < 4:
-        raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (two warm-up steps, the capture, one timed)")
+        raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (the timed steps, after the warm-up)")
     out_dir = Path(args.output_dir)
     results_path = out_dir / "results.jsonl"
     if args.overwrite and results_path.exists():
@@ -565,41 +565,36 @@ def speed_cli(args) -> int:
                 print(f"[atskv] {json.dumps({k: v for k, v in r.items() if k not in ('env', 'cell')})}",
                       file=sys.stderr)
     common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
+
+    def cells(benchmark: str, **fields):
+        """(spec, method, params, budget) per method and budget (full once, without one)."""
+        for label, m, params in methods:
+            for budget in ([None] if m == "full" else budgets):
+                yield ({**common, "benchmark": benchmark, "method": label, "base_method": m, "params": params,
+                        "budget": budget, **fields}, m, params, budget)
     try:
         for size in sizes if "timing" in parts else []:
             for batch in batches:
-                for label, m, params in methods:
-                    for budget in ([None] if m == "full" else budgets):
-                        spec = {**common, "benchmark": "speed", "method": label, "base_method": m, "params": params,
-                                "budget": budget, "context": size, "batch": batch, "steps": args.decode_steps}
-                        save(spec, lambda: ev.measure_decode_speed(
-                            model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
-                            bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
+                for spec, m, params, budget in cells("speed", context=size, batch=batch, steps=args.decode_steps):
+                    save(spec, lambda: ev.measure_decode_speed(
+                        model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
+                        bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
         for size in sizes if "profile" in parts else []:
             for batch in batches:
-                for label, m, params in methods:
-                    for budget in ([None] if m == "full" else budgets):
-                        spec = {**common, "benchmark": "speed_profile", "method": label, "base_method": m,
-                                "params": params, "budget": budget, "context": size, "batch": batch}
-                        save(spec, lambda: ev.profile_decode_step(
-                            model, tok, m, budget, size, batch, params, compile=args.compile,
-                            chunk=args.prefill_chunk, seed=args.seed))
+                for spec, m, params, budget in cells("speed_profile", context=size, batch=batch):
+                    save(spec, lambda: ev.profile_decode_step(model, tok, m, budget, size, batch, params,
+                                                              compile=args.compile, chunk=args.prefill_chunk,
+                                                              seed=args.seed))
         if "max_batch" in parts:
-            for label, m, params in methods:
-                for budget in ([None] if m == "full" else budgets):
-                    spec = {**common, "benchmark": "speed_max_batch", "method": label, "base_method": m,
-                            "params": params, "budget": budget, "context": max(sizes)}
-                    save(spec, lambda: [ev.largest_decode_batch(model, tok, m, budget, max(sizes), params,
-                                                                chunk=args.prefill_chunk)])
+            for spec, m, params, budget in cells("speed_max_batch", context=max(sizes)):
+                save(spec, lambda: [ev.largest_decode_batch(model, tok, m, budget, max(sizes), params,
+                                                            chunk=args.prefill_chunk)])
         if "answers" in parts:
             samples = ev.synthetic_samples(tok, "needle", min(sizes), args.check_answers, args.seed)
-            for label, m, params in methods:
-                for budget in ([None] if m == "full" else budgets):
-                    spec = {**common, "benchmark": "speed_answers", "method": label, "base_method": m,
-                            "params": params, "budget": budget, "context": min(sizes), "n": args.check_answers,
-                            "seed": args.seed}
-                    save(spec, lambda: [ev.check_fast_answers(model, tok, m, budget, samples, args.prefill_chunk,
-                                                              compile=args.compile, params=params)])
+            for spec, m, params, budget in cells("speed_answers", context=min(sizes), n=args.check_answers,
+                                                 seed=args.seed):
+                save(spec, lambda: [ev.check_fast_answers(model, tok, m, budget, samples, args.prefill_chunk,
+                                                          compile=args.compile, params=params)])
     except KeyboardInterrupt:
         write_report(out_dir, args)
         print("[atskv] interrupted: finished records kept", file=sys.stderr)

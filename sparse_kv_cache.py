@@ -185,6 +185,7 @@ class CompressedLayer(CacheLayerMixin):
         self.positions = self.valid = None
         self.extras: dict[str, torch.Tensor] = {}   # per-entry method state (B, H_kv, S), gathered on eviction
         self.n_new = 0
+        self.decode_steps = -1   # one-token updates since the last longer chunk, the current one excluded
 
     @property
     def method(self) -> KVMethod:
@@ -213,6 +214,7 @@ class CompressedLayer(CacheLayerMixin):
             self.extras[k] = torch.cat([t, t.new_zeros((B, H, q) + t.shape[3:])], dim=2)
         self.cumulative_length += q
         self.n_new = q
+        self.decode_steps = -1 if q > 1 else self.decode_steps + 1
         _PENDING.layer = self
         return self.keys, self.values
 
@@ -568,8 +570,6 @@ class ATSKV(KVMethod):
         pred, l = self.predictor_on(layer.device), layer.layer_idx
         B, Hkv, S = layer.positions.shape
         q = layer.n_new
-        # decode steps since the last prefill chunk, this one excluded (evict_to's schedule)
-        layer.decode_steps = -1 if q > 1 else getattr(layer, "decode_steps", -1) + 1
         if l == 0 and current_input_ids() is not None:
             self._token_counts(current_input_ids().to(layer.device))
         ids = current_input_ids()
@@ -625,9 +625,10 @@ class ATSKV(KVMethod):
             keep = self.keep_target(layer, layer.budget())
             if keep is None or layer.stored_length() <= keep:
                 continue
-            g = mean_r.to(layer.device).gather(1, layer.positions.flatten(1)).view(layer.positions.shape)
-            layer.keep_indices(self.controller.select(layer.layer_idx, g.masked_fill(~layer.valid, -1.0),
-                                                      layer.protected(), keep))
+            # the consensus replaces the layer's own r for this decision (observe recomputes r every update)
+            layer.extras["r"] = mean_r.to(layer.device).gather(1, layer.positions.flatten(1)).view(
+                layer.positions.shape)
+            layer.keep_indices(self.select(layer, keep))
 
     def on_evict(self, layer, idx):
         if not self.external_memory:
