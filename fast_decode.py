@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from decode_attention import decode_attention, kernel_available
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor, project
 from utils import UserError
 
@@ -112,7 +113,7 @@ def rotate_half(x):
 
 
 def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int, n_kv: int, head_dim: int):
-    """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the padded query (B, H_kv, G, D + PAD),
+    """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the query (B, H_kv, G, D),
     k and v (B, H_kv, D), their padded forms to store, and the slot they go to (each row's first free one)."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
@@ -129,9 +130,7 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int,
     pad = K.shape[-1] - head_dim
     kp = torch.cat([k, k.new_zeros(B, n_kv, pad)], -1)                      # its bias channel: 0, visible
     vp = torch.cat([v, v.new_zeros(B, n_kv, V.shape[-1] - head_dim)], -1)
-    G = n_heads // n_kv
-    qp = torch.cat([q.view(B, n_kv, G, head_dim), q.new_ones(B, n_kv, G, 1), q.new_zeros(B, n_kv, G, pad - 1)], -1)
-    return h, qp, k, v, kp, vp, slot
+    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v, kp, vp, slot
 
 
 def put(t, slot, value):
@@ -151,13 +150,6 @@ def write_entry(K, V, present, valid, pos, kp, vp, slot, cur):
     put(present, slot, torch.ones((B, H), dtype=torch.bool, device=K.device))
     put(valid, slot, torch.ones((B, H), dtype=torch.bool, device=K.device))
     put(pos, slot, cur[:, None].expand(B, H))
-
-
-def attention_with_probs(qp, K, V, scaling: float, head_dim: int):
-    """Attention of the padded query over every slot, and its softmax probabilities (B, H_kv, G, N) in float32
-    (ATSKV and H2O score with them); free slots get probability 0 through the bias channel."""
-    probs = torch.softmax(torch.matmul(qp, K.transpose(-1, -2)).float() * scaling, dim=-1)
-    return torch.matmul(probs.to(V.dtype), V)[..., :head_dim], probs
 
 
 def hide_free(K, present, valid, head_dim: int):
@@ -237,13 +229,11 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring), atskv or a
     generic method; evict: whether this step is one of atskv's scheduled evictions."""
     D = c["head_dim"]
-    h, qp, k, v, kp, vp, slot = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, K, V,
+    h, q, k, v, kp, vp, slot = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, K, V,
                                                present, c["n_heads"], c["n_kv"], D)
     write_entry(K, V, present, valid, pos, kp, vp, slot, cur)
-    if kind in ("atskv", "h2o"):
-        attn, probs = attention_with_probs(qp, K, V, lw["scaling"], D)
-    else:  # no mask: the bias channel hides free slots, and SDPA may use its flash kernel
-        attn, probs = F.scaled_dot_product_attention(qp, K, V, scale=lw["scaling"])[..., :D], None
+    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias channel
+    attn, probs = decode_attention(q, K, V, lw["scaling"], D, kind in ("atskv", "h2o"), c["kernel"])
     if kind == "bare":
         bare_evict(present, pos, la["budget"])
     elif kind == "atskv":
@@ -342,7 +332,7 @@ class StaticDecoder:
 
     def __init__(self, model, method: str, slots: list[SlotLayer], start_pos, max_steps: int, method_obj=None,
                  budget_tokens: int | None = None, compile: bool = False, use_graph: bool | None = None,
-                 score: bool = True):
+                 score: bool = True, attn_kernel: bool | None = None):
         self.model, self.method, self.m, self.slots = model, method, method_obj, slots
         self.w = lean_weights(model)
         self.dev = slots[0].K.device
@@ -350,6 +340,9 @@ class StaticDecoder:
         self.B = B
         self.budget_tokens = budget_tokens
         self.score_on = score          # False: the same slots and step without the method's scoring (overhead)
+        # the Triton decode-attention kernels (decode_attention.py) where they run (CUDA with Triton); False: SDPA
+        self.attn_kernel = kernel_available(self.dev) if attn_kernel is None else attn_kernel and \
+            kernel_available(self.dev)
         self.cur = torch.as_tensor(start_pos, device=self.dev).expand(B).clone().long()  # position of the new token
         self.tok = torch.zeros(B, dtype=torch.long, device=self.dev)
         self.out = torch.zeros((B, max_steps + 1), dtype=torch.long, device=self.dev)
@@ -455,7 +448,7 @@ class StaticDecoder:
             return self._c
         w, m = self.w, self.m
         c = {"head_dim": w.head_dim, "n_heads": w.n_heads, "n_kv": w.n_kv, "budget_tokens": self.budget_tokens,
-             "n_sink": getattr(m, "n_sink", 0)}
+             "n_sink": getattr(m, "n_sink", 0), "kernel": self.attn_kernel}
         if self.method == "atskv":
             c.update(flags=m.predictor.token_flags, gain=m.controller.gain, fixed=m.controller.fixed)
         self._c = c

@@ -3,8 +3,9 @@ compression works when the model's layers sit on different devices (--device_map
 import pytest
 import torch
 
+import decode_attention as da
 import evaluation as ev
-from fast_decode import StaticDecoder
+from fast_decode import HIDDEN, StaticDecoder
 from sparse_kv_cache import KVCacheFactory
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -38,17 +39,20 @@ def plain_decode(model, cache, ids, n_steps):
     return torch.stack(toks, 1)
 
 
-@pytest.mark.parametrize("method,compile,params", [
-    ("full", False, {}), ("sliding_window", False, {}), ("h2o", False, {}), ("atskv", False, {}), ("full", True, {}),
-    ("atskv", True, {}), ("atskv", False, {"evict_every": 4}), ("atskv", True, {"evict_every": 4})])
+@pytest.mark.parametrize("method,compile,params,kernel", [
+    ("full", False, {}, True), ("sliding_window", False, {}, True), ("h2o", False, {}, True), ("atskv", False, {}, True),
+    ("full", True, {}, True), ("atskv", True, {}, True), ("atskv", False, {"evict_every": 4}, True),
+    ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False)])
 def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(cuda_model, prompt, method,
-                                                                                   compile, params):
+                                                                                   compile, params, kernel):
+    """kernel: the Triton decode attention where Triton is there (False: the SDPA / matmul reference)."""
     model, tok = cuda_model
     plain = KVCacheFactory.create(method, model, budget=128, tokenizer=tok, **params)
     want = plain_decode(model, plain, prompt, N_STEPS)
     cache = KVCacheFactory.create(method, model, budget=128, tokenizer=tok, **params)
     logits = ev.forward_chunked(model, cache, prompt, chunk=256)
-    dec = StaticDecoder.from_cache(model, method, cache, prompt.shape[1], N_STEPS, compile=compile)
+    dec = StaticDecoder.from_cache(model, method, cache, prompt.shape[1], N_STEPS, compile=compile,
+                                   attn_kernel=kernel)
     got = dec.generate(logits.argmax(-1), N_STEPS + 1)
     assert dec.graphs  # the steps after the warm-up were replays of a captured graph
     assert torch.equal(got, want)
@@ -84,6 +88,30 @@ def test_compiled_step_matches_the_uncompiled_step_to_float_tolerance(cuda_model
     (a, pa), (b, pb) = out
     assert (a - b).abs().max() < 1e-3 * a.abs().max()
     assert pa == pb
+
+
+@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,n_slots", [(64, 2064), (2, 700), (1, 4100)])
+def test_triton_decode_attention_matches_the_reference(dtype, batch, n_slots):
+    """Split or not (64 x 3 KV heads fill the GPU; batch 1 splits 4100 slots), with and without probabilities,
+    free slots hidden by the bias channel."""
+    torch.manual_seed(0)
+    H, G, D = 3, 3, 64
+    q = torch.randn(batch, H, G, D, device="cuda").to(dtype)
+    K = torch.randn(batch, H, n_slots, D + 8, device="cuda").to(dtype)
+    V = torch.randn(batch, H, n_slots, D + 8, device="cuda").to(dtype)
+    K[..., D] = torch.where(torch.rand(batch, H, n_slots, device="cuda") < 0.2, HIDDEN, 0.0).to(dtype)
+    K[..., D + 1:] = 0
+    # bf16: the reference rounds its logits to bf16 (a bf16 matmul), the kernel keeps them in float32
+    tol, ptol = (2e-2, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
+    for want_probs in (False, True):
+        ro, rp = da.decode_attention_reference(q, K, V, 0.125, D, want_probs)
+        o, p = da.decode_attention(q, K, V, 0.125, D, want_probs)
+        assert (o.float() - ro.float()).abs().max() < tol
+        if want_probs:
+            assert (p - rp).abs().max() < ptol
+            assert p[K[..., D][:, :, None].expand_as(p) == HIDDEN].max() == 0
 
 
 def split_between_gpu_and_cpu(model):

@@ -1,0 +1,206 @@
+"""Decode attention over a slot cache: one query token, grouped-query attention, a Triton kernel on CUDA.
+
+Why a kernel of our own: PyTorch's SDPA kernels are built for prefill. For a decode step of this model they run a
+128-row query tile for the 3 query heads that share a KV head, and cuBLAS needs three launches (scores, softmax,
+values) when the method wants the attention probabilities (ATSKV, H2O). This kernel is flash-decoding (Dao et al.,
+"Flash-Decoding for long-context inference", 2023; the split-KV decode kernels of vLLM and SGLang follow the same
+plan): every program reads one KV head's slots once for all the query heads of its group (padded to the 16 rows that
+`tl.dot` needs), keeps an online softmax, and the slots are split over several programs when batch x KV heads would
+leave the GPU's SMs idle; a second small kernel merges the splits by log-sum-exp. When asked, it also writes the
+scaled logits and their log-sum-exp, from which the caller gets the probabilities without a second pass over K.
+
+The slot layout is `fast_decode`'s: K and V are (B, H_kv, N, D + PAD), and K's channel D is a bias (0 for a stored
+entry, HIDDEN for a free slot) that the query meets with weight 1. The kernel reads channels 0..D-1 and the bias.
+`decode_attention_reference` is the same computation in PyTorch (SDPA, or matmul and softmax when the probabilities
+are wanted): the path on the CPU and on CUDA without Triton, and what the tests hold the kernels to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without Triton; the reference path is used there
+    triton = None
+
+# Launch configuration (tuned on an H200 at batch 64, 832 and 8208 slots: `.gpu`-free sweep in the closing note)
+CONFIG = {"block_n": 64,           # slots per inner iteration
+          "min_split": 128,        # fewest slots a split handles
+          "target_programs": 264,  # programs to aim for: about four per SM of an H100 / H200 (132 SMs)
+          "num_warps": 4, "num_stages": 3, "dot": True}
+
+
+def decode_attention_reference(q, K, V, scaling: float, head_dim: int, want_probs: bool = False):
+    """q (B, H_kv, G, D); K, V (B, H_kv, N, D + PAD) with K's channel D the bias. Returns the output (B, H_kv, G, D)
+    in q's dtype and, if want_probs, the softmax probabilities (B, H_kv, G, N) in float32 (else None).
+    The query gets the bias channel's weight 1 and zeros elsewhere, so that without probabilities SDPA can use its
+    fused kernels over the padded slots (no mask)."""
+    B, H, G, D = q.shape
+    pad = K.shape[-1] - head_dim
+    qp = torch.cat([q, q.new_ones(B, H, G, 1), q.new_zeros(B, H, G, pad - 1)], -1)
+    if not want_probs:
+        return F.scaled_dot_product_attention(qp, K, V, scale=scaling)[..., :D], None
+    probs = torch.softmax(torch.matmul(qp, K.transpose(-1, -2)).float() * scaling, dim=-1)
+    return torch.matmul(probs.to(V.dtype), V)[..., :D], probs
+
+
+def split_plan(n_programs: int, n_slots: int, cfg: dict | None = None) -> tuple[int, int]:
+    """(splits, slots per split): enough programs to fill the GPU, each split at least min_split slots (a multiple
+    of block_n), and no split empty."""
+    cfg = cfg or CONFIG
+    want = max(1, min(math.ceil(cfg["target_programs"] / n_programs), n_slots // cfg["min_split"]))
+    chunk = math.ceil(math.ceil(n_slots / want) / cfg["block_n"]) * cfg["block_n"]
+    return math.ceil(n_slots / chunk), chunk
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, b_ptr, o_ptr, s_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
+                       N, scaling, chunk, n_splits,
+                       stride_kb, stride_kn, stride_vb, stride_vn, stride_bb, stride_bn,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                       SPLIT: tl.constexpr, WANT_S: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr):
+        bh = tl.program_id(0)            # (batch row, KV head), flattened
+        sp = tl.program_id(1)            # which split of the slots
+        rows = tl.arange(0, G_PAD)
+        dims = tl.arange(0, D)
+        row_ok = rows < G
+        q = tl.load(q_ptr + bh * G * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        start = sp * chunk
+        kb = k_ptr + bh * stride_kb
+        vb = v_ptr + bh * stride_vb
+        bb = b_ptr + bh * stride_bb
+        for i in range(0, chunk, BLOCK):
+            n = start + i + tl.arange(0, BLOCK)
+            n_ok = n < N
+            k = tl.load(kb + n[:, None] * stride_kn + dims[None, :], mask=n_ok[:, None], other=0.0)
+            bias = tl.load(bb + n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            if not DOT:    # CUDA cores, G_PAD = G rounded up to a power of two
+                s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
+            elif IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = ((s + bias[None, :]) * scaling).to(tl.float32)   # under Inductor a float argument is float64
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            if WANT_S:
+                tl.store(s_ptr + bh * G * N + rows[:, None] * N + n[None, :], s, mask=row_ok[:, None] & n_ok[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vb + n[:, None] * stride_vn + dims[None, :], mask=n_ok[:, None], other=0.0)
+            if not DOT:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+            elif IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if SPLIT:   # partial results, merged by _merge_kernel
+            base = bh * n_splits + sp
+            tl.store(po_ptr + base * G_PAD * D + rows[:, None] * D + dims[None, :], acc)
+            tl.store(pm_ptr + base * G_PAD + rows, m_i)
+            tl.store(pl_ptr + base * G_PAD + rows, l_i)
+        else:
+            out = acc / l_i[:, None]
+            tl.store(o_ptr + bh * G * D + rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+            if WANT_S:
+                tl.store(lse_ptr + bh * G + rows, m_i + tl.log(l_i), mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, n_splits,
+                      G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+                      WANT_S: tl.constexpr):
+        bh = tl.program_id(0)
+        sps = tl.arange(0, S_PAD)
+        rows = tl.arange(0, G_PAD)
+        dims = tl.arange(0, D)
+        sp_ok = sps < n_splits
+        base = bh * n_splits + sps
+        m = tl.load(pm_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=float("-inf"))
+        l = tl.load(pl_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=0.0)
+        m_all = tl.max(m, 0)                                       # (G_PAD,)
+        w = tl.where(sp_ok[:, None], tl.exp(m - m_all[None, :]), 0.0)   # (S_PAD, G_PAD)
+        l_all = tl.sum(w * l, 0)
+        po = tl.load(po_ptr + (base[:, None, None] * G_PAD + rows[None, :, None]) * D + dims[None, None, :],
+                     mask=sp_ok[:, None, None], other=0.0)         # (S_PAD, G_PAD, D)
+        out = tl.sum(po * w[:, :, None], 0) / l_all[:, None]
+        row_ok = rows < G
+        tl.store(o_ptr + bh * G * D + rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if WANT_S:
+            tl.store(lse_ptr + bh * G + rows, m_all + tl.log(l_all), mask=row_ok)
+
+
+def launch(q, K, V, scaling: float, head_dim: int, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None,
+           bias=None):
+    """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op). Returns the output (B, H_kv, G, D)
+    and, if want_lse, the scaled logits (B, H_kv, G, N) and their log-sum-exp (B, H_kv, G) in float32."""
+    B, H, G, D = q.shape
+    N = K.shape[2]
+    assert D == head_dim and K.stride(-1) == 1 and V.stride(-1) == 1 and K.stride(0) == H * K.stride(1) \
+        and V.stride(0) == H * V.stride(1)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    s = torch.empty((B, H, G, N) if want_lse else (1,), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, G) if want_lse else (1,), dtype=torch.float32, device=q.device)
+    cfg = cfg or CONFIG
+    splits, chunk = split_plan(B * H, N, cfg)
+    G_PAD = max(16 if cfg["dot"] else 1, triton.next_power_of_2(G))   # tl.dot needs 16 rows
+    bias = K.select(-1, D) if bias is None else bias                    # (B, H_kv, N)
+    part = (B * H * splits, G_PAD) if splits > 1 else (1, 1)
+    po = torch.empty(part + ((D,) if splits > 1 else (1,)), dtype=torch.float32, device=q.device)
+    pm = torch.empty(part, dtype=torch.float32, device=q.device)
+    pl = torch.empty(part, dtype=torch.float32, device=q.device)
+    ieee = q.dtype == torch.float32
+    wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, N, scaling, chunk, splits,
+                                          K.stride(1), K.stride(2), V.stride(1), V.stride(2), bias.stride(1),
+                                          bias.stride(2),
+                                          G=G, G_PAD=G_PAD, D=D, BLOCK=cfg["block_n"], SPLIT=splits > 1,
+                                          WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], num_warps=cfg["num_warps"],
+                                          num_stages=cfg["num_stages"])
+    if splits > 1:
+        wrap(_merge_kernel)[(B * H,)](out, lse, po, pm, pl, splits, G=G, G_PAD=G_PAD, D=D,
+                                      S_PAD=triton.next_power_of_2(splits), WANT_S=want_lse)
+    return out, (s if want_lse else None), (lse if want_lse else None)
+
+
+_OP: dict = {}
+
+
+def _triton_op():
+    """The kernels as one torch operator (torch.library.triton_op), so that torch.compile traces through them and a
+    CUDA graph captures them like any other kernel."""
+    if not _OP:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("atskv::decode_attention", mutates_args=())
+        def op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, scaling: float, head_dim: int,
+               want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out, s, lse = launch(q, K, V, scaling, head_dim, want_lse, wrap_triton)
+            dummy = out.new_empty((1,), dtype=torch.float32)
+            return out, (s if s is not None else dummy), (lse if lse is not None else dummy.clone())
+        _OP["op"] = op
+    return _OP["op"]
+
+
+def kernel_available(device) -> bool:
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+def decode_attention(q, K, V, scaling: float, head_dim: int, want_probs: bool = False, use_kernel: bool = True):
+    """Decode attention over the slots: the Triton kernels on CUDA when Triton is there (and use_kernel), else the
+    reference. Returns (out (B, H_kv, G, D), probabilities (B, H_kv, G, N) float32 or None)."""
+    if not (use_kernel and kernel_available(q.device)):
+        return decode_attention_reference(q, K, V, scaling, head_dim, want_probs)
+    out, s, lse = _triton_op()(q, K, V, float(scaling), int(head_dim), bool(want_probs))
+    return out, (torch.exp(s - lse[..., None]) if want_probs else None)
