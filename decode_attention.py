@@ -9,10 +9,13 @@ plan): every program reads one KV head's slots once for all the query heads of i
 leave the GPU's SMs idle; a second small kernel merges the splits by log-sum-exp. When asked, it also writes the
 scaled logits and their log-sum-exp, from which the caller gets the probabilities without a second pass over K.
 
-The slot layout is `fast_decode`'s: K and V are (B, H_kv, N, D + PAD), and K's channel D is a bias (0 for a stored
-entry, HIDDEN for a free slot) that the query meets with weight 1. The kernel reads channels 0..D-1 and the bias.
-`decode_attention_reference` is the same computation in PyTorch (SDPA, or matmul and softmax when the probabilities
-are wanted): the path on the CPU and on CUDA without Triton, and what the tests hold the kernels to.
+The slot layout is `fast_decode`'s: K and V are (B, H_kv, N, D), and a bias (B, H_kv, N) in their dtype is added to
+the scaled logits: 0 for a stored entry, HIDDEN for a free slot (exp() of it is 0). The rows must stay 128-byte
+aligned: an earlier layout that carried the bias as an extra key channel (rows of D + 8) halved the kernel's
+bandwidth (203 against 100 us at batch 64 x 8208 slots on an H200).
+`decode_attention_reference` is the same computation in PyTorch (SDPA with the bias as its mask, or matmul and
+softmax when the probabilities are wanted): the path on the CPU and on CUDA without Triton, and what the tests hold
+the kernels to.
 """
 from __future__ import annotations
 
@@ -27,33 +30,37 @@ try:
 except ImportError:  # CPU builds of torch come without Triton; the reference path is used there
     triton = None
 
-# Launch configuration (tuned on an H200 at batch 64, 832 and 8208 slots: `.gpu`-free sweep in the closing note)
-CONFIG = {"block_n": 64,           # slots per inner iteration
-          "min_split": 128,        # fewest slots a split handles
-          "target_programs": 264,  # programs to aim for: about four per SM of an H100 / H200 (132 SMs)
-          "num_warps": 4, "num_stages": 3, "dot": True}
+# Launch configuration, from a sweep on an H200 (block, warps, pipeline stages, programs; README "Decode speed"):
+# tensor cores (tl.dot over the group's query rows padded to 16) win by far at batch 64 (100 us against 840 us at
+# 8208 slots), CUDA cores at batch 1 (27 against 65 us: 3 programs, where the 16-row tile is mostly waste).
+CONFIGS = {"dot": {"block_n": 128, "num_warps": 4, "num_stages": 3},
+           "cuda": {"block_n": 32, "num_warps": 4, "num_stages": 3}}
+DOT_MIN_PROGRAMS = 32   # batch x KV heads from which the tensor-core kernel is used
+TARGET_PROGRAMS = 264   # split the slots until there are about this many programs (two per SM of an H200) ...
+MIN_SPLIT = 128         # ... each with at least this many slots
 
 
-def decode_attention_reference(q, K, V, scaling: float, head_dim: int, want_probs: bool = False):
-    """q (B, H_kv, G, D); K, V (B, H_kv, N, D + PAD) with K's channel D the bias. Returns the output (B, H_kv, G, D)
-    in q's dtype and, if want_probs, the softmax probabilities (B, H_kv, G, N) in float32 (else None).
-    The query gets the bias channel's weight 1 and zeros elsewhere, so that without probabilities SDPA can use its
-    fused kernels over the padded slots (no mask)."""
-    B, H, G, D = q.shape
-    pad = K.shape[-1] - head_dim
-    qp = torch.cat([q, q.new_ones(B, H, G, 1), q.new_zeros(B, H, G, pad - 1)], -1)
+def kernel_config(n_programs: int) -> dict:
+    """The launch configuration for batch x KV heads = n_programs."""
+    dot = n_programs >= DOT_MIN_PROGRAMS
+    return {"dot": dot, **CONFIGS["dot" if dot else "cuda"]}
+
+
+def decode_attention_reference(q, K, V, bias, scaling: float, want_probs: bool = False):
+    """q (B, H_kv, G, D); K, V (B, H_kv, N, D); bias (B, H_kv, N). Returns the output (B, H_kv, G, D) in q's dtype
+    and, if want_probs, the softmax probabilities (B, H_kv, G, N) in float32 (else None)."""
+    mask = bias[:, :, None, :]
     if not want_probs:
-        return F.scaled_dot_product_attention(qp, K, V, scale=scaling)[..., :D], None
-    probs = torch.softmax(torch.matmul(qp, K.transpose(-1, -2)).float() * scaling, dim=-1)
-    return torch.matmul(probs.to(V.dtype), V)[..., :D], probs
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask.to(q.dtype), scale=scaling), None
+    probs = torch.softmax(torch.matmul(q, K.transpose(-1, -2)).float() * scaling + mask.float(), dim=-1)
+    return torch.matmul(probs.to(V.dtype), V), probs
 
 
-def split_plan(n_programs: int, n_slots: int, cfg: dict | None = None) -> tuple[int, int]:
-    """(splits, slots per split): enough programs to fill the GPU, each split at least min_split slots (a multiple
+def split_plan(n_programs: int, n_slots: int, block_n: int) -> tuple[int, int]:
+    """(splits, slots per split): enough programs to fill the GPU, each split at least MIN_SPLIT slots (a multiple
     of block_n), and no split empty."""
-    cfg = cfg or CONFIG
-    want = max(1, min(math.ceil(cfg["target_programs"] / n_programs), n_slots // cfg["min_split"]))
-    chunk = math.ceil(math.ceil(n_slots / want) / cfg["block_n"]) * cfg["block_n"]
+    want = max(1, min(math.ceil(TARGET_PROGRAMS / n_programs), n_slots // max(MIN_SPLIT, block_n)))
+    chunk = math.ceil(math.ceil(n_slots / want) / block_n) * block_n
     return math.ceil(n_slots / chunk), chunk
 
 
@@ -88,7 +95,7 @@ if triton is not None:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = ((s + bias[None, :]) * scaling).to(tl.float32)   # under Inductor a float argument is float64
+            s = (s * scaling + bias[None, :]).to(tl.float32)   # under Inductor a float argument is float64
             s = tl.where(n_ok[None, :], s, float("-inf"))
             if WANT_S:
                 tl.store(s_ptr + bh * G * N + rows[:, None] * N + n[None, :], s, mask=row_ok[:, None] & n_ok[None, :])
@@ -141,22 +148,21 @@ if triton is not None:
             tl.store(lse_ptr + bh * G + rows, m_all + tl.log(l_all), mask=row_ok)
 
 
-def launch(q, K, V, scaling: float, head_dim: int, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None,
-           bias=None):
-    """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op). Returns the output (B, H_kv, G, D)
-    and, if want_lse, the scaled logits (B, H_kv, G, N) and their log-sum-exp (B, H_kv, G) in float32."""
+def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None):
+    """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op; cfg: kernel_config's by default).
+    Returns the output (B, H_kv, G, D) and, if want_lse, the scaled logits (B, H_kv, G, N) and their log-sum-exp
+    (B, H_kv, G) in float32."""
     B, H, G, D = q.shape
     N = K.shape[2]
-    assert D == head_dim and K.stride(-1) == 1 and V.stride(-1) == 1 and K.stride(0) == H * K.stride(1) \
-        and V.stride(0) == H * V.stride(1)
+    for t in (K, V, bias):   # (batch, head) rows flattened into one index
+        assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "slots must be contiguous in the last dim"
     q = q.contiguous()
     out = torch.empty_like(q)
     s = torch.empty((B, H, G, N) if want_lse else (1,), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, G) if want_lse else (1,), dtype=torch.float32, device=q.device)
-    cfg = cfg or CONFIG
-    splits, chunk = split_plan(B * H, N, cfg)
+    cfg = cfg or kernel_config(B * H)
+    splits, chunk = split_plan(B * H, N, cfg["block_n"])
     G_PAD = max(16 if cfg["dot"] else 1, triton.next_power_of_2(G))   # tl.dot needs 16 rows
-    bias = K.select(-1, D) if bias is None else bias                    # (B, H_kv, N)
     part = (B * H * splits, G_PAD) if splits > 1 else (1, 1)
     po = torch.empty(part + ((D,) if splits > 1 else (1,)), dtype=torch.float32, device=q.device)
     pm = torch.empty(part, dtype=torch.float32, device=q.device)
@@ -184,9 +190,9 @@ def _triton_op():
         from torch.library import triton_op, wrap_triton
 
         @triton_op("atskv::decode_attention", mutates_args=())
-        def op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, scaling: float, head_dim: int,
+        def op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor, scaling: float,
                want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            out, s, lse = launch(q, K, V, scaling, head_dim, want_lse, wrap_triton)
+            out, s, lse = launch(q, K, V, bias, scaling, want_lse, wrap_triton)
             dummy = out.new_empty((1,), dtype=torch.float32)
             return out, (s if s is not None else dummy), (lse if lse is not None else dummy.clone())
         _OP["op"] = op
@@ -197,10 +203,10 @@ def kernel_available(device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-def decode_attention(q, K, V, scaling: float, head_dim: int, want_probs: bool = False, use_kernel: bool = True):
+def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True):
     """Decode attention over the slots: the Triton kernels on CUDA when Triton is there (and use_kernel), else the
     reference. Returns (out (B, H_kv, G, D), probabilities (B, H_kv, G, N) float32 or None)."""
     if not (use_kernel and kernel_available(q.device)):
-        return decode_attention_reference(q, K, V, scaling, head_dim, want_probs)
-    out, s, lse = _triton_op()(q, K, V, float(scaling), int(head_dim), bool(want_probs))
+        return decode_attention_reference(q, K, V, bias, scaling, want_probs)
+    out, s, lse = _triton_op()(q, K, V, bias, float(scaling), bool(want_probs))
     return out, (torch.exp(s - lse[..., None]) if want_probs else None)

@@ -602,6 +602,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
     dec = StaticDecoder.from_cache(model, method, cache, pos, 2 * n + 4 * every + 16, compile=compile)
     cache = None
+    base["attn_kernel"] = dec.attn_kernel   # the Triton decode attention (else SDPA)
     dec.tok.copy_(tok)
     dec.t.zero_()
     _peak_reset(dev)

@@ -32,10 +32,8 @@ from utils import UserError
 
 FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
 SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
-# Free slots are hidden from attention without a mask, so that SDPA can use its flash kernel: keys and values carry
-# PAD extra channels; the query's first extra channel is 1 and the key's is 0 for a stored entry and HIDDEN for a
-# free (or padding) slot, which adds HIDDEN x scaling (about -3750 for head size 64) to its logit: exp() of it is 0.
-PAD = 8
+# Free slots are hidden by a per-slot bias added to the scaled logits (decode_attention): 0 for a stored entry,
+# HIDDEN for a free (or padding) slot: exp() of it is 0.
 HIDDEN = -30000.0
 
 
@@ -112,9 +110,9 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int, n_kv: int, head_dim: int):
-    """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the query (B, H_kv, G, D),
-    k and v (B, H_kv, D), their padded forms to store, and the slot they go to (each row's first free one)."""
+def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, present, n_heads: int, n_kv: int, head_dim: int):
+    """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the query (B, H_kv, G, D), k and v
+    (B, H_kv, D), and the slot they go to (B, H_kv, 1): each row's first free one."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
     qkv = F.linear(h, wqkv, bqkv)
@@ -127,10 +125,7 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, K, V, present, n_heads: int,
     idx = torch.arange(N, device=present.device)
     # (B, H_kv, 1): the first free slot, as a min (argmax over ties is not always the first one in compiled code)
     slot = torch.where(present, N, idx).amin(-1, keepdim=True).clamp(max=N - 1)
-    pad = K.shape[-1] - head_dim
-    kp = torch.cat([k, k.new_zeros(B, n_kv, pad)], -1)                      # its bias channel: 0, visible
-    vp = torch.cat([v, v.new_zeros(B, n_kv, V.shape[-1] - head_dim)], -1)
-    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v, kp, vp, slot
+    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v, slot
 
 
 def put(t, slot, value):
@@ -142,19 +137,20 @@ def put(t, slot, value):
     t.index_put_((b, h, slot[..., 0]), value)
 
 
-def write_entry(K, V, present, valid, pos, kp, vp, slot, cur):
-    """The new entry into its slot, in place."""
+def write_entry(K, V, bias, present, valid, pos, k, v, slot, cur):
+    """The new entry into its slot, in place (and made visible to attention)."""
     B, H = slot.shape[:2]
-    put(K, slot, kp)
-    put(V, slot, vp)
+    put(K, slot, k)
+    put(V, slot, v)
+    put(bias, slot, torch.zeros((B, H), dtype=bias.dtype, device=K.device))
     put(present, slot, torch.ones((B, H), dtype=torch.bool, device=K.device))
     put(valid, slot, torch.ones((B, H), dtype=torch.bool, device=K.device))
     put(pos, slot, cur[:, None].expand(B, H))
 
 
-def hide_free(K, present, valid, head_dim: int):
-    """Refresh the bias channel after an eviction: freed and padding slots are hidden (in place)."""
-    K.select(-1, head_dim).copy_(torch.where(present & valid, 0.0, HIDDEN).to(K.dtype))
+def hide_free(bias, present, valid):
+    """Refresh the attention bias after an eviction: freed and padding slots are hidden (in place)."""
+    bias.copy_(torch.where(present & valid, 0.0, HIDDEN).to(bias.dtype))
 
 
 def protection(present, pos, seen, n_sink: int, n_recent):
@@ -222,18 +218,18 @@ def post_attention(x, attn, wo, ln, eps, wgu, wd):
     return x + F.linear(F.silu(g) * u, wd)
 
 
-def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, pos, present, valid,
-               st: dict, la: dict, co, c: dict):
+def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, bias, pos, present,
+               valid, st: dict, la: dict, co, c: dict):
     """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
     element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
     kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring), atskv or a
     generic method; evict: whether this step is one of atskv's scheduled evictions."""
     D = c["head_dim"]
-    h, q, k, v, kp, vp, slot = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, K, V,
-                                               present, c["n_heads"], c["n_kv"], D)
-    write_entry(K, V, present, valid, pos, kp, vp, slot, cur)
-    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias channel
-    attn, probs = decode_attention(q, K, V, lw["scaling"], D, kind in ("atskv", "h2o"), c["kernel"])
+    h, q, k, v, slot = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, present,
+                                     c["n_heads"], c["n_kv"], D)
+    write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
+    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
+    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
     if kind == "bare":
         bare_evict(present, pos, la["budget"])
     elif kind == "atskv":
@@ -244,7 +240,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
         generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
     if kind != "full" and evict:
-        hide_free(K, present, valid, D)
+        hide_free(bias, present, valid)
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
 
 
@@ -292,22 +288,23 @@ def controller_keep(r, protected, present, budget: int, beta: float, delta, gain
 
 
 class SlotLayer:
-    """One layer's static cache: slots (B, H_kv, N) with keys, values, position, presence, validity and the method's
-    per-slot state. `budget` is the layer's budget (None: nothing is ever evicted)."""
+    """One layer's static cache: slots (B, H_kv, N) with keys, values, the attention bias (0 or HIDDEN), position,
+    presence, validity and the method's per-slot state. `budget` is the layer's budget (None: nothing is ever
+    evicted)."""
 
     def __init__(self, keys, values, positions, valid, n_slots: int, budget: int | None):
         B, H, S, D = keys.shape
         dev = keys.device
-        self.K = keys.new_zeros((B, H, n_slots, D + PAD))
-        self.V = values.new_zeros((B, H, n_slots, values.shape[-1] + PAD))
-        self.K[:, :, :S, :D], self.V[:, :, :S, :D] = keys, values
+        self.K = keys.new_zeros((B, H, n_slots, D))
+        self.V = values.new_zeros((B, H, n_slots, values.shape[-1]))
+        self.K[:, :, :S], self.V[:, :, :S] = keys, values
         self.pos = torch.full((B, H, n_slots), -1, dtype=torch.long, device=dev)
         self.pos[:, :, :S] = positions
         self.present = torch.zeros((B, H, n_slots), dtype=torch.bool, device=dev)
         self.present[:, :, :S] = True
         self.valid = torch.ones((B, H, n_slots), dtype=torch.bool, device=dev)
         self.valid[:, :, :S] = valid
-        self.K[..., D] = torch.where(self.present & self.valid, 0.0, HIDDEN)
+        self.bias = torch.where(self.present & self.valid, 0.0, HIDDEN).to(keys.dtype)
         self.budget = budget
         self.state: dict[str, torch.Tensor] = {}
 
@@ -318,7 +315,7 @@ class SlotLayer:
         return out
 
     def nbytes(self) -> int:
-        return self.K.nbytes + self.V.nbytes
+        return self.K.nbytes + self.V.nbytes + self.bias.nbytes
 
 
 def _round_up(n: int, m: int) -> int:
@@ -412,7 +409,8 @@ class StaticDecoder:
         new.slots = []
         for sl in self.slots:
             n = copy.copy(sl)
-            n.K, n.V, n.pos, n.present, n.valid = map(rep, (sl.K, sl.V, sl.pos, sl.present, sl.valid))
+            n.K, n.V, n.bias, n.pos, n.present, n.valid = map(rep, (sl.K, sl.V, sl.bias, sl.pos, sl.present,
+                                                                    sl.valid))
             n.state = {k: v.clone() if k == "delta" else rep(v) for k, v in sl.state.items()}
             new.slots.append(n)
         new.B, new.t = batch, self.t.clone()
@@ -474,7 +472,7 @@ class StaticDecoder:
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
             kind = "full" if sl.budget is None else "bare" if variant == "bare" else self.method
             x = self.fn(kind, variant != "keep", x, cos, sin, self.cur, seen, self.tok, getattr(self, "counts", None),
-                        lw, sl.K, sl.V, sl.pos, sl.present, sl.valid, sl.state, la,
+                        lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la,
                         self.coefs[l] if kind == "atskv" else None, c)
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
         self.logits_of[variant] = logits      # (B, vocab); a captured graph's output buffer when replayed

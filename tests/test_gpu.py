@@ -94,24 +94,23 @@ def test_compiled_step_matches_the_uncompiled_step_to_float_tolerance(cuda_model
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,n_slots", [(64, 2064), (2, 700), (1, 4100)])
 def test_triton_decode_attention_matches_the_reference(dtype, batch, n_slots):
-    """Split or not (64 x 3 KV heads fill the GPU; batch 1 splits 4100 slots), with and without probabilities,
-    free slots hidden by the bias channel."""
+    """Split or not (64 x 3 KV heads fill the GPU; batch 1 splits 4100 slots), tensor cores (batch 64) or CUDA cores
+    (batch 1 and 2), with and without probabilities, free slots hidden by the bias."""
     torch.manual_seed(0)
     H, G, D = 3, 3, 64
     q = torch.randn(batch, H, G, D, device="cuda").to(dtype)
-    K = torch.randn(batch, H, n_slots, D + 8, device="cuda").to(dtype)
-    V = torch.randn(batch, H, n_slots, D + 8, device="cuda").to(dtype)
-    K[..., D] = torch.where(torch.rand(batch, H, n_slots, device="cuda") < 0.2, HIDDEN, 0.0).to(dtype)
-    K[..., D + 1:] = 0
+    K = torch.randn(batch, H, n_slots, D, device="cuda").to(dtype)
+    V = torch.randn(batch, H, n_slots, D, device="cuda").to(dtype)
+    bias = torch.where(torch.rand(batch, H, n_slots, device="cuda") < 0.2, HIDDEN, 0.0).to(dtype)
     # bf16: the reference rounds its logits to bf16 (a bf16 matmul), the kernel keeps them in float32
     tol, ptol = (2e-2, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
     for want_probs in (False, True):
-        ro, rp = da.decode_attention_reference(q, K, V, 0.125, D, want_probs)
-        o, p = da.decode_attention(q, K, V, 0.125, D, want_probs)
+        ro, rp = da.decode_attention_reference(q, K, V, bias, 0.125, want_probs)
+        o, p = da.decode_attention(q, K, V, bias, 0.125, want_probs)
         assert (o.float() - ro.float()).abs().max() < tol
         if want_probs:
             assert (p - rp).abs().max() < ptol
-            assert p[K[..., D][:, :, None].expand_as(p) == HIDDEN].max() == 0
+            assert p[bias[:, :, None].expand_as(p) == HIDDEN].max() == 0
 
 
 def split_between_gpu_and_cpu(model):
