@@ -180,23 +180,17 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     return out, (s if want_lse else None), (lse if want_lse else None)
 
 
-_OP: dict = {}
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
 
-
-def _triton_op():
-    """The kernels as one torch operator (torch.library.triton_op), so that torch.compile traces through them and a
-    CUDA graph captures them like any other kernel."""
-    if not _OP:
-        from torch.library import triton_op, wrap_triton
-
-        @triton_op("atskv::decode_attention", mutates_args=())
-        def op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor, scaling: float,
-               want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            out, s, lse = launch(q, K, V, bias, scaling, want_lse, wrap_triton)
-            dummy = out.new_empty((1,), dtype=torch.float32)
-            return out, (s if s is not None else dummy), (lse if lse is not None else dummy.clone())
-        _OP["op"] = op
-    return _OP["op"]
+    # The kernels as one torch operator, so that torch.compile traces through them and a CUDA graph captures them
+    # like any other kernel. Registered at import: Dynamo refuses to trace the registration itself.
+    @triton_op("atskv::decode_attention", mutates_args=())
+    def _decode_attention_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor, scaling: float,
+                             want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, s, lse = launch(q, K, V, bias, scaling, want_lse, wrap_triton)
+        dummy = out.new_empty((1,), dtype=torch.float32)
+        return out, (s if s is not None else dummy), (lse if lse is not None else dummy.clone())
 
 
 def kernel_available(device) -> bool:
@@ -208,5 +202,5 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     reference. Returns (out (B, H_kv, G, D), probabilities (B, H_kv, G, N) float32 or None)."""
     if not (use_kernel and kernel_available(q.device)):
         return decode_attention_reference(q, K, V, bias, scaling, want_probs)
-    out, s, lse = _triton_op()(q, K, V, bias, float(scaling), bool(want_probs))
+    out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), bool(want_probs))
     return out, (torch.exp(s - lse[..., None]) if want_probs else None)
