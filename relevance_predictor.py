@@ -270,6 +270,42 @@ def build_training_rows(model, ids: torch.Tensor, flags: torch.Tensor, chunk: in
     return rows
 
 
+@torch.no_grad()
+def induction_scores(model, length: int = 256, reps: int = 2, seed: int = 0) -> torch.Tensor:
+    """(n_layers, n_kv): how strongly each KV head's query group copies from context, measured without data.
+    A random token sequence is shown twice; a query in the second copy that attends to the token after its own
+    earlier occurrence is an induction head's signature, the mechanism that retrieves earlier text (RazorAttention,
+    Tang et al. 2024, keeps the full cache only for such heads). Score: that attention mass, averaged over the
+    queries of the second copy, the group's heads and `reps` random sequences."""
+    import sparse_kv_cache as skv
+    from transformers import DynamicCache
+    skv.install_attention(model)
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    total = 0.0
+    for _ in range(reps):
+        seq = torch.randint(100, vocab, (1, length), generator=g)
+        ids = torch.cat([seq, seq], 1).to(model.device)
+        rec = _Recorder()
+        skv._RECORDER = rec
+        try:
+            model(ids, past_key_values=DynamicCache())
+        finally:
+            skv._RECORDER = None
+        per_layer = []
+        S, i = 2 * length, torch.arange(length + 1, 2 * length)
+        for l in sorted(rec.q):
+            q, k = rec.q[l][0].float(), rec.k[l][0].float()
+            G = q.shape[0] // k.shape[0]
+            logits = q[:, i] @ k.repeat_interleave(G, 0).transpose(-1, -2) * q.shape[-1] ** -0.5
+            causal = torch.arange(S, device=q.device)[None, :] <= i.to(q.device)[:, None]
+            attn = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)   # (Hq, len(i), S)
+            hit = attn[:, torch.arange(len(i)), (i - length + 1).to(q.device)].mean(-1)
+            per_layer.append(hit.view(k.shape[0], G).mean(1).cpu())
+        total = total + torch.stack(per_layer)
+    return total / reps
+
+
 def train_predictor(model, tokenizer, corpus_file: str | None = None, seed: int = 0, chunk: int = 256,
                     horizon: int = 256, window: int = 32, context_tokens: int = 1280, steps: int = 300,
                     feature_groups=("h", "a", "f"), texts: list[str] | None = None, report: bool = True):

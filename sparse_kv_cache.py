@@ -504,6 +504,10 @@ class ATSKV(KVMethod):
     promote: bool = False             # recalled entries compete for the active cache by the controller's rule
     consensus: bool = False           # one ranking for all layers and heads: each position's r averaged over the
                                       #   layers and heads that store it, applied after the forward's last layer
+    retrieval_layers: int = 0         # > 0: the k layers with the strongest induction heads (a data-free calibration
+                                      #   on repeated random tokens, relevance_predictor.induction_scores) hold
+    retrieval_share: float = 0.8      #   this share of the total budget, each at most the whole context; the other
+                                      #   layers share the rest equally (instead of the calibrated beta_l shares)
     evict_every: int = 1              # decoding evicts every this many steps, down to budget - evict_every + 1, so
                                       #   the layer never holds more than its budget and scoring runs 1/evict_every
                                       #   as often (the fast path skips it between evictions; speed, README)
@@ -513,6 +517,11 @@ class ATSKV(KVMethod):
     def __post_init__(self):
         if not isinstance(self.evict_every, int) or isinstance(self.evict_every, bool) or self.evict_every < 1:
             raise UserError(f"evict_every {self.evict_every!r}: accepted are integers >= 1")
+        if not isinstance(self.retrieval_layers, int) or isinstance(self.retrieval_layers, bool) \
+                or self.retrieval_layers < 0:
+            raise UserError(f"retrieval_layers {self.retrieval_layers!r}: accepted are integers >= 0")
+        if not 0.0 < self.retrieval_share < 1.0:
+            raise UserError(f"retrieval_share {self.retrieval_share!r}: accepted are fractions in (0, 1)")
 
     def attach_model(self, model, tokenizer=None):
         from relevance_predictor import load_or_train
@@ -525,6 +534,13 @@ class ATSKV(KVMethod):
         self.predictor = pred
         share = pred.layer_share.tolist() if self.layer_shares else [1.0] * pred.n_layers
         self.shares = share
+        self.retrieval = set()
+        if self.retrieval_layers:
+            if self.retrieval_layers >= pred.n_layers:
+                raise UserError(f"retrieval_layers {self.retrieval_layers}: accepted are 0 to {pred.n_layers - 1}")
+            from relevance_predictor import induction_scores
+            scores = induction_scores(model).mean(1)
+            self.retrieval = set(scores.topk(self.retrieval_layers).indices.tolist())
         self.controller = ThresholdController(pred.n_layers, fixed_threshold=self.fixed_threshold)
         self.counts = None
         self.passive: dict[int, PassiveStore] = {}
@@ -546,7 +562,14 @@ class ATSKV(KVMethod):
         return max(1, budget - self.evict_every + 1) if layer.decode_steps % self.evict_every == 0 else None
 
     def layer_budget(self, layer_idx, n_layers, budget):
-        return max(1, int(round(budget * self.shares[layer_idx])))
+        if not self.retrieval:
+            return max(1, int(round(budget * self.shares[layer_idx])))
+        k, total = len(self.retrieval), budget * n_layers
+        context = getattr(getattr(self, "cache", None), "context_length", None) or total
+        per_retrieval = min(context, int(total * self.retrieval_share / k))
+        if layer_idx in self.retrieval:
+            return max(1, per_retrieval)
+        return max(1, (total - k * per_retrieval) // (n_layers - k))
 
     def _token_counts(self, ids: torch.Tensor) -> torch.Tensor:
         V = self.predictor.token_flags.shape[0]
