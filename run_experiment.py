@@ -123,8 +123,14 @@ def parse_method(spec: str) -> tuple[str, dict]:
         if "=" not in item:
             raise UserError(f"bad parameter {item!r} in {spec!r}: expected key=value")
         k, v = (s.strip() for s in item.split("=", 1))
-        params[k] = json.loads(v) if v.lower() not in ("true", "false", "none") else \
-            {"true": True, "false": False, "none": None}[v.lower()]
+        if v.lower() in ("true", "false", "none"):
+            params[k] = {"true": True, "false": False, "none": None}[v.lower()]
+            continue
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            raise UserError(f"bad value {v!r} for {k!r} in {spec!r}: accepted are numbers, true, false, none and "
+                            f"quoted strings; parameters are separated by ';'") from None
     return name, params
 
 

@@ -106,6 +106,39 @@ def test_consensus_keeps_one_ranking_for_every_head_within_each_layers_budget(mo
     assert all(all(s == v[0] for s in v) for v in by_budget.values() if len(v) > 1)
 
 
+def test_induction_scores_single_out_a_few_copying_layers_of_the_default_model(model):
+    s = rp.induction_scores(model)
+    assert s.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    assert ((s >= 0) & (s <= 1)).all()
+    per_layer = s.mean(1)
+    assert per_layer.max() > 0.1 and per_layer.median() < 0.02   # a few layers copy, most do not
+
+
+def test_retrieval_layers_keep_the_whole_context_where_their_share_allows_and_the_rest_share_the_remainder(
+        model, tokenizer, predictor):
+    cache, ci, qi = _prefill(model, tokenizer, 700, 0.2, retrieval_layers=3, retrieval_share=0.6)
+    m, n_layers = cache.method, len(cache.layers)
+    assert m.retrieval == set(rp.induction_scores(model).mean(1).topk(3).indices.tolist())
+    total = cache.budget_tokens * n_layers                  # 140 x 30
+    budgets = [cache.layer_budget(i) for i in range(n_layers)]
+    assert sum(budgets) <= total
+    for i, layer in enumerate(cache.layers):
+        if i in m.retrieval:    # 60% of the total / 3 = 840 > 700: the whole context, nothing evicted
+            assert budgets[i] == len(ci) and layer.stored_length() == len(ci)
+        else:
+            assert budgets[i] == (total - 3 * len(ci)) // (n_layers - 3)
+            assert layer.stored_length() <= budgets[i]
+
+
+@pytest.mark.parametrize("params,match", [({"retrieval_layers": -1}, "retrieval_layers -1"),
+                                          ({"retrieval_layers": 30}, "retrieval_layers 30: accepted are 0 to 29"),
+                                          ({"retrieval_layers": 2, "retrieval_share": 1.5}, "retrieval_share 1.5")])
+def test_bad_retrieval_parameters_are_refused(model, tokenizer, predictor, params, match):
+    from utils import UserError
+    with pytest.raises(UserError, match=match):
+        _prefill(model, tokenizer, 300, 50, **params)
+
+
 def test_unknown_predictor_variant_is_refused(model, tokenizer):
     from utils import UserError
     with pytest.raises(UserError, match="unknown predictor variant 'nope'; accepted: default, .*no_pos"):

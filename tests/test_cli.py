@@ -22,6 +22,7 @@ def cli(*args, env=None, timeout=600):
 
 @pytest.mark.parametrize("args,message", [
     (["--methods", "full,bogus"], "unknown method 'bogus'; known methods: "),
+    (["--methods", "atskv[retrieval_layers=3,span=5]"], "bad value '3,span=5' for 'retrieval_layers'"),
     (["--benchmarks", "mmlu"], "unknown benchmark 'mmlu'; accepted: synthetic, longbench, zeroscrolls"),
     (["--context_sizes", "100000"], "context size 100000 out of range: accepted are 128 to 8192"),
     (["--context_sizes", "16"], "context size 16 out of range"),

@@ -58,13 +58,14 @@ def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_p
         assert max(len(r) for b in fast for r in b) <= sl.budget
 
 
-@pytest.mark.parametrize("every", [1, 4])
-def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt, every):
-    """Step by step against the plain cache, for atskv (the controller decides every step, or every 4th step)."""
+@pytest.mark.parametrize("params", [{}, {"evict_every": 4}, {"retrieval_layers": 3}])
+def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt, params):
+    """Step by step against the plain cache, for atskv (the controller decides every step, or every 4th step; or
+    with retrieval layers, whose budgets differ from the other layers')."""
     ids = prompt
-    plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=every)
+    plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
     logits = ev.forward_chunked(model, plain, ids, chunk=128)
-    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=every)
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
     ev.forward_chunked(model, cache, ids, chunk=128)
     dec = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], N_STEPS)
     tok = logits.argmax(-1)
