@@ -20,7 +20,7 @@ def cli(*args, env=None, timeout=600):
                           timeout=timeout, env=e)
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["--methods", "full,bogus"], "unknown method 'bogus'; known methods: "),
     (["--methods", "atskv[retrieval_layers=3,span=5]"], "bad value '3,span=5' for 'retrieval_layers'"),
     (["--benchmarks", "mmlu"], "unknown benchmark 'mmlu'; accepted: synthetic, longbench, zeroscrolls"),
@@ -35,12 +35,29 @@ def cli(*args, env=None, timeout=600):
     (["--num_samples", "0"], "--num_samples 0 must be >= 1"),
     (["--model_name", "not a model"], "unknown model name 'not a model'"),
     (["--model_name", "/nonexistent/m.gguf"], "model file not found"),
-])
-def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, tmp_path):
+]
+
+
+def test_bad_input_exits_2_with_one_line_from_the_command_line(tmp_path):
+    """One real process: the exit status, and nothing else on stderr (no import-time warnings)."""
+    args, message = BAD_INPUT[0]
     proc = cli(*args, "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, tmp_path, capsys):
+    """The same entry point in this process (a process per case cost 5 s each, mostly importing torch)."""
+    import run_experiment
+    with pytest.raises(SystemExit) as exit_:
+        run_experiment.main([*args, "--output_dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
 
