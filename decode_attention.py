@@ -150,8 +150,8 @@ if triton is not None:
 
 def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None):
     """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op; cfg: kernel_config's by default).
-    Returns the output (B, H_kv, G, D) and, if want_lse, the scaled logits (B, H_kv, G, N) and their log-sum-exp
-    (B, H_kv, G) in float32."""
+    Returns the output (B, H_kv, G, D), the scaled logits (B, H_kv, G, N) and their log-sum-exp (B, H_kv, G) in
+    float32; without want_lse the last two are unused placeholders of shape (1,)."""
     B, H, G, D = q.shape
     N = K.shape[2]
     for t in (K, V, bias):   # (batch, head) rows flattened into one index
@@ -177,7 +177,7 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     if splits > 1:
         wrap(_merge_kernel)[(B * H,)](out, lse, po, pm, pl, splits, G=G, G_PAD=G_PAD, D=D,
                                       S_PAD=triton.next_power_of_2(splits), WANT_S=want_lse)
-    return out, (s if want_lse else None), (lse if want_lse else None)
+    return out, s, lse
 
 
 if triton is not None:
@@ -188,9 +188,7 @@ if triton is not None:
     @triton_op("atskv::decode_attention", mutates_args=())
     def _decode_attention_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor, scaling: float,
                              want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, s, lse = launch(q, K, V, bias, scaling, want_lse, wrap_triton)
-        dummy = out.new_empty((1,), dtype=torch.float32)
-        return out, (s if s is not None else dummy), (lse if lse is not None else dummy.clone())
+        return launch(q, K, V, bias, scaling, want_lse, wrap_triton)
 
 
 def kernel_available(device) -> bool:

@@ -338,8 +338,7 @@ class StaticDecoder:
         self.budget_tokens = budget_tokens
         self.score_on = score          # False: the same slots and step without the method's scoring (overhead)
         # the Triton decode-attention kernels (decode_attention.py) where they run (CUDA with Triton); False: SDPA
-        self.attn_kernel = kernel_available(self.dev) if attn_kernel is None else attn_kernel and \
-            kernel_available(self.dev)
+        self.attn_kernel = attn_kernel is not False and kernel_available(self.dev)
         self.cur = torch.as_tensor(start_pos, device=self.dev).expand(B).clone().long()  # position of the new token
         self.tok = torch.zeros(B, dtype=torch.long, device=self.dev)
         self.out = torch.zeros((B, max_steps + 1), dtype=torch.long, device=self.dev)

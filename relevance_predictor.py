@@ -276,7 +276,15 @@ def induction_scores(model, length: int = 256, reps: int = 2, seed: int = 0) -> 
     A random token sequence is shown twice; a query in the second copy that attends to the token after its own
     earlier occurrence is an induction head's signature, the mechanism that retrieves earlier text (RazorAttention,
     Tang et al. 2024, keeps the full cache only for such heads). Score: that attention mass, averaged over the
-    queries of the second copy, the group's heads and `reps` random sequences."""
+    queries of the second copy, the group's heads and `reps` random sequences. Measured once per model (every
+    cache of a sweep asks for it)."""
+    measured = model.__dict__.setdefault("_atskv_induction", {})   # kept on the model, as fast_decode's weights
+    if (length, reps, seed) not in measured:
+        measured[length, reps, seed] = _measure_induction(model, length, reps, seed)
+    return measured[length, reps, seed]
+
+
+def _measure_induction(model, length: int, reps: int, seed: int) -> torch.Tensor:
     import sparse_kv_cache as skv
     from transformers import DynamicCache
     skv.install_attention(model)

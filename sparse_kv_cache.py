@@ -565,7 +565,7 @@ class ATSKV(KVMethod):
         if not self.retrieval:
             return max(1, int(round(budget * self.shares[layer_idx])))
         k, total = len(self.retrieval), budget * n_layers
-        context = getattr(getattr(self, "cache", None), "context_length", None) or total
+        context = self.cache.context_length or total
         per_retrieval = min(context, int(total * self.retrieval_share / k))
         if layer_idx in self.retrieval:
             return max(1, per_retrieval)
