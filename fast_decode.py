@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from decode_attention import decode_attention, kernel_available
-from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor, project
+from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
 FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
@@ -110,9 +110,9 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, present, n_heads: int, n_kv: int, head_dim: int):
+def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
     """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the query (B, H_kv, G, D), k and v
-    (B, H_kv, D), and the slot they go to (B, H_kv, 1): each row's first free one."""
+    (B, H_kv, D)."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
     qkv = F.linear(h, wqkv, bqkv)
@@ -121,11 +121,28 @@ def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, present, n_heads: int, n_kv:
     v = qkv[:, (n_heads + n_kv) * head_dim:].view(B, n_kv, head_dim)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
+    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v
+
+
+def first_free_slot(present):
+    """(B, H_kv, 1): each row's first free slot, as a min (argmax over ties is not always the first one in compiled
+    code)."""
     N = present.shape[-1]
     idx = torch.arange(N, device=present.device)
-    # (B, H_kv, 1): the first free slot, as a min (argmax over ties is not always the first one in compiled code)
-    slot = torch.where(present, N, idx).amin(-1, keepdim=True).clamp(max=N - 1)
-    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v, slot
+    return torch.where(present, N, idx).amin(-1, keepdim=True).clamp(max=N - 1)
+
+
+def free_queue(present, n: int):
+    """(B, H_kv, n): each row's first n free slots in ascending order (the last slot where a row has fewer). With
+    evict_every = E, an eviction leaves at least E free slots, and the E steps until the next one write to them in
+    turn: the same slots that a first-free search every step would pick, without a search over the slots."""
+    N = present.shape[-1]
+    free = ~present
+    rank = torch.cumsum(free.int(), -1) - 1
+    dest = torch.where(free & (rank < n), rank, n)           # column n collects the rest and is dropped
+    idx = torch.arange(N, device=present.device).expand_as(present)
+    q = torch.full(present.shape[:2] + (n + 1,), N - 1, dtype=torch.long, device=present.device)
+    return q.scatter(-1, dest.long(), idx)[..., :n]
 
 
 def put(t, slot, value):
@@ -183,15 +200,15 @@ def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budg
 
 
 def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
-                co: dict, h_mean, h_proj, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
+                co: dict, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
                 n_recent, evict: bool = True):
     """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit and this step's attention
     statistics every step; when `evict` (evict_every's schedule), every entry re-scored and the threshold
     controller's decision, keeping at most `keep` entries."""
     B, H = k.shape[:2]
     new_tok = tok[:, None].expand(B, H)
-    hp = project(h, h_mean, h_proj)[:, None, None].expand(B, H, 1, -1)
-    put(z0, slot, static_logit(co, flags, hp, cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None],
+    hz = step_hidden_logit(co, h)[:, None, None].expand(B, H, 1)
+    put(z0, slot, static_logit(co, flags, hz, cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None],
                                new_tok[..., None], n_sink)[..., 0])
     put(toks, slot, new_tok)
     put(acc, slot, torch.zeros((B, H), dtype=acc.dtype, device=acc.device))
@@ -225,8 +242,14 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring), atskv or a
     generic method; evict: whether this step is one of atskv's scheduled evictions."""
     D = c["head_dim"]
-    h, q, k, v, slot = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, present,
-                                     c["n_heads"], c["n_kv"], D)
+    h, q, k, v = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, c["n_heads"], c["n_kv"],
+                               D)
+    if kind == "full":   # nothing is evicted: slot i holds position i (a search over the slots would cost a kernel)
+        slot = cur.clamp(max=K.shape[2] - 1)[:, None, None].expand(k.shape[0], k.shape[1], 1)
+    elif kind == "atskv" and "queue" in st:   # evict_every > 1: the free slots listed by the last eviction, in turn
+        slot = st["queue"].index_select(-1, c["qidx"])
+    else:
+        slot = first_free_slot(present)
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
     # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
     attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
@@ -234,13 +257,15 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
         bare_evict(present, pos, la["budget"])
     elif kind == "atskv":
         atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
-                    slot, h, k, v, tok, cur, seen, co, la["h_mean"], la["h_proj"], la["keep"], c["budget_tokens"],
+                    slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"],
                     la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"], evict)
     elif kind != "full":
         generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
     if kind != "full" and evict:
         hide_free(bias, present, valid)
+        if kind == "atskv" and "queue" in st:
+            st["queue"].copy_(free_queue(present, st["queue"].shape[-1]))
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
 
 
@@ -352,6 +377,15 @@ class StaticDecoder:
         self.decode_step0 = 0          # the plain cache's decode steps since its last prefill chunk (evict_every)
         self.fn = compiled_layer_step() if compile else layer_step
         self.steps_done = 0
+        self.qidx = torch.zeros((1,), dtype=torch.long, device=self.dev)   # evict_every > 1: where in the queue
+
+    def refresh_queues(self) -> None:
+        """atskv with evict_every > 1: list each layer's next free slots (free_queue) from the current presence."""
+        if self.method == "atskv" and self.every > 1:
+            for sl in self.slots:
+                if sl.budget is not None:
+                    sl.state["queue"] = free_queue(sl.present, self.every)
+            self.qidx.zero_()
 
     # -- building from the plain path's cache -------------------------------------------------------------------
     @classmethod
@@ -380,7 +414,7 @@ class StaticDecoder:
                     sl.state["acc"] = sl.slot_tensor(layer.extras["acc"].float())
                     sl.state["tok"] = sl.slot_tensor(layer.extras["tok"].long())
                     sl.state["z0"] = sl.slot_tensor(static_logit(coefs[l], m.predictor.token_flags,
-                                                                 layer.extras["h"],
+                                                                 hidden_logit(coefs[l], layer.extras["h"]),
                                                                  layer.positions, layer.keys, layer.values,
                                                                  layer.extras["tok"].long(), m.n_sink))
                     # shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
@@ -394,6 +428,7 @@ class StaticDecoder:
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
             dec.decode_step0 = cache.layers[0].decode_steps + 1
+            dec.refresh_queues()
         if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
             for layer in cache.layers:
                 layer.keys = layer.values = layer.positions = layer.valid = None
@@ -414,7 +449,8 @@ class StaticDecoder:
             new.slots.append(n)
         new.B, new.t = batch, self.t.clone()
         new.graphs, new.eager_runs, new.pool, new.logits_of = {}, {}, None, {}
-        new.cur, new.tok, new.out = rep(self.cur), rep(self.tok), rep(self.out)
+        new.cur, new.tok, new.out, new.qidx = rep(self.cur), rep(self.tok), rep(self.out), self.qidx.clone()
+        new._c = None
         if hasattr(self, "counts"):
             new.counts = rep(self.counts)
         return new
@@ -435,7 +471,6 @@ class StaticDecoder:
                     a["keep"] = torch.tensor(max(1, sl.budget - self.every + 1), device=dev)  # evict_every's target
                 if self.method == "atskv":
                     a["beta"] = torch.tensor(m.controller.beta[l], dtype=torch.float32, device=dev)
-                    a["h_mean"], a["h_proj"] = m.predictor.h_mean[l], m.predictor.h_proj[l]
                 self._largs.append(a)
         return self._largs
 
@@ -445,7 +480,7 @@ class StaticDecoder:
             return self._c
         w, m = self.w, self.m
         c = {"head_dim": w.head_dim, "n_heads": w.n_heads, "n_kv": w.n_kv, "budget_tokens": self.budget_tokens,
-             "n_sink": getattr(m, "n_sink", 0), "kernel": self.attn_kernel}
+             "n_sink": getattr(m, "n_sink", 0), "kernel": self.attn_kernel, "qidx": self.qidx}
         if self.method == "atskv":
             c.update(flags=m.predictor.token_flags, gain=m.controller.gain, fixed=m.controller.fixed)
         self._c = c
@@ -473,6 +508,10 @@ class StaticDecoder:
             x = self.fn(kind, variant != "keep", x, cos, sin, self.cur, seen, self.tok, getattr(self, "counts", None),
                         lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la,
                         self.coefs[l] if kind == "atskv" else None, c)
+        if variant == "evict":
+            self.qidx.zero_()
+        elif variant == "keep":
+            self.qidx.copy_((self.qidx + 1).clamp(max=self.every - 1))
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
         self.logits_of[variant] = logits      # (B, vocab); a captured graph's output buffer when replayed
         self.last_variant = variant
@@ -528,8 +567,11 @@ class StaticDecoder:
         return n
 
     def set_scoring(self, on: bool) -> None:
-        """Switch the method's scoring and eviction on or off (off: `bare`, to measure its share of the step)."""
+        """Switch the method's scoring and eviction on or off (off: `bare`, to measure its share of the step; bare
+        steps keep a full budget, so atskv with evict_every > 1 should not be switched back on after them)."""
         self.score_on = on
+        if on:
+            self.refresh_queues()
 
     @torch.no_grad()
     def generate(self, first_token, n_tokens: int) -> torch.Tensor:
@@ -567,7 +609,9 @@ _DYNAMIC_F = (0, 1, 9)    # pos / seen, log1p(distance to the end) / 10, log1p(f
 
 
 def logit_coefs(pred) -> list[dict]:
-    """Per layer: (coefficient, mean) of each feature group of the split logit, computed once (not in the graph)."""
+    """Per layer: (coefficient, mean) of each feature group of the split logit, computed once (not in the graph).
+    "hw": the hidden state's term folded through its projection, (w, c) with ((h - h_mean) P - mu) . coef =
+    h . w + c, so that a step scores its new entry by one dot product instead of a projection matmul."""
     from relevance_predictor import A_DIM, F_DIM, H_DIM
     groups = {"h": list(range(H_DIM)), "a": list(range(H_DIM, H_DIM + A_DIM)),
               "fs": [H_DIM + A_DIM + i for i in range(F_DIM)[_STATIC_F]],
@@ -575,19 +619,35 @@ def logit_coefs(pred) -> list[dict]:
     out = []
     for l in range(pred.n_layers):
         c = (pred.w[l] * pred.feature_mask / pred.feat_std[l]).detach()
-        out.append({g: (c[idx].clone(), pred.feat_mean[l][idx].clone()) for g, idx in groups.items()}
-                   | {"b": pred.b[l].detach().clone()})
+        co = {g: (c[idx].clone(), pred.feat_mean[l][idx].clone()) for g, idx in groups.items()}
+        ch, muh = co["h"]
+        w = (pred.h_proj[l].double() @ ch.double())
+        co["hw"] = (w.float(), (-(pred.h_mean[l].double() @ w) - (muh.double() * ch.double()).sum()).float())
+        out.append(co | {"b": pred.b[l].detach().clone()})
     return out
 
 
-def static_logit(co, flags, h, positions, keys, values, tok, n_sink):
-    """b + the contribution of the features fixed when an entry is written, (B, H, S)."""
+def hidden_logit(co, hp):
+    """The projected hidden state's term of the logit, hp (..., H_DIM) -> (...)."""
     c, mu = co["h"]
-    z = ((h.float() - mu) * c).sum(-1) + co["b"]
-    f = HandcraftedFeatureExtractor.features(positions, 1, keys, values, tok, flags, torch.zeros_like(positions),
-                                             n_sink)
+    return ((hp.float() - mu) * c).sum(-1)
+
+
+def step_hidden_logit(co, h):
+    """The same term from the unprojected hidden state h (..., hidden_size): one dot product (logit_coefs' "hw")."""
+    w, c = co["hw"]
+    return (h.float() * w).sum(-1) + c
+
+
+def static_logit(co, flags, hz, positions, keys, values, tok, n_sink):
+    """b + the contribution of the features fixed when an entry is written, (B, H, S); hz: the hidden state's
+    term (hidden_logit)."""
+    z = hz + co["b"]
     c, mu = co["fs"]
-    return z + ((f[..., _STATIC_F] - mu) * c).sum(-1)
+    # summed one by one, not stacked: a stack of reductions cost a step three more kernels
+    for i, f in enumerate(HandcraftedFeatureExtractor.entry_features(positions, keys, values, tok, flags, n_sink)):
+        z = z + (f - mu[i]) * c[i]
+    return z
 
 
 def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):

@@ -100,11 +100,18 @@ class HandcraftedFeatureExtractor:
     def features(positions, seen: int, keys, values, token_ids, flags, freq, n_sink: int = 4) -> torch.Tensor:
         """positions (B, H, S) long; keys/values (B, H, S, D); token_ids (B, H, S) long; freq (B, H, S) counts."""
         pos = positions.float()
-        tf = flags[token_ids.clamp(min=0)].float()
         return torch.stack([pos / max(seen, 1), torch.log1p((seen - 1 - pos).clamp(min=0)) / 10.0,
-                            (positions < n_sink).float(), torch.log(keys.float().norm(dim=-1) + 1e-6),
-                            torch.log(values.float().norm(dim=-1) + 1e-6), tf[..., 0], tf[..., 1], tf[..., 2],
-                            tf[..., 3], torch.log1p(freq.float())], dim=-1)
+                            *HandcraftedFeatureExtractor.entry_features(positions, keys, values, token_ids, flags,
+                                                                        n_sink),
+                            torch.log1p(freq.float())], dim=-1)
+
+    @staticmethod
+    def entry_features(positions, keys, values, token_ids, flags, n_sink: int = 4) -> list[torch.Tensor]:
+        """The 7 features that an entry fixes when it is written (features 2-8): sink flag, log key and value norms,
+        the 4 token flags; a list, so that the fast path can sum them without stacking."""
+        tf = flags[token_ids.clamp(min=0)].float()
+        return [(positions < n_sink).float(), torch.log(keys.float().norm(dim=-1) + 1e-6),
+                torch.log(values.float().norm(dim=-1) + 1e-6), tf[..., 0], tf[..., 1], tf[..., 2], tf[..., 3]]
 
 
 def project(hidden: torch.Tensor, h_mean: torch.Tensor, h_proj: torch.Tensor) -> torch.Tensor:

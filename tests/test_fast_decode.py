@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import evaluation as ev
-from fast_decode import StaticDecoder, controller_keep
+from fast_decode import StaticDecoder, controller_keep, first_free_slot, free_queue, put
 from sparse_kv_cache import KVCacheFactory, ThresholdController
 from utils import UserError
 
@@ -135,3 +135,20 @@ def test_compiled_step_makes_the_same_decisions_as_the_eager_step(model, tokeniz
             assert [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(a.pos, a.present)] == \
                    [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(b.pos, b.present)], \
                    f"step {step} layer {l}"
+
+
+def test_free_queue_lists_the_slots_that_a_first_free_search_would_pick_in_turn():
+    torch.manual_seed(0)
+    present = torch.rand(2, 3, 40) < 0.7         # every row has more than 4 free slots
+    queue = free_queue(present, 4)
+    p = present.clone()
+    for j in range(4):
+        slot = first_free_slot(p)
+        assert torch.equal(queue[..., j], slot[..., 0]), j
+        put(p, slot, torch.ones(slot.shape[:2], dtype=torch.bool))
+
+
+def test_free_queue_pads_a_row_with_too_few_free_slots_with_the_last_slot():
+    present = torch.ones(1, 1, 40, dtype=torch.bool)
+    present[0, 0, 5] = False
+    assert free_queue(present, 4)[0, 0].tolist() == [5, 39, 39, 39]
