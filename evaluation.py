@@ -564,8 +564,9 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
     method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
-    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots; the method's share of
-    the step is 1 - bare / fast). Per path: decode ms per step (plain: the median of single steps; fast: the mean
+    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entry freed
+    every step; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1 each step
+    variant alone (`variant_ms`: the steps that evict and those that do not). Per path: decode ms per step (plain: the median of single steps; fast: the mean
     of `steps` consecutive replays, rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory
     while decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured
     bandwidth)."""
@@ -609,6 +610,9 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
     _sync(dev)
     out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
+    if dec.variants() == ["evict", "keep"]:   # atskv with evict_every: each variant's step alone (the evicting
+        # one last, so that the state is the one after an eviction again)
+        out[-1]["variant_ms"] = {v: _time_run(dev, lambda: dec.run_variant(v), n) for v in ("keep", "evict")}
     if dec.method != "full":
         dec.set_scoring(False)
         dec.warm_up()

@@ -554,6 +554,16 @@ class StaticDecoder:
             g.replay()
         self.steps_done += 1
 
+    @torch.no_grad()
+    def run_variant(self, variant: str) -> None:
+        """One step of the given variant whatever the schedule (to time each variant alone): its captured graph if
+        there is one, else eagerly."""
+        if variant in self.graphs:
+            self.graphs[variant].replay()
+        else:
+            self._step(variant)
+        self.last_variant = variant
+
     def variants(self) -> list[str]:
         return ["bare"] if not self.score_on else ["step"] if self.every == 1 else ["evict", "keep"]
 

@@ -455,12 +455,18 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
         for (m, b, c, n, p), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0])):
             bare = by.get((m, b, c, n, "fast_bare"))
             if p == "fast" and bare:
+                vm = r.get("variant_ms") or {}
                 share.append([label(r), c, n, f"{r['decode_ms']:.2f}", f"{bare['decode_ms']:.2f}",
-                              f"{100 * (1 - bare['decode_ms'] / r['decode_ms']):.0f}%"])
+                              f"{100 * (1 - bare['decode_ms'] / r['decode_ms']):.0f}%",
+                              f"{vm['keep']:.2f}" if "keep" in vm else "-",
+                              f"{vm['evict']:.2f}" if "evict" in vm else "-"])
         if share:
             lines += ["The method's per-step work (scoring, eviction) as a share of the fast step: the same slots "
-                      "and step without it (the oldest entry is freed instead).", "",
-                      md_table(["method", "context", "batch", "fast ms", "without scoring ms", "share"], share), ""]
+                      "and step without it (the oldest entry is freed instead, every step: with atskv's "
+                      "evict_every > 1 that can cost more than the method's own steps); and atskv's steps that do "
+                      "not evict and those that do, each alone.", "",
+                      md_table(["method", "context", "batch", "fast ms", "without scoring ms", "share",
+                                "step without eviction ms", "evicting step ms"], share), ""]
         lines += [f"![decode speed]({speed_figure(cells, out_dir / 'figures')})", ""]
     mb = [r for r in recs if r["benchmark"] == "speed_max_batch"]
     if mb:

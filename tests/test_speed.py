@@ -11,7 +11,8 @@ from fast_decode import memory_floor_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED = ["--benchmark", "speed", "--context_sizes", "256", "--batch_sizes", "2", "--budgets", "0.25",
-         "--methods", "full,atskv", "--decode_steps", "4", "--device", "cpu"]
+         "--methods", "full,atskv[evict_every=2]", "--decode_steps", "4", "--device", "cpu"]
+ATSKV = "atskv[evict_every=2]"
 
 
 def cli(*args):
@@ -41,7 +42,7 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     paths = sorted((r["method"], r["path"]) for r in recs)
-    assert paths == [("atskv", "fast"), ("atskv", "fast_bare"), ("atskv", "hf_plain"), ("full", "fast"),
+    assert paths == [(ATSKV, "fast"), (ATSKV, "fast_bare"), (ATSKV, "hf_plain"), ("full", "fast"),
                      ("full", "hf_plain")]
     for r in recs:
         assert r["tok_s"] == pytest.approx(1000 * 2 / r["decode_ms"])
@@ -49,10 +50,14 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
                                                               r["bandwidth_gbs"]))
     by = {(r["method"], r["path"]): r for r in recs}
     # the fast path reads every slot: at least what the plain cache holds
-    assert by["atskv", "fast"]["kv_bytes_read"] >= by["atskv", "hf_plain"]["kv_bytes_read"]
-    assert by["atskv", "hf_plain"]["kv_bytes_read"] < by["full", "hf_plain"]["kv_bytes_read"] / 2
+    assert by[ATSKV, "fast"]["kv_bytes_read"] >= by[ATSKV, "hf_plain"]["kv_bytes_read"]
+    assert by[ATSKV, "hf_plain"]["kv_bytes_read"] < by["full", "hf_plain"]["kv_bytes_read"] / 2
+    # evict_every: the steps that evict and those that do not, each timed alone
+    assert set(by[ATSKV, "fast"]["variant_ms"]) == {"keep", "evict"}
+    assert all(v > 0 for v in by[ATSKV, "fast"]["variant_ms"].values())
     md = (tmp_path / "results.md").read_text()
-    assert "## Decode speed" in md and "| atskv @ 25% | 256 | 2 | fast path |" in md
+    assert "## Decode speed" in md and f"| {ATSKV} @ 25% | 256 | 2 | fast path |" in md
+    assert "evicting step ms" in md
     assert (tmp_path / "figures" / "speed_decode.png").stat().st_size > 0
     again = cli(*SPEED, "--output_dir", str(tmp_path))
     assert again.returncode == 0
