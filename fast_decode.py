@@ -175,10 +175,10 @@ def protection(present, pos, seen, n_sink: int, n_recent):
     return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
 
 
-def bare_evict(present, pos, budget):
+def bare_evict(present, pos, budget, n_sink: int):
     """No scoring (to measure a method's share of the step): free the oldest non-sink entry when over budget."""
     over = present[0, 0].sum() > budget
-    old = pos.masked_fill(~present | (pos < 4), torch.iinfo(torch.long).max).argmin(-1)
+    old = pos.masked_fill(~present | (pos < n_sink), torch.iinfo(torch.long).max).argmin(-1)
     put(present, old[..., None], ~over.expand(old.shape))
 
 
@@ -254,7 +254,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
     attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
     if kind == "bare":
-        bare_evict(present, pos, la["budget"])
+        bare_evict(present, pos, la["budget"], c["n_sink"])
     elif kind == "atskv":
         atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
                     slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"],

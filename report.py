@@ -429,10 +429,10 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                   "path: static slots, one CUDA graph per step variant (mean of consecutive steps, whole cycles of "
                   "atskv's evict_every). KV read: what the step's attention reads (the fast path reads every slot).",
                   ""]
-        ref = {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
-               and r["path"] == "hf_plain"}
-        fast_full = {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
-                     and r["path"] == "fast"}
+        def full_tok_s(path):   # the full cache's tokens/s per (context, batch) on one path
+            return {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
+                    and r["path"] == path}
+        ref, fast_full = full_tok_s("hf_plain"), full_tok_s("fast")
         header = ["method", "context", "batch", "path", "prefill s", "decode ms/step", "tok/s", "floor ms",
                   "x floor", "vs HF plain full", "vs fast full", "KV read MB", "peak GB"]
         rows = []
