@@ -604,19 +604,12 @@ class StaticDecoder:
 _COMPILED: dict = {}
 
 
-def compile_options() -> dict:
-    """Inductor options of the compiled step. Sorting the controller's relevance with Inductor's own Triton sort
-    (one program per row) instead of PyTorch's radix sort: Inductor uses it only up to 512 slots unless told to."""
-    from torch._inductor import config
-    return {"triton.decompose_sort_ops": True} if hasattr(config.triton, "decompose_sort_ops") else {}
-
-
 def compiled_layer_step():
     """`layer_step` compiled once per process (torch.compile caches per shape and guards)."""
     if not _COMPILED:
         from torch import _dynamo
         _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)  # a recompile per slot count
-        _COMPILED["layer"] = torch.compile(layer_step, fullgraph=True, options=compile_options())
+        _COMPILED["layer"] = torch.compile(layer_step, fullgraph=True)
     return _COMPILED["layer"]
 
 
