@@ -66,27 +66,11 @@ def split_plan(n_programs: int, n_slots: int, block_n: int) -> tuple[int, int]:
 
 if triton is not None:
     @triton.jit
-    def _add_group_mean(s_ptr, acc_ptr, bh, lse, start, chunk, N, G: tl.constexpr, G_PAD: tl.constexpr,
-                        BLOCK: tl.constexpr):
-        # acc[bh, n] += the mean over the group's G query heads of exp(s - lse), for n in [start, start + chunk)
-        rows = tl.arange(0, G_PAD)
-        row_ok = rows < G
-        for i in range(0, chunk, BLOCK):
-            n = start + i + tl.arange(0, BLOCK)
-            n_ok = n < N
-            s = tl.load(s_ptr + bh * G * N + rows[:, None] * N + n[None, :], mask=row_ok[:, None] & n_ok[None, :],
-                        other=float("-inf"))
-            p = tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            a = tl.load(acc_ptr + bh * N + n, mask=n_ok, other=0.0)
-            tl.store(acc_ptr + bh * N + n, a + tl.sum(p, 0) / G, mask=n_ok)
-
-    @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, b_ptr, o_ptr, s_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, acc_ptr,
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, b_ptr, o_ptr, s_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
                        N, scaling, chunk, n_splits,
                        stride_kb, stride_kn, stride_vb, stride_vn, stride_bb, stride_bn,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                       SPLIT: tl.constexpr, WANT_S: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
-                       WANT_ACC: tl.constexpr):
+                       SPLIT: tl.constexpr, WANT_S: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr):
         bh = tl.program_id(0)            # (batch row, KV head), flattened
         sp = tl.program_id(1)            # which split of the slots
         rows = tl.arange(0, G_PAD)
@@ -138,14 +122,11 @@ if triton is not None:
                      mask=row_ok[:, None])
             if WANT_S:
                 tl.store(lse_ptr + bh * G + rows, m_i + tl.log(l_i), mask=row_ok)
-            if WANT_ACC:   # this program's own logits, stored above by other threads of it
-                tl.debug_barrier()
-                _add_group_mean(s_ptr, acc_ptr, bh, m_i + tl.log(l_i), start, chunk, N, G, G_PAD, BLOCK)
 
     @triton.jit
-    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N,
+    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, n_splits,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                      WANT_S: tl.constexpr, WANT_ACC: tl.constexpr, BLOCK: tl.constexpr):
+                      WANT_S: tl.constexpr):
         bh = tl.program_id(0)
         sps = tl.arange(0, S_PAD)
         rows = tl.arange(0, G_PAD)
@@ -165,17 +146,12 @@ if triton is not None:
                  mask=row_ok[:, None])
         if WANT_S:
             tl.store(lse_ptr + bh * G + rows, m_all + tl.log(l_all), mask=row_ok)
-        if WANT_ACC:
-            _add_group_mean(s_ptr, acc_ptr, bh, m_all + tl.log(l_all), 0, N, N, G, G_PAD, BLOCK)
 
 
-def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None, acc=None):
+def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None):
     """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op; cfg: kernel_config's by default).
     Returns the output (B, H_kv, G, D), the scaled logits (B, H_kv, G, N) and their log-sum-exp (B, H_kv, G) in
-    float32; without want_lse the last two are unused placeholders of shape (1,). `acc` (B, H_kv, N) float32, if
-    given: the step's attention probabilities, averaged over each group's query heads, are added to it in place (the
-    running attention statistic of ATSKV, without a pass over the probabilities in PyTorch)."""
-    want_lse = want_lse or acc is not None
+    float32; without want_lse the last two are unused placeholders of shape (1,)."""
     B, H, G, D = q.shape
     N = K.shape[2]
     for t in (K, V, bias):   # (batch, head) rows flattened into one index
@@ -192,20 +168,15 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     pm = torch.empty(part, dtype=torch.float32, device=q.device)
     pl = torch.empty(part, dtype=torch.float32, device=q.device)
     ieee = q.dtype == torch.float32
-    if acc is not None:
-        assert acc.shape == (B, H, N) and acc.dtype == torch.float32 and acc.is_contiguous()
-    acc_arg = acc if acc is not None else pm
-    wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, acc_arg, N, scaling, chunk, splits,
+    wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, N, scaling, chunk, splits,
                                           K.stride(1), K.stride(2), V.stride(1), V.stride(2), bias.stride(1),
                                           bias.stride(2),
                                           G=G, G_PAD=G_PAD, D=D, BLOCK=cfg["block_n"], SPLIT=splits > 1,
-                                          WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"],
-                                          WANT_ACC=acc is not None and splits == 1, num_warps=cfg["num_warps"],
+                                          WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], num_warps=cfg["num_warps"],
                                           num_stages=cfg["num_stages"])
     if splits > 1:
-        wrap(_merge_kernel)[(B * H,)](out, lse, po, pm, pl, s, acc_arg, splits, N, G=G, G_PAD=G_PAD, D=D,
-                                      S_PAD=triton.next_power_of_2(splits), WANT_S=want_lse,
-                                      WANT_ACC=acc is not None, BLOCK=cfg["block_n"])
+        wrap(_merge_kernel)[(B * H,)](out, lse, po, pm, pl, splits, G=G, G_PAD=G_PAD, D=D,
+                                      S_PAD=triton.next_power_of_2(splits), WANT_S=want_lse)
     return out, s, lse
 
 
@@ -219,27 +190,15 @@ if triton is not None:
                              want_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch(q, K, V, bias, scaling, want_lse, wrap_triton)
 
-    @triton_op("atskv::decode_attention_acc", mutates_args=("acc",))
-    def _decode_attention_acc_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor,
-                                 scaling: float, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launch(q, K, V, bias, scaling, True, wrap_triton, acc=acc)
-
 
 def kernel_available(device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True, acc=None):
+def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True):
     """Decode attention over the slots: the Triton kernels on CUDA when Triton is there (and use_kernel), else the
-    reference. Returns (out (B, H_kv, G, D), probabilities (B, H_kv, G, N) float32 or None). With `acc` (B, H_kv, N)
-    float32, the probabilities' mean over each group's query heads is added to it in place."""
+    reference. Returns (out (B, H_kv, G, D), probabilities (B, H_kv, G, N) float32 or None)."""
     if not (use_kernel and kernel_available(q.device)):
-        out, probs = decode_attention_reference(q, K, V, bias, scaling, want_probs or acc is not None)
-        if acc is not None:
-            acc += probs.mean(2)
-        return out, probs if want_probs else None
-    if acc is not None:
-        out, s, lse = _decode_attention_acc_op(q, K, V, bias, float(scaling), acc)
-        return out, (torch.exp(s - lse[..., None]) if want_probs else None)
+        return decode_attention_reference(q, K, V, bias, scaling, want_probs)
     out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), bool(want_probs))
     return out, (torch.exp(s - lse[..., None]) if want_probs else None)

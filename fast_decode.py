@@ -199,9 +199,12 @@ def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budg
     present.copy_(torch.where(over, kept, present))
 
 
-def atskv_write(z0, toks, acc, flags, slot, h, k, v, tok, cur, co: dict, n_sink: int):
-    """ATSKV's state of the new entry (`ATSKV.observe`), before attention: its write-time logit, its token, and its
-    running attention statistic from 0 (decode_attention adds this step's to every entry's)."""
+def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
+                co: dict, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
+                n_recent, evict: bool = True):
+    """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit and this step's attention
+    statistics every step; when `evict` (evict_every's schedule), every entry re-scored and the threshold
+    controller's decision, keeping at most `keep` entries."""
     B, H = k.shape[:2]
     new_tok = tok[:, None].expand(B, H)
     hz = step_hidden_logit(co, h)[:, None, None].expand(B, H, 1)
@@ -209,14 +212,11 @@ def atskv_write(z0, toks, acc, flags, slot, h, k, v, tok, cur, co: dict, n_sink:
                                new_tok[..., None], n_sink)[..., 0])
     put(toks, slot, new_tok)
     put(acc, slot, torch.zeros((B, H), dtype=acc.dtype, device=acc.device))
-
-
-def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, probs, seen, co: dict, keep, budget_tokens: int,
-                beta, gain: float, fixed, n_sink: int, n_recent):
-    """ATSKV's eviction on one layer (`ATSKV.select`), on evict_every's schedule: every entry re-scored with this
-    step's attention statistics, and the threshold controller's decision, keeping at most `keep` entries."""
     B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
     mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
+    acc += mean
+    if not evict:
+        return
     over = (present[0, 0].sum() > keep) & (seen[0] > budget_tokens)
     prot = protection(present, pos, seen, n_sink, n_recent)
     freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
@@ -251,18 +251,15 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     else:
         slot = first_free_slot(present)
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
-    if kind == "atskv":
-        atskv_write(st["z0"], st["tok"], st["acc"], c["flags"], slot, h, k, v, tok, cur, co, c["n_sink"])
-    # H2O and an evicting ATSKV step score with the step's attention probabilities (free slots get 0 through the
-    # bias); every ATSKV step adds them, averaged over each group's query heads, to its running statistic
-    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind == "h2o" or kind == "atskv" and evict,
-                                   c["kernel"], acc=st["acc"] if kind == "atskv" else None)
+    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
+    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
     if kind == "bare":
         bare_evict(present, pos, la["budget"], c["n_sink"])
-    elif kind == "atskv" and evict:
-        atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, probs, seen, co,
-                    la["keep"], c["budget_tokens"], la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"])
-    elif kind not in ("full", "atskv"):
+    elif kind == "atskv":
+        atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
+                    slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"],
+                    la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"], evict)
+    elif kind != "full":
         generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
     if kind != "full" and evict:
