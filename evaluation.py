@@ -566,10 +566,10 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entry freed
     every step; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1 each step
-    variant alone (`variant_ms`: the steps that evict and those that do not). Per path: decode ms per step (plain: the median of single steps; fast: the mean
-    of `steps` consecutive replays, rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory
-    while decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured
-    bandwidth)."""
+    variant alone (`variant_ms`: the steps that evict and those that do not). Per path: decode ms per step (plain:
+    the median of single steps; fast: the mean of `steps` consecutive replays, rounded up to whole cycles of atskv's
+    evict_every), tokens/s, peak device memory while decoding, the KV bytes read per step and the memory floor
+    (weights + KV read once at the measured bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
     dev = model.device

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import evaluation as ev
-from fast_decode import StaticDecoder, controller_keep, first_free_slot, free_queue, put
+from fast_decode import (StaticDecoder, controller_keep, first_free_slot, free_queue, hidden_logit, logit_coefs,
+                         put, step_hidden_logit)
 from sparse_kv_cache import KVCacheFactory, ThresholdController
 from utils import UserError
 
@@ -152,3 +153,14 @@ def test_free_queue_pads_a_row_with_too_few_free_slots_with_the_last_slot():
     present = torch.ones(1, 1, 40, dtype=torch.bool)
     present[0, 0, 5] = False
     assert free_queue(present, 4)[0, 0].tolist() == [5, 39, 39, 39]
+
+
+def test_folded_hidden_state_term_equals_the_projected_one(model, tokenizer):
+    """The fast step scores its new entry's hidden state by one dot product: the predictor's projection and
+    weights folded into one vector per layer."""
+    from relevance_predictor import project
+    pred = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer).method.predictor
+    h = torch.randn(5, pred.h_mean.shape[1], generator=torch.Generator().manual_seed(0))
+    for l, co in enumerate(logit_coefs(pred)):
+        want = hidden_logit(co, project(h, pred.h_mean[l], pred.h_proj[l]))
+        assert torch.allclose(step_hidden_logit(co, h), want, rtol=1e-5, atol=1e-5), l
