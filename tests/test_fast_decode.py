@@ -164,3 +164,19 @@ def test_folded_hidden_state_term_equals_the_projected_one(model, tokenizer):
     for l, co in enumerate(logit_coefs(pred)):
         want = hidden_logit(co, project(h, pred.h_mean[l], pred.h_proj[l]))
         assert torch.allclose(step_hidden_logit(co, h), want, rtol=1e-5, atol=1e-5), l
+
+
+def test_repeated_decoder_decodes_every_row_as_the_original_does(model, tokenizer, prompt):
+    """`repeated` (the largest-batch search) copies the whole decode state, evict_every's free-slot queue too."""
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=4)
+    logits = ev.forward_chunked(model, cache, prompt, chunk=128)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], N_STEPS)
+    dec.tok.copy_(logits.argmax(-1))
+    rep = dec.repeated(3)
+    for _ in range(N_STEPS - 1):
+        dec.step()
+        rep.step()
+    assert all(torch.equal(rep.out[i], dec.out[0]) for i in range(3))
+    for a, b in zip(dec.slots, rep.slots):
+        assert all(torch.equal(b.present[i], a.present[0]) for i in range(3))
+        assert int(b.present[0, 0].sum()) <= b.budget
