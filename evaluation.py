@@ -564,12 +564,12 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
     method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
-    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entry freed
-    every step; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1 each step
-    variant alone (`variant_ms`: the steps that evict and those that do not). Per path: decode ms per step (plain:
-    the median of single steps; fast: the mean of `steps` consecutive replays, rounded up to whole cycles of atskv's
-    evict_every), tokens/s, peak device memory while decoding, the KV bytes read per step and the memory floor
-    (weights + KV read once at the measured bandwidth)."""
+    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
+    on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
+    each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
+    Per path: decode ms per step (plain: the median of single steps; fast: the mean of `steps` consecutive replays,
+    rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while decoding, the KV bytes
+    read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
     dev = model.device
@@ -610,13 +610,16 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
     _sync(dev)
     out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
-    if dec.variants() == ["evict", "keep"]:   # atskv with evict_every: each variant's step alone (the evicting
-        # one last, so that the state is the one after an eviction again)
-        out[-1]["variant_ms"] = {v: _time_run(dev, lambda: dec.run_variant(v), n) for v in ("keep", "evict")}
+    def variant_ms():   # atskv with evict_every: each variant's step alone (the evicting one last, so that the
+        # state is the one after an eviction again)
+        vs = sorted(dec.variants(), key=lambda v: v.endswith("evict"))
+        return {v: _time_run(dev, lambda: dec.run_variant(v), n) for v in vs} if len(vs) > 1 else None
+    out[-1]["variant_ms"] = variant_ms()
     if dec.method != "full":
         dec.set_scoring(False)
         dec.warm_up()
         out.append(rec("fast_bare", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
+        out[-1]["variant_ms"] = variant_ms()
     return out
 
 
@@ -637,8 +640,12 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
     dec.tok.copy_(logits.argmax(-1))
     spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
     out = []
-    for variant in dec.variants() + ([] if method == "full" else ["bare"]):
-        dec.set_scoring(variant != "bare")
+    plan = dec.variants()
+    if method != "full":
+        dec.set_scoring(False)
+        plan += dec.variants()
+    for variant in plan:
+        dec.set_scoring(not variant.startswith("bare"))
         for _ in range(2):
             dec._step(variant)
         _sync(dev)

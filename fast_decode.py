@@ -182,6 +182,14 @@ def bare_evict(present, pos, budget, n_sink: int):
     put(present, old[..., None], ~over.expand(old.shape))
 
 
+def bare_evict_oldest(present, pos, keep, n_sink: int, n: int):
+    """The same on evict_every's schedule: free the oldest non-sink entries down to `keep` (at most n of them)."""
+    n_free = (present[0, 0].sum() - keep).clamp(min=0, max=n)
+    old = pos.masked_fill(~present | (pos < n_sink), torch.iinfo(torch.long).max).topk(n, -1, largest=False).indices
+    free = torch.arange(n, device=pos.device) < n_free
+    present.scatter_(-1, old, present.gather(-1, old) & ~free)
+
+
 def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int, n_sink: int,
                   n_recent):
     """Score-based methods: keep the top budget by score, protected entries first (KVMethod.select)."""
@@ -239,21 +247,25 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
                valid, st: dict, la: dict, co, c: dict):
     """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
     element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
-    kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring), atskv or a
-    generic method; evict: whether this step is one of atskv's scheduled evictions."""
+    kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring; with
+    evict_every, the oldest entries on its schedule), atskv or a generic method; evict: whether this step is one of
+    atskv's scheduled evictions."""
     D = c["head_dim"]
     h, q, k, v = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, c["n_heads"], c["n_kv"],
                                D)
     if kind == "full":   # nothing is evicted: slot i holds position i (a search over the slots would cost a kernel)
         slot = cur.clamp(max=K.shape[2] - 1)[:, None, None].expand(k.shape[0], k.shape[1], 1)
-    elif kind == "atskv" and "queue" in st:   # evict_every > 1: the free slots listed by the last eviction, in turn
+    elif kind in ("atskv", "bare") and "queue" in st:  # evict_every > 1: the slots listed by the last eviction
         slot = st["queue"].index_select(-1, c["qidx"])
     else:
         slot = first_free_slot(present)
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
     # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
     attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
-    if kind == "bare":
+    if kind == "bare" and "queue" in st:
+        if evict:
+            bare_evict_oldest(present, pos, la["keep"], c["n_sink"], st["queue"].shape[-1])
+    elif kind == "bare":
         bare_evict(present, pos, la["budget"], c["n_sink"])
     elif kind == "atskv":
         atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
@@ -264,7 +276,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
     if kind != "full" and evict:
         hide_free(bias, present, valid)
-        if kind == "atskv" and "queue" in st:
+        if "queue" in st:
             st["queue"].copy_(free_queue(present, st["queue"].shape[-1]))
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
 
@@ -487,12 +499,12 @@ class StaticDecoder:
         return c
 
     def variant(self) -> str:
-        """Which step runs next: 'step'; atskv with evict_every > 1: 'evict' on its schedule, else 'keep'."""
-        if not self.score_on:
-            return "bare"
+        """Which step runs next: 'step'; atskv with evict_every > 1: 'evict' on its schedule, else 'keep'. Without
+        scoring: 'bare', or with evict_every > 1 'bare_evict' and 'bare_keep' on the same schedule."""
         if self.every == 1:
-            return "step"
-        return "evict" if (self.decode_step0 + self.steps_done) % self.every == 0 else "keep"
+            return "step" if self.score_on else "bare"
+        v = "evict" if (self.decode_step0 + self.steps_done) % self.every == 0 else "keep"
+        return v if self.score_on else "bare_" + v
 
     def _step(self, variant: str) -> None:
         w, B = self.w, self.B
@@ -504,13 +516,13 @@ class StaticDecoder:
                                      torch.ones((B, 1), dtype=self.counts.dtype, device=self.dev))
         c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
-            kind = "full" if sl.budget is None else "bare" if variant == "bare" else self.method
-            x = self.fn(kind, variant != "keep", x, cos, sin, self.cur, seen, self.tok, getattr(self, "counts", None),
+            kind = "full" if sl.budget is None else "bare" if variant.startswith("bare") else self.method
+            x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok, getattr(self, "counts", None),
                         lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la,
                         self.coefs[l] if kind == "atskv" else None, c)
-        if variant == "evict":
+        if variant.endswith("evict"):
             self.qidx.zero_()
-        elif variant == "keep":
+        elif variant.endswith("keep"):
             self.qidx.copy_((self.qidx + 1).clamp(max=self.every - 1))
         logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
         self.logits_of[variant] = logits      # (B, vocab); a captured graph's output buffer when replayed
@@ -565,7 +577,9 @@ class StaticDecoder:
         self.last_variant = variant
 
     def variants(self) -> list[str]:
-        return ["bare"] if not self.score_on else ["step"] if self.every == 1 else ["evict", "keep"]
+        if self.every == 1:
+            return ["step" if self.score_on else "bare"]
+        return ["evict", "keep"] if self.score_on else ["bare_evict", "bare_keep"]
 
     @torch.no_grad()
     def warm_up(self) -> int:
@@ -577,11 +591,9 @@ class StaticDecoder:
         return n
 
     def set_scoring(self, on: bool) -> None:
-        """Switch the method's scoring and eviction on or off (off: `bare`, to measure its share of the step; bare
-        steps keep a full budget, so atskv with evict_every > 1 should not be switched back on after them)."""
+        """Switch the method's scoring and eviction on or off (off: the `bare` variants, to measure its share of the
+        step)."""
         self.score_on = on
-        if on:
-            self.refresh_queues()
 
     @torch.no_grad()
     def generate(self, first_token, n_tokens: int) -> torch.Tensor:

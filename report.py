@@ -455,16 +455,16 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
         for (m, b, c, n, p), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0])):
             bare = by.get((m, b, c, n, "fast_bare"))
             if p == "fast" and bare:
-                vm = r.get("variant_ms") or {}
+                vm = {**(r.get("variant_ms") or {}), **(bare.get("variant_ms") or {})}
+                pairs = [f"{vm[v]:.2f} / {vm['bare_' + v]:.2f}" if v in vm and "bare_" + v in vm else "-"
+                         for v in ("keep", "evict")]
                 share.append([label(r), c, n, f"{r['decode_ms']:.2f}", f"{bare['decode_ms']:.2f}",
-                              f"{100 * (1 - bare['decode_ms'] / r['decode_ms']):.0f}%",
-                              f"{vm['keep']:.2f}" if "keep" in vm else "-",
-                              f"{vm['evict']:.2f}" if "evict" in vm else "-"])
+                              f"{100 * (1 - bare['decode_ms'] / r['decode_ms']):.0f}%", *pairs])
         if share:
             lines += ["The method's per-step work (scoring, eviction) as a share of the fast step: the same slots "
-                      "and step without it (the oldest entry is freed instead, every step: with atskv's "
-                      "evict_every > 1 that can cost more than the method's own steps); and atskv's steps that do "
-                      "not evict and those that do, each alone.", "",
+                      "and step without it (the oldest entries are freed instead, on the method's schedule); for "
+                      "atskv with evict_every, its steps that do not evict and those that do, each alone, with / "
+                      "without scoring.", "",
                       md_table(["method", "context", "batch", "fast ms", "without scoring ms", "share",
                                 "step without eviction ms", "evicting step ms"], share), ""]
         lines += [f"![decode speed]({speed_figure(cells, out_dir / 'figures')})", ""]

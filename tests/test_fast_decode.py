@@ -180,3 +180,25 @@ def test_repeated_decoder_decodes_every_row_as_the_original_does(model, tokenize
     for a, b in zip(dec.slots, rep.slots):
         assert all(torch.equal(b.present[i], a.present[0]) for i in range(3))
         assert int(b.present[0, 0].sum()) <= b.budget
+
+
+def test_step_without_scoring_holds_each_layers_budget_on_evict_everys_schedule(model, tokenizer, prompt):
+    """The benchmark's reference step (no scoring: the oldest entries freed, on atskv's evict_every schedule) keeps
+    each layer within its budget, down to budget - evict_every + 1 at each eviction, and writes to free slots only."""
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, evict_every=4)
+    logits = ev.forward_chunked(model, cache, prompt, chunk=128)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], N_STEPS)
+    dec.tok.copy_(logits.argmax(-1))
+    dec.set_scoring(False)
+    assert dec.variants() == ["bare_evict", "bare_keep"]
+    seen = prompt.shape[1]
+    for step in range(N_STEPS - 1):
+        v = dec.variant()
+        dec.step()
+        seen += 1
+        for sl in dec.slots:
+            n = int(sl.present[0, 0].sum())
+            assert n <= sl.budget and (v == "bare_keep" or n == sl.budget - 3), (step, v, n)
+            # every position seen is stored at most once (no entry overwritten), the newest one included
+            stored = sl.pos[0, 0][sl.present[0, 0]].tolist()
+            assert len(set(stored)) == len(stored) and seen - 1 in stored

@@ -54,7 +54,8 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     assert by[ATSKV, "hf_plain"]["kv_bytes_read"] < by["full", "hf_plain"]["kv_bytes_read"] / 2
     # evict_every: the steps that evict and those that do not, each timed alone
     assert set(by[ATSKV, "fast"]["variant_ms"]) == {"keep", "evict"}
-    assert all(v > 0 for v in by[ATSKV, "fast"]["variant_ms"].values())
+    assert set(by[ATSKV, "fast_bare"]["variant_ms"]) == {"bare_keep", "bare_evict"}
+    assert all(v > 0 for p in ("fast", "fast_bare") for v in by[ATSKV, p]["variant_ms"].values())
     md = (tmp_path / "results.md").read_text()
     assert "## Decode speed" in md and f"| {ATSKV} @ 25% | 256 | 2 | fast path |" in md
     assert "evicting step ms" in md
@@ -71,8 +72,8 @@ def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["variant"]) for r in recs) == [
-        ("atskv[evict_every=4]", "bare"), ("atskv[evict_every=4]", "evict"), ("atskv[evict_every=4]", "keep"),
-        ("full", "step")]
+        ("atskv[evict_every=4]", "bare_evict"), ("atskv[evict_every=4]", "bare_keep"),
+        ("atskv[evict_every=4]", "evict"), ("atskv[evict_every=4]", "keep"), ("full", "step")]
     by = {r["variant"]: r for r in recs}
     for r in recs:
         assert r["unit"] == "CPU operators" and r["per_step"] > 0
