@@ -35,7 +35,10 @@ FEATURE_GROUPS = {"h": slice(0, H_DIM), "a": slice(H_DIM, H_DIM + A_DIM), "f": s
                   "f_content": slice(H_DIM + A_DIM + 2, N_FEATURES)}   # f without position / distance to the end
 # the trained predictors: which feature groups each sees (the ablation's variants)
 VARIANT_GROUPS = {"default": ("h", "a", "f"), "no_h": ("a", "f"), "no_a": ("h", "f"), "no_f": ("h", "a"),
-                  "no_pos": ("h", "a", "f_content")}
+                  "no_pos": ("h", "a", "f_content"), "kvzip": ("h", "a", "f")}
+# the trained predictors' targets: future attention, or (kvzip) the attention of a repetition of the context
+VARIANT_TARGET = {"kvzip": "reconstruct"}
+REPEAT_REQUEST = "\n\nRepeat the previous context exactly.\n\n"
 FORMAT_VERSION = 1
 
 CALIBRATION_PROMPTS = [
@@ -224,30 +227,42 @@ class _Recorder:
 
 @torch.no_grad()
 def build_training_rows(model, ids: torch.Tensor, flags: torch.Tensor, chunk: int, horizon: int, window: int,
-                        n_sink: int = 4):
+                        n_sink: int = 4, repeat_ids: torch.Tensor | None = None):
     """For one context (1, S): per layer, raw features (N, F-without-h), hidden (N, hidden), targets (N,) and the
-    decision index of each row. Emulates chunked prefill: a decision at every chunk end e with e + horizon <= S."""
+    decision index of each row. Emulates chunked prefill: a decision at every chunk end e with e + horizon <= S.
+    With `repeat_ids` (a request to repeat the context), the target is KVzip's instead (Kim et al. 2025, "KVzip:
+    query-agnostic KV cache compression with context reconstruction"): the model reads the context, the request and
+    the context again, and a token's target is the largest attention it receives from the repetition's queries."""
     import sparse_kv_cache as skv
     from transformers import DynamicCache
     skv.install_attention(model)
     rec = _Recorder()
     skv._RECORDER = rec
+    S = ids.shape[1]
+    full = ids if repeat_ids is None else torch.cat([ids, repeat_ids, ids], 1)
     try:
-        model(ids.to(model.device), past_key_values=DynamicCache())
+        model(full.to(model.device), past_key_values=DynamicCache())
     finally:
         skv._RECORDER = None
-    S = ids.shape[1]
     n_layers = model.config.num_hidden_layers
-    hidden = {l: skv.current_hidden(l)[0].float().cpu() for l in range(n_layers)}
+    hidden = {l: skv.current_hidden(l)[0, :S].float().cpu() for l in range(n_layers)}
     rows = {l: [] for l in range(n_layers)}
     tok = ids[0].cpu()
-    ends = [e for e in range(chunk, S + 1, chunk) if e + horizon <= S]
+    ends = [e for e in range(chunk, S + 1, chunk) if e + horizon <= S or repeat_ids is not None and e < S]
     for l in range(n_layers):
         q, k, v = rec.q[l][0].float().cpu(), rec.k[l][0].float().cpu(), rec.v[l][0].float().cpu()
         Hq, Hkv = q.shape[0], k.shape[0]
         G = Hq // Hkv
         kr = k.repeat_interleave(G, 0)
         scale = q.shape[-1] ** -0.5
+        if repeat_ids is not None:   # KVzip: max attention from the repetition's queries, over the group's heads
+            r0 = S + repeat_ids.shape[1]
+            zl = q[:, r0:] @ kr.transpose(-1, -2) * scale
+            zc = torch.arange(full.shape[1])[None, :] <= torch.arange(r0, full.shape[1])[:, None]
+            rz = torch.softmax(zl.masked_fill(~zc, float("-inf")), -1)[:, :, :S]
+            recon = rz.amax(1).view(Hkv, G, S).amax(1)       # (Hkv, S)
+            del zl, rz
+        k, v = k[:, :S], v[:, :S]
         acc = torch.zeros(Hkv, S)
         for d, e in enumerate(ends):
             # observation window: the last `window` queries of the chunk, over the keys seen so far
@@ -257,11 +272,13 @@ def build_training_rows(model, ids: torch.Tensor, flags: torch.Tensor, chunk: in
             mean, mx, spread = AttentionStatisticsExtractor.window_stats(attn, Hkv)
             acc[:, :e] += mean[0]
             a = AttentionStatisticsExtractor.features(mean[0], mx[0], acc[:, :e], spread[0])  # (Hkv, e, 4)
-            # future attention: queries [e, e + horizon) over keys [0, e)
-            fl = q[:, e:e + horizon] @ kr[:, :e + horizon].transpose(-1, -2) * scale
-            fc = torch.arange(e + horizon)[None, :] <= torch.arange(e, e + horizon)[:, None]
-            fa = torch.softmax(fl.masked_fill(~fc, float("-inf")), -1)[:, :, :e]
-            target = fa.mean(1).view(Hkv, G, e).mean(1)  # (Hkv, e)
+            if repeat_ids is None:   # future attention: queries [e, e + horizon) over keys [0, e)
+                fl = q[:, e:e + horizon] @ kr[:, :e + horizon].transpose(-1, -2) * scale
+                fc = torch.arange(e + horizon)[None, :] <= torch.arange(e, e + horizon)[:, None]
+                fa = torch.softmax(fl.masked_fill(~fc, float("-inf")), -1)[:, :, :e]
+                target = fa.mean(1).view(Hkv, G, e).mean(1)  # (Hkv, e)
+            else:
+                target = recon[:, :e]
             pos = torch.arange(e).expand(Hkv, e)
             freq = torch.zeros(Hkv, e)
             counts = torch.bincount(tok[:e], minlength=flags.shape[0]).float()
@@ -323,8 +340,10 @@ def _measure_induction(model, length: int, reps: int, seed: int) -> torch.Tensor
 
 def train_predictor(model, tokenizer, corpus_file: str | None = None, seed: int = 0, chunk: int = 256,
                     horizon: int = 256, window: int = 32, context_tokens: int = 1280, steps: int = 300,
-                    feature_groups=("h", "a", "f"), texts: list[str] | None = None, report: bool = True):
-    """Train a predictor on calibration text; returns (predictor, held-out report)."""
+                    feature_groups=("h", "a", "f"), texts: list[str] | None = None, report: bool = True,
+                    target: str = "future"):
+    """Train a predictor on calibration text; returns (predictor, held-out report). target: "future" (attention
+    from the next `horizon` tokens) or "reconstruct" (KVzip's: from a repetition of the context)."""
     from tqdm import tqdm
     torch.manual_seed(seed)
     n_layers = model.config.num_hidden_layers
@@ -335,7 +354,9 @@ def train_predictor(model, tokenizer, corpus_file: str | None = None, seed: int 
     contexts = [all_ids[i:i + context_tokens] for i in range(0, len(all_ids) - context_tokens + 1, context_tokens)]
     if len(contexts) < 2:
         raise ValueError(f"calibration text too short: {len(all_ids)} tokens, need {2 * context_tokens}")
-    per_ctx = [build_training_rows(model, torch.tensor([c]), flags, chunk, horizon, window)
+    rep_ids = None if target == "future" else \
+        torch.tensor([tokenizer(REPEAT_REQUEST, add_special_tokens=False).input_ids])
+    per_ctx = [build_training_rows(model, torch.tensor([c]), flags, chunk, horizon, window, repeat_ids=rep_ids)
                for c in tqdm(contexts, desc="attention targets", file=sys.stderr)]
     train, held = per_ctx[:-1], per_ctx[-1:]
     hidden_size = model.config.hidden_size
@@ -427,7 +448,8 @@ def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -
             raise UserError(f"no trained relevance predictor at {path}; run `python run_experiment.py "
                             f"--train_predictor --model_name ...` first (a sweep with atskv trains it itself)")
         print(f"[atskv] training the relevance predictor for this model (once; cached at {path})", file=sys.stderr)
-        pred, rep = train_predictor(model, tokenizer, feature_groups=VARIANT_GROUPS[variant], **train_kw)
+        pred, rep = train_predictor(model, tokenizer, feature_groups=VARIANT_GROUPS[variant],
+                                    target=VARIANT_TARGET.get(variant, "future"), **train_kw)
         pred.save(path, {"variant": variant, "ranking": rep, "version": FORMAT_VERSION})
         print(f"[atskv] held-out top-k recall of the most-attended tokens: {format_ranking(rep)}", file=sys.stderr)
     _LOADED[key] = TokenRelevancePredictor.load(path).to(model.device)

@@ -49,6 +49,22 @@ def test_predictor_beats_recency_and_key_norm_on_held_out_ranking(predictor, mod
     assert rep["predictor"] > rep["recency"] and rep["predictor"] > rep["key_norm"]
 
 
+def test_kvzip_target_is_the_largest_attention_from_a_repetition_and_leaves_the_features_alone(predictor, model,
+                                                                                                tokenizer):
+    """The `kvzip` variant's training rows: the same features as the default's (they come from the first reading of
+    the context), and as target each token's largest attention from the repeated context's queries."""
+    s = ev.make_synthetic_sample(tokenizer, "needle", 600, 0.5, 9)
+    ids = torch.tensor([tokenizer(s.context, add_special_tokens=False).input_ids[:520]])
+    rep = torch.tensor([tokenizer(rp.REPEAT_REQUEST, add_special_tokens=False).input_ids])
+    plain = rp.build_training_rows(model, ids, predictor.token_flags, 256, 256, 32)
+    kvzip = rp.build_training_rows(model, ids, predictor.token_flags, 256, 256, 32, repeat_ids=rep)
+    a0, f0, h0, _, t0, _, _ = plain[5][0]      # layer 5, the first decision (chunk end 256)
+    a1, f1, h1, _, t1, _, _ = kvzip[5][0]
+    assert torch.allclose(a0, a1, atol=1e-4) and torch.allclose(f0, f1, atol=1e-4) and torch.allclose(h0, h1, atol=1e-4)
+    assert not torch.allclose(t0, t1) and 0 < float(t1.max()) <= 1
+    assert len(kvzip[5]) > len(plain[5])      # no future horizon is needed: a decision at every chunk end
+
+
 def _prefill(model, tok, n, budget, chunk=128, **params):
     s = ev.make_synthetic_sample(tok, "needle", n, 0.5, 0)
     ci, qi = ev.encode_prompt(tok, s.context, s.question, s.answer_prefix)
