@@ -175,15 +175,9 @@ def protection(present, pos, seen, n_sink: int, n_recent):
     return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
 
 
-def bare_evict(present, pos, budget, n_sink: int):
-    """No scoring (to measure a method's share of the step): free the oldest non-sink entry when over budget."""
-    over = present[0, 0].sum() > budget
-    old = pos.masked_fill(~present | (pos < n_sink), torch.iinfo(torch.long).max).argmin(-1)
-    put(present, old[..., None], ~over.expand(old.shape))
-
-
-def bare_evict_oldest(present, pos, keep, n_sink: int, n: int):
-    """The same on evict_every's schedule: free the oldest non-sink entries down to `keep` (at most n of them)."""
+def bare_evict(present, pos, keep, n_sink: int, n: int):
+    """No scoring (to measure a method's share of the step): free the oldest non-sink entries down to `keep`, at
+    most n of them (n = 1 when evicting every step; evict_every when evicting on its schedule)."""
     n_free = (present[0, 0].sum() - keep).clamp(min=0, max=n)
     old = pos.masked_fill(~present | (pos < n_sink), torch.iinfo(torch.long).max).topk(n, -1, largest=False).indices
     free = torch.arange(n, device=pos.device) < n_free
@@ -255,18 +249,16 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
                                D)
     if kind == "full":   # nothing is evicted: slot i holds position i (a search over the slots would cost a kernel)
         slot = cur.clamp(max=K.shape[2] - 1)[:, None, None].expand(k.shape[0], k.shape[1], 1)
-    elif kind in ("atskv", "bare") and "queue" in st:  # evict_every > 1: the slots listed by the last eviction
+    elif "queue" in st:   # evict_every > 1 (atskv and its bare step): the slots listed by the last eviction
         slot = st["queue"].index_select(-1, c["qidx"])
     else:
         slot = first_free_slot(present)
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
     # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
     attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
-    if kind == "bare" and "queue" in st:
-        if evict:
-            bare_evict_oldest(present, pos, la["keep"], c["n_sink"], st["queue"].shape[-1])
-    elif kind == "bare":
-        bare_evict(present, pos, la["budget"], c["n_sink"])
+    if kind == "bare":
+        if evict:   # keep = budget - evict_every + 1 (the budget when evicting every step)
+            bare_evict(present, pos, la["keep"], c["n_sink"], st["queue"].shape[-1] if "queue" in st else 1)
     elif kind == "atskv":
         atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
                     slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"],
@@ -517,9 +509,9 @@ class StaticDecoder:
         c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
             kind = "full" if sl.budget is None else "bare" if variant.startswith("bare") else self.method
-            x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok, getattr(self, "counts", None),
-                        lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la,
-                        self.coefs[l] if kind == "atskv" else None, c)
+            x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok,
+                        getattr(self, "counts", None), lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid,
+                        sl.state, la, self.coefs[l] if kind == "atskv" else None, c)
         if variant.endswith("evict"):
             self.qidx.zero_()
         elif variant.endswith("keep"):

@@ -248,7 +248,7 @@ def build_training_rows(model, ids: torch.Tensor, flags: torch.Tensor, chunk: in
     hidden = {l: skv.current_hidden(l)[0, :S].float().cpu() for l in range(n_layers)}
     rows = {l: [] for l in range(n_layers)}
     tok = ids[0].cpu()
-    ends = [e for e in range(chunk, S + 1, chunk) if e + horizon <= S or repeat_ids is not None and e < S]
+    ends = [e for e in range(chunk, S, chunk) if repeat_ids is not None or e + horizon <= S]
     for l in range(n_layers):
         q, k, v = rec.q[l][0].float().cpu(), rec.k[l][0].float().cpu(), rec.v[l][0].float().cpu()
         Hq, Hkv = q.shape[0], k.shape[0]
