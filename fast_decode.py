@@ -24,9 +24,10 @@ or consensus, kvpress presses, and a model whose layers sit on several devices (
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from decode_attention import decode_attention, kernel_available
+import skinny_gemm
+import evict_kernels
+from decode_attention import decode_attention, kernel_available, rope
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -105,23 +106,16 @@ def rms_norm(x, w, eps):
     return w * h.to(x.dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
-    """x (B, hidden): RMSNorm, q/k/v, RoPE. Returns the normed input h, the query (B, H_kv, G, D), k and v
-    (B, H_kv, D)."""
+    """x (B, hidden): RMSNorm, q/k/v, RoPE of k. Returns the normed input h, the query (B, H_kv, G, D) not yet
+    rotated (decode_attention rotates it: in the kernel on CUDA), k and v (B, H_kv, D)."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
-    qkv = F.linear(h, wqkv, bqkv)
-    q = qkv[:, : n_heads * head_dim].view(B, n_heads, head_dim)
+    qkv = skinny_gemm.linear(h, wqkv, bqkv)
+    q = qkv[:, : n_heads * head_dim].view(B, n_kv, n_heads // n_kv, head_dim)
     k = qkv[:, n_heads * head_dim: (n_heads + n_kv) * head_dim].view(B, n_kv, head_dim)
     v = qkv[:, (n_heads + n_kv) * head_dim:].view(B, n_kv, head_dim)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    return h, q.view(B, n_kv, n_heads // n_kv, head_dim), k, v
+    return h, q, rope(k, cos, sin), v
 
 
 def first_free_slot(present):
@@ -201,40 +195,47 @@ def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budg
     present.copy_(torch.where(over, kept, present))
 
 
-def atskv_evict(present, valid, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok, cur, seen,
-                co: dict, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int,
-                n_recent, evict: bool = True):
-    """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit and this step's attention
-    statistics every step; when `evict` (evict_every's schedule), every entry re-scored and the threshold
-    controller's decision, keeping at most `keep` entries."""
+def atskv_evict(present, valid, bias, queue, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok,
+                cur, seen, co: dict, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int, n_recent,
+                evict: bool = True):
+    """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit every step (its slot's
+    running attention statistic is zeroed and the step's attention added by layer_step); when `evict` (evict_every's
+    schedule), this step's attention statistics, every entry re-scored and the threshold controller's decision,
+    keeping at most `keep` entries; then the bias hides the freed slots and `queue` (None: evict_every = 1) lists
+    the next free ones."""
     B, H = k.shape[:2]
     new_tok = tok[:, None].expand(B, H)
     hz = step_hidden_logit(co, h)[:, None, None].expand(B, H, 1)
     put(z0, slot, static_logit(co, flags, hz, cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None],
                                new_tok[..., None], n_sink)[..., 0])
     put(toks, slot, new_tok)
-    put(acc, slot, torch.zeros((B, H), dtype=acc.dtype, device=acc.device))
+    if not evict:   # decode_attention added the step's attention to acc
+        return
     B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
     mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
     acc += mean
-    if not evict:
-        return
     over = (present[0, 0].sum() > keep) & (seen[0] > budget_tokens)
     prot = protection(present, pos, seen, n_sink, n_recent)
     freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
     r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
     r = r.masked_fill(~valid, -1.0)
+    if evict_kernels.available(r):   # the decision, the bias and the queue in two kernels on CUDA
+        evict_kernels.controller_evict(r, prot, present, valid, bias, queue, keep, beta, delta, gain, fixed, over,
+                                       HIDDEN)
+        return
     kept, new_delta = controller_keep(r, prot, present, keep, beta, delta, gain, fixed)
     delta.copy_(torch.where(over, new_delta, delta))
     present.copy_(torch.where(over, kept, present))
+    hide_free(bias, present, valid)
+    if queue is not None:
+        queue.copy_(free_queue(present, queue.shape[-1]))
 
 
 def post_attention(x, attn, wo, ln, eps, wgu, wd):
     """Residual + o_proj, then the SwiGLU MLP block. attn (B, H_q * D)."""
-    x = x + F.linear(attn, wo)
+    x = x + skinny_gemm.linear(attn, wo)
     h = rms_norm(x, ln, eps)
-    g, u = F.linear(h, wgu).chunk(2, dim=-1)
-    return x + F.linear(F.silu(g) * u, wd)
+    return skinny_gemm.linear(skinny_gemm.swiglu(h, wgu), wd, residual=x)
 
 
 def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, bias, pos, present,
@@ -254,19 +255,25 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     else:
         slot = first_free_slot(present)
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
-    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias
-    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind in ("atskv", "h2o"), c["kernel"])
+    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias. ATSKV's steps
+    # that do not evict only add them to its running statistic (decode_attention's acc)
+    acc = None
+    if kind == "atskv":
+        put(st["acc"], slot, torch.zeros(slot.shape[:2], dtype=st["acc"].dtype, device=K.device))  # a new entry
+        acc = None if evict else st["acc"]
+    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind == "h2o" or kind == "atskv" and evict,
+                                   c["kernel"], acc=acc, cos=cos, sin=sin)
     if kind == "bare":
         if evict:   # keep = budget - evict_every + 1 (the budget when evicting every step)
             bare_evict(present, pos, la["keep"], c["n_sink"], st["queue"].shape[-1] if "queue" in st else 1)
     elif kind == "atskv":
-        atskv_evict(present, valid, pos, st["z0"], st["tok"], st["acc"], st["delta"], counts, c["flags"], probs,
-                    slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"],
-                    la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"], evict)
+        atskv_evict(present, valid, bias, st.get("queue"), pos, st["z0"], st["tok"], st["acc"], st["delta"], counts,
+                    c["flags"], probs, slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"], la["beta"],
+                    c["gain"], c["fixed"], c["n_sink"], la["n_recent"], evict)
     elif kind != "full":
         generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
-    if kind != "full" and evict:
+    if kind not in ("full", "atskv") and evict:
         hide_free(bias, present, valid)
         if "queue" in st:
             st["queue"].copy_(free_queue(present, st["queue"].shape[-1]))
@@ -293,7 +300,7 @@ def controller_keep(r, protected, present, budget: int, beta: float, delta, gain
     r = r.float()
     prot = protected & present
     free = present & ~protected
-    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1)  # the free first, by r
+    vals, order = evict_kernels.sort_rows(r.masked_fill(~free, float("inf")))  # the free first, by r
     n = free.sum(-1, keepdim=True)
     if fixed is not None:
         tau = torch.full_like(r[..., :1], fixed)

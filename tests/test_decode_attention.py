@@ -35,6 +35,17 @@ def test_reference_gives_hidden_slots_no_probability_and_attends_over_the_rest()
     assert torch.allclose(sdpa_out, out, atol=1e-5)
 
 
+def test_decode_attention_adds_the_groups_mean_probability_to_a_running_statistic():
+    q, K, V, bias = slots()
+    out, probs = da.decode_attention_reference(q, K, V, bias, 0.125, want_probs=True)
+    acc = torch.rand(bias.shape)
+    before = acc.clone()
+    got, none = da.decode_attention(q, K, V, bias, 0.125, acc=acc)
+    assert none is None and torch.equal(got, out)
+    assert torch.allclose(acc, before + probs.mean(2))
+    assert torch.equal(acc[bias == HIDDEN], before[bias == HIDDEN])   # a free slot gets nothing
+
+
 @pytest.mark.parametrize("n_programs,n_slots,block_n", [(192, 8208, 128), (192, 832, 128), (3, 8208, 32),
                                                         (3, 100, 32), (1, 129, 128)])
 def test_split_plan_covers_every_slot_with_no_empty_split(n_programs, n_slots, block_n):
@@ -58,6 +69,11 @@ for cfg in (da.kernel_config(1), da.kernel_config(64)):          # CUDA cores, t
             assert (o - ro).abs().max() < 1e-5, (cfg, B, N, want)
             if want:
                 assert (torch.exp(s - lse[..., None]) - rp).abs().max() < 1e-6, (cfg, B, N)
+        qkv = torch.randn(B, 15 * 64)                             # q rotated in the kernel, read from a strided view
+        qv, cos, sin = qkv[:, :9 * 64].view(B, 3, 3, 64), torch.randn(B, 1, 64), torch.randn(B, 1, 64)
+        o, _, _ = da.launch(qv, K, V, bias, 0.125, False, cfg=cfg, cos=cos, sin=sin)
+        ro, _ = da.decode_attention_reference(da.rope(qv, cos[:, :, None], sin[:, :, None]), K, V, bias, 0.125)
+        assert (o - ro).abs().max() < 1e-5, (cfg, B, N)
 print("ok")
 """
 

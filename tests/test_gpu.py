@@ -2,6 +2,7 @@
 compression works when the model's layers sit on different devices (--device_map)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import decode_attention as da
 import evaluation as ev
@@ -111,6 +112,58 @@ def test_triton_decode_attention_matches_the_reference(dtype, batch, n_slots):
         if want_probs:
             assert (p - rp).abs().max() < ptol
             assert p[bias[:, :, None].expand_as(p) == HIDDEN].max() == 0
+    # q rotated (RoPE) by the kernel as it loads it from a strided view of the q/k/v projection
+    qkv = torch.randn(batch, (H * G + 2 * H) * D, device="cuda").to(dtype)
+    qv = qkv[:, : H * G * D].view(batch, H, G, D)
+    cos, sin = torch.rand(batch, 1, D, device="cuda").to(dtype), torch.rand(batch, 1, D, device="cuda").to(dtype)
+    o, _ = da.decode_attention(qv, K, V, bias, 0.125, cos=cos, sin=sin)
+    ref, _ = da.decode_attention_reference(da.rope(qv, cos[:, :, None], sin[:, :, None]), K, V, bias, 0.125)
+    assert (o.float() - ref.float()).abs().max() < tol
+    # the running statistic: the group's mean probability added in place
+    acc = torch.rand(batch, H, n_slots, device="cuda")
+    want = acc + rp.mean(2)
+    o, p = da.decode_attention(q, K, V, bias, 0.125, False, acc=acc)
+    assert p is None and (o.float() - ro.float()).abs().max() < tol
+    assert (acc - want).abs().max() < ptol
+
+
+@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
+@pytest.mark.parametrize("n", [832, 2064, 5000])
+def test_sort_rows_sorts_like_torch(n):
+    import evict_kernels
+    """The in-register row sort (n <= SORT_MAX) and torch.sort above it, with infinities and -1 for invalid slots."""
+    x = torch.rand(192, n, device="cuda")
+    x[:, :5], x[:, 9] = float("inf"), -1.0
+    vals, idx = evict_kernels.sort_rows(x)
+    assert torch.equal(vals, torch.sort(x, -1).values) and torch.equal(x.gather(1, idx), vals)
+
+
+@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
+@pytest.mark.parametrize("rows", [64, 1])
+def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
+    import skinny_gemm
+    torch.manual_seed(0)
+    for K, N in ((576, 960), (576, 576), (1536, 576)):
+        x = torch.randn(rows, K, device="cuda").bfloat16()
+        w = (torch.randn(2 * N, K, device="cuda") / 24).bfloat16()
+        assert skinny_gemm.usable(x, w)
+        want = F.linear(x.float(), w[:N].float())
+        assert (skinny_gemm.linear(x, w[:N].contiguous()).float() - want).abs().max() < 2e-2 * want.abs().max()
+        r = torch.randn(rows, N, device="cuda").bfloat16()
+        got = skinny_gemm.linear(x, w[:N].contiguous(), residual=r).float()
+        assert (got - (want + r.float())).abs().max() < 2e-2 * want.abs().max()
+        gate, up = F.linear(x, w).chunk(2, dim=-1)
+        want = (F.silu(gate) * up).float()
+        assert (skinny_gemm.swiglu(x, w).float() - want).abs().max() < 2e-2 * want.abs().max()
+
+
+@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
+@pytest.mark.parametrize("n", [100, 832, 2064])
+def test_eviction_kernels_decide_as_controller_keep(n):
+    from tests.test_evict_kernels import CASES
+    scope = {}
+    exec(CASES, scope)
+    scope["check"]("cuda", N=n)
 
 
 def split_between_gpu_and_cpu(model):

@@ -1,0 +1,107 @@
+"""ATSKV's eviction kernels (evict_kernels) make controller_keep's decisions and refresh the bias and the free-slot
+queue as hide_free and free_queue do: on a CPU machine through Triton's interpreter when Triton is installed, on
+CUDA in tests/test_gpu.py."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evict_kernels
+
+
+def test_sort_rows_is_torch_sort_off_cuda():
+    x = torch.rand(4, 50)
+    vals, idx = evict_kernels.sort_rows(x)
+    assert not evict_kernels.available(x)
+    assert torch.equal(vals, torch.sort(x, -1).values) and torch.equal(x.gather(1, idx), vals)
+
+
+# shared with tests/test_gpu.py: random slots and both paths
+CASES = r"""
+import torch
+import evict_kernels as ek
+import fast_decode as fd
+
+
+def case(seed, B=2, H=2, N=100, E=8, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    present = torch.rand(B, H, N, generator=g) < 0.8
+    present[..., :] = present[:1, :1]                    # every row stores as many entries (the slot layout's rule)
+    valid = torch.rand(B, H, N, generator=g) < 0.95
+    r = torch.rand(B, H, N, generator=g)
+    if ties:
+        r = (r * 8).round() / 8
+    r = r.masked_fill(~valid, -1.0)
+    prot = present & (torch.rand(B, H, N, generator=g) < 0.1)
+    queue = torch.zeros((B, H, E), dtype=torch.long) if E else None
+    return r, prot, present, valid, queue
+
+
+def both(r, prot, present, valid, queue, keep, fixed, over, device):
+    out = []
+    for fused in (False, True):
+        pres, bias = present.clone().to(device), torch.zeros(present.shape, device=device)
+        q = None if queue is None else queue.clone().to(device)
+        delta = torch.tensor([0.05], dtype=torch.float64, device=device)
+        args = [t.to(device) for t in (r, prot)]
+        beta, k, ov = (torch.tensor(v, device=device) for v in (0.9, keep, over))
+        if fused:
+            ek.controller_evict(args[0], args[1], pres, valid.to(device), bias, q, k, beta, delta, 0.5, fixed, ov,
+                                fd.HIDDEN)
+        else:
+            kept, new_delta = fd.controller_keep(args[0], args[1], pres, k, beta, delta, 0.5, fixed)
+            delta.copy_(torch.where(ov, new_delta, delta))
+            pres.copy_(torch.where(ov, kept, pres))
+            fd.hide_free(bias, pres, valid.to(device))
+            if q is not None:
+                q.copy_(fd.free_queue(pres, q.shape[-1]))
+        out.append((pres.cpu(), bias.cpu(), None if q is None else q.cpu(), delta.cpu()))
+    return out
+
+
+def check(device, N=100):
+    for seed, share, fixed, over, E, ties in ((0, 0.4, None, True, 8, False), (1, 0.2, None, True, 0, True),
+                                              (2, 0.4, 0.5, True, 8, False), (3, 0.4, None, False, 8, False),
+                                              (4, 0.9, None, True, 16, False)):
+        r, prot, present, valid, queue = case(seed, N=N, E=E, ties=ties)
+        keep = int(share * N)
+        (p0, b0, q0, d0), (p1, b1, q1, d1) = both(r, prot, present, valid, queue, keep, fixed, over, device)
+        if over and keep < present[0, 0].sum():
+            assert p0[0, 0].sum() <= keep, seed                  # entries were freed, down to the budget
+        elif not over:
+            assert torch.equal(p0, present), seed                # nothing changes unless the layer is over
+        assert torch.equal(p0, p1), seed
+        assert torch.equal(b0, b1) and torch.equal(d0, d1), seed
+        assert q0 is None and q1 is None or torch.equal(q0, q1), seed
+"""
+
+
+INTERPRETED = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+import evict_kernels as ek
+ek.available = lambda x: True
+exec({cases!r})
+check("cpu")
+x = torch.randn(5, 100)                                           # the row sort: infinities, negatives and ties
+x[0, :4], x[1, 7], x[2, 3:6] = float("inf"), -1.0, 0.5
+vals, idx = ek.sort_rows(x)
+assert torch.equal(vals, torch.sort(x, -1).values) and torch.equal(x.gather(1, idx), vals)
+assert torch.equal(idx[2][vals[2] == 0.5], torch.tensor([3, 4, 5]))   # ties in index order
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs Triton (it ships with CUDA builds of torch, not with the CPU build)")
+def test_eviction_kernels_decide_as_controller_keep_in_the_triton_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", INTERPRETED.format(root=root, cases=CASES)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    if "only 0-dimensional arrays can be converted" in r.stderr:
+        pytest.skip("Triton's interpreter fails on this NumPy (it needs numpy < 2.3)")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
