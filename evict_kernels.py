@@ -75,7 +75,7 @@ if triton is not None:
 
     @triton.jit
     def _apply_kernel(order_ptr, cnt_ptr, k_ptr, over_ptr, prot_ptr, pres_ptr, valid_ptr, bias_ptr, queue_ptr,
-                      N, E, hidden, NP: tl.constexpr, EP: tl.constexpr):
+                      N, E, stride_q, hidden, NP: tl.constexpr, EP: tl.constexpr):
         row = tl.program_id(0)
         j = tl.arange(0, NP)
         ok = j < N
@@ -97,10 +97,10 @@ if triton is not None:
         if E > 0:   # the first E free slots, ascending; the last slot where a row has fewer
             free = ok & ~pres
             rank = tl.cumsum(free.to(tl.int32), 0) - 1
-            tl.store(queue_ptr + row * E + rank, j.to(tl.int64), mask=free & (rank < E))
+            tl.store(queue_ptr + row * stride_q + rank, j.to(tl.int64), mask=free & (rank < E))
             e = tl.arange(0, EP)
             nf = tl.sum(free.to(tl.int32), 0)
-            tl.store(queue_ptr + row * E + e, tl.full([EP], 0, tl.int64) + (N - 1), mask=(e >= nf) & (e < E))
+            tl.store(queue_ptr + row * stride_q + e, tl.full([EP], 0, tl.int64) + (N - 1), mask=(e >= nf) & (e < E))
 
     from torch.library import triton_op, wrap_triton
 
@@ -130,9 +130,12 @@ if triton is not None:
                   hidden: float) -> None:
         N = present.shape[-1]
         E = queue.shape[-1] if queue.dim() == present.dim() else 0
+        if E:   # (batch, head) rows flattened into one index; a row may be padded (free_queue's is a slice)
+            assert queue.stride(-1) == 1 and queue.stride(0) == queue.shape[1] * queue.stride(1)
         NP = triton.next_power_of_2(N)
         wrap_triton(_apply_kernel)[(present.numel() // N,)](
-            order, cnt, k, over, prot.contiguous(), present, valid.contiguous(), bias, queue, N, E, hidden, NP=NP,
+            order, cnt, k, over, prot.contiguous(), present, valid.contiguous(), bias, queue, N, E,
+            queue.stride(-2) if E else 0, hidden, NP=NP,
             EP=triton.next_power_of_2(max(E, 1)), num_warps=_warps(NP))
 
 

@@ -44,7 +44,10 @@ def both(r, prot, present, valid, queue, keep, fixed, over, device):
     out = []
     for fused in (False, True):
         pres, bias = present.clone().to(device), torch.zeros(present.shape, device=device)
-        q = None if queue is None else queue.clone().to(device)
+        q = None                  # rows padded to E + 1 (free_queue's queue is a slice of a wider tensor)
+        if queue is not None:
+            q = torch.zeros(queue.shape[:2] + (queue.shape[2] + 1,), dtype=queue.dtype, device=device)[..., :-1]
+            q.copy_(queue)
         delta = torch.tensor([0.05], dtype=torch.float64, device=device)
         args = [t.to(device) for t in (r, prot)]
         beta, k, ov = (torch.tensor(v, device=device) for v in (0.9, keep, over))
