@@ -37,14 +37,6 @@ if triton is not None:
         return tl.where(kb < 0, kb ^ 0x7FFFFFFF, kb).to(tl.float32, bitcast=True), (s & 0xFFFFFFFF).to(tl.int32)
 
     @triton.jit
-    def _row_sort_kernel(x_ptr, v_ptr, i_ptr, N, NP: tl.constexpr):
-        row = tl.program_id(0)
-        j = tl.arange(0, NP)
-        vals, idx = _sorted_keys(tl.load(x_ptr + row * N + j, mask=j < N, other=float("inf")), j)
-        tl.store(v_ptr + row * N + j, vals, mask=j < N)
-        tl.store(i_ptr + row * N + j, idx.to(tl.int64), mask=j < N)
-
-    @triton.jit
     def _rank_kernel(r_ptr, prot_ptr, pres_ptr, qlev_ptr, beta_ptr, order_ptr, cnt_ptr, N, fixed,
                      FIXED: tl.constexpr, NP: tl.constexpr):
         row = tl.program_id(0)
@@ -104,15 +96,6 @@ if triton is not None:
 
     from torch.library import triton_op, wrap_triton
 
-    @triton_op("atskv::sort_rows", mutates_args=())
-    def _sort_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        N = x.shape[-1]
-        x = x.contiguous()
-        vals, idx = torch.empty_like(x), torch.empty(x.shape, dtype=torch.long, device=x.device)
-        NP = triton.next_power_of_2(N)
-        wrap_triton(_row_sort_kernel)[(x.numel() // N,)](x, vals, idx, N, NP=NP, num_warps=_warps(NP))
-        return vals, idx
-
     @triton_op("atskv::controller_rank", mutates_args=())
     def _rank_op(r: torch.Tensor, prot: torch.Tensor, present: torch.Tensor, qlev: torch.Tensor, beta: torch.Tensor,
                  fixed: float, use_fixed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,15 +129,6 @@ def _warps(n_pad: int) -> int:
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels take rows like x (..., N): CUDA, Triton, N <= SORT_MAX."""
     return ENABLED and triton is not None and x.is_cuda and x.shape[-1] <= SORT_MAX
-
-
-def sort_rows(x: torch.Tensor):
-    """torch.sort(x, -1) ascending for float32 x: (values, indices). On CUDA with Triton and rows of at most SORT_MAX,
-    one kernel that sorts each row in registers (13 against 22 us for 192 rows of 832 on an H200); ties are ordered
-    by index there."""
-    if not available(x) or x.dtype != torch.float32:
-        return torch.sort(x, dim=-1)
-    return _sort_rows_op(x)
 
 
 def controller_evict(r, protected, present, valid, bias, queue, budget, beta, delta, gain: float, fixed, over,

@@ -300,7 +300,8 @@ def controller_keep(r, protected, present, budget: int, beta: float, delta, gain
     r = r.float()
     prot = protected & present
     free = present & ~protected
-    vals, order = evict_kernels.sort_rows(r.masked_fill(~free, float("inf")))  # the free first, by r
+    # the free first, by r; ties by slot index (a stable sort), as in evict_kernels
+    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1, stable=True)
     n = free.sum(-1, keepdim=True)
     if fixed is not None:
         tau = torch.full_like(r[..., :1], fixed)

@@ -12,11 +12,8 @@ import torch
 import evict_kernels
 
 
-def test_sort_rows_is_torch_sort_off_cuda():
-    x = torch.rand(4, 50)
-    vals, idx = evict_kernels.sort_rows(x)
-    assert not evict_kernels.available(x)
-    assert torch.equal(vals, torch.sort(x, -1).values) and torch.equal(x.gather(1, idx), vals)
+def test_kernels_are_not_used_off_cuda():
+    assert not evict_kernels.available(torch.rand(2, 3, 100))
 
 
 # shared with tests/test_gpu.py: random slots and both paths
@@ -89,11 +86,6 @@ import evict_kernels as ek
 ek.available = lambda x: True
 exec({cases!r})
 check("cpu")
-x = torch.randn(5, 100)                                           # the row sort: infinities, negatives and ties
-x[0, :4], x[1, 7], x[2, 3:6] = float("inf"), -1.0, 0.5
-vals, idx = ek.sort_rows(x)
-assert torch.equal(vals, torch.sort(x, -1).values) and torch.equal(x.gather(1, idx), vals)
-assert torch.equal(idx[2][vals[2] == 0.5], torch.tensor([3, 4, 5]))   # ties in index order
 print("ok")
 """
 

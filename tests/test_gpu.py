@@ -128,17 +128,6 @@ def test_triton_decode_attention_matches_the_reference(dtype, batch, n_slots):
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
-@pytest.mark.parametrize("n", [832, 2064, 5000])
-def test_sort_rows_sorts_like_torch(n):
-    import evict_kernels
-    """The in-register row sort (n <= SORT_MAX) and torch.sort above it, with infinities and -1 for invalid slots."""
-    x = torch.rand(192, n, device="cuda")
-    x[:, :5], x[:, 9] = float("inf"), -1.0
-    vals, idx = evict_kernels.sort_rows(x)
-    assert torch.equal(vals, torch.sort(x, -1).values) and torch.equal(x.gather(1, idx), vals)
-
-
-@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("rows", [64, 1])
 def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
     import skinny_gemm
