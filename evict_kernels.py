@@ -2,7 +2,7 @@
 decision (`fast_decode.controller_keep`), the attention bias that hides the freed slots (`hide_free`) and the next
 free slots (`free_queue`).
 
-Why: in tensor form that work was about 25 small kernels a layer (a segmented sort, gathers, scatters, a cumsum,
+Why: in tensor form that work was about 20 small kernels a layer (a segmented sort, gathers, scatters, a cumsum,
 reductions), so that ATSKV's evicting step took 2.5 times as long as the step that does not evict (4.10 against
 1.64 ms at 64 x 8192, 10%, on an H200). Here one program holds one (batch row, KV head)'s slots in registers:
 - `_rank_kernel` sorts the free entries by r (their float bits made to order as integers, packed above the slot
@@ -22,7 +22,7 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-SORT_MAX = 4096   # rows of at most this many slots are handled here (one program a row), longer ones by torch
+MAX_SLOTS = 4096   # rows of at most this many slots are handled here (one program a row), longer ones by torch
 ENABLED = True    # False: the tensor form everywhere (to compare)
 
 
@@ -127,8 +127,8 @@ def _warps(n_pad: int) -> int:
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels take rows like x (..., N): CUDA, Triton, N <= SORT_MAX."""
-    return ENABLED and triton is not None and x.is_cuda and x.shape[-1] <= SORT_MAX
+    """Whether the kernels take rows like x (..., N): CUDA, Triton, N <= MAX_SLOTS."""
+    return ENABLED and triton is not None and x.is_cuda and x.shape[-1] <= MAX_SLOTS
 
 
 def controller_evict(r, protected, present, valid, bias, queue, budget, beta, delta, gain: float, fixed, over,

@@ -35,9 +35,10 @@ FEATURE_GROUPS = {"h": slice(0, H_DIM), "a": slice(H_DIM, H_DIM + A_DIM), "f": s
                   "f_content": slice(H_DIM + A_DIM + 2, N_FEATURES)}   # f without position / distance to the end
 # the trained predictors: which feature groups each sees (the ablation's variants)
 VARIANT_GROUPS = {"default": ("h", "a", "f"), "no_h": ("a", "f"), "no_a": ("h", "f"), "no_f": ("h", "a"),
-                  "no_pos": ("h", "a", "f_content"), "kvzip": ("h", "a", "f")}
-# the trained predictors' targets: future attention, or (kvzip) the attention of a repetition of the context
-VARIANT_TARGET = {"kvzip": "reconstruct"}
+                  "no_pos": ("h", "a", "f_content"), "kvzip": ("h", "a", "f"), "kvzip_no_h": ("a", "f"),
+                  "kvzip_no_a": ("h", "f"), "kvzip_no_f": ("h", "a")}
+# the trained predictors' targets: future attention, or (kvzip*) the attention of a repetition of the context
+VARIANT_TARGET = {v: "reconstruct" for v in VARIANT_GROUPS if v.startswith("kvzip")}
 REPEAT_REQUEST = "\n\nRepeat the previous context exactly.\n\n"
 FORMAT_VERSION = 1
 

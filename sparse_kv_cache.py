@@ -491,7 +491,8 @@ class ATSKV(KVMethod):
     n_recent: int = 64                # protected recent tokens, at most half the budget (16 lost end-of-context
     window: int = 32                  # needles to the question's arrival: 1/10 vs 2/10 at 1K, needle, 25%)
     span: int = 1
-    variant: str = "default"          # which trained predictor: default, no_h, no_a, no_f, no_pos, kvzip
+    variant: str = "default"          # which trained predictor: default, no_h, no_a, no_f, no_pos, kvzip (KVzip's
+                                      #   target), kvzip_no_h, kvzip_no_a, kvzip_no_f
     random_predictor: bool = False    # ablation: untrained (random) weights
     fixed_threshold: float | None = None  # ablation: keep r > this value instead of the controller's tau
     layer_shares: bool = True         # beta_l from calibration (False: equal budgets)
