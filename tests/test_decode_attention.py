@@ -1,15 +1,11 @@
 """Decode attention over the slot cache: the reference (CPU) and the Triton kernels (held to the reference; on a CPU
 machine through Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py)."""
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import decode_attention as da
 from fast_decode import HIDDEN
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def slots(B=2, H=3, G=3, N=300, D=64, hidden_share=0.3, seed=0):
@@ -78,13 +74,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs Triton (it ships with CUDA builds of torch, not with the CPU build)")
+@needs_triton
 def test_triton_kernels_match_the_reference_in_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", INTERPRETED.format(root=root)], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=root)
-    if "only 0-dimensional arrays can be converted" in r.stderr:
-        pytest.skip("Triton's interpreter fails on this NumPy (it needs numpy < 2.3)")
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_interpreted(INTERPRETED)

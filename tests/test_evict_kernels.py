@@ -1,15 +1,10 @@
 """ATSKV's eviction kernels (evict_kernels) make controller_keep's decisions and refresh the bias and the free-slot
 queue as hide_free and free_queue do: on a CPU machine through Triton's interpreter when Triton is installed, on
 CUDA in tests/test_gpu.py."""
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
 
 import evict_kernels
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def test_kernels_are_not_used_off_cuda():
@@ -90,13 +85,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs Triton (it ships with CUDA builds of torch, not with the CPU build)")
+@needs_triton
 def test_eviction_kernels_decide_as_controller_keep_in_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", INTERPRETED.format(root=root, cases=CASES)], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=root)
-    if "only 0-dimensional arrays can be converted" in r.stderr:
-        pytest.skip("Triton's interpreter fails on this NumPy (it needs numpy < 2.3)")
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    run_interpreted(INTERPRETED.replace("{cases!r}", repr(CASES)))

@@ -1,15 +1,10 @@
 """The decode step's matmul kernels (skinny_gemm): held to F.linear and the eager SwiGLU, on a CPU machine through
 Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
 import torch.nn.functional as F
 
 import skinny_gemm
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def test_linear_and_swiglu_fall_back_to_torch_off_cuda():
@@ -40,13 +35,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs Triton (it ships with CUDA builds of torch, not with the CPU build)")
+@needs_triton
 def test_skinny_kernel_matches_torch_in_the_triton_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", INTERPRETED.format(root=root)], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=root)
-    if "only 0-dimensional arrays can be converted" in r.stderr:
-        pytest.skip("Triton's interpreter fails on this NumPy (it needs numpy < 2.3)")
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_interpreted(INTERPRETED)
