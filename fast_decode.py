@@ -201,8 +201,9 @@ def atskv_evict(present, valid, bias, queue, pos, z0, toks, acc, delta, counts, 
     """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit every step (its slot's
     running attention statistic is zeroed and the step's attention added by layer_step); when `evict` (evict_every's
     schedule), this step's attention statistics, every entry re-scored and the threshold controller's decision,
-    keeping at most `keep` entries; then the bias hides the freed slots and `queue` (None: evict_every = 1) lists
-    the next free ones."""
+    keeping at most `keep` entries. On CUDA the eviction kernels also hide the freed slots in the bias and list the
+    next free ones in `queue` (None: evict_every = 1); layer_step does that otherwise. Returns True when the
+    eviction kernels have refreshed the bias and the queue themselves."""
     B, H = k.shape[:2]
     new_tok = tok[:, None].expand(B, H)
     hz = step_hidden_logit(co, h)[:, None, None].expand(B, H, 1)
@@ -210,7 +211,7 @@ def atskv_evict(present, valid, bias, queue, pos, z0, toks, acc, delta, counts, 
                                new_tok[..., None], n_sink)[..., 0])
     put(toks, slot, new_tok)
     if not evict:   # decode_attention added the step's attention to acc
-        return
+        return False
     B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
     mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
     acc += mean
@@ -222,13 +223,11 @@ def atskv_evict(present, valid, bias, queue, pos, z0, toks, acc, delta, counts, 
     if evict_kernels.available(r):   # the decision, the bias and the queue in two kernels on CUDA
         evict_kernels.controller_evict(r, prot, present, valid, bias, queue, keep, beta, delta, gain, fixed, over,
                                        HIDDEN)
-        return
+        return True
     kept, new_delta = controller_keep(r, prot, present, keep, beta, delta, gain, fixed)
     delta.copy_(torch.where(over, new_delta, delta))
     present.copy_(torch.where(over, kept, present))
-    hide_free(bias, present, valid)
-    if queue is not None:
-        queue.copy_(free_queue(present, queue.shape[-1]))
+    return False
 
 
 def post_attention(x, attn, wo, ln, eps, wgu, wd):
@@ -263,17 +262,19 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
         acc = None if evict else st["acc"]
     attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind == "h2o" or kind == "atskv" and evict,
                                    c["kernel"], acc=acc, cos=cos, sin=sin)
+    refreshed = False   # whether the eviction kernels refreshed the bias and the queue themselves
     if kind == "bare":
         if evict:   # keep = budget - evict_every + 1 (the budget when evicting every step)
             bare_evict(present, pos, la["keep"], c["n_sink"], st["queue"].shape[-1] if "queue" in st else 1)
     elif kind == "atskv":
-        atskv_evict(present, valid, bias, st.get("queue"), pos, st["z0"], st["tok"], st["acc"], st["delta"], counts,
-                    c["flags"], probs, slot, h, k, v, tok, cur, seen, co, la["keep"], c["budget_tokens"], la["beta"],
-                    c["gain"], c["fixed"], c["n_sink"], la["n_recent"], evict)
+        refreshed = atskv_evict(present, valid, bias, st.get("queue"), pos, st["z0"], st["tok"], st["acc"],
+                                st["delta"], counts, c["flags"], probs, slot, h, k, v, tok, cur, seen, co, la["keep"],
+                                c["budget_tokens"], la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"],
+                                evict)
     elif kind != "full":
         generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
-    if kind not in ("full", "atskv") and evict:
+    if kind != "full" and evict and not refreshed:
         hide_free(bias, present, valid)
         if "queue" in st:
             st["queue"].copy_(free_queue(present, st["queue"].shape[-1]))
