@@ -1,6 +1,7 @@
-"""ATSKV's eviction over the fast path's slots as two Triton kernels a layer (CUDA): the threshold controller's
-decision (`fast_decode.controller_keep`), the attention bias that hides the freed slots (`hide_free`) and the next
-free slots (`free_queue`).
+"""ATSKV's eviction over the fast path's slots as three Triton kernels a layer (CUDA): every slot's relevance from
+the step's attention and the time-dependent features (`_score_kernel`), the threshold controller's decision
+(`fast_decode.controller_keep`), the attention bias that hides the freed slots (`hide_free`) and the next free slots
+(`free_queue`).
 
 Why: in tensor form that work was about 20 small kernels a layer (a segmented sort, gathers, scatters, a cumsum,
 reductions), so that ATSKV's evicting step took 2.5 times as long as the step that does not evict (4.10 against
@@ -94,7 +95,56 @@ if triton is not None:
             nf = tl.sum(free.to(tl.int32), 0)
             tl.store(queue_ptr + row * stride_q + e, tl.full([EP], 0, tl.int64) + (N - 1), mask=(e >= nf) & (e < E))
 
+    @triton.jit
+    def _score_kernel(p_ptr, acc_ptr, z0_ptr, pos_ptr, tok_ptr, cnt_ptr, valid_ptr, seen_ptr, co_ptr, r_ptr,
+                      N, H, V, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        """ATSKV's relevance of every slot at an evicting step (fast_decode.atskv_evict's tensor form): the step's
+        attention statistics over the group's G query heads (AttentionStatisticsExtractor.window_stats with a
+        window of one query), the running statistic acc += mean (in place), the time-dependent features and the
+        sigmoid of the logit; -1 for padding slots. co: the (coefficient, mean) pairs of the 4 attention features
+        and the 3 time-dependent ones, as [ca (4), mua (4), cf (3), muf (3)]."""
+        bh = tl.program_id(0)
+        b = bh // H
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        n_ok = n < N
+        g = tl.arange(0, G_PAD)
+        g_ok = g < G
+        p = tl.load(p_ptr + bh * G * N + g[:, None] * N + n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
+        mean = tl.sum(p, 0) / G
+        mx = tl.max(p, 0)
+        dev = tl.where(g_ok[:, None], p - mean[None, :], 0.0)
+        spread = tl.sqrt(tl.sum(dev * dev, 0) / G) / (mean + 1e-6)
+        acc = tl.load(acc_ptr + bh * N + n, mask=n_ok, other=0.0) + mean
+        tl.store(acc_ptr + bh * N + n, acc, mask=n_ok)
+        z = tl.load(z0_ptr + bh * N + n, mask=n_ok, other=0.0)
+        z += (tl.log(mean + 1e-6) - tl.load(co_ptr + 4)) * tl.load(co_ptr)
+        z += (tl.log(mx + 1e-6) - tl.load(co_ptr + 5)) * tl.load(co_ptr + 1)
+        z += (tl.log(acc + 1e-6) - tl.load(co_ptr + 6)) * tl.load(co_ptr + 2)
+        z += (tl.minimum(spread, 10.0) - tl.load(co_ptr + 7)) * tl.load(co_ptr + 3)
+        pos = tl.load(pos_ptr + bh * N + n, mask=n_ok, other=0).to(tl.float32)
+        seen = tl.load(seen_ptr + b).to(tl.float32)
+        tok = tl.load(tok_ptr + bh * N + n, mask=n_ok, other=0)
+        freq = tl.load(cnt_ptr + b * V + tok, mask=n_ok, other=0.0).to(tl.float32)
+        z += (pos / tl.maximum(seen, 1.0) - tl.load(co_ptr + 11)) * tl.load(co_ptr + 8)
+        z += (tl.log(1.0 + tl.maximum(seen - 1.0 - pos, 0.0)) / 10.0 - tl.load(co_ptr + 12)) * tl.load(co_ptr + 9)
+        z += (tl.log(1.0 + freq) - tl.load(co_ptr + 13)) * tl.load(co_ptr + 10)
+        valid = tl.load(valid_ptr + bh * N + n, mask=n_ok, other=0) != 0
+        tl.store(r_ptr + bh * N + n, tl.where(valid, tl.sigmoid(z), -1.0), mask=n_ok)
+
     from torch.library import triton_op, wrap_triton
+
+    @triton_op("atskv::relevance", mutates_args={"acc"})
+    def _score_op(probs: torch.Tensor, acc: torch.Tensor, z0: torch.Tensor, pos: torch.Tensor, toks: torch.Tensor,
+                  counts: torch.Tensor, valid: torch.Tensor, seen: torch.Tensor, co: torch.Tensor) -> torch.Tensor:
+        B, H, G, N = probs.shape
+        for t in (acc, z0, pos, toks, valid):
+            assert t.is_contiguous(), "per-slot tensors must be contiguous"
+        r = torch.empty((B, H, N), dtype=torch.float32, device=probs.device)
+        BLOCK = 256
+        wrap_triton(_score_kernel)[(B * H, triton.cdiv(N, BLOCK))](
+            probs.contiguous(), acc, z0.contiguous(), pos, toks, counts.contiguous(), valid, seen.contiguous(), co,
+            r, N, H, counts.shape[-1], G=G, G_PAD=triton.next_power_of_2(G), BLOCK=BLOCK, num_warps=4)
+        return r
 
     @triton_op("atskv::controller_rank", mutates_args=())
     def _rank_op(r: torch.Tensor, prot: torch.Tensor, present: torch.Tensor, qlev: torch.Tensor, beta: torch.Tensor,
@@ -150,3 +200,10 @@ def controller_evict(r, protected, present, valid, bias, queue, budget, beta, de
         delta.copy_(torch.where(over, torch.clamp(delta + gain * (kept_frac - target), -1.0, 1.0), delta))
     _apply_op(order, cnt, k, over.reshape(1), protected, present, valid, bias,
               queue if queue is not None else present.new_zeros((1,), dtype=torch.long), hidden)
+
+
+def relevance(probs, acc, z0, pos, toks, counts, valid, seen, co):
+    """r (B, H, N) float32 of every slot at an evicting step, and acc += the step's mean attention, in one kernel:
+    what fast_decode.atskv_evict computes in tensor form off CUDA. probs (B, H, G, N) float32; counts (B, vocab);
+    seen (B,); co: fast_decode.logit_coefs' "dyn"."""
+    return _score_op(probs, acc, z0, pos, toks, counts, valid, seen, co)

@@ -212,18 +212,19 @@ def atskv_evict(present, valid, bias, queue, pos, z0, toks, acc, delta, counts, 
     put(toks, slot, new_tok)
     if not evict:   # decode_attention added the step's attention to acc
         return False
-    B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
-    mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
-    acc += mean
     over = (present[0, 0].sum() > keep) & (seen[0] > budget_tokens)
     prot = protection(present, pos, seen, n_sink, n_recent)
-    freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
-    r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
-    r = r.masked_fill(~valid, -1.0)
-    if evict_kernels.available(r):   # the decision, the bias and the queue in two kernels on CUDA
+    if evict_kernels.available(present):   # the scoring, the decision, the bias and the queue in three kernels
+        r = evict_kernels.relevance(probs, acc, z0, pos, toks, counts, valid, seen, co["dyn"])
         evict_kernels.controller_evict(r, prot, present, valid, bias, queue, keep, beta, delta, gain, fixed, over,
                                        HIDDEN)
         return True
+    B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
+    mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
+    acc += mean
+    freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
+    r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
+    r = r.masked_fill(~valid, -1.0)
     kept, new_delta = controller_keep(r, prot, present, keep, beta, delta, gain, fixed)
     delta.copy_(torch.where(over, new_delta, delta))
     present.copy_(torch.where(over, kept, present))
@@ -646,6 +647,7 @@ def logit_coefs(pred) -> list[dict]:
         ch, muh = co["h"]
         w = (pred.h_proj[l].double() @ ch.double())
         co["hw"] = (w.float(), (-(pred.h_mean[l].double() @ w) - (muh.double() * ch.double()).sum()).float())
+        co["dyn"] = torch.cat([*co["a"], *co["fd"]]).float()   # evict_kernels.relevance's packing
         out.append(co | {"b": pred.b[l].detach().clone()})
     return out
 

@@ -71,6 +71,32 @@ def check(device, N=100):
         assert torch.equal(p0, p1), seed
         assert torch.equal(b0, b1) and torch.equal(d0, d1), seed
         assert q0 is None and q1 is None or torch.equal(q0, q1), seed
+
+
+def check_relevance(device, B=2, H=3, G=3, N=300, V=50):
+    # the scoring kernel against atskv_evict's tensor form: the group's attention statistics, acc += mean, the
+    # time-dependent features, the sigmoid; -1 in padding slots
+    from relevance_predictor import AttentionStatisticsExtractor
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(B, H, G, N, generator=g) * 3, -1)
+    probs[..., N - 20:] = 0.0                                           # free slots (hidden by the bias)
+    acc, z0 = torch.rand(B, H, N, generator=g), torch.randn(B, H, N, generator=g)
+    pos = torch.randint(0, 900, (B, H, N), generator=g)
+    toks = torch.randint(0, V, (B, H, N), generator=g)
+    counts = torch.randint(0, 5, (B, V), generator=g).float()
+    valid = torch.rand(B, H, N, generator=g) < 0.9
+    seen = torch.tensor([1000, 901])
+    co = {"a": (torch.randn(4, generator=g), torch.randn(4, generator=g)),
+          "fd": (torch.randn(3, generator=g), torch.randn(3, generator=g))}
+    mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
+    want_acc = acc + mean
+    freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
+    want = torch.sigmoid(z0 + fd.dynamic_logit(co, pos, seen[:, None, None], mean, mx, want_acc, spread, freq))
+    want = want.masked_fill(~valid, -1.0)
+    dev = [t.to(device) for t in (probs, acc, z0, pos, toks, counts, valid, seen)]
+    r = ek.relevance(*dev, torch.cat([*co["a"], *co["fd"]]).to(device))
+    assert (dev[1].cpu() - want_acc).abs().max() < 1e-6             # the running statistic, in place
+    assert (r.cpu() - want).abs().max() < 1e-5
 """
 
 
@@ -81,10 +107,11 @@ import evict_kernels as ek
 ek.available = lambda x: True
 exec({cases!r})
 check("cpu")
+check_relevance("cpu")
 print("ok")
 """
 
 
 @needs_triton
-def test_eviction_kernels_decide_as_controller_keep_in_the_triton_interpreter():
+def test_eviction_kernels_score_and_decide_as_the_tensor_form_in_the_triton_interpreter():
     run_interpreted(INTERPRETED.replace("{cases!r}", repr(CASES)))

@@ -148,11 +148,12 @@ def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("n", [100, 832, 2064])
-def test_eviction_kernels_decide_as_controller_keep(n):
+def test_eviction_kernels_score_and_decide_as_the_tensor_form(n):
     from tests.test_evict_kernels import CASES
     scope = {}
     exec(CASES, scope)
     scope["check"]("cuda", N=n)
+    scope["check_relevance"]("cuda", N=n)
 
 
 def split_between_gpu_and_cpu(model):
