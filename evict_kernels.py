@@ -11,7 +11,9 @@ reductions), so that ATSKV's evicting step took 2.5 times as long as the step th
   and counts what the threshold keeps;
 - torch reduces the counts over the rows (the largest row sets how many every row keeps; the mean drives q);
 - `_apply_kernel` keeps each row's protected entries and its m highest r, and rewrites the bias and the queue.
-The decisions are `controller_keep`'s, which stays the path off CUDA and the tests' reference.
+The decisions are `controller_keep`'s, which stays the path off CUDA and the tests' reference. `_score_kernel`
+(before them) replaced about six Inductor kernels a layer that computed r: the evicting step took 2.71 against
+3.00 ms (README "Decode speed").
 """
 from __future__ import annotations
 
