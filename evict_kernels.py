@@ -125,7 +125,7 @@ if triton is not None:
         z += (tl.minimum(spread, 10.0) - tl.load(co_ptr + 7)) * tl.load(co_ptr + 3)
         pos = tl.load(pos_ptr + bh * N + n, mask=n_ok, other=0).to(tl.float32)
         seen = tl.load(seen_ptr + b).to(tl.float32)
-        tok = tl.load(tok_ptr + bh * N + n, mask=n_ok, other=0)
+        tok = tl.minimum(tl.maximum(tl.load(tok_ptr + bh * N + n, mask=n_ok, other=0), 0), V - 1)   # as counted
         freq = tl.load(cnt_ptr + b * V + tok, mask=n_ok, other=0.0).to(tl.float32)
         z += (pos / tl.maximum(seen, 1.0) - tl.load(co_ptr + 11)) * tl.load(co_ptr + 8)
         z += (tl.log(1.0 + tl.maximum(seen - 1.0 - pos, 0.0)) / 10.0 - tl.load(co_ptr + 12)) * tl.load(co_ptr + 9)
