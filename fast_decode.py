@@ -678,7 +678,9 @@ def static_logit(co, flags, hz, positions, keys, values, tok, n_sink):
 def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):
     """The contribution of the attention statistics and the time-dependent features, (B, H, N). The three
     time-dependent features are HandcraftedFeatureExtractor's (position / seen, distance to the end, frequency),
-    computed here without the key and value norms that a slot fixed when it was written."""
+    computed here without the key and value norms that a slot fixed when it was written. On CUDA
+    evict_kernels._score_kernel restates this, window_stats and features in one kernel: a change here must be made
+    there too (tests/test_evict_kernels.py holds the two equal)."""
     pos = positions.float()
     a = AttentionStatisticsExtractor.features(mean, mx, acc, spread)
     fd = torch.stack([pos / seen.clamp(min=1), torch.log1p((seen - 1 - pos).clamp(min=0)) / 10.0,
