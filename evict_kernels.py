@@ -26,7 +26,7 @@ except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
 MAX_SLOTS = 4096   # rows of at most this many slots are handled here (one program a row), longer ones by torch
-ENABLED = True    # False: the tensor form everywhere (to compare)
+ENABLED = True    # False: the tensor form everywhere (run_experiment --kernels_off evict, to compare)
 
 
 if triton is not None:

@@ -26,7 +26,8 @@ def latest_records(records: list[dict]) -> list[dict]:
 
 
 def label(r: dict) -> str:
-    return r["method"] if r.get("budget") is None else f"{r['method']} @ {fmt_budget(r['budget'])}"
+    off = f" (kernels off: {', '.join(r['kernels_off'])})" if r.get("kernels_off") else ""
+    return (r["method"] if r.get("budget") is None else f"{r['method']} @ {fmt_budget(r['budget'])}") + off
 
 
 def fmt_budget(b) -> str:
@@ -431,7 +432,7 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                   ""]
         def full_tok_s(path):   # the full cache's tokens/s per (context, batch) on one path
             return {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
-                    and r["path"] == path}
+                    and r["path"] == path and not r.get("kernels_off")}
         ref, fast_full = full_tok_s("hf_plain"), full_tok_s("fast")
         header = ["method", "context", "batch", "path", "prefill s", "decode ms/step", "tok/s", "floor ms",
                   "x floor", "vs HF plain full", "vs fast full", "KV read MB", "peak GB"]
@@ -451,7 +452,7 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
         write_csv(out_dir / "tables" / "speed.csv", header, rows)
         lines += [md_table(header, rows), ""]
         share = []
-        by = {(r["method"], r["budget"], r["context"], r["batch"], r["path"]): r for r in cells}
+        by = {(label(r), r["budget"], r["context"], r["batch"], r["path"]): r for r in cells}
         for (m, b, c, n, p), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0])):
             bare = by.get((m, b, c, n, "fast_bare"))
             if p == "fast" and bare:

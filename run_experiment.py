@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
       "samples at the smallest context through the plain loop and the fast path: identical answers?), profile (per "
       "method, context and batch: the kernels of one fast step and their time, by torch.profiler)")
     a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
+    a("--kernels_off", default="", help="speed benchmark: comma list of the fast path's Triton kernels to switch "
+      "off, to measure what each brings: attention (SDPA / matmul + softmax instead), gemm (F.linear), evict "
+      "(ATSKV's scoring and eviction in tensor form); recorded with each result")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
       "pyramidkv, dynamic_kv, h2o, atskv without external memory)")
@@ -528,6 +531,11 @@ def speed_cli(args) -> int:
         raise UserError(f"--check_answers {args.check_answers}: at least 1 sample")
     if args.decode_steps < 4:
         raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (the timed steps, after the warm-up)")
+    kernels_off = sorted(set(split_list(args.kernels_off)))
+    bad = [k for k in kernels_off if k not in KERNELS]
+    if bad:
+        raise UserError(f"--kernels_off: unknown kernel(s) {', '.join(bad)}; accepted: {', '.join(KERNELS)}")
+    switch_kernels_off(kernels_off)
     out_dir = Path(args.output_dir)
     results_path = out_dir / "results.jsonl"
     if args.overwrite and results_path.exists():
@@ -554,6 +562,8 @@ def speed_cli(args) -> int:
             recs = [{**spec, "status": "error", "error": "out of memory"}]
         for i, r in enumerate(recs):
             r.setdefault("compile", args.compile)
+            if kernels_off:
+                r["kernels_off"] = kernels_off
             r.update(method=spec["method"], base_method=spec["base_method"], params=spec["params"])
             r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
                      wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -571,6 +581,8 @@ def speed_cli(args) -> int:
                 print(f"[atskv] {json.dumps({k: v for k, v in r.items() if k not in ('env', 'cell')})}",
                       file=sys.stderr)
     common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
+    if kernels_off:   # only then: the cells of earlier runs keep their keys
+        common["kernels_off"] = kernels_off
 
     def cells(benchmark: str, **fields):
         """(spec, method, params, budget) per method and budget (full once, without one)."""
@@ -608,6 +620,19 @@ def speed_cli(args) -> int:
     write_report(out_dir, args)
     print(f"[atskv] results: {out_dir / 'results.md'}", file=sys.stderr)
     return 0
+
+
+KERNELS = ("attention", "gemm", "evict")   # --kernels_off
+
+
+def switch_kernels_off(names) -> None:
+    """The fast path's Triton kernels named here are not used in this process (their modules' ENABLED flags)."""
+    import decode_attention
+    import evict_kernels
+    import skinny_gemm
+    decode_attention.ENABLED = "attention" not in names
+    skinny_gemm.ENABLED = "gemm" not in names
+    evict_kernels.ENABLED = "evict" not in names
 
 
 def benchmark_cli(args) -> int:

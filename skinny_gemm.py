@@ -18,7 +18,7 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-ENABLED = True                                     # False: F.linear everywhere (to compare)
+ENABLED = True                                     # False: F.linear everywhere (--kernels_off gemm)
 MAX_ROWS = 64                                      # more rows than this: F.linear (a real GEMM tile does better)
 CONFIG = {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 4}
 CONFIG_LONG_K = {"block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 4}   # K > 1024 (down_proj)

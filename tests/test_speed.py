@@ -30,6 +30,7 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
      "--speed_parts: unknown part(s) warp; accepted: timing, max_batch, answers, profile"),
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
+    (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict"),
 ])
 def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path):
     proc = cli(*SPEED, *args, "--output_dir", str(tmp_path))
@@ -63,6 +64,13 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     again = cli(*SPEED, "--output_dir", str(tmp_path))
     assert again.returncode == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(recs)  # nothing re-measured
+    # with a kernel switched off: new cells, recorded and labelled as such beside the others
+    off = cli(*SPEED, "--methods", "full", "--kernels_off", "evict", "--output_dir", str(tmp_path))
+    assert off.returncode == 0, off.stderr[-2000:]
+    new = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()][len(recs):]
+    assert sorted(r["path"] for r in new) == ["fast", "hf_plain"] and all(r["kernels_off"] == ["evict"] for r in new)
+    md = (tmp_path / "results.md").read_text()
+    assert "| full (kernels off: evict) | 256 | 2 | fast path |" in md and "| full | 256 | 2 | fast path |" in md
 
 
 def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path):
