@@ -569,7 +569,8 @@ def speed_cli(args) -> int:
                      wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
             append_jsonl(results_path, r)
             if r["status"] == "ok" and r["benchmark"] == "speed":
-                print(f"[atskv] {r['method']:>14} @ {str(r['budget']):>4} ctx {r['context']:>5} batch "
+                print(f"[atskv] {r['method']:>14}{' (off: ' + ','.join(kernels_off) + ')' if kernels_off else ''} "
+                      f"@ {str(r['budget']):>4} ctx {r['context']:>5} batch "
                       f"{r['batch']:>4} {r['path']:>9}: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.0f} tok/s "
                       f"floor {r['floor_ms']:.2f} ms (x{r['x_floor']:.1f})", file=sys.stderr)
             elif r["status"] == "ok" and r["benchmark"] == "speed_profile":
