@@ -144,7 +144,7 @@ if triton is not None:
         r = torch.empty((B, H, N), dtype=torch.float32, device=probs.device)
         BLOCK = 256
         wrap_triton(_score_kernel)[(B * H, triton.cdiv(N, BLOCK))](
-            probs.contiguous(), acc, z0.contiguous(), pos, toks, counts.contiguous(), valid, seen.contiguous(), co,
+            probs.contiguous(), acc, z0, pos, toks, counts.contiguous(), valid, seen.contiguous(), co,
             r, N, H, counts.shape[-1], G=G, G_PAD=triton.next_power_of_2(G), BLOCK=BLOCK, num_warps=4)
         return r
 

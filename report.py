@@ -452,9 +452,9 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
         write_csv(out_dir / "tables" / "speed.csv", header, rows)
         lines += [md_table(header, rows), ""]
         share = []
-        by = {(label(r), r["budget"], r["context"], r["batch"], r["path"]): r for r in cells}
-        for (m, b, c, n, p), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0])):
-            bare = by.get((m, b, c, n, "fast_bare"))
+        by = {(label(r), r["context"], r["batch"], r["path"]): r for r in cells}   # the label holds the budget
+        for (m, c, n, p), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[1]["method"])):
+            bare = by.get((m, c, n, "fast_bare"))
             if p == "fast" and bare:
                 vm = {**(r.get("variant_ms") or {}), **(bare.get("variant_ms") or {})}
                 pairs = [f"{vm[v]:.2f} / {vm['bare_' + v]:.2f}" if v in vm and "bare_" + v in vm else "-"
