@@ -34,16 +34,23 @@ except ImportError:  # CPU builds of torch come without Triton; the reference pa
 # tensor cores (tl.dot over the group's query rows padded to 16) win by far at batch 64 (100 us against 840 us at
 # 8208 slots), CUDA cores at batch 1 (27 against 65 us: 3 programs, where the 16-row tile is mostly waste).
 CONFIGS = {"dot": {"block_n": 128, "num_warps": 4, "num_stages": 3},
+           "dot_short": {"block_n": 64, "num_warps": 4, "num_stages": 3},
            "cuda": {"block_n": 32, "num_warps": 4, "num_stages": 3}}
+# Up to this many slots the tensor-core kernel reads blocks of 64 slots: in ATSKV's step at 64 x 8192 with 10%
+# (1024 slots, two splits of 512) the step that does not evict took 4.364 against 4.427 ms (eager layers in a CUDA
+# graph, random weights, two rounds; .gpu sweep of block, warps, stages and splits, README "Decode speed").
+SHORT_SLOTS = 2048
 DOT_MIN_PROGRAMS = 32   # batch x KV heads from which the tensor-core kernel is used (measured at 3 and 192 only)
 TARGET_PROGRAMS = 264   # split the slots until there are about this many programs (two per SM of an H200) ...
 MIN_SPLIT = 128         # ... each with at least this many slots
+ACC_CHUNK = 256         # the running statistic's slots per program of the merge kernel
+ACC_IN_MERGE = True     # False: the statistic from the probabilities in PyTorch (a kernel more; to compare)
 
 
-def kernel_config(n_programs: int) -> dict:
-    """The launch configuration for batch x KV heads = n_programs."""
+def kernel_config(n_programs: int, n_slots: int = SHORT_SLOTS + 1) -> dict:
+    """The launch configuration for batch x KV heads = n_programs over n_slots slots."""
     dot = n_programs >= DOT_MIN_PROGRAMS
-    return {"dot": dot, **CONFIGS["dot" if dot else "cuda"]}
+    return {"dot": dot, **CONFIGS[("dot_short" if n_slots <= SHORT_SLOTS else "dot") if dot else "cuda"]}
 
 
 def decode_attention_reference(q, K, V, bias, scaling: float, want_probs: bool = False):
@@ -120,8 +127,8 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         if SPLIT:   # partial results, merged by _merge_kernel
-            base = bh * n_splits + sp
-            tl.store(po_ptr + base * G_PAD * D + rows[:, None] * D + dims[None, :], acc)
+            base = bh * n_splits + sp   # the output's partial for the group's G real rows only
+            tl.store(po_ptr + (base * G + rows[:, None]) * D + dims[None, :], acc, mask=row_ok[:, None])
             tl.store(pm_ptr + base * G_PAD + rows, m_i)
             tl.store(pl_ptr + base * G_PAD + rows, l_i)
         else:
@@ -132,55 +139,77 @@ if triton is not None:
                 tl.store(lse_ptr + bh * G + rows, m_i + tl.log(l_i), mask=row_ok)
 
     @triton.jit
-    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, n_splits,
+    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N, acc_chunk,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                      WANT_S: tl.constexpr):
+                      SPLIT: tl.constexpr, WANT_S: tl.constexpr, ACC: tl.constexpr, ACC_BLOCK: tl.constexpr):
+        """Program (bh, c). SPLIT: merges the splits' partial outputs by log-sum-exp (program c = 0 writes the
+        output and the log-sum-exp). ACC: adds the group's mean probability exp(s - lse) over slots
+        [c * acc_chunk, (c + 1) * acc_chunk) to the running statistic acc (B * H_kv, N), in place."""
         bh = tl.program_id(0)
-        sps = tl.arange(0, S_PAD)
+        c = tl.program_id(1)
         rows = tl.arange(0, G_PAD)
-        dims = tl.arange(0, D)
-        sp_ok = sps < n_splits
-        base = bh * n_splits + sps
-        m = tl.load(pm_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=float("-inf"))
-        l = tl.load(pl_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=0.0)
-        m_all = tl.max(m, 0)                                       # (G_PAD,)
-        w = tl.where(sp_ok[:, None], tl.exp(m - m_all[None, :]), 0.0)   # (S_PAD, G_PAD)
-        l_all = tl.sum(w * l, 0)
-        po = tl.load(po_ptr + (base[:, None, None] * G_PAD + rows[None, :, None]) * D + dims[None, None, :],
-                     mask=sp_ok[:, None, None], other=0.0)         # (S_PAD, G_PAD, D)
-        out = tl.sum(po * w[:, :, None], 0) / l_all[:, None]
         row_ok = rows < G
-        tl.store(o_ptr + bh * G * D + rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-        if WANT_S:
-            tl.store(lse_ptr + bh * G + rows, m_all + tl.log(l_all), mask=row_ok)
+        if SPLIT:
+            sps = tl.arange(0, S_PAD)
+            dims = tl.arange(0, D)
+            sp_ok = sps < n_splits
+            base = bh * n_splits + sps
+            m = tl.load(pm_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=float("-inf"))
+            l = tl.load(pl_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=0.0)
+            m_all = tl.max(m, 0)                                       # (G_PAD,)
+            w = tl.where(sp_ok[:, None], tl.exp(m - m_all[None, :]), 0.0)   # (S_PAD, G_PAD)
+            l_all = tl.sum(w * l, 0)
+            lse = m_all + tl.log(l_all)
+            if c == 0:
+                po = tl.load(po_ptr + (base[:, None, None] * G + rows[None, :, None]) * D + dims[None, None, :],
+                             mask=sp_ok[:, None, None] & row_ok[None, :, None], other=0.0)   # (S_PAD, G_PAD, D)
+                out = tl.sum(po * w[:, :, None], 0) / l_all[:, None]
+                tl.store(o_ptr + bh * G * D + rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
+                         mask=row_ok[:, None])
+                if WANT_S:
+                    tl.store(lse_ptr + bh * G + rows, lse, mask=row_ok)
+        else:   # the decode kernel wrote the log-sum-exp
+            lse = tl.load(lse_ptr + bh * G + rows, mask=row_ok, other=0.0)
+        if ACC:
+            start = c * acc_chunk
+            end = tl.minimum(start + acc_chunk, N)
+            for i in range(0, acc_chunk, ACC_BLOCK):
+                n = start + i + tl.arange(0, ACC_BLOCK)
+                n_ok = n < end
+                s = tl.load(s_ptr + (bh * G + rows[:, None]) * N + n[None, :], mask=row_ok[:, None] & n_ok[None, :],
+                            other=float("-inf"))
+                p = tl.sum(tl.exp(s - lse[:, None]), 0) / G            # padding rows: exp(-inf) = 0
+                a = tl.load(acc_ptr + bh * N + n, mask=n_ok, other=0.0)
+                tl.store(acc_ptr + bh * N + n, a + p, mask=n_ok)
 
 
 def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None, cos=None,
-           sin=None):
+           sin=None, acc=None):
     """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op; cfg: kernel_config's by default).
     Returns the output (B, H_kv, G, D), the scaled logits (B, H_kv, G, N) and their log-sum-exp (B, H_kv, G) in
-    float32; without want_lse the last two are unused placeholders of shape (1,). cos, sin (B, D): q is rotated
-    (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection)."""
+    float32; without want_lse (and acc) the last two are unused placeholders of shape (1,). cos, sin (B, D): q is
+    rotated (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection). acc
+    (B, H_kv, N) float32: the group's mean probability is added to it in place, in the kernel that merges the
+    splits (a kernel of its own, when there is one split)."""
     B, H, G, D = q.shape
     N = K.shape[2]
-    for t in (K, V, bias):   # (batch, head) rows flattened into one index
+    for t in (K, V, bias) + (() if acc is None else (acc,)):   # (batch, head) rows flattened into one index
         assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "slots must be contiguous in the last dim"
     if q.stride(3) != 1 or q.stride(2) != D or q.stride(1) != G * D:
         q = q.contiguous()
+    want_lse = want_lse or acc is not None
     out = torch.empty((B, H, G, D), dtype=q.dtype, device=q.device)
     rope = cos is not None
     if rope:
         cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
     s = torch.empty((B, H, G, N) if want_lse else (1,), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, G) if want_lse else (1,), dtype=torch.float32, device=q.device)
-    cfg = cfg or kernel_config(B * H)
+    cfg = cfg or kernel_config(B * H, N)
     splits, chunk = split_plan(B * H, N, cfg["block_n"])
     G_PAD = max(16 if cfg["dot"] else 1, triton.next_power_of_2(G))   # tl.dot needs 16 rows
-    part = (B * H * splits, G_PAD) if splits > 1 else (1, 1)
-    po = torch.empty(part + ((D,) if splits > 1 else (1,)), dtype=torch.float32, device=q.device)
-    pm = torch.empty(part, dtype=torch.float32, device=q.device)
-    pl = torch.empty(part, dtype=torch.float32, device=q.device)
+    po = torch.empty((B * H * splits, G, D) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    pm = torch.empty((B * H * splits, G_PAD) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
     ieee = q.dtype == torch.float32
     wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, cos if rope else q,
                                           sin if rope else q, N, scaling, chunk, splits, H, q.stride(0),
@@ -189,9 +218,12 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
                                           G=G, G_PAD=G_PAD, D=D, BLOCK=cfg["block_n"], SPLIT=splits > 1,
                                           WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], ROPE=rope,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if splits > 1:
-        wrap(_merge_kernel)[(B * H,)](out, lse, po, pm, pl, splits, G=G, G_PAD=G_PAD, D=D,
-                                      S_PAD=triton.next_power_of_2(splits), WANT_S=want_lse)
+    if splits > 1 or acc is not None:
+        acc_chunk = min(N, ACC_CHUNK)
+        wrap(_merge_kernel)[(B * H, triton.cdiv(N, acc_chunk) if acc is not None else 1)](
+            out, lse, po, pm, pl, s, s if acc is None else acc, splits, N, acc_chunk, G=G, G_PAD=G_PAD, D=D,
+            S_PAD=triton.next_power_of_2(splits), SPLIT=splits > 1, WANT_S=want_lse, ACC=acc is not None,
+            ACC_BLOCK=min(ACC_CHUNK, triton.next_power_of_2(acc_chunk)))
     return out, s, lse
 
 
@@ -205,6 +237,14 @@ if triton is not None:
                              want_lse: bool, cos: torch.Tensor | None = None,
                              sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch(q, K, V, bias, scaling, want_lse, wrap_triton, cos=cos, sin=sin)
+
+    @triton_op("atskv::decode_attention_acc", mutates_args=("acc",))
+    def _decode_attention_acc_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor,
+                                 scaling: float, acc: torch.Tensor, cos: torch.Tensor | None = None,
+                                 sin: torch.Tensor | None = None) -> torch.Tensor:
+        """The same with the group's mean probability added to the running statistic acc in place (the merge
+        kernel does it: no probabilities leave the kernels)."""
+        return launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc)[0]
 
 
 ENABLED = True   # False: the reference everywhere (run_experiment --kernels_off attention, to compare)
@@ -234,6 +274,8 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
         if cos is not None:
             q = rope(q, cos[:, :, None], sin[:, :, None])
         out, probs = decode_attention_reference(q, K, V, bias, scaling, want)
+    elif acc is not None and not want_probs and ACC_IN_MERGE:   # the statistic summed in the merge kernel
+        return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin), None
     else:
         out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin)
         probs = torch.exp(s - lse[..., None]) if want else None

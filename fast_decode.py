@@ -381,7 +381,8 @@ class StaticDecoder:
         self.cur = torch.as_tensor(start_pos, device=self.dev).expand(B).clone().long()  # position of the new token
         self.tok = torch.zeros(B, dtype=torch.long, device=self.dev)
         self.out = torch.zeros((B, max_steps + 1), dtype=torch.long, device=self.dev)
-        self.t = torch.zeros((), dtype=torch.long, device=self.dev)
+        # shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor (step_tail)
+        self.t = torch.zeros((1,), dtype=torch.long, device=self.dev)
         self.use_graph = (self.dev.type == "cuda") if use_graph is None else use_graph
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}   # one captured step per variant (atskv: evict, keep)
         self.eager_runs: dict[str, int] = {}
@@ -509,31 +510,20 @@ class StaticDecoder:
         return v if self.score_on else "bare_" + v
 
     def _step(self, variant: str) -> None:
-        w, B = self.w, self.B
-        x = w.embed(self.tok)
-        cos, sin = w.rotary(x[:, None], self.cur[:, None])          # (B, 1, D): broadcast over the heads
-        seen = self.cur + 1
-        if self.method == "atskv" and self.score_on:
-            self.counts.scatter_add_(1, self.tok[:, None].clamp(0, self.counts.shape[1] - 1),
-                                     torch.ones((B, 1), dtype=self.counts.dtype, device=self.dev))
+        w = self.w
+        head, tail = (step_head, step_tail) if self.fn is layer_step else compiled_head_tail()
+        x, cos, sin, seen = head(w.embed.weight, w.rotary, self.tok, self.cur,
+                                 self.counts if self.method == "atskv" and self.score_on else None)
         c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
             kind = "full" if sl.budget is None else "bare" if variant.startswith("bare") else self.method
             x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok,
                         getattr(self, "counts", None), lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid,
                         sl.state, la, self.coefs[l] if kind == "atskv" else None, c)
-        if variant.endswith("evict"):
-            self.qidx.zero_()
-        elif variant.endswith("keep"):
-            self.qidx.copy_((self.qidx + 1).clamp(max=self.every - 1))
-        logits = w.lm_head(rms_norm(x, w.norm.weight, w.norm.variance_epsilon))
-        self.logits_of[variant] = logits      # (B, vocab); a captured graph's output buffer when replayed
-        self.last_variant = variant
-        nxt = logits.float().argmax(-1)
-        self.tok.copy_(nxt)
-        self.t += 1
-        self.out.scatter_(1, torch.remainder(self.t, self.out.shape[1]).expand(B)[:, None], nxt[:, None])
-        self.cur += 1
+        queue_step = "evict" if variant.endswith("evict") else "keep" if variant.endswith("keep") else None
+        self.logits_of[variant] = tail(x, w.norm.weight, w.norm.variance_epsilon, w.lm_head.weight, w.lm_head.bias,
+                                       self.tok, self.t, self.out, self.cur, self.qidx, queue_step, self.every)
+        self.last_variant = variant     # logits: (B, vocab); a captured graph's output buffer when replayed
 
     @property
     def logits(self) -> torch.Tensor:
@@ -612,12 +602,48 @@ class StaticDecoder:
         return self.out[:, :n_tokens].clone()
 
 
+def step_head(embed_w, rotary, tok, cur, counts):
+    """A step's start: the new tokens' embeddings, RoPE's cos and sin at their position (B, 1, D), the tokens seen
+    with them, and ATSKV's token counts (None: not counted) updated in place."""
+    x = torch.nn.functional.embedding(tok, embed_w)
+    cos, sin = rotary(x[:, None], cur[:, None])          # (B, 1, D): broadcast over the heads
+    if counts is not None:
+        counts.scatter_add_(1, tok[:, None].clamp(0, counts.shape[1] - 1),
+                            torch.ones((tok.shape[0], 1), dtype=counts.dtype, device=tok.device))
+    return x, cos, sin, cur + 1
+
+
+def step_tail(x, norm_w, eps, lm_w, lm_b, tok, t, out, cur, qidx, queue_step, every: int):
+    """A step's end: the final norm, the logits (returned), the greedy token (into tok and the ring buffer out), the
+    position, and evict_every's place in the free-slot queue (queue_step 'evict': back to its start, 'keep': one on)."""
+    logits = torch.nn.functional.linear(rms_norm(x, norm_w, eps), lm_w, lm_b)
+    nxt = logits.float().argmax(-1)
+    tok.copy_(nxt)
+    t += 1
+    out.scatter_(1, torch.remainder(t, out.shape[1]).expand(tok.shape[0])[:, None], nxt[:, None])
+    cur += 1
+    if queue_step == "evict":
+        qidx.zero_()
+    elif queue_step == "keep":
+        qidx.copy_((qidx + 1).clamp(max=every - 1))
+    return logits
+
+
 _COMPILED: dict = {}
+
+
+def compiled_head_tail():
+    """`step_head` and `step_tail` compiled once per process: each is a few fused kernels instead of about a dozen
+    small ones (the rotary embedding, the final norm, the argmax, the bookkeeping)."""
+    if "head" not in _COMPILED:
+        _COMPILED["head"] = torch.compile(step_head, fullgraph=True)
+        _COMPILED["tail"] = torch.compile(step_tail, fullgraph=True)
+    return _COMPILED["head"], _COMPILED["tail"]
 
 
 def compiled_layer_step():
     """`layer_step` compiled once per process (torch.compile caches per shape and guards)."""
-    if not _COMPILED:
+    if "layer" not in _COMPILED:
         from torch import _dynamo
         _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)  # a recompile per slot count
         _COMPILED["layer"] = torch.compile(layer_step, fullgraph=True)

@@ -56,7 +56,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 import decode_attention as da
 from tests.test_decode_attention import slots
-for cfg in (da.kernel_config(1), da.kernel_config(64)):          # CUDA cores, tensor cores
+for cfg in (da.kernel_config(1), da.kernel_config(64), da.kernel_config(64, 700)):   # CUDA cores, tensor cores x2
     for B, N in ((2, 100), (1, 700)):                             # one split, several splits
         q, K, V, bias = slots(B=B, N=N)
         for want in (False, True):
@@ -70,6 +70,11 @@ for cfg in (da.kernel_config(1), da.kernel_config(64)):          # CUDA cores, t
         o, _, _ = da.launch(qv, K, V, bias, 0.125, False, cfg=cfg, cos=cos, sin=sin)
         ro, _ = da.decode_attention_reference(da.rope(qv, cos[:, :, None], sin[:, :, None]), K, V, bias, 0.125)
         assert (o - ro).abs().max() < 1e-5, (cfg, B, N)
+        acc = torch.rand(B, 3, N)                                 # the running statistic, in the merge kernel
+        want = acc + rp.mean(2)
+        o, _, _ = da.launch(q, K, V, bias, 0.125, False, cfg=cfg, acc=acc)
+        assert (o - da.decode_attention_reference(q, K, V, bias, 0.125)[0]).abs().max() < 1e-5, (cfg, B, N)
+        assert (acc - want).abs().max() < 1e-6, (cfg, B, N)
 print("ok")
 """
 
