@@ -30,7 +30,7 @@ if triton is not None:
                        SWIGLU: tl.constexpr, RES: tl.constexpr):
         """y = x @ w.T for x (M, K), w (N, K); RES: + r (M, N) (a residual); SWIGLU: w (2N, K) = [gate; up],
         y = silu(x @ gate.T) * (x @ up.T). Rounded to y's dtype where the eager ops round."""
-        rm = tl.arange(0, BM)
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         m_ok, n_ok = rm < M, rn < N
@@ -62,8 +62,8 @@ if triton is not None:
         x = x.contiguous()
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         cfg = CONFIG_LONG_K if K > 1024 else CONFIG
-        BM = max(16, triton.next_power_of_2(M))
-        wrap(_skinny_kernel)[(triton.cdiv(N, cfg["block_n"]),)](
+        BM = max(16, triton.next_power_of_2(min(M, cfg.get("block_m") or M)))   # rows a program (all: None)
+        wrap(_skinny_kernel)[(triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, BM))](
             x, w, y if residual is None else residual.contiguous(), y, M, N, K, BM=BM, BN=cfg["block_n"],
             BK=cfg["block_k"], SWIGLU=swiglu, RES=residual is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
