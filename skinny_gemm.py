@@ -20,8 +20,12 @@ except ImportError:  # CPU builds of torch come without Triton
 
 ENABLED = True                                     # False: F.linear everywhere (--kernels_off gemm)
 MAX_ROWS = 64                                      # more rows than this: F.linear (a real GEMM tile does better)
-CONFIG = {"block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 4}
-CONFIG_LONG_K = {"block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 4}   # K > 1024 (down_proj)
+# In-step sweep on the H200 (ATSKV's step at 64 x 8192, 10%, eager layers in a CUDA graph, random weights, two
+# rounds; README "Decode speed"): block_k 128 for q/k/v, o_proj and gate/up took the step that does not evict from
+# 4.40 to 4.36 ms; rows split over programs (block_m 32 or 16), 3 stages or 2 warps were slower, down_proj with
+# block_k 64 too. block_m: rows a program takes (None: all of them, one row block).
+CONFIG = {"block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 4, "block_m": None}
+CONFIG_LONG_K = {"block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 4, "block_m": None}   # K > 1024
 
 
 if triton is not None:
