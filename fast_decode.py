@@ -6,7 +6,8 @@ model, whatever the KV length; README, "Decode speed"), so a compressed cache sa
 layer's cache is a fixed number of slots (a budget is naturally of fixed size). A step writes the new token into the
 first free slot, attends over all slots with a bias that hides free ones, and the method frees the slots it evicts.
 Shapes never change, so a whole step (every layer, greedy sampling, the bookkeeping) is captured once in a CUDA graph
-and replayed; `compile=True` compiles each layer's step (`layer_step`) as one torch.compile region.
+and replayed; `compile=True` compiles each layer's step (`layer_step`) as one torch.compile region, and the step's
+start and end (`step_head`, `step_tail`) as one each.
 
 The prefill stays the plain path's (HF forward + the method's compression after each chunk): `StaticDecoder` takes
 over the compressed cache for decoding and makes the plain path's decisions, step for step:
