@@ -44,13 +44,14 @@ DOT_MIN_PROGRAMS = 32   # batch x KV heads from which the tensor-core kernel is 
 TARGET_PROGRAMS = 264   # split the slots until there are about this many programs (two per SM of an H200) ...
 MIN_SPLIT = 128         # ... each with at least this many slots
 ACC_CHUNK = 256         # the running statistic's slots per program of the merge kernel
-ACC_IN_MERGE = True     # False: the statistic from the probabilities in PyTorch (a kernel more; to compare)
 
 
-def kernel_config(n_programs: int, n_slots: int = SHORT_SLOTS + 1) -> dict:
-    """The launch configuration for batch x KV heads = n_programs over n_slots slots."""
+def kernel_config(n_programs: int, n_slots: int | None = None) -> dict:
+    """The launch configuration for batch x KV heads = n_programs over n_slots slots (None: more than
+    SHORT_SLOTS)."""
     dot = n_programs >= DOT_MIN_PROGRAMS
-    return {"dot": dot, **CONFIGS[("dot_short" if n_slots <= SHORT_SLOTS else "dot") if dot else "cuda"]}
+    short = n_slots is not None and n_slots <= SHORT_SLOTS
+    return {"dot": dot, **CONFIGS[("dot_short" if short else "dot") if dot else "cuda"]}
 
 
 def decode_attention_reference(q, K, V, bias, scaling: float, want_probs: bool = False):
@@ -139,12 +140,12 @@ if triton is not None:
                 tl.store(lse_ptr + bh * G + rows, m_i + tl.log(l_i), mask=row_ok)
 
     @triton.jit
-    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N, acc_chunk,
+    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
                       SPLIT: tl.constexpr, WANT_S: tl.constexpr, ACC: tl.constexpr, ACC_BLOCK: tl.constexpr):
         """Program (bh, c). SPLIT: merges the splits' partial outputs by log-sum-exp (program c = 0 writes the
         output and the log-sum-exp). ACC: adds the group's mean probability exp(s - lse) over slots
-        [c * acc_chunk, (c + 1) * acc_chunk) to the running statistic acc (B * H_kv, N), in place."""
+        [c * ACC_BLOCK, (c + 1) * ACC_BLOCK) to the running statistic acc (B * H_kv, N), in place."""
         bh = tl.program_id(0)
         c = tl.program_id(1)
         rows = tl.arange(0, G_PAD)
@@ -171,16 +172,13 @@ if triton is not None:
         else:   # the decode kernel wrote the log-sum-exp
             lse = tl.load(lse_ptr + bh * G + rows, mask=row_ok, other=0.0)
         if ACC:
-            start = c * acc_chunk
-            end = tl.minimum(start + acc_chunk, N)
-            for i in range(0, acc_chunk, ACC_BLOCK):
-                n = start + i + tl.arange(0, ACC_BLOCK)
-                n_ok = n < end
-                s = tl.load(s_ptr + (bh * G + rows[:, None]) * N + n[None, :], mask=row_ok[:, None] & n_ok[None, :],
-                            other=float("-inf"))
-                p = tl.sum(tl.exp(s - lse[:, None]), 0) / G            # padding rows: exp(-inf) = 0
-                a = tl.load(acc_ptr + bh * N + n, mask=n_ok, other=0.0)
-                tl.store(acc_ptr + bh * N + n, a + p, mask=n_ok)
+            n = c * ACC_BLOCK + tl.arange(0, ACC_BLOCK)
+            n_ok = n < N
+            s = tl.load(s_ptr + (bh * G + rows[:, None]) * N + n[None, :], mask=row_ok[:, None] & n_ok[None, :],
+                        other=float("-inf"))
+            p = tl.sum(tl.exp(s - lse[:, None]), 0) / G            # padding rows: exp(-inf) = 0
+            a = tl.load(acc_ptr + bh * N + n, mask=n_ok, other=0.0)
+            tl.store(acc_ptr + bh * N + n, a + p, mask=n_ok)
 
 
 def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None, cos=None,
@@ -219,11 +217,11 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
                                           WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], ROPE=rope,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 or acc is not None:
-        acc_chunk = min(N, ACC_CHUNK)
-        wrap(_merge_kernel)[(B * H, triton.cdiv(N, acc_chunk) if acc is not None else 1)](
-            out, lse, po, pm, pl, s, s if acc is None else acc, splits, N, acc_chunk, G=G, G_PAD=G_PAD, D=D,
+        acc_block = min(ACC_CHUNK, triton.next_power_of_2(N))
+        wrap(_merge_kernel)[(B * H, triton.cdiv(N, acc_block) if acc is not None else 1)](
+            out, lse, po, pm, pl, s, s if acc is None else acc, splits, N, G=G, G_PAD=G_PAD, D=D,
             S_PAD=triton.next_power_of_2(splits), SPLIT=splits > 1, WANT_S=want_lse, ACC=acc is not None,
-            ACC_BLOCK=min(ACC_CHUNK, triton.next_power_of_2(acc_chunk)))
+            ACC_BLOCK=acc_block)
     return out, s, lse
 
 
@@ -276,7 +274,7 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
         if cos is not None:
             q = rope(q, cos[:, :, None], sin[:, :, None])
         out, probs = decode_attention_reference(q, K, V, bias, scaling, want)
-    elif acc is not None and not want_probs and ACC_IN_MERGE:   # the statistic summed in the merge kernel
+    elif acc is not None and not want_probs:   # the statistic summed in the merge kernel
         return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin), None
     else:
         out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin)

@@ -391,7 +391,8 @@ class StaticDecoder:
         self.logits_of: dict[str, torch.Tensor] = {}
         self.every = getattr(method_obj, "evict_every", 1) if method == "atskv" else 1
         self.decode_step0 = 0          # the plain cache's decode steps since its last prefill chunk (evict_every)
-        self.fn = compiled_layer_step() if compile else layer_step
+        # the step's start, each layer's step and its end: torch.compile'd with compile=True
+        self.head, self.fn, self.tail = compiled_step() if compile else (step_head, layer_step, step_tail)
         self.steps_done = 0
         self.qidx = torch.zeros((1,), dtype=torch.long, device=self.dev)   # evict_every > 1: where in the queue
 
@@ -512,8 +513,7 @@ class StaticDecoder:
 
     def _step(self, variant: str) -> None:
         w = self.w
-        head, tail = (step_head, step_tail) if self.fn is layer_step else compiled_head_tail()
-        x, cos, sin, seen = head(w.embed.weight, w.rotary, self.tok, self.cur,
+        x, cos, sin, seen = self.head(w.embed.weight, w.rotary, self.tok, self.cur,
                                  self.counts if self.method == "atskv" and self.score_on else None)
         c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
@@ -522,8 +522,9 @@ class StaticDecoder:
                         getattr(self, "counts", None), lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid,
                         sl.state, la, self.coefs[l] if kind == "atskv" else None, c)
         queue_step = "evict" if variant.endswith("evict") else "keep" if variant.endswith("keep") else None
-        self.logits_of[variant] = tail(x, w.norm.weight, w.norm.variance_epsilon, w.lm_head.weight, w.lm_head.bias,
-                                       self.tok, self.t, self.out, self.cur, self.qidx, queue_step, self.every)
+        self.logits_of[variant] = self.tail(x, w.norm.weight, w.norm.variance_epsilon, w.lm_head.weight,
+                                            w.lm_head.bias, self.tok, self.t, self.out, self.cur, self.qidx,
+                                            queue_step, self.every)
         self.last_variant = variant     # logits: (B, vocab); a captured graph's output buffer when replayed
 
     @property
@@ -633,22 +634,15 @@ def step_tail(x, norm_w, eps, lm_w, lm_b, tok, t, out, cur, qidx, queue_step, ev
 _COMPILED: dict = {}
 
 
-def compiled_head_tail():
-    """`step_head` and `step_tail` compiled once per process: each is a few fused kernels instead of about a dozen
-    small ones (the rotary embedding, the final norm, the argmax, the bookkeeping)."""
-    if "head" not in _COMPILED:
-        _COMPILED["head"] = torch.compile(step_head, fullgraph=True)
-        _COMPILED["tail"] = torch.compile(step_tail, fullgraph=True)
-    return _COMPILED["head"], _COMPILED["tail"]
-
-
-def compiled_layer_step():
-    """`layer_step` compiled once per process (torch.compile caches per shape and guards)."""
-    if "layer" not in _COMPILED:
+def compiled_step():
+    """(`step_head`, `layer_step`, `step_tail`) compiled once per process (torch.compile caches per shape and
+    guards): the step's start and end become a few fused kernels instead of about a dozen small ones each (the
+    rotary embedding, the final norm, the argmax, the bookkeeping), each layer's step one region."""
+    if not _COMPILED:
         from torch import _dynamo
         _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)  # a recompile per slot count
-        _COMPILED["layer"] = torch.compile(layer_step, fullgraph=True)
-    return _COMPILED["layer"]
+        _COMPILED["step"] = tuple(torch.compile(f, fullgraph=True) for f in (step_head, layer_step, step_tail))
+    return _COMPILED["step"]
 
 
 # The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when
