@@ -142,13 +142,16 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                      SPLIT: tl.constexpr, WANT_S: tl.constexpr, ACC: tl.constexpr, ACC_BLOCK: tl.constexpr):
+                      SPLIT: tl.constexpr, WANT_S: tl.constexpr, ACC: tl.constexpr, ACC_BLOCK: tl.constexpr,
+                      R: tl.constexpr):
         """Program (bh, c). SPLIT: merges the splits' partial outputs by log-sum-exp (program c = 0 writes the
         output and the log-sum-exp). ACC: adds the group's mean probability exp(s - lse) over slots
-        [c * ACC_BLOCK, (c + 1) * ACC_BLOCK) to the running statistic acc (B * H_kv, N), in place."""
+        [c * ACC_BLOCK, (c + 1) * ACC_BLOCK) to the running statistic acc (B * H_kv, N), in place. R: the G rows
+        padded to a power of two only (the decode kernel's G_PAD rows pad to 16 for tl.dot; the rows beyond R would
+        be masked work: an (R, ACC_BLOCK) tile is a quarter of a (16, ACC_BLOCK) one)."""
         bh = tl.program_id(0)
         c = tl.program_id(1)
-        rows = tl.arange(0, G_PAD)
+        rows = tl.arange(0, R)
         row_ok = rows < G
         if SPLIT:
             sps = tl.arange(0, S_PAD)
@@ -157,13 +160,13 @@ if triton is not None:
             base = bh * n_splits + sps
             m = tl.load(pm_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=float("-inf"))
             l = tl.load(pl_ptr + base[:, None] * G_PAD + rows[None, :], mask=sp_ok[:, None], other=0.0)
-            m_all = tl.max(m, 0)                                       # (G_PAD,)
-            w = tl.where(sp_ok[:, None], tl.exp(m - m_all[None, :]), 0.0)   # (S_PAD, G_PAD)
+            m_all = tl.max(m, 0)                                       # (R,)
+            w = tl.where(sp_ok[:, None], tl.exp(m - m_all[None, :]), 0.0)   # (S_PAD, R)
             l_all = tl.sum(w * l, 0)
             lse = m_all + tl.log(l_all)
             if c == 0:
                 po = tl.load(po_ptr + (base[:, None, None] * G + rows[None, :, None]) * D + dims[None, None, :],
-                             mask=sp_ok[:, None, None] & row_ok[None, :, None], other=0.0)   # (S_PAD, G_PAD, D)
+                             mask=sp_ok[:, None, None] & row_ok[None, :, None], other=0.0)   # (S_PAD, R, D)
                 out = tl.sum(po * w[:, :, None], 0) / l_all[:, None]
                 tl.store(o_ptr + bh * G * D + rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
                          mask=row_ok[:, None])
@@ -221,7 +224,7 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
         wrap(_merge_kernel)[(B * H, triton.cdiv(N, acc_block) if acc is not None else 1)](
             out, lse, po, pm, pl, s, s if acc is None else acc, splits, N, G=G, G_PAD=G_PAD, D=D,
             S_PAD=triton.next_power_of_2(splits), SPLIT=splits > 1, WANT_S=want_lse, ACC=acc is not None,
-            ACC_BLOCK=acc_block)
+            ACC_BLOCK=acc_block, R=triton.next_power_of_2(G))
     return out, s, lse
 
 

@@ -623,17 +623,19 @@ def speed_cli(args) -> int:
     return 0
 
 
-KERNELS = ("attention", "gemm", "evict")   # --kernels_off
+KERNELS = ("attention", "gemm", "evict", "greedy")   # --kernels_off
 
 
 def switch_kernels_off(names) -> None:
     """The fast path's Triton kernels named here are not used in this process (their modules' ENABLED flags)."""
     import decode_attention
     import evict_kernels
+    import greedy_kernels
     import skinny_gemm
     decode_attention.ENABLED = "attention" not in names
     skinny_gemm.ENABLED = "gemm" not in names
     evict_kernels.ENABLED = "evict" not in names
+    greedy_kernels.ENABLED = "greedy" not in names
 
 
 def benchmark_cli(args) -> int:

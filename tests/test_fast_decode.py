@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import evaluation as ev
-from fast_decode import (StaticDecoder, controller_keep, first_free_slot, free_queue, hidden_logit, logit_coefs,
-                         put, step_hidden_logit)
+from fast_decode import (StaticDecoder, controller_keep, first_free_slot, free_queue, hidden_logit, lean_weights,
+                         logit_coefs, put, step_head, step_hidden_logit)
 from sparse_kv_cache import KVCacheFactory, ThresholdController
 from utils import UserError
 
@@ -202,3 +202,13 @@ def test_step_without_scoring_holds_each_layers_budget_on_evict_everys_schedule(
             # every position seen is stored at most once (no entry overwritten), the newest one included
             stored = sl.pos[0, 0][sl.present[0, 0]].tolist()
             assert len(set(stored)) == len(stored) and seen - 1 in stored
+
+
+def test_step_head_counts_each_rows_new_token_once_clamped_to_the_counted_vocabulary(model):
+    w = lean_weights(model)
+    counts = torch.zeros(3, 50)
+    counts[0, 7] = 2
+    step_head(w.embed.weight, w.rotary, torch.tensor([7, 7, 60]), torch.tensor([5, 5, 5]), counts)
+    want = torch.zeros(3, 50)
+    want[0, 7], want[1, 7], want[2, 49] = 3, 1, 1
+    assert torch.equal(counts, want)

@@ -147,6 +147,24 @@ def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
+@pytest.mark.parametrize("mode", [None, "evict", "keep"])
+def test_greedy_kernels_pick_and_record_the_tokens_as_the_tensor_form(mode):
+    import greedy_kernels
+    from fast_decode import greedy_update
+    torch.manual_seed(0)
+    logits = torch.randn(64, 49152, device="cuda").bfloat16()
+    logits[0, 5], logits[0, 40000] = 20.0, 20.0                    # a tie: the lower index, as torch.argmax
+    state = (torch.zeros(64, dtype=torch.long, device="cuda"), torch.tensor([9], device="cuda"),
+             torch.zeros((64, 17), dtype=torch.long, device="cuda"), torch.arange(64, device="cuda"),
+             torch.tensor([3], device="cuda"))
+    want, got = [x.clone() for x in state], [x.clone() for x in state]
+    greedy_update(logits, *want, mode, 8)
+    assert greedy_kernels.usable(logits, got[2])
+    greedy_kernels.greedy_step(logits, *got, mode, 8)
+    assert all(torch.equal(w, g) for w, g in zip(want, got)) and got[0][0] == 5
+
+
+@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("n", [100, 832, 2064])
 def test_eviction_kernels_score_and_decide_as_the_tensor_form(n):
     from tests.test_evict_kernels import CASES

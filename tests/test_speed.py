@@ -30,7 +30,7 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
      "--speed_parts: unknown part(s) warp; accepted: timing, max_batch, answers, profile"),
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
-    (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict"),
+    (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict, greedy"),
 ])
 def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path):
     proc = cli(*SPEED, *args, "--output_dir", str(tmp_path))
