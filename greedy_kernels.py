@@ -8,7 +8,8 @@ Inductor writes each mutated input of its own shape back in a kernel of its own.
 - `_greedy_finish_kernel`: one program takes each row's first block with the row's maximum (so ties go to the
   lowest index, as torch.argmax's do) and does all of the bookkeeping.
 `step_tail`'s tensor form stays the path off CUDA (and with --kernels_off greedy); tests/test_greedy_kernels.py
-holds the two equal in Triton's interpreter, tests/test_gpu.py on CUDA.
+holds the two equal in Triton's interpreter, tests/test_gpu.py on CUDA. Not matched: a row with NaN logits
+(torch.argmax returns a NaN's index; these kernels do not promise to).
 """
 from __future__ import annotations
 
