@@ -38,7 +38,7 @@ CONFIGS = {"dot": {"block_n": 128, "num_warps": 4, "num_stages": 3},
            "cuda": {"block_n": 32, "num_warps": 4, "num_stages": 3}}
 # Up to this many slots the tensor-core kernel reads blocks of 64 slots: in ATSKV's step at 64 x 8192 with 10%
 # (1024 slots, two splits of 512) the step that does not evict took 4.364 against 4.427 ms (eager layers in a CUDA
-# graph, random weights, two rounds; .gpu sweep of block, warps, stages and splits, README "Decode speed").
+# graph, random weights, two rounds; .gpu sweep of block, warps, stages and splits; CHANGELOG.md, 707ed9d).
 SHORT_SLOTS = 2048
 DOT_MIN_PROGRAMS = 32   # batch x KV heads from which the tensor-core kernel is used (measured at 3 and 192 only)
 TARGET_PROGRAMS = 264   # split the slots until there are about this many programs (two per SM of an H200) ...
@@ -268,7 +268,7 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     acc (B, H_kv, N) float32: the probabilities' mean over each KV group's query heads is added to it in place
     (ATSKV's running attention statistic). On the kernel path the merge kernel adds it from the stored logits (a
     program per 256 slots); without want_probs no probabilities are returned. Measured on the H200 (ATSKV's step at
-    64 x 8192, 10%, README "Decode speed"): 7.54 against 7.87 ms with PyTorch adding it (eager layers); summing it
+    64 x 8192, 10%; CHANGELOG.md): 7.54 against 7.87 ms with PyTorch adding it (eager layers); summing it
     in the attention kernel itself (one split, a second pass over the logits) was slower, 1.70 against 1.64 ms.
     cos, sin (B, 1, D): q is not rotated yet; the kernel rotates it as it loads it (which spares the step a
     kernel), the reference first."""

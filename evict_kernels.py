@@ -13,7 +13,7 @@ reductions), so that ATSKV's evicting step took 2.5 times as long as the step th
 - `_apply_kernel` keeps each row's protected entries and its m highest r, and rewrites the bias and the queue.
 The decisions are `controller_keep`'s, which stays the path off CUDA and the tests' reference. `_score_kernel`
 (before them) replaced about six Inductor kernels a layer that computed r: the evicting step took 2.71 against
-3.00 ms (README "Decode speed").
+3.00 ms (CHANGELOG.md, c5bdf84).
 """
 from __future__ import annotations
 

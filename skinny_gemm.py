@@ -2,8 +2,8 @@
 
 Why: at batch 64 the decoder's matmuls read a few MB of weights each, and cuBLAS took 3-4.4 us for each of them on an
 H200, plus a separate kernel for SiLU(gate) x up. One program per BLOCK_N output columns, all rows in one tile
-(`tl.dot` over K in BLOCK_K steps), measured in CUDA graphs at batch 64 (.gpu microbenchmark, README "Decode
-speed"): q/k/v 2.75 against 2.99 us, o_proj 2.70 against 3.09, gate/up with the SwiGLU 3.47 against 3.33 + a
+(`tl.dot` over K in BLOCK_K steps), measured in CUDA graphs at batch 64 (.gpu microbenchmark, CHANGELOG.md,
+a78f122): q/k/v 2.75 against 2.99 us, o_proj 2.70 against 3.09, gate/up with the SwiGLU 3.47 against 3.33 + a
 pointwise kernel, down 4.10 against 4.42. Used by the fast path for bf16 / fp16 weights on CUDA without a bias;
 float32 and everything else stay with F.linear (so float32 answers are unchanged).
 """
@@ -21,7 +21,7 @@ except ImportError:  # CPU builds of torch come without Triton
 ENABLED = True                                     # False: F.linear everywhere (--kernels_off gemm)
 MAX_ROWS = 64                                      # more rows than this: F.linear (a real GEMM tile does better)
 # In-step sweep on the H200 (ATSKV's step at 64 x 8192, 10%, eager layers in a CUDA graph, random weights, two
-# rounds; README "Decode speed"): block_k 128 for q/k/v, o_proj and gate/up took the step that does not evict from
+# rounds; CHANGELOG.md, 707ed9d): block_k 128 for q/k/v, o_proj and gate/up took the step that does not evict from
 # 4.40 to 4.36 ms; rows split over programs (block_m 32 or 16), 3 stages or 2 warps were slower, down_proj with
 # block_k 64 too. block_m: rows a program takes (None: all of them, one row block).
 CONFIG = {"block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 4, "block_m": None}
