@@ -101,6 +101,15 @@ class HandcraftedFeatureExtractor:
         return flags
 
     @staticmethod
+    def count_tokens(counts: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The frequency feature's table: counts (B, V) += each row's occurrences of ids (B, T), in place; ids
+        outside the vocabulary count as its last token. An index_put_, which torch.compile keeps in place (its
+        scatter_add_ copied the whole table: 6.9 us a decode step at 64 x 49152 on the H200)."""
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        return counts.index_put_((rows, ids.clamp(0, counts.shape[1] - 1)), torch.ones_like(ids, dtype=counts.dtype),
+                                 accumulate=True)
+
+    @staticmethod
     def features(positions, seen: int, keys, values, token_ids, flags, freq, n_sink: int = 4) -> torch.Tensor:
         """positions (B, H, S) long; keys/values (B, H, S, D); token_ids (B, H, S) long; freq (B, H, S) counts."""
         pos = positions.float()

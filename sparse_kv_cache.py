@@ -576,8 +576,8 @@ class ATSKV(KVMethod):
         V = self.predictor.token_flags.shape[0]
         if self.counts is None or self.counts.shape[0] != ids.shape[0]:
             self.counts = torch.zeros((ids.shape[0], V), device=ids.device)
-        self.counts.scatter_add_(1, ids.clamp(0, V - 1), torch.ones_like(ids, dtype=self.counts.dtype))
-        return self.counts
+        from relevance_predictor import HandcraftedFeatureExtractor
+        return HandcraftedFeatureExtractor.count_tokens(self.counts, ids)
 
     def predictor_on(self, device):
         """The predictor on a layer's device (layers may sit on several devices under --device_map)."""
