@@ -353,7 +353,17 @@ def train_predictor(model, tokenizer, corpus_file: str | None = None, seed: int 
                     feature_groups=("h", "a", "f"), texts: list[str] | None = None, report: bool = True,
                     target: str = "future"):
     """Train a predictor on calibration text; returns (predictor, held-out report). target: "future" (attention
-    from the next `horizon` tokens) or "reconstruct" (KVzip's: from a repetition of the context)."""
+    from the next `horizon` tokens) or "reconstruct" (KVzip's: from a repetition of the context).
+
+    Works whatever grad mode the caller is in: users create caches under `torch.no_grad()` or
+    `torch.inference_mode()`, and the first atskv cache of a model trains its predictor."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_predictor(model, tokenizer, corpus_file, seed, chunk, horizon, window, context_tokens, steps,
+                                feature_groups, texts, report, target)
+
+
+def _train_predictor(model, tokenizer, corpus_file, seed, chunk, horizon, window, context_tokens, steps,
+                     feature_groups, texts, report, target):
     from tqdm import tqdm
     torch.manual_seed(seed)
     n_layers = model.config.num_hidden_layers
@@ -462,7 +472,8 @@ def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -
                                     target=VARIANT_TARGET.get(variant, "future"), **train_kw)
         pred.save(path, {"variant": variant, "ranking": rep, "version": FORMAT_VERSION})
         print(f"[atskv] held-out top-k recall of the most-attended tokens: {format_ranking(rep)}", file=sys.stderr)
-    _LOADED[key] = TokenRelevancePredictor.load(path).to(model.device)
+    with torch.inference_mode(False):   # plain tensors, whatever mode the first cache was created in
+        _LOADED[key] = TokenRelevancePredictor.load(path).to(model.device)
     return _LOADED[key]
 
 
