@@ -521,23 +521,22 @@ def _prefill_random(model, tokenizer, method: str, budget, context: int, batch: 
     return cache, logits, time.perf_counter() - t
 
 
-def _time_steps(dev, fn, n: int) -> float:
-    """Median milliseconds of `fn` over n calls (CUDA events on a GPU)."""
+def timing_probe(dev) -> dict:
+    """How fast the machine runs a fixed piece of work right now (ms of 8 fp32 256x256 matmuls, median of 5), and
+    the load average: the report marks cells whose times were taken on a busier or freer machine."""
+    import os
     import statistics
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(dev)  # the global RNG is left alone
     times = []
-    for _ in range(n):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+    for _ in range(5):
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(8):
+            a = torch.tanh(a @ a)
+        _sync(dev)
+        times.append(1000 * (time.perf_counter() - t))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"probe_ms": statistics.median(times), "load1": load}
 
 
 def _time_run(dev, fn, n: int) -> float:
@@ -557,6 +556,38 @@ def _time_run(dev, fn, n: int) -> float:
     return 1000 * (time.perf_counter() - t) / n
 
 
+def plain_decode_ms(model, cache, tok, pos: int, steps: int, warm_up: int = 2):
+    """HF's plain decode loop through `cache` (one forward per token, greedy): the mean milliseconds of a step over
+    `steps` consecutive steps, rounded up to whole cycles of a method that evicts every few steps (evict_every), so
+    that its evicting steps count as often as they come. Returns (ms, the next token, the next position)."""
+    dev, batch = model.device, tok.shape[0]
+
+    def step():
+        nonlocal tok, pos
+        p = torch.tensor([pos], device=dev)
+        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(batch, -1))
+        tok = out.logits[:, -1].argmax(-1)
+        pos += 1
+    for _ in range(warm_up):
+        step()
+    every = getattr(getattr(cache, "method", None), "evict_every", 1)
+    return _time_run(dev, step, -(-steps // every) * every), tok, pos
+
+
+@torch.no_grad()
+def measure_plain_decode(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
+                         params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
+    """The plain path alone (what `model.generate(past_key_values=cache)` runs): a batch of random-token contexts
+    prefilled with the method, then the mean decode step over whole eviction cycles (`plain_decode_ms`)."""
+    from sparse_kv_cache import cache_nbytes
+    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    ms, _, _ = plain_decode_ms(model, cache, logits.argmax(-1), context, steps)
+    return [{"benchmark": "speed_plain", "method": method, "budget": budget, "context": context, "batch": batch,
+             "dtype": _dtype_name(model), "path": "hf_plain", "steps": steps, "decode_ms": ms,
+             "tok_s": 1000.0 * batch / ms, "prefill_s": prefill_s, "kv_bytes": cache_nbytes(cache)}]
+
+
 @torch.no_grad()
 def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
                          plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
@@ -567,29 +598,17 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
     on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
     each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
-    Per path: decode ms per step (plain: the median of single steps; fast: the mean of `steps` consecutive replays,
-    rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while decoding, the KV bytes
-    read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
+    Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps; fast: the mean of `steps`
+    consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while
+    decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
     dev = model.device
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
     prefill_peak = _peak(dev)
-    tok = logits.argmax(-1)
-    pos = context
-
-    def plain_step():
-        nonlocal tok, pos
-        p = torch.tensor([pos], device=dev)
-        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                    position_ids=p[None].expand(batch, -1))
-        tok = out.logits[:, -1].argmax(-1)
-        pos += 1
     _peak_reset(dev)
-    plain_step()  # warm-up
-    plain_step()
-    plain_ms = _time_steps(dev, plain_step, plain_steps)
+    plain_ms, tok, pos = plain_decode_ms(model, cache, logits.argmax(-1), context, plain_steps)
     base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
             "compile": compile, "dtype": _dtype_name(model), "weights_bytes": weights,
             "bandwidth_gbs": bandwidth_gbs, "prefill_s": prefill_s, "prefill_peak_bytes": prefill_peak}

@@ -414,6 +414,8 @@ class StaticDecoder:
                                                         "span": getattr(m, "span", 1),
                                                         "consensus": getattr(m, "consensus", False)})
         slots, budget_tokens = [], None
+        if hasattr(m, "settle"):   # a method that scores on a schedule scores what is pending first
+            m.settle(cache)
         if not isinstance(cache, CompressedCache):   # the full cache (a DynamicCache)
             for layer in cache.layers:
                 B, H, S, _ = layer.keys.shape

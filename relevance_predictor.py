@@ -197,16 +197,28 @@ def calibration_texts(model, tokenizer, n_new_tokens: int = 320, seed: int = 0, 
         return [p for p in re.split(r"\n\s*\n", text) if p.strip()] or [text]
     from tqdm import tqdm
     torch.manual_seed(seed)
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class CountTokens(LogitsProcessor):   # moves the bar once per generated token; leaves the logits alone
+        def __call__(self, input_ids, scores):
+            bar.update(1)
+            return scores
     texts = []
     prompts = CALIBRATION_PROMPTS
-    for i in tqdm(range(0, len(prompts), batch_size), desc="calibration text", file=sys.stderr):
+    batches = range(0, len(prompts), batch_size)
+    bar = tqdm(total=len(batches) * n_new_tokens, desc="calibration text (model-written)", unit="tok",
+               file=sys.stderr)
+    for i in batches:
         chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts[i:i + batch_size]]
         enc = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(**enc, max_new_tokens=n_new_tokens, do_sample=True, temperature=0.8, top_k=50,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([CountTokens()]))
+        bar.n = bar.total * (i // batch_size + 1) // len(batches)   # a batch that stopped early counts as done
+        bar.refresh()
         for p, o in zip(prompts[i:i + batch_size], out[:, enc.input_ids.shape[1]:]):
             texts.append(p + "\n" + tokenizer.decode(o, skip_special_tokens=True))
+    bar.close()
     return texts
 
 

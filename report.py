@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from utils import atomic_write_text, read_jsonl
+from utils import atomic_write_text, read_jsonl, readable_by_all
 
 MB = 1024 * 1024
 
@@ -59,33 +60,101 @@ def save_fig(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    readable_by_all(tmp)
     os.replace(tmp, path)
 
 
+def sample_scores(rs: list[dict]) -> list[float]:
+    """Every sample's score (0..1) of these cells; a cell without per-sample scores counts its mean n times."""
+    out = []
+    for r in rs:
+        per = [x["score"] for x in r.get("samples", []) if "score" in x]
+        out += per if per else [r["score"] / 100.0] * int(r.get("n_samples", 1))
+    return out
+
+
+def interval95(scores: list[float]) -> tuple[float, float]:
+    """95% interval of a mean score (x100): Wilson's for right/wrong scores (exact at 0 and 100, where the normal
+    interval collapses), the normal one from the samples' spread otherwise."""
+    n = len(scores)
+    if not n:
+        return float("nan"), float("nan")
+    p = sum(scores) / n
+    if all(x in (0.0, 1.0) for x in scores):
+        z = 1.96
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+    sd = math.sqrt(sum((x - p) ** 2 for x in scores) / max(1, n - 1))
+    return 100 * max(0.0, p - 1.96 * sd / math.sqrt(n)), 100 * min(1.0, p + 1.96 * sd / math.sqrt(n))
+
+
+def tiers_mb(rs: list[dict]) -> tuple[float, float, float]:
+    """Mean MB in each tier a method holds: active KV and summaries on the device, the passive store on the host.
+    Records from before the tiers were recorded give their KV bytes as the active tier."""
+    n = max(1, len(rs))
+    active = sum(r.get("active_kv_bytes", r.get("kv_bytes", 0)) for r in rs) / n / MB
+    return active, sum(r.get("summary_bytes", 0) for r in rs) / n / MB, sum(r.get("passive_bytes", 0) for r in rs) / n / MB
+
+
+def timing_marks(ok: list[dict]) -> dict[str, str]:
+    """Cells whose times are not comparable with the rest: another machine (‡), or a CPU-speed probe before the
+    cell more than 30% away from the run's median (†: the machine was busier or freer than for the others)."""
+    from statistics import median
+    marks = {}
+    hws = [r.get("env", {}).get("hardware") for r in ok]
+    common = max(set(hws), key=hws.count) if hws else None
+    probes = [r["timing_probe"]["probe_ms"] for r in ok if r.get("timing_probe")]
+    mid = median(probes) if probes else None
+    for r in ok:
+        m = ""
+        if r.get("env", {}).get("hardware") != common:
+            m += "‡"
+        if mid and r.get("timing_probe") and not mid / 1.3 <= r["timing_probe"]["probe_ms"] <= mid * 1.3:
+            m += "†"
+        if m:
+            marks[r["cell"]] = m
+    return marks
+
+
+TIMING_NOTE = ("Times are this run's, on its hardware: prefill seconds per sample and decode milliseconds per "
+               "generated token, plain decode loop at batch 1. † a CPU-speed probe just before the cell ran more "
+               "than 30% away from the run's median (the machine was busier or freer): compare with care. "
+               "‡ measured on other hardware than most cells.")
+
+
 def synthetic_tables(ok: list[dict]):
-    """Rows: method @ budget; columns: score per context size, mean score, retention vs full, KV MB per size."""
+    """Rows: method @ budget. Columns: score per context size, the mean with its 95% interval and sample count, the
+    retention against the full cache, the memory of each tier at the largest context size, and the times."""
     sizes = sorted({r["context_size"] for r in ok})
+    big = sizes[-1]
     groups = defaultdict(list)
     for r in ok:
         groups[(r["method"], r["budget"])].append(r)
-    full_by_size = defaultdict(list)
-    for r in ok:
-        if r["method"] == "full":
-            full_by_size[r["context_size"]].append(r["score"])
-    full_mean = [sum(v) / len(v) for v in full_by_size.values()]
-    full_score = sum(full_mean) / len(full_mean) if full_mean else None
-    header = ["method", "budget"] + [f"score @{s}" for s in sizes] + ["mean score", "vs full"] + \
-        [f"KV MB @{s}" for s in sizes]
+    full = sample_scores([r for r in ok if r["method"] == "full"])
+    full_score = 100 * sum(full) / len(full) if full else None
+    marks = timing_marks(ok)
+    header = ["method", "budget"] + [f"score @{s}" for s in sizes] + \
+        ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries", f"host MB @{big}",
+         "prefill s", "decode ms/token"]
     rows = []
     for (m, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
-        per_size, kv = [], []
+        per_size = []
         for s in sizes:
             sel = [r for r in rs if r["context_size"] == s]
             per_size.append(f"{sum(r['score'] for r in sel) / len(sel):.1f}" if sel else "-")
-            kv.append(f"{sum(r['kv_bytes'] for r in sel) / len(sel) / MB:.1f}" if sel else "-")
-        mean = sum(r["score"] for r in rs) / len(rs)
+        sc = sample_scores(rs)
+        mean = 100 * sum(sc) / len(sc)
+        lo, hi = interval95(sc)
         ret = f"{100 * mean / full_score:.0f}%" if full_score else "-"
-        rows.append([m, fmt_budget(b)] + per_size + [f"{mean:.1f}", ret] + kv)
+        active, summ, host = tiers_mb([r for r in rs if r["context_size"] == big])
+        dev = f"{active:.1f}" + (f" + {summ:.2f}" if summ else "")
+        mark = "".join(sorted({marks.get(r["cell"], "") for r in rs}))
+        pre = sum(r["prefill_s"] for r in rs) / len(rs)
+        dec = sum(r["decode_ms_per_token"] for r in rs) / len(rs)
+        rows.append([m, fmt_budget(b)] + per_size + [f"{mean:.1f} [{lo:.0f}-{hi:.0f}]", len(sc), ret, dev,
+                                                     f"{host:.1f}" if host else "-", f"{pre:.2f}{mark}",
+                                                     f"{dec:.1f}{mark}"])
     return header, rows
 
 
@@ -124,58 +193,80 @@ def figures(ok: list[dict], fig_dir: Path, bench: str = "synthetic") -> list[tup
     methods = sorted({r["method"] for r in ok})
     palette = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))))
 
-    # 1. accuracy vs KV budget (fractional budgets), mean over tasks and sizes; full as a dashed line
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    full = [r["score"] for r in ok if r["method"] == "full"]
-    for m in methods:
-        if m == "full":
-            continue
+    # 1. accuracy vs KV budget (fractional budgets), mean over tasks and sizes with 95% intervals; the full cache is
+    # the 100% point of every curve (a compressed cache at 100% evicts nothing)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    full = [r for r in ok if r["method"] == "full"]
+    full_pt = None
+    if full:
+        sc = sample_scores(full)
+        full_pt = (100.0, 100 * sum(sc) / len(sc), interval95(sc))
+    compressed = [m for m in methods if m != "full"]
+    for i, m in enumerate(compressed):
         pts = defaultdict(list)
         for r in ok:
             if r["method"] == m and isinstance(r["budget"], float):
-                pts[r["budget"]].append(r["score"])
-        if pts:
-            xs = sorted(pts)
-            ax.plot([100 * x for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=m, color=palette[m])
-    if full:
-        ax.axhline(sum(full) / len(full), ls="--", color="black", label="full cache")
-    ax.set_xlabel("KV budget (% of the context kept)")
+                pts[r["budget"]].append(r)
+        if not pts:
+            continue
+        xs = sorted(pts)
+        ys, errs = [], [[], []]
+        for x in xs:
+            sc = sample_scores(pts[x])
+            y = 100 * sum(sc) / len(sc)
+            lo, hi = interval95(sc)
+            ys.append(y)
+            errs[0].append(y - lo)
+            errs[1].append(hi - y)
+        shift = 1.04 ** (i - (len(compressed) - 1) / 2)   # side by side, so that equal scores do not hide each other
+        xs = [100 * x * shift for x in xs]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3, label=m, color=palette[m], alpha=0.9, lw=1.6, ms=5)
+        if full_pt:   # on to the full cache's point, dotted: no budget was measured in between
+            ax.plot([xs[-1], 100.0], [ys[-1], full_pt[1]], ":", color=palette[m], lw=1.2, alpha=0.8)
+    if full_pt:
+        ax.plot([full_pt[0]], [full_pt[1]], "k*", ms=14, label="full cache (100%)", zorder=5)
+    budgets_pct = sorted({100 * r["budget"] for r in ok if isinstance(r["budget"], float)} | {100.0})
+    ax.set_xscale("log")
+    ax.set_xticks(budgets_pct, [f"{b:g}%" for b in budgets_pct])
+    ax.minorticks_off()
+    ax.set_xlabel("KV budget (% of the context kept on the device, log scale)")
     ax.set_ylabel(score_name)
     ax.set_title(f"{BENCH_NAMES[bench]}: {score_short} vs KV budget")
-    ax.set_ylim(*((-3, 103) if bench == "synthetic" else (0, None)))
+    ax.set_ylim(*((-3, 105) if bench == "synthetic" else (0, None)))
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
     made.append(fig_file(fig, fig_dir, bench, "accuracy_vs_budget",
-                         f"{score_short.capitalize()} vs KV budget (mean over tasks and context sizes)"))
+                         f"{score_short.capitalize()} vs KV budget (mean over tasks and context sizes, 95% "
+                         "intervals; the full cache is every curve's 100% point)"))
 
-    # 2. KV memory vs context size per method at its smallest budget (one context size: bars per method @ budget)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if len({r["context_size"] for r in ok}) == 1:
-        labels = sorted({label(r) for r in ok}, key=lambda lb: (lb.split(" @")[0], lb))
-        vals = [sum(r["kv_bytes"] for r in ok if label(r) == lb) / MB / sum(1 for r in ok if label(r) == lb)
-                for lb in labels]
-        ax.barh(labels, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
-        for y, v in enumerate(vals):
-            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
-        ax.set_xlim(0, 1.15 * max(vals + [1e-9]))
-        ax.set_xlabel(f"KV cache held after the context (MB), {ok[0]['context_size']}-token prompts")
-        ax.set_title(f"{BENCH_NAMES[bench]}: KV memory per method")
-    else:
-        for m in methods:
-            rs = [r for r in ok if r["method"] == m]
-            b = min((r["budget"] for r in rs), key=lambda x: budget_order(x))
-            pts = defaultdict(list)
-            for r in rs:
-                if r["budget"] == b:
-                    pts[r["context_size"]].append(r["kv_bytes"] / MB)
-            xs = sorted(pts)
-            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=f"{m} ({fmt_budget(b)})",
-                    color=palette[m])
-        ax.set_xlabel("context size (tokens)")
-        ax.set_ylabel("KV cache held (MB)")
-        ax.set_title(f"{BENCH_NAMES[bench]}: KV memory vs context size")
-        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0)
-    made.append(fig_file(fig, fig_dir, bench, "kv_memory_vs_context",
-                         "KV memory vs context size (smallest budget of each method)"))
+    # 2. memory per method @ budget at the largest context size, stacked by tier: what is held on the device (active
+    # KV, summaries) and on the host (passive store)
+    big = max(r["context_size"] for r in ok)
+    at_big = [r for r in ok if r["context_size"] == big]
+    combos = sorted({(r["method"], r["budget"]) for r in at_big},
+                    key=lambda c: (c[0] != "full", c[0], -budget_order(c[1])))
+    rows_of = [[r for r in at_big if (r["method"], r["budget"]) == c] for c in combos]
+    labels = [label(rs[0]) for rs in rows_of]
+    tiers = [tiers_mb(rs) for rs in rows_of]
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 1.6))
+    left = [0.0] * len(labels)
+    for k, (name, color) in enumerate((("active KV (device)", "#4C72B0"), ("summaries (device)", "#DD8452"),
+                                       ("passive store (host)", "#BBBBBB"))):
+        vals = [t[k] for t in tiers]
+        if not any(vals):
+            continue
+        ax.barh(labels, vals, left=left, color=color, label=name, hatch="//" if k == 2 else None,
+                edgecolor="white")
+        left = [a + v for a, v in zip(left, vals)]
+    for y, t in enumerate(tiers):
+        ax.text(left[y], y, f" {t[0] + t[1]:.1f} MB device" + (f" + {t[2]:.1f} MB host" if t[2] else ""),
+                va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.45 * max(left + [1e-9]))
+    ax.set_xlabel(f"memory held at the end of the answer (MB), {big}-token contexts")
+    ax.set_title(f"{BENCH_NAMES[bench]}: memory per method, by tier")
+    ax.legend(fontsize=8, loc="lower right")
+    made.append(fig_file(fig, fig_dir, bench, "memory_by_tier",
+                         f"Memory per method at {big} tokens: device (active KV, summaries) and host (passive store)"))
 
     # 3. accuracy vs context size (only when the sweep has more than one)
     if len({r["context_size"] for r in ok}) < 2:
@@ -203,13 +294,15 @@ def figures(ok: list[dict], fig_dir: Path, bench: str = "synthetic") -> list[tup
 def timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns) -> list[tuple[str, str]]:
     made = []
     # 4. time per method
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len({label(r) for r in ok}) + 2))
     labels = sorted({label(r) for r in ok})
+    marks = timing_marks(ok)
+    shown = [lb + "".join(sorted({marks.get(r["cell"], "") for r in ok if label(r) == lb})) for lb in labels]
     for ax, key, title in ((axes[0], "prefill_s", "prefill time per sample (s)"),
                            (axes[1], "decode_ms_per_token", "decode time per token (ms)")):
         vals = [sum(r[key] for r in ok if label(r) == lb) / max(1, sum(1 for r in ok if label(r) == lb))
                 for lb in labels]
-        ax.barh(labels, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
+        ax.barh(shown, vals, color=[palette[lb.split(" @")[0]] for lb in labels])
         ax.set_xlabel(title)
         if key == "decode_ms_per_token":  # throughput beside each bar
             for y, v in enumerate(vals):
@@ -217,8 +310,12 @@ def timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns) -> list[
             ax.set_xlim(0, 1.3 * max(vals + [1e-9]))
     axes[0].set_title(f"{BENCH_NAMES[bench]}: prefill")
     axes[1].set_title("Decode")
+    if marks:
+        fig.text(0.01, -0.02, "† a CPU-speed probe before the cell was more than 30% off the run's median; ‡ other "
+                 "hardware: not comparable with the rest", fontsize=8, ha="left", va="top")
     fig.tight_layout()
-    made.append(fig_file(fig, fig_dir, bench, "timing", "Prefill and decode time per method (this run's hardware)"))
+    made.append(fig_file(fig, fig_dir, bench, "timing", "Prefill and decode time per method (this run's hardware; "
+                         "† and ‡ mark cells measured under other conditions)"))
 
     # 5. needle depth x context size heatmaps, one panel per method @ budget
     if bench != "synthetic":
@@ -227,7 +324,7 @@ def timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns) -> list[
     if combos:
         cols = min(4, len(combos))
         rows_n = (len(combos) + cols - 1) // cols
-        fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3.8 * cols, 3.6 * rows_n), squeeze=False)
         for ax, (m, b) in zip(axes.flat, combos):
             grid = defaultdict(list)
             for r in ok:
@@ -239,7 +336,9 @@ def timing_and_heatmap(ok, fig_dir, bench, palette, fig_file, plt, sns) -> list[
             mat = [[100 * sum(grid[(d, c)]) / len(grid[(d, c)]) if grid[(d, c)] else float("nan") for c in sizes]
                    for d in depths]
             sns.heatmap(mat, ax=ax, vmin=0, vmax=100, cmap="RdYlGn", annot=True, fmt=".0f", cbar=False,
-                        xticklabels=sizes, yticklabels=[f"{d:.0%}" for d in depths])
+                        xticklabels=sizes, yticklabels=[f"{d:.0%}" for d in depths], annot_kws={"fontsize": 9})
+            ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+            ax.tick_params(axis="x", labelsize=8)
             ax.set_title(f"{m} ({fmt_budget(b)})", fontsize=9)
             ax.set_xlabel("context size")
             ax.set_ylabel("needle depth")
@@ -329,9 +428,11 @@ def build_report(out_dir, command: str = "") -> None:
     env = ok[0]["env"] if ok else next((r["env"] for r in records if "env" in r), {})
     models = sorted({r["model"] for r in records if "model" in r})
     seeds = sorted({r["seed"] for r in records if "seed" in r})
+    sources = sorted({r["env"]["model_source"] for r in records if r.get("env", {}).get("model_source")})
     lines += ["## Setup", "",
-              f"- model: {', '.join(models) or '-'}",
-              f"- hardware: {env.get('hardware', '-')} ({env.get('device', '-')}, {env.get('dtype', '-')})",
+              f"- model: {', '.join(models) or '-'}" + (f" ({'; '.join(sources)})" if sources else ""),
+              f"- hardware: {env['cpu'] if env.get('cpu') and env.get('device') == 'cpu' else env.get('hardware', '-')}"
+              f"; device {env.get('device', '-')}, {env.get('dtype', '-')}",
               f"- versions: torch {env.get('torch', '-')}, transformers {env.get('transformers', '-')}, "
               f"python {env.get('python', '-')}",
               f"- command: `{command}`" if command else "- command: -",
@@ -349,10 +450,19 @@ def build_report(out_dir, command: str = "") -> None:
         write_csv(out_dir / "tables" / "synthetic_tasks.csv", t_header, t_rows)
         lines += ["## Synthetic benchmark", "",
                   f"Tasks: {', '.join(sorted({r['task'] for r in syn}))}; "
-                  f"{syn[0]['num_samples']} samples per cell, needle depths spread over 0-100%. "
-                  "Score: exact match of the key (%). KV MB: what the cache holds after the context "
-                  "(and, in question-agnostic mode, before the question is read).", "",
-                  md_table(header, rows), "", "Per task (mean over context sizes):", "", md_table(t_header, t_rows), ""]
+                  f"{syn[0]['num_samples']} samples per cell, needle depths spread evenly over 0-100%. "
+                  "Score: exact match of the key (%), with its 95% interval over the row's samples (Wilson's): "
+                  f"with {syn[0]['num_samples']} samples a cell, one sample moves a cell's score by "
+                  f"{100 / syn[0]['num_samples']:.0f} points, so differences inside the intervals are noise. "
+                  "Memory: what each method holds at the end of the answer, at the largest context size: "
+                  "the active KV and any summaries on the device, and the passive store (external memory) in host "
+                  "memory.", "",
+                  "**The floor.** The needle at depth 100% sits at the end of the context, inside every method's "
+                  "protected recent window, so any method answers it: with depths 0-100% spread evenly that is one "
+                  f"sample in {min(5, syn[0]['num_samples'])}, a floor of about "
+                  f"{100 / min(5, syn[0]['num_samples']):.0f} points that says nothing about a method.", "",
+                  md_table(header, rows), "", TIMING_NOTE, "", "Per task (mean over context sizes):", "",
+                  md_table(t_header, t_rows), ""]
         for title, path in figures(syn, out_dir / "figures", "synthetic"):
             lines += [f"![{title}]({path})", ""]
         summary += summary_lines(syn, "Synthetic")
@@ -380,7 +490,8 @@ def build_report(out_dir, command: str = "") -> None:
     if speed:
         lines += speed_section(speed, out_dir)
     if summary:
-        lines += ["## Summary: which method wins at which budget", ""] + summary + [""]
+        lines += ["## Summary: score at a stated memory", "", "Per budget, the methods by mean score [95% "
+                  "interval], each with the memory it holds for it.", ""] + summary + [""]
     if errors:
         lines += ["## Failed cells", "", md_table(["method", "budget", "benchmark", "task", "context", "error"],
                   [[r["method"], fmt_budget(r.get("budget")), r.get("benchmark"), r.get("task"),
@@ -395,22 +506,54 @@ def build_report(out_dir, command: str = "") -> None:
 
 
 def summary_lines(ok: list[dict], bench_name: str) -> list[str]:
-    """Which method wins at each budget (mean score over the benchmark's cells), against the full cache."""
+    """At each budget, the methods ranked by mean score, each with the memory it holds to get there: device
+    (active KV + summaries) and host (passive store), against the full cache's score and memory."""
     by = defaultdict(lambda: defaultdict(list))
-    full = [r["score"] for r in ok if r["method"] == "full"]
     for r in ok:
-        if r["method"] != "full":
-            by[r["budget"]][r["method"]].append(r["score"])
+        by[r["budget"]][r["method"]].append(r)
+
+    def held(rs):
+        active, summ, host = tiers_mb(rs)
+        return f"{active + summ:.1f} MB on the device" + (f" + {host:.1f} MB on the host" if host else "")
+
+    def score(rs):
+        sc = sample_scores(rs)
+        lo, hi = interval95(sc)
+        return 100 * sum(sc) / len(sc), f"{100 * sum(sc) / len(sc):.0f} [{lo:.0f}-{hi:.0f}]"
+    api = bool(ok and ok[0].get("api"))
+    full = by.pop(None, {}).get("full")
     out = []
-    ref = f" ({'full prompt' if ok and ok[0].get('api') else 'full cache'} {sum(full) / len(full):.1f})" if full else ""
+    if full:
+        out.append(f"- {bench_name}, {'full prompt' if api else 'full cache'}: score {score(full)[1]}"
+                   + ("" if api else f", {held(full)}"))
     for b in sorted(by, key=budget_order, reverse=True):
-        means = {m: sum(v) / len(v) for m, v in by[b].items()}
-        best = max(means.values())
-        winners = sorted(m for m, v in means.items() if v == best)
-        rest = [f"{m} {v:.1f}" for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m not in winners]
-        out.append(f"- {bench_name}{ref}, at {fmt_budget(b)}: {', '.join(winners)} ({best:.1f})" +
-                   (f"; then {', '.join(rest)}" if rest else ""))
+        ranked = sorted(by[b].items(), key=lambda kv: -score(kv[1])[0])
+        out.append(f"- {bench_name} at {fmt_budget(b)}: " + "; ".join(
+            f"{m} {score(rs)[1]}" + ("" if api else f" ({held(rs)})") for m, rs in ranked))
     return out
+
+
+def run_summary(out_dir) -> list[str]:
+    """Three lines for the console at the end of a sweep: the full cache's score and memory, the best compressed
+    method at the smallest budget with its memory, and the others there; the first benchmark that ran."""
+    ok = [r for r in latest_records(read_jsonl(Path(out_dir) / "results.jsonl"))
+          if r.get("status") == "ok" and not r.get("api") and r.get("benchmark") in BENCH_NAMES]
+    if not ok:
+        return ["no finished cell"]
+    bench = ok[0]["benchmark"]
+    ok = [r for r in ok if r["benchmark"] == bench]
+    lines = summary_lines(ok, BENCH_NAMES[bench])
+    full = [ln for ln in lines if "full cache" in ln]
+    budgets = [ln for ln in lines if ln not in full]
+    if not budgets:
+        return full[:3]
+    smallest = budgets[-1]
+    head, _, rest = smallest.partition(": ")
+    entries = rest.split("; ")
+    out = full[:1] + [f"{head}, best: {entries[0]}"]
+    if len(entries) > 1:
+        out.append("then: " + "; ".join(entries[1:]))
+    return [ln.lstrip("- ") for ln in out][:3]
 
 
 SPEED_PATHS = {"hf_plain": "HF plain loop", "fast": "fast path", "fast_bare": "fast path, no scoring"}

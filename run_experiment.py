@@ -16,27 +16,62 @@ import sys
 import time
 from pathlib import Path
 
-from utils import DEFAULT_MODEL, UserError, append_jsonl, check_model_name, parse_budget, read_jsonl
+from utils import DEFAULT_MODEL, UserError, append_jsonl, check_device, check_model_name, parse_budget, read_jsonl
 
 BENCHMARKS = ("synthetic", "longbench", "zeroscrolls")
 MIN_CONTEXT = 128
 DEFAULT_MAX_SEQ_LEN = 8192
-DEFAULT_SYNTHETIC_TASKS = ("needle", "multi_key")
+# A preset fills the sweep options that are not given on the command line. "quick" (the default) shows the
+# toolkit's point within minutes on a laptop CPU; "paper" is the sweep behind the published tables.
+PRESETS = {
+    "quick": {"methods": "full,sliding_window,snapkv,atskv,atskv[external_memory=true]", "budgets": "0.25,0.1",
+              "context_sizes": "2048", "synthetic_tasks": "needle", "num_samples": 5},
+    "paper": {"methods": "full,sliding_window,snapkv,h2o,pyramidkv,dynamic_kv,atskv,atskv[external_memory=true]",
+              "budgets": "0.5,0.25,0.1", "context_sizes": "2048,4096,8192",
+              "synthetic_tasks": "needle,multi_key,multi_value,multi_question", "num_samples": 20},
+}
+PRESET_OPTIONS = ("methods", "budgets", "context_sizes", "num_samples")
+
+
+def apply_preset(args) -> None:
+    """Options left out take the preset's value; the synthetic tasks too, when --tasks is not given."""
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown --preset {args.preset!r}; accepted: {', '.join(PRESETS)}")
+    preset = PRESETS[args.preset]
+    for name in PRESET_OPTIONS:
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    args.synthetic_tasks = tuple(split_list(preset["synthetic_tasks"]))
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, unless its text already says it or there is none (a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="ATSKV: KV-cache compression sweeps on Hugging Face causal LMs")
+    p = argparse.ArgumentParser(description="ATSKV: KV-cache compression sweeps on Hugging Face causal LMs",
+                                formatter_class=HelpWithDefaults)
     a = p.add_argument
+    preset_help = lambda name: f" (default: the preset's; quick: {PRESETS['quick'][name]}, paper: {PRESETS['paper'][name]})"  # noqa: E731,E501
+    a("--preset", default="quick", help="sweep size for the options not given: quick (a first run, minutes on a "
+      "laptop CPU) or paper (the full tables: more methods, budgets, context sizes, tasks and samples)")
     a("--model_name", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded default), a hub id, a local "
       "directory or a .gguf file")
     a("--max_seq_len", type=int, default=None, help="largest prompt length in tokens (default: the model's limit)")
     a("--use_fp16", action="store_true", help="half precision (bf16 where supported) on CUDA; CPU stays fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    a("--methods", default="full,sliding_window,snapkv,atskv,atskv[external_memory=true]",
+    a("--methods", default=None,
       help="comma list: full, sliding_window, snapkv, h2o, pyramidkv, dynamic_kv, rocket_kv, atskv, "
-      "kvpress:<press>; parameters in brackets, separated by ';', e.g. atskv[external_memory=true;span=5]")
-    a("--budgets", default="0.25,0.1", help="comma list of KV budgets: fractions of the context (0.25) "
-      "or tokens per layer (512); 'full' ignores them")
+      "kvpress:<press>; parameters in brackets, separated by ';', e.g. atskv[external_memory=true;span=5]"
+      + preset_help("methods"))
+    a("--budgets", default=None, help="comma list of KV budgets: fractions of the context (0.25) "
+      "or tokens per layer (512); 'full' ignores them" + preset_help("budgets"))
     a("--external_memory", action="store_true", help="give every atskv method the external memory (passive "
       "store + recall)")
     a("--passive_limit", type=int, default=None, help="entries per layer the passive store may hold (default: "
@@ -45,17 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
       "print its held-out ranking quality, and exit")
     a("--calibration_file", default=None, help="text file to train the predictor on (default: text the model "
       "generates itself)")
-    a("--context_sizes", default="1024,2048", help="comma list of context sizes in tokens; for LongBench and "
-      "ZeroSCROLLS, the prompt's truncation length")
+    a("--context_sizes", default=None, help="comma list of context sizes in tokens; for LongBench and "
+      "ZeroSCROLLS, the prompt's truncation length" + preset_help("context_sizes"))
     a("--benchmarks", default="synthetic", help=f"comma list of {', '.join(BENCHMARKS)}")
     a("--tasks", default=None, help="synthetic tasks (needle, passkey, multi_key, multi_value, multi_question; "
-      "default: needle,multi_key) and LongBench / ZeroSCROLLS task names (default: every task present)")
-    a("--num_samples", type=int, default=5, help="samples per cell")
+      f"default: the preset's, quick: {PRESETS['quick']['synthetic_tasks']}, paper: "
+      f"{PRESETS['paper']['synthetic_tasks']}) and LongBench / ZeroSCROLLS task names (default: every task present)")
+    a("--num_samples", type=int, default=None, help="samples per cell, spread evenly over the needle depths"
+      + preset_help("num_samples"))
     a("--eval_mode", default="question_agnostic", help="question_agnostic (compress the context before the "
       "question is read) or question_aware")
     a("--prefill_chunk", type=int, default=512, help="prefill chunk in tokens; compression runs after each chunk")
-    a("--output_dir", default="outputs")
-    a("--seed", type=int, default=42)
+    a("--output_dir", default="outputs", help="where results.jsonl, results.md, tables/ and figures/ go")
+    a("--seed", type=int, default=42, help="seed of the samples and of everything random")
     a("--data_dir", default=None, help="folder with LongBench (<task>.jsonl) / ZeroSCROLLS (<task>.validation.jsonl) "
       "files in the hub's schema, directly or in subfolders longbench/ and zero_scrolls/ (instead of the hub)")
     a("--haystack_dir", default=None, help="folder of .txt files to use as the synthetic benchmark's haystack")
@@ -71,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--speed_parts", default="timing", help="speed benchmark: comma list of timing (per method, context, batch "
       "and path), max_batch (the largest decode batch that fits, at the largest context), answers (synthetic needle "
       "samples at the smallest context through the plain loop and the fast path: identical answers?), profile (per "
-      "method, context and batch: the kernels of one fast step and their time, by torch.profiler)")
+      "method, context and batch: the kernels of one fast step and their time, by torch.profiler), plain (HF's plain "
+      "decode loop alone, what model.generate(past_key_values=cache) runs: the mean step over whole eviction "
+      "cycles)")
     a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
     a("--kernels_off", default="", help="speed benchmark: comma list of the fast path's Triton kernels to switch "
       "off, to measure what each brings: attention (SDPA / matmul + softmax instead), gemm (F.linear), evict "
@@ -264,7 +303,7 @@ def tasks_for(bench: str, args, opts: dict) -> list[str]:
     from evaluation import REAL_TASKS, SYNTHETIC_TASKS, available_real_tasks
     if bench == "synthetic":
         asked = [t for t in opts["tasks"] if t in SYNTHETIC_TASKS]
-        return asked or list(DEFAULT_SYNTHETIC_TASKS)
+        return asked or list(args.synthetic_tasks)
     asked = [t for t in opts["tasks"] if t in REAL_TASKS[bench]]
     present = available_real_tasks(bench, args.data_dir)
     if not asked:
@@ -342,15 +381,17 @@ def run_sweep(args, opts: dict) -> int:
     for s in opts["sizes"]:
         if limit and s > limit:
             raise UserError(f"context size {s} exceeds the model's limit of {limit} tokens")
-    env = environment_info(model)
+    env = environment_info(model, args.model_name)
     fault = os.environ.get("ATSKV_INJECT_FAULT", "")  # testing hook: "oom:<substring of the cell's name>"
     interrupted = False
     samples_cache: dict = {}
     unavailable: set[str] = set()
     bar = tqdm(todo, desc="sweep", unit="cell", file=sys.stderr)
-    try:  # Ctrl-C anywhere in the loop (not only inside a cell) still ends with the report written
+    stop_on_sigterm()
+    try:  # Ctrl-C or SIGTERM anywhere in the loop (not only inside a cell) still ends with the report written
         for cell in bar:
-            name = f"{cell['method']}|{cell['budget']}|{cell['task']}|{cell['context_size']}"
+            budget = "100%" if cell["budget"] is None else cell["budget"]
+            name = f"{cell['method']}|{budget}|{cell['task']}|{cell['context_size']}"
             bar.set_postfix_str(name)
             bench = cell["benchmark"]
             if bench in unavailable:
@@ -369,7 +410,8 @@ def run_sweep(args, opts: dict) -> int:
                     print(f"\n[atskv] skipping {bench}: {e}", file=sys.stderr)
                     continue
             inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
-            record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "timing_probe": ev.timing_probe(model.device)}
             t0 = time.perf_counter()
             try:
                 if args.use_api:
@@ -396,14 +438,26 @@ def run_sweep(args, opts: dict) -> int:
                     torch.cuda.empty_cache()
             record["wall_s"] = time.perf_counter() - t0
             append_jsonl(results_path, record)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = 143 if isinstance(e, Terminated) else 130
     bar.close()
     write_report(out_dir, args)
     if interrupted:
         print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return interrupted
     return nothing_ran(opts, cells, unavailable)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job): handled as Ctrl-C is, so that the report of what finished is written."""
+
+
+def stop_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated()
+    signal.signal(signal.SIGTERM, handler)
 
 
 def max_prompt_tokens(cell: dict, limit: int | None) -> int:
@@ -461,20 +515,34 @@ def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset
     return 0
 
 
-def environment_info(model) -> dict:
+def environment_info(model, model_name: str | None = None) -> dict:
     import torch
     import transformers
+    from utils import cpu_name, model_provenance
     dev = str(model.device)
     hw = torch.cuda.get_device_name(model.device) if dev.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"device": dev, "hardware": hw, "dtype": str(model.dtype).replace("torch.", ""),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    env = {"device": dev, "hardware": hw, "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
+           "dtype": str(model.dtype).replace("torch.", ""), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version()}
+    if model_name:
+        env["model_source"] = model_provenance(model_name, model)
+    return env
 
 
 def write_report(out_dir: Path, args) -> None:
     from report import build_report
     build_report(out_dir, command=" ".join(sys.argv))
+
+
+def print_summary(out_dir: Path) -> None:
+    """Where the report is, and three lines of it: the full cache, then the compressed methods at the smallest
+    budget, best first, each with the memory it holds."""
+    from report import run_summary
+    print(f"[atskv] results: {(out_dir / 'results.md').resolve()} (figures in {out_dir / 'figures'})",
+          file=sys.stderr)
+    for line in run_summary(out_dir):
+        print(f"  {line}", file=sys.stderr)
 
 
 def train_predictor_cli(args) -> int:
@@ -497,7 +565,7 @@ def train_predictor_cli(args) -> int:
 SPEED_DEFAULT_METHODS = "full,sliding_window,atskv"
 
 
-SPEED_PARTS = ("timing", "max_batch", "answers", "profile")
+SPEED_PARTS = ("timing", "plain", "max_batch", "answers", "profile")
 
 
 def speed_cli(args) -> int:
@@ -510,8 +578,7 @@ def speed_cli(args) -> int:
     from utils import load_model_and_tokenizer
     check_model_name(args.model_name)
     check_writable(args.output_dir)
-    specs = split_list(SPEED_DEFAULT_METHODS if args.methods == build_parser().get_default("methods")
-                       else args.methods)
+    specs = split_list(args.methods if args.methods_given else SPEED_DEFAULT_METHODS)
     methods = [(spec, *parse_method(spec)) for spec in specs]   # (label as given, method, its parameters)
     for _, m, params in methods:
         check_fast_method(m, params)
@@ -542,7 +609,7 @@ def speed_cli(args) -> int:
         results_path.unlink()
     done = finished_keys(results_path)
     model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
-    env = environment_info(model)
+    env = environment_info(model, args.model_name)
     if "max_batch" in parts and model.device.type != "cuda":
         raise UserError(f"--speed_parts max_batch searches the device's memory: it needs a CUDA device, not "
                         f"{model.device}")
@@ -573,6 +640,9 @@ def speed_cli(args) -> int:
                       f"@ {str(r['budget']):>4} ctx {r['context']:>5} batch "
                       f"{r['batch']:>4} {r['path']:>9}: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.0f} tok/s "
                       f"floor {r['floor_ms']:.2f} ms (x{r['x_floor']:.1f})", file=sys.stderr)
+            elif r["status"] == "ok" and r["benchmark"] == "speed_plain":
+                print(f"[atskv] {r['method']:>14} @ {str(r['budget']):>4} ctx {r['context']:>5} batch {r['batch']:>4} "
+                      f"plain path: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.1f} tok/s", file=sys.stderr)
             elif r["status"] == "ok" and r["benchmark"] == "speed_profile":
                 print(f"[atskv] profile {r['method']} @ {r['budget']} ctx {r['context']} batch {r['batch']} "
                       f"{r['variant']}: {r['per_step']:.0f} {r['unit']} per step, {r['ms_per_step']:.2f} ms; top: "
@@ -598,6 +668,12 @@ def speed_cli(args) -> int:
                     save(spec, lambda: ev.measure_decode_speed(
                         model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
                         bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
+        for size in sizes if "plain" in parts else []:
+            for batch in batches:
+                for spec, m, params, budget in cells("speed_plain", context=size, batch=batch, steps=args.decode_steps):
+                    save(spec, lambda: ev.measure_plain_decode(model, tok, m, budget, size, batch, args.decode_steps,
+                                                               params=params, chunk=args.prefill_chunk,
+                                                               seed=args.seed))
         for size in sizes if "profile" in parts else []:
             for batch in batches:
                 for spec, m, params, budget in cells("speed_profile", context=size, batch=batch):
@@ -662,6 +738,9 @@ def benchmark_cli(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.methods_given = args.methods is not None
+        apply_preset(args)
+        check_device(args.device)     # before any work: nothing is planned, created or loaded for a bad device
         if args.train_predictor:
             return train_predictor_cli(args)
         if args.benchmark is not None:
@@ -676,7 +755,7 @@ def main(argv=None) -> int:
             return 0
         opts = validate(args)
         code = run_sweep(args, opts)
-        print(f"[atskv] results: {Path(args.output_dir) / 'results.md'}", file=sys.stderr)
+        print_summary(Path(args.output_dir))
         return code
     except UserError as e:
         fail(str(e))

