@@ -563,13 +563,28 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
     """Decode speed per method, context, batch and path beside the memory floor; the method's share of the step;
     the largest batch that fits; the answers of the fast path against the plain loop."""
     lines = ["## Decode speed", ""]
+    plain = [r for r in recs if r["benchmark"] == "speed_plain"]
+    if plain:
+        full = {(r["context"], r["batch"]): r["decode_ms"] for r in plain if r["method"] == "full"}
+        lines += [f"### Plain path (`model.generate(past_key_values=cache)`)", "",
+                  f"Device: {plain[0]['env'].get('hardware', '-')}, {plain[0]['dtype']}. HF's decode loop, one "
+                  "forward per token through the method's cache, random-token contexts; the mean step over "
+                  f"{plain[0]['steps']} or more consecutive steps, in whole eviction cycles (evict_every), after 2 "
+                  "warm-up steps.", "",
+                  md_table(["method", "context", "batch", "prefill s", "decode ms/token", "tok/s", "vs full"],
+                           [[label(r), r["context"], r["batch"], f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.2f}",
+                             f"{r['tok_s']:.1f}", f"{r['decode_ms'] / full[r['context'], r['batch']]:.2f}x"
+                             if (r["context"], r["batch"]) in full else "-"]
+                            for r in sorted(plain, key=lambda r: (r["context"], r["batch"], r["method"] != "full",
+                                                                   r["method"], budget_order(r["budget"])))]), ""]
     cells = [r for r in recs if r["benchmark"] == "speed"]
     if cells:
         r0 = cells[0]
         lines += [f"Device: {r0['env'].get('hardware', '-')}, {r0['dtype']}; bandwidth "
                   f"{r0['bandwidth_gbs']:.0f} GB/s (the floor: weights + the KV read once per step at that rate); "
                   f"torch.compile: {'on' if r0['compile'] else 'off'}. Contexts are random tokens (speed only). "
-                  "HF plain loop: one forward per step through the method's cache (median of single steps). Fast "
+                  "HF plain loop: one forward per step through the method's cache (mean of consecutive steps, whole "
+                  "cycles of atskv's evict_every). Fast "
                   "path: static slots, one CUDA graph per step variant (mean of consecutive steps, whole cycles of "
                   "atskv's evict_every). KV read: what the step's attention reads (the fast path reads every slot).",
                   ""]
