@@ -433,6 +433,7 @@ def build_report(out_dir, command: str = "") -> None:
               f"- model: {', '.join(models) or '-'}" + (f" ({'; '.join(sources)})" if sources else ""),
               f"- hardware: {env['cpu'] if env.get('cpu') and env.get('device') == 'cpu' else env.get('hardware', '-')}"
               f"; device {env.get('device', '-')}, {env.get('dtype', '-')}",
+              f"- commit: {', '.join(sorted({str(r['env'].get('commit')) for r in records if 'env' in r})) or '-'}",
               f"- versions: torch {env.get('torch', '-')}, transformers {env.get('transformers', '-')}, "
               f"python {env.get('python', '-')}",
               f"- command: `{command}`" if command else "- command: -",
@@ -531,6 +532,30 @@ def summary_lines(ok: list[dict], bench_name: str) -> list[str]:
         out.append(f"- {bench_name} at {fmt_budget(b)}: " + "; ".join(
             f"{m} {score(rs)[1]}" + ("" if api else f" ({held(rs)})") for m, rs in ranked))
     return out
+
+
+def glance(result_dirs, root=".") -> str:
+    """The README's "Results at a glance": per committed results folder, its command, commit, hardware, seed and
+    sample count, then the score at a stated memory per budget (summary_lines). `python report.py --glance DIR...`
+    prints it; a test checks that the README holds exactly this."""
+    out = []
+    for d in result_dirs:
+        ok = [r for r in latest_records(read_jsonl(Path(root) / d / "results.jsonl"))
+              if r.get("status") == "ok" and r.get("benchmark") in BENCH_NAMES and not r.get("api")]
+        if not ok:
+            continue
+        env = ok[0]["env"]
+        hw = env["cpu"] if env.get("device") == "cpu" and env.get("cpu") else env.get("hardware")
+        commits = ", ".join(sorted({str(r["env"].get("commit")) for r in ok}))
+        cmds = sorted({r.get("command", "-") for r in ok})
+        samples = sorted({r["num_samples"] for r in ok})
+        out += [f"[`{d}`]({d}/results.md): `{'`, `'.join(cmds)}` at commit {commits}; {hw}, {env.get('dtype')}; "
+                f"seed {', '.join(sorted({str(r['seed']) for r in ok}))}; {'/'.join(map(str, samples))} samples a "
+                f"cell; {len(ok)} cells. Score [95% interval] and the memory held:", ""]
+        for bench in sorted({r["benchmark"] for r in ok}):
+            out += summary_lines([r for r in ok if r["benchmark"] == bench], BENCH_NAMES[bench])
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def run_summary(out_dir) -> list[str]:
@@ -690,3 +715,18 @@ def speed_figure(cells: list[dict], fig_dir: Path) -> str:
     save_fig(fig, path)
     plt.close(fig)
     return f"figures/{path.name}"
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description="Rebuild results.md from results.jsonl, or print the README's "
+                                 "results at a glance")
+    ap.add_argument("dirs", nargs="+", help="results folders (each with a results.jsonl)")
+    ap.add_argument("--glance", action="store_true", help="print the README's block for these folders")
+    a = ap.parse_args()
+    if a.glance:
+        sys.stdout.write(glance(a.dirs))
+    else:
+        for d in a.dirs:
+            build_report(d, command=f"python report.py {d}")

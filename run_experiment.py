@@ -55,8 +55,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="ATSKV: KV-cache compression sweeps on Hugging Face causal LMs",
-                                formatter_class=HelpWithDefaults)
+    p = argparse.ArgumentParser(prog="run_experiment.py", formatter_class=HelpWithDefaults,
+                                description="ATSKV: KV-cache compression sweeps on Hugging Face causal LMs")
     a = p.add_argument
     preset_help = lambda name: f" (default: the preset's; quick: {PRESETS['quick'][name]}, paper: {PRESETS['paper'][name]})"  # noqa: E731,E501
     a("--preset", default="quick", help="sweep size for the options not given: quick (a first run, minutes on a "
@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
     a("--kernels_off", default="", help="speed benchmark: comma list of the fast path's Triton kernels to switch "
       "off, to measure what each brings: attention (SDPA / matmul + softmax instead), gemm (F.linear), evict "
-      "(ATSKV's scoring and eviction in tensor form); recorded with each result")
+      "(ATSKV's scoring and eviction in tensor form), greedy (the step's argmax and bookkeeping in tensor form); "
+      "recorded with each result")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
       "pyramidkv, dynamic_kv, h2o, atskv without external memory)")
@@ -411,7 +412,7 @@ def run_sweep(args, opts: dict) -> int:
                     continue
             inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
             record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "timing_probe": ev.timing_probe(model.device)}
+                      "timing_probe": ev.timing_probe(model.device), "command": command_line()}
             t0 = time.perf_counter()
             try:
                 if args.use_api:
@@ -527,12 +528,35 @@ def environment_info(model, model_name: str | None = None) -> dict:
            "transformers": transformers.__version__, "python": platform.python_version()}
     if model_name:
         env["model_source"] = model_provenance(model_name, model)
+    env["commit"] = source_commit()
     return env
+
+
+def source_commit() -> str | None:
+    """The project's git commit, with '-dirty' when the tree has uncommitted changes (None outside a checkout)."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_line() -> str:
+    """The command as a user would type it again."""
+    import shlex
+    return "python run_experiment.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def write_report(out_dir: Path, args) -> None:
     from report import build_report
-    build_report(out_dir, command=" ".join(sys.argv))
+    build_report(out_dir, command=command_line())
 
 
 def print_summary(out_dir: Path) -> None:
@@ -764,5 +788,10 @@ def main(argv=None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `atskv` command that the package installs: the same as `python run_experiment.py`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -106,6 +106,12 @@ def test_sweep_writes_one_line_per_cell_and_a_report(tmp_path):
     out = tmp_path / "o"
     proc = cli("--output_dir", str(out), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # it ends by saying where the report is, then three lines of it
+    tail = proc.stderr.strip().splitlines()[-4:]
+    assert tail[0] == f"[atskv] results: {(out / 'results.md').resolve()} (figures in {out / 'figures'})"
+    assert tail[1].startswith("  Synthetic benchmark, full cache: score ") and "MB on the device" in tail[1]
+    assert tail[2].startswith("  Synthetic benchmark at 25%, best: sliding_window ")
+    assert "sliding_window" not in tail[3]      # only one method: no "then" line, the full cache's comes first
     recs = _records(out)
     assert [(r["method"], r["budget"]) for r in recs] == [("full", None), ("sliding_window", 0.5),
                                                          ("sliding_window", 0.25)]
@@ -170,7 +176,7 @@ def test_injected_nan_is_recorded(tmp_path):
 
 
 def test_same_command_and_seed_give_the_same_results_apart_from_timings(tmp_path):
-    timing = {"time", "wall_s", "prefill_s", "decode_ms_per_token"}
+    timing = {"time", "wall_s", "prefill_s", "decode_ms_per_token", "timing_probe", "command"}   # command: the dir
     runs = []
     for i in range(2):
         out = tmp_path / f"o{i}"
@@ -201,3 +207,45 @@ def test_ctrl_c_stops_with_a_consistent_state_and_resumes(tmp_path):
         assert (out / "results.md").exists()
     done = cli("--output_dir", str(out), *TINY)
     assert done.returncode == 0 and len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
+
+
+def test_sigterm_stops_with_the_report_of_what_finished_and_resumes(tmp_path):
+    """A scheduler stopping the job (SIGTERM) is handled as Ctrl-C is: finished cells and a report stay."""
+    out = tmp_path / "o"
+    args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_first_cell(out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    recs = _records(out)
+    if len(recs) < 3:
+        assert proc.returncode == 143 and "interrupted" in err
+        assert "| full | 100% |" in (out / "results.md").read_text()
+    done = cli("--output_dir", str(out), *TINY)
+    assert done.returncode == 0 and len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
+
+
+def unusable_devices():
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return (["cuda"] if not n else []) + [f"cuda:{n + 2}"] + ([] if mps else ["mps"]) + ["tpu", "gpu0"]
+
+
+@pytest.mark.parametrize("device", unusable_devices())
+def test_a_device_this_machine_cannot_use_exits_2_with_one_line_before_any_work(device, tmp_path, capsys):
+    import run_experiment
+    with pytest.raises(SystemExit) as exit_:
+        run_experiment.main(["--device", device, "--output_dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: ") and repr(device) in lines[0] and "accepted" in lines[0]
+    assert not (tmp_path / "o").exists()      # nothing planned or created
+
+
+def test_help_shows_every_options_default():
+    from run_experiment import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "--seed SEED seed of the samples and of everything random (default: 42)" in text
+    assert "--output_dir OUTPUT_DIR where results.jsonl, results.md, tables/ and figures/ go (default: outputs)" in text
+    assert "--preset PRESET" in text and "(default: quick)" in text
