@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # On the H200 (after the model's pieces are in $HOME/m and the wheels in $HOME/site, ../shared/gpu/README.md):
-# the plain-path decode benchmark at 8K x 1 in bf16 and fp32, then tests/test_gpu.py. Results go to $OUT.
+# the plain-path decode benchmark at 8K x 1, ROUNDS rounds in bf16 and in fp32 alternating (the plain loop's times
+# vary from process to process), then tests/test_gpu.py. Logs and results go to $OUT.
 set -uo pipefail
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
-mkdir -p $HOME/model && cat $HOME/m/model.part.* > $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p $HOME/model $HOME/.cache/atskv && cat $HOME/m/model.part.* > $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
+cp $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf $HOME/.cache/atskv/   # the default alias finds it there (tests)
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
 R=$HOME/res; mkdir -p $R
-bash bench/plain_decode.sh "$M" $R/plain_bf16 8192 --use_fp16 2>&1 | grep -v Warn | tee $R/plain_bf16.log
-cp $R/plain_bf16.log $OUT/
-bash bench/plain_decode.sh "$M" $R/plain_fp32 8192 2>&1 | grep -v Warn | tee $R/plain_fp32.log
-cp $R/plain_fp32.log $OUT/
+for i in $(seq ${ROUNDS:-2}); do
+  for dt in bf16 fp32; do
+    bash bench/plain_decode.sh "$M" $R/plain_${dt}_r$i 8192 $([ $dt = bf16 ] && echo --use_fp16) 2>&1 \
+      | grep "plain path" | tee -a $OUT/plain.log
+  done
+done
 tar czf $OUT/gpu_results.tgz -C $R .
-timeout ${GPU_TEST_TIMEOUT:-240} python -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 | tee $OUT/test_gpu.log
+timeout ${GPU_TEST_TIMEOUT:-300} python -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 | tee $OUT/test_gpu.log
