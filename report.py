@@ -220,7 +220,9 @@ def figures(ok: list[dict], fig_dir: Path, bench: str = "synthetic") -> list[tup
             errs[1].append(hi - y)
         shift = 1.04 ** (i - (len(compressed) - 1) / 2)   # side by side, so that equal scores do not hide each other
         xs = [100 * x * shift for x in xs]
-        ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3, label=m, color=palette[m], alpha=0.9, lw=1.6, ms=5)
+        # its own marker and dash as well as colour: two methods with equal scores draw one line, and both must show
+        ax.errorbar(xs, ys, yerr=errs, marker="os^Dvpx"[i % 7], ls=["-", "--", "-.", (0, (1, 1))][i % 4],
+                    capsize=3, label=m, color=palette[m], alpha=0.9, lw=1.6, ms=5)
         if full_pt:   # on to the full cache's point, dotted: no budget was measured in between
             ax.plot([xs[-1], 100.0], [ys[-1], full_pt[1]], ":", color=palette[m], lw=1.2, alpha=0.8)
     if full_pt:
@@ -466,7 +468,7 @@ def build_report(out_dir, command: str = "") -> None:
                   md_table(t_header, t_rows), ""]
         for title, path in figures(syn, out_dir / "figures", "synthetic"):
             lines += [f"![{title}]({path})", ""]
-        summary += summary_lines(syn, "Synthetic")
+        summary += summary_lines(syn, BENCH_NAMES["synthetic"])
     for bench in ("longbench", "zeroscrolls"):
         rs = [r for r in ok if r["benchmark"] == bench]
         if not rs:
@@ -547,7 +549,7 @@ def glance(result_dirs, root=".") -> str:
         env = ok[0]["env"]
         hw = env["cpu"] if env.get("device") == "cpu" and env.get("cpu") else env.get("hardware")
         commits = ", ".join(sorted({str(r["env"].get("commit")) for r in ok}))
-        cmds = sorted({r.get("command", "-") for r in ok})
+        cmds = sorted({r.get("command", "-").strip() for r in ok})
         samples = sorted({r["num_samples"] for r in ok})
         out += [f"[`{d}`]({d}/results.md): `{'`, `'.join(cmds)}` at commit {commits}; {hw}, {env.get('dtype')}; "
                 f"seed {', '.join(sorted({str(r['seed']) for r in ok}))}; {'/'.join(map(str, samples))} samples a "

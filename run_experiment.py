@@ -533,14 +533,15 @@ def environment_info(model, model_name: str | None = None) -> dict:
 
 
 def source_commit() -> str | None:
-    """The project's git commit, with '-dirty' when the tree has uncommitted changes (None outside a checkout)."""
+    """The project's git commit, with '-dirty' when the tree has uncommitted changes; outside a checkout, $ATSKV_COMMIT
+    (None if unset)."""
     import subprocess
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10)
-        if head.returncode != 0:
-            return None
+        if head.returncode != 0:   # a copy without .git (e.g. on a GPU machine): the commit the caller names
+            return os.environ.get("ATSKV_COMMIT")
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
@@ -551,7 +552,7 @@ def source_commit() -> str | None:
 def command_line() -> str:
     """The command as a user would type it again."""
     import shlex
-    return "python run_experiment.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return " ".join(["python run_experiment.py", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def write_report(out_dir: Path, args) -> None:

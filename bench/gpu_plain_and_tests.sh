@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the H200 (after the model's pieces are in $HOME/m and the wheels in $HOME/site, ../shared/gpu/README.md):
 # the plain-path decode benchmark at 8K x 1, ROUNDS rounds in bf16 and in fp32 alternating (the plain loop's times
-# vary from process to process), then tests/test_gpu.py. Logs and results go to $OUT.
+# vary from process to process), then (PROFILE=1) where the bf16 step's time goes, then (GPU_TESTS=1, the default)
+# tests/test_gpu.py. Logs and results go to $OUT: gpu_results.tgz holds each round's results folder.
 set -uo pipefail
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 mkdir -p $HOME/model $HOME/.cache/atskv && cat $HOME/m/model.part.* > $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -15,4 +16,6 @@ for i in $(seq ${ROUNDS:-2}); do
   done
 done
 tar czf $OUT/gpu_results.tgz -C $R .
+[ "${PROFILE:-0}" = 1 ] && python bench/profile_plain.py "$M" 8192 --use_fp16 2>&1 | tail -60 > $OUT/profile_bf16.log
+[ "${GPU_TESTS:-1}" = 1 ] || exit 0
 timeout ${GPU_TEST_TIMEOUT:-300} python -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 | tee $OUT/test_gpu.log
