@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
       "decode loop alone, what model.generate(past_key_values=cache) runs: the mean step over whole eviction "
       "cycles)")
     a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
+    a("--no_cudnn_attention", action="store_true", help="switch off PyTorch's cuDNN backend of scaled_dot_product_"
+      "attention for every method (CUDA): its per-shape set-up dominates HF's decode loop in bf16 when KV lengths "
+      "change every step; recorded in each result's env")
     a("--kernels_off", default="", help="speed benchmark: comma list of the fast path's Triton kernels to switch "
       "off, to measure what each brings: attention (SDPA / matmul + softmax instead), gemm (F.linear), evict "
       "(ATSKV's scoring and eviction in tensor form), greedy (the step's argmax and bookkeeping in tensor form); "
@@ -529,6 +532,8 @@ def environment_info(model, model_name: str | None = None) -> dict:
     if model_name:
         env["model_source"] = model_provenance(model_name, model)
     env["commit"] = source_commit()
+    if dev.startswith("cuda") and not torch.backends.cuda.cudnn_sdp_enabled():
+        env["sdpa"] = "cuDNN backend off"
     return env
 
 
@@ -766,6 +771,9 @@ def main(argv=None) -> int:
         args.methods_given = args.methods is not None
         apply_preset(args)
         check_device(args.device)     # before any work: nothing is planned, created or loaded for a bad device
+        if args.no_cudnn_attention:
+            import torch
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if args.train_predictor:
             return train_predictor_cli(args)
         if args.benchmark is not None:
