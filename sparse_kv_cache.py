@@ -590,11 +590,12 @@ class ATSKV(KVMethod):
 
     def keep_target(self, layer, budget):
         """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts only when
-        s % evict_every == 0, to budget - evict_every + 1: the steps in between add one entry each and stay within
-        the budget."""
+        s % period == 0, to budget - period + 1: the steps in between add one entry each and stay within the
+        budget (period: evict_every, or a smaller layer budget)."""
         if self.evict_every == 1 or layer.n_new > 1:
             return budget
-        return max(1, budget - self.evict_every + 1) if layer.decode_steps % self.evict_every == 0 else None
+        every = self.period(layer)
+        return max(1, budget - every + 1) if layer.decode_steps % every == 0 else None
 
     def layer_budget(self, layer_idx, n_layers, budget):
         if not self.retrieval:
@@ -642,7 +643,13 @@ class ATSKV(KVMethod):
         """A chunk always scores; a decode step scores when it evicts (every evict_every steps), or always with
         promotion (recalled entries compete at once) or consensus (one ranking across layers)."""
         return (layer.n_new > 1 or self.evict_every == 1 or self.promote or self.consensus
-                or layer.decode_steps % self.evict_every == 0)
+                or layer.decode_steps % self.period(layer) == 0)
+
+    def period(self, layer) -> int:
+        """Decode steps between evictions: evict_every, or the layer's budget when that is smaller (the steps in
+        between add one entry each, and must fit in the budget)."""
+        budget = layer.budget()
+        return self.evict_every if budget is None else max(1, min(self.evict_every, budget))
 
     def settle(self, cache) -> None:
         """Score what is pending on every layer now (before the fast path takes the cache over)."""

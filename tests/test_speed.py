@@ -27,7 +27,7 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
 @pytest.mark.parametrize("args,message", [
     (["--methods", "rocket_kv"], "method 'rocket_kv' has no fast decode path; accepted: full, sliding_window"),
     (["--speed_parts", "timing,warp"],
-     "--speed_parts: unknown part(s) warp; accepted: timing, max_batch, answers, profile"),
+     "--speed_parts: unknown part(s) warp; accepted: timing, plain, max_batch, answers, profile"),
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
     (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict, greedy"),
