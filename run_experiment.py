@@ -538,15 +538,17 @@ def environment_info(model, model_name: str | None = None) -> dict:
 
 
 def source_commit() -> str | None:
-    """The project's git commit, with '-dirty' when the tree has uncommitted changes; outside a checkout, $ATSKV_COMMIT
-    (None if unset)."""
+    """The project's git commit, with '-dirty' when the tree has uncommitted changes; $ATSKV_COMMIT when set (a copy
+    of the tree on another machine, whose .git may be another commit's); None outside a checkout."""
     import subprocess
     here = Path(__file__).resolve().parent
+    if os.environ.get("ATSKV_COMMIT"):   # named by the caller: a copy of the tree whose .git is not its own
+        return os.environ["ATSKV_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10)
-        if head.returncode != 0:   # a copy without .git (e.g. on a GPU machine): the commit the caller names
-            return os.environ.get("ATSKV_COMMIT")
+        if head.returncode != 0:
+            return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
