@@ -258,14 +258,10 @@ def build_training_rows(model, ids: torch.Tensor, flags: torch.Tensor, chunk: in
     import sparse_kv_cache as skv
     from transformers import DynamicCache
     skv.install_attention(model)
-    rec = _Recorder()
-    skv._RECORDER = rec
     S = ids.shape[1]
     full = ids if repeat_ids is None else torch.cat([ids, repeat_ids, ids], 1)
-    try:
+    with skv.recording(_Recorder()) as rec:
         model(full.to(model.device), past_key_values=DynamicCache())
-    finally:
-        skv._RECORDER = None
     n_layers = model.config.num_hidden_layers
     hidden = {l: skv.current_hidden(l)[0, :S].float().cpu() for l in range(n_layers)}
     rows = {l: [] for l in range(n_layers)}
@@ -340,12 +336,8 @@ def _measure_induction(model, length: int, reps: int, seed: int) -> torch.Tensor
     for _ in range(reps):
         seq = torch.randint(100, vocab, (1, length), generator=g)
         ids = torch.cat([seq, seq], 1).to(model.device)
-        rec = _Recorder()
-        skv._RECORDER = rec
-        try:
+        with skv.recording(_Recorder()) as rec:
             model(ids, past_key_values=DynamicCache())
-        finally:
-            skv._RECORDER = None
         per_layer = []
         S, i = 2 * length, torch.arange(length + 1, 2 * length)
         for l in sorted(rec.q):
@@ -463,6 +455,20 @@ def evaluate_ranking(pred: TokenRelevancePredictor, ctxs, budgets=(0.5, 0.25, 0.
 
 
 _LOADED: dict = {}
+
+
+def use_predictor(model, pred: TokenRelevancePredictor, variant: str = "default") -> None:
+    """Make `pred` the predictor that this process's atskv caches of `model` use (e.g. one just trained, or an
+    untrained one for tests), without touching the file cache."""
+    _LOADED[str(predictor_path(model, variant))] = pred
+
+
+def save_predictor(model, pred: TokenRelevancePredictor, ranking: dict, variant: str = "default"):
+    """Write `pred` to the model's predictor cache and use it from now on; returns the path."""
+    path = predictor_path(model, variant)
+    pred.save(path, {"variant": variant, "ranking": ranking, "version": FORMAT_VERSION})
+    use_predictor(model, pred.to(model.device), variant)
+    return path
 
 
 def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -> TokenRelevancePredictor:

@@ -158,26 +158,9 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """'atskv[external_memory=true;span=5]' -> ('atskv', {'external_memory': True, 'span': 5})."""
-    if "[" not in spec:
-        return spec, {}
-    if not spec.endswith("]"):
-        raise UserError(f"bad method spec {spec!r}: expected name[key=value;...]")
-    name, body = spec[:-1].split("[", 1)
-    params = {}
-    for item in filter(None, (s.strip() for s in body.split(";"))):
-        if "=" not in item:
-            raise UserError(f"bad parameter {item!r} in {spec!r}: expected key=value")
-        k, v = (s.strip() for s in item.split("=", 1))
-        if v.lower() in ("true", "false", "none"):
-            params[k] = {"true": True, "false": False, "none": None}[v.lower()]
-            continue
-        try:
-            params[k] = json.loads(v)
-        except json.JSONDecodeError:
-            raise UserError(f"bad value {v!r} for {k!r} in {spec!r}: accepted are numbers, true, false, none and "
-                            f"quoted strings; parameters are separated by ';'") from None
-    return name, params
+    """The library's method-spec grammar (KVCacheFactory.parse_spec), unchecked: API model names pass too."""
+    from sparse_kv_cache import KVCacheFactory
+    return KVCacheFactory.parse_spec(spec, check=False)
 
 
 def validate(args) -> dict:
@@ -188,17 +171,8 @@ def validate(args) -> dict:
     methods = split_list(args.methods)
     if not methods:
         raise UserError("--methods is empty; known methods: " + ", ".join(known))
-    import dataclasses
-    from sparse_kv_cache import METHODS
     for spec in methods:
-        m, params = parse_method(spec)
-        if m not in known and not m.startswith("kvpress:"):
-            raise UserError(f"unknown method {m!r}; known methods: {', '.join(known)}, kvpress:<press>")
-        if m in METHODS and dataclasses.is_dataclass(METHODS[m]):
-            accepted = {f.name for f in dataclasses.fields(METHODS[m])}
-            bad = sorted(set(params) - accepted)
-            if bad:
-                raise UserError(f"unknown parameter(s) {bad} for method {m!r}; accepted: {sorted(accepted)}")
+        KVCacheFactory.parse_spec(spec)     # the method and its parameters, checked by the library
     if args.fast_decode:
         from fast_decode import check_fast_method
         for spec in methods:
@@ -586,9 +560,7 @@ def train_predictor_cli(args) -> int:
     model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
     t0 = time.perf_counter()
     pred, rep = rp.train_predictor(model, tok, corpus_file=args.calibration_file, seed=args.seed)
-    path = rp.predictor_path(model)
-    pred.save(path, {"variant": "default", "ranking": rep, "version": rp.FORMAT_VERSION})
-    rp._LOADED.pop(str(path), None)
+    path = rp.save_predictor(model, pred, rep)
     print(f"[atskv] predictor trained in {time.perf_counter() - t0:.0f} s -> {path}", file=sys.stderr)
     print(f"[atskv] held-out top-k recall of the most-attended tokens: {rp.format_ranking(rep)}", file=sys.stderr)
     return 0

@@ -36,6 +36,23 @@ _PENDING = threading.local()  # the layer whose update() ran last, consumed by t
 _RECORDER = None  # training hook: called with (layer_idx, query, key, value) on uncompressed forwards
 
 
+class recording:
+    """`with recording(fn): model(...)`: fn(layer_idx, query, key, value) is called by every attention layer of the
+    forwards inside (the relevance predictor's training reads the attention this way)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        global _RECORDER
+        _RECORDER = self.fn
+        return self.fn
+
+    def __exit__(self, *exc):
+        global _RECORDER
+        _RECORDER = None
+
+
 def atskv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     layer = getattr(_PENDING, "layer", None)
     if layer is None:
@@ -444,6 +461,49 @@ class KVCacheFactory:
     def known_methods() -> list[str]:
         import baselines  # noqa: F401  (registers its methods)
         return sorted(METHODS)
+
+    @staticmethod
+    def parse_spec(spec: str, check: bool = True) -> tuple[str, dict]:
+        """'atskv[external_memory=true;span=5]' -> ('atskv', {'external_memory': True, 'span': 5}): the method-spec
+        grammar that the CLI and scripts share. Values are JSON, or true / false / none. With `check`, the method
+        must be known (or `kvpress:<press>`) and its parameters fields of its dataclass."""
+        import json
+        name, params = spec.strip(), {}
+        if "[" in name:
+            if not name.endswith("]"):
+                raise UserError(f"bad method spec {spec!r}: expected name[key=value;...]")
+            name, body = name[:-1].split("[", 1)
+            for item in filter(None, (s.strip() for s in body.split(";"))):
+                if "=" not in item:
+                    raise UserError(f"bad parameter {item!r} in {spec!r}: expected key=value")
+                k, v = (s.strip() for s in item.split("=", 1))
+                if v.lower() in ("true", "false", "none"):
+                    params[k] = {"true": True, "false": False, "none": None}[v.lower()]
+                    continue
+                try:
+                    params[k] = json.loads(v)
+                except json.JSONDecodeError:
+                    raise UserError(f"bad value {v!r} for {k!r} in {spec!r}: accepted are numbers, true, false, "
+                                    "none and quoted strings; parameters are separated by ';'") from None
+        if check and not name.startswith("kvpress:"):
+            known = KVCacheFactory.known_methods()
+            if name not in known:
+                raise UserError(f"unknown method {name!r}; known methods: {', '.join(known)}, kvpress:<press>")
+            if dataclasses.is_dataclass(METHODS[name]):
+                accepted = {f.name for f in dataclasses.fields(METHODS[name])}
+                bad = sorted(set(params) - accepted)
+                if bad:
+                    raise UserError(f"unknown parameter(s) {bad} for method {name!r}; accepted: {sorted(accepted)}")
+        return name, params
+
+    @staticmethod
+    def from_spec(spec: str, model, budget=None, **kwargs):
+        """`KVCacheFactory.from_spec("atskv[evict_every=4]", model, budget=0.1, tokenizer=tok)`: parse_spec, then
+        create (keyword arguments override the spec's parameters)."""
+        name, params = KVCacheFactory.parse_spec(spec)
+        if name.startswith("kvpress:"):
+            raise UserError(f"{spec!r}: a kvpress press is not a cache; run it through evaluation.make_cache")
+        return KVCacheFactory.create(name, model, budget, **{**params, **kwargs})
 
     @staticmethod
     def create(method: str, model, budget=None, context_length: int | None = None, tokenizer=None, **params):

@@ -25,7 +25,7 @@ def tiny():
     pred = rp.TokenRelevancePredictor(4, 64, 96)
     pred.w.data = torch.randn(pred.w.shape, generator=torch.Generator().manual_seed(1))
     pred.h_proj.copy_(torch.randn(pred.h_proj.shape, generator=torch.Generator().manual_seed(2)) / 8)
-    rp._LOADED[str(rp.predictor_path(model))] = pred
+    rp.use_predictor(model, pred)
     return model
 
 
