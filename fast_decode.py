@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import torch
 
-import skinny_gemm
-import evict_kernels
-import greedy_kernels
-from decode_attention import decode_attention, kernel_available, rope
+from kernels import evict_kernels, greedy_kernels, skinny_gemm
+from kernels.decode_attention import decode_attention, kernel_available, rope
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -378,7 +376,7 @@ class StaticDecoder:
         self.B = B
         self.budget_tokens = budget_tokens
         self.score_on = score          # False: the same slots and step without the method's scoring (overhead)
-        # the Triton decode-attention kernels (decode_attention.py) where they run (CUDA with Triton); False: SDPA
+        # the Triton decode-attention kernels (kernels/decode_attention.py) where they run (CUDA with Triton); False: SDPA
         self.attn_kernel = attn_kernel is not False and kernel_available(self.dev)
         self.cur = torch.as_tensor(start_pos, device=self.dev).expand(B).clone().long()  # position of the new token
         self.tok = torch.zeros(B, dtype=torch.long, device=self.dev)

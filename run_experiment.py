@@ -603,10 +603,8 @@ def speed_cli(args) -> int:
     if args.decode_steps < 4:
         raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (the timed steps, after the warm-up)")
     kernels_off = sorted(set(split_list(args.kernels_off)))
-    bad = [k for k in kernels_off if k not in KERNELS]
-    if bad:
-        raise UserError(f"--kernels_off: unknown kernel(s) {', '.join(bad)}; accepted: {', '.join(KERNELS)}")
-    switch_kernels_off(kernels_off)
+    import kernels
+    kernels.switch_off(kernels_off)
     out_dir = Path(args.output_dir)
     results_path = out_dir / "results.jsonl"
     if args.overwrite and results_path.exists():
@@ -701,21 +699,6 @@ def speed_cli(args) -> int:
     write_report(out_dir, args)
     print(f"[atskv] results: {out_dir / 'results.md'}", file=sys.stderr)
     return 0
-
-
-KERNELS = ("attention", "gemm", "evict", "greedy")   # --kernels_off
-
-
-def switch_kernels_off(names) -> None:
-    """The fast path's Triton kernels named here are not used in this process (their modules' ENABLED flags)."""
-    import decode_attention
-    import evict_kernels
-    import greedy_kernels
-    import skinny_gemm
-    decode_attention.ENABLED = "attention" not in names
-    skinny_gemm.ENABLED = "gemm" not in names
-    evict_kernels.ENABLED = "evict" not in names
-    greedy_kernels.ENABLED = "greedy" not in names
 
 
 def benchmark_cli(args) -> int:

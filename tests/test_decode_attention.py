@@ -3,7 +3,7 @@ machine through Triton's interpreter when Triton is installed, on CUDA in tests/
 import pytest
 import torch
 
-import decode_attention as da
+from kernels import decode_attention as da
 from fast_decode import HIDDEN
 from tests.triton_interpreter import needs_triton, run_interpreted
 
@@ -54,7 +54,7 @@ def test_split_plan_covers_every_slot_with_no_empty_split(n_programs, n_slots, b
 INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-import decode_attention as da
+from kernels import decode_attention as da
 from tests.test_decode_attention import slots
 for cfg in (da.kernel_config(1), da.kernel_config(64), da.kernel_config(64, 700)):   # CUDA cores, tensor cores x2
     for B, N in ((2, 100), (1, 700)):                             # one split, several splits

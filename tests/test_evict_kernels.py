@@ -3,7 +3,7 @@ queue as hide_free and free_queue do: on a CPU machine through Triton's interpre
 CUDA in tests/test_gpu.py."""
 import torch
 
-import evict_kernels
+from kernels import evict_kernels
 from tests.triton_interpreter import needs_triton, run_interpreted
 
 
@@ -14,7 +14,7 @@ def test_kernels_are_not_used_off_cuda():
 # shared with tests/test_gpu.py: random slots and both paths
 CASES = r"""
 import torch
-import evict_kernels as ek
+from kernels import evict_kernels as ek
 import fast_decode as fd
 
 
@@ -103,7 +103,7 @@ def check_relevance(device, B=2, H=3, G=3, N=300, V=50):
 INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-import evict_kernels as ek
+from kernels import evict_kernels as ek
 ek.available = lambda x: True
 exec({cases!r})
 check("cpu")

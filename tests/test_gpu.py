@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import decode_attention as da
+from kernels import decode_attention as da
 import evaluation as ev
 from fast_decode import HIDDEN, StaticDecoder
 from sparse_kv_cache import KVCacheFactory
@@ -130,7 +130,7 @@ def test_triton_decode_attention_matches_the_reference(dtype, batch, n_slots):
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("rows", [64, 1])
 def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
-    import skinny_gemm
+    from kernels import skinny_gemm
     torch.manual_seed(0)
     for K, N in ((576, 960), (576, 576), (1536, 576)):
         x = torch.randn(rows, K, device="cuda").bfloat16()
@@ -149,7 +149,7 @@ def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("mode", [None, "evict", "keep"])
 def test_greedy_kernels_pick_and_record_the_tokens_as_the_tensor_form(mode):
-    import greedy_kernels
+    from kernels import greedy_kernels
     from fast_decode import greedy_update
     torch.manual_seed(0)
     logits = torch.randn(64, 49152, device="cuda").bfloat16()

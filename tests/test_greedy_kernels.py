@@ -18,7 +18,7 @@ def test_greedy_update_breaks_ties_by_the_lowest_index_and_wraps_the_ring_buffer
 INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-import greedy_kernels as gk
+from kernels import greedy_kernels as gk
 from fast_decode import greedy_update
 g = torch.Generator().manual_seed(0)
 for B, V, mode, every in ((3, 5000, None, 1), (70, 4100, "evict", 8), (5, 2048, "keep", 4), (2, 100, "keep", 2)):

@@ -3,7 +3,7 @@ Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
 import torch
 import torch.nn.functional as F
 
-import skinny_gemm
+from kernels import skinny_gemm
 from tests.triton_interpreter import needs_triton, run_interpreted
 
 
@@ -22,7 +22,7 @@ INTERPRETED = r"""
 import sys, torch
 import torch.nn.functional as F
 sys.path.insert(0, {root!r})
-import skinny_gemm as sg
+from kernels import skinny_gemm as sg
 g = torch.Generator().manual_seed(0)
 for M, K, N in ((64, 576, 960), (3, 100, 40), (17, 1536, 48)):   # full tiles; K, N and rows not multiples
     x, w = torch.randn(M, K, generator=g), torch.randn(2 * N, K, generator=g) / 24

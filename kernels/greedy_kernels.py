@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-ENABLED = True        # False: step_tail's tensor form (run_experiment --kernels_off greedy, to compare)
 BLOCK = 2048          # logits per program of the first kernel (24 blocks a row at this model's 49152 tokens)
 ROWS = 64             # batch rows per pass of the finishing kernel's loop
 QUEUE_MODES = {None: 0, "evict": 1, "keep": 2}   # step_tail's queue_step
@@ -80,7 +81,7 @@ if triton is not None:
 
 
 def usable(logits: torch.Tensor, out: torch.Tensor) -> bool:
-    return ENABLED and triton is not None and logits.is_cuda and logits.stride(-1) == 1 and out.is_contiguous()
+    return kernels.enabled("greedy") and logits.is_cuda and logits.stride(-1) == 1 and out.is_contiguous()
 
 
 def greedy_step(logits, tok, t, out, cur, qidx, queue_step, every: int) -> None:

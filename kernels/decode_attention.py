@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -248,11 +250,10 @@ if triton is not None:
         return launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc)[0]
 
 
-ENABLED = True   # False: the reference everywhere (run_experiment --kernels_off attention, to compare)
 
 
 def kernel_available(device) -> bool:
-    return ENABLED and triton is not None and torch.device(device).type == "cuda"
+    return kernels.enabled("attention") and torch.device(device).type == "cuda"
 
 
 def rope(q, cos, sin):

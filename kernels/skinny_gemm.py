@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-ENABLED = True                                     # False: F.linear everywhere (--kernels_off gemm)
 MAX_ROWS = 64                                      # more rows than this: F.linear (a real GEMM tile does better)
 # In-step sweep on the H200 (ATSKV's step at 64 x 8192, 10%, eager layers in a CUDA graph, random weights, two
 # rounds; CHANGELOG.md, 707ed9d): block_k 128 for q/k/v, o_proj and gate/up took the step that does not evict from
@@ -81,7 +82,7 @@ if triton is not None:
 
 def usable(x: torch.Tensor, w: torch.Tensor, bias=None) -> bool:
     """Whether the Triton kernel takes this matmul: CUDA, Triton, half precision, at most MAX_ROWS rows, no bias."""
-    return ENABLED and triton is not None and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and bias is None \
+    return kernels.enabled("gemm") and x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and bias is None \
         and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and w.is_contiguous()
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -26,7 +28,6 @@ except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
 MAX_SLOTS = 4096   # rows of at most this many slots are handled here (one program a row), longer ones by torch
-ENABLED = True    # False: the tensor form everywhere (run_experiment --kernels_off evict, to compare)
 
 
 if triton is not None:
@@ -180,7 +181,7 @@ def _warps(n_pad: int) -> int:
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels take rows like x (..., N): CUDA, Triton, N <= MAX_SLOTS."""
-    return ENABLED and triton is not None and x.is_cuda and x.shape[-1] <= MAX_SLOTS
+    return kernels.enabled("evict") and x.is_cuda and x.shape[-1] <= MAX_SLOTS
 
 
 def controller_evict(r, protected, present, valid, bias, queue, budget, beta, delta, gain: float, fixed, over,

@@ -1,0 +1,33 @@
+"""The fast decode path's Triton kernels, one module each, behind one availability switch.
+
+- `decode_attention`: attention over a layer's slots (split over slot blocks, then merged, with ATSKV's running
+  statistic added in the merge);
+- `skinny_gemm`: the decode step's matmuls for few rows;
+- `evict_kernels`: ATSKV's scoring of every slot and its threshold controller, in the evicting step;
+- `greedy_kernels`: the greedy token and the step's bookkeeping.
+
+Each has a tensor form that it falls back to, and `enabled(name)` says whether the kernel runs: Triton present (CUDA
+builds of torch ship it; CPU builds do not) and the kernel not switched off (`run_experiment.py --kernels_off`, to
+compare a kernel with its tensor form)."""
+try:
+    import triton
+except ImportError:
+    triton = None
+
+NAMES = ("attention", "gemm", "evict", "greedy")
+_switched_off: set[str] = set()
+
+
+def switch_off(names) -> None:
+    """Kernels named here are not used in this process from now on (the others are)."""
+    from utils import UserError
+    names = set(names)
+    if names - set(NAMES):
+        raise UserError(f"--kernels_off: unknown kernel(s) {', '.join(sorted(names - set(NAMES)))}; accepted: "
+                        f"{', '.join(NAMES)}")
+    _switched_off.clear()
+    _switched_off.update(names)
+
+
+def enabled(name: str) -> bool:
+    return triton is not None and name not in _switched_off
