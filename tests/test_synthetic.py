@@ -75,9 +75,9 @@ def _run(model, tok, method, budget, samples):
     return out
 
 
-def test_full_cache_retrieves_needles_at_1k_and_2k_at_all_depths(model, tokenizer):
-    samples = [ev.make_synthetic_sample(tokenizer, "needle", n, d, 11)
-               for n in (1024, 2048) for d in ev.DEFAULT_DEPTHS]
+def test_full_cache_retrieves_needles_at_every_depth_of_1k_and_at_two_depths_of_2k(model, tokenizer):
+    samples = [ev.make_synthetic_sample(tokenizer, "needle", 1024, d, 11) for d in ev.DEFAULT_DEPTHS] + \
+              [ev.make_synthetic_sample(tokenizer, "needle", 2048, d, 11) for d in (0.25, 0.75)]
     scores = _run(model, tokenizer, "full", None, samples)
     assert sum(scores) / len(scores) >= 0.9, scores
 
@@ -96,9 +96,25 @@ def test_multi_question_sample_asks_about_four_facts_at_spread_depths(tokenizer)
     assert all(a[0] in s.context for _, _, a in qs) and len(set(s.meta["depths"])) == 4
 
 
-def test_multi_question_compresses_once_and_answers_each_question_from_a_copy(model, tokenizer):
+def test_multi_question_compresses_once_and_answers_each_question_from_a_copy(model, tokenizer, monkeypatch):
     s = ev.make_synthetic_sample(tokenizer, "multi_question", 512, 0.25, 4)
+    made, context_reads = [], []
+    make_cache, forward_chunked = ev.make_cache, ev.forward_chunked
+
+    def spy_make_cache(*a, **k):
+        made.append(make_cache(*a, **k))
+        return made[-1]
+
+    def spy_forward(model_, cache, ids, chunk, start=0):
+        if made and cache is made[0][0]:
+            context_reads.append(ids.shape[1])
+        return forward_chunked(model_, cache, ids, chunk, start)
+
+    monkeypatch.setattr(ev, "make_cache", spy_make_cache)
+    monkeypatch.setattr(ev, "forward_chunked", spy_forward)
     r = ev.run_multi_question(model, tokenizer, s, "sliding_window", 0.5, {}, "question_agnostic", 256)
+    assert len(made) == 1 and context_reads == [r["context_tokens"]]        # one cache, the context read once
+    assert made[0][0].get_seq_length() == r["context_tokens"]              # the questions went into copies
     assert len(r["prediction"].split(" | ")) == 4
     assert 0.0 <= r["score"] <= 1.0 and r["context_tokens"] > 400
     assert r["active_kv_bytes"] < 0.6 * r["context_tokens"] * 23040 * 2  # fp32: twice the bf16 per-token bytes
