@@ -123,3 +123,21 @@ def test_unknown_method_error_lists_the_known_ones(model):
 def test_unknown_method_parameter_is_rejected(model):
     with pytest.raises(UserError, match="unknown parameter"):
         KVCacheFactory.create("sliding_window", model, budget=0.5, window=3)
+
+
+def test_a_method_spec_is_parsed_and_checked_by_the_library():
+    from sparse_kv_cache import KVCacheFactory
+    from utils import UserError
+    assert KVCacheFactory.parse_spec("atskv[external_memory=true;evict_every=4;recall_scoring=\"pages\"]") == \
+        ("atskv", {"external_memory": True, "evict_every": 4, "recall_scoring": "pages"})
+    assert KVCacheFactory.parse_spec("kvpress:tova") == ("kvpress:tova", {})
+    with pytest.raises(UserError, match=r"unknown parameter\(s\) \['windw'\] for method 'snapkv'; accepted: "):
+        KVCacheFactory.parse_spec("snapkv[windw=64]")
+    with pytest.raises(UserError, match="unknown method 'snapkvv'; known methods: .*h2o"):
+        KVCacheFactory.parse_spec("snapkvv")
+
+
+def test_from_spec_creates_the_cache_that_create_would_with_those_parameters(model):
+    from sparse_kv_cache import KVCacheFactory
+    cache = KVCacheFactory.from_spec("sliding_window[n_sink=2]", model, budget=64)
+    assert cache.method.n_sink == 2 and cache.budget_tokens == 64
