@@ -1,4 +1,4 @@
-"""Baseline compression methods, one small dataclass each (registered into `sparse_kv_cache.METHODS`).
+"""Baseline compression methods, one small dataclass each (registered into `cache_framework.METHODS`).
 
 All take the same budget (fraction of the context or tokens per layer) and really evict: kept entries are gathered
 into new, smaller tensors. Under chunked prefill each method runs after every chunk, with that chunk's last queries
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparse_kv_cache import KVMethod, register_method, repeat_heads, window_attention
+from cache_framework import KVMethod, register_method, repeat_heads, window_attention
 
 
 def pooled_window_scores(layer, query, scaling, window: int, kernel: int, pool: str = "avg",

@@ -255,7 +255,7 @@ def build_training_rows(model, ids: torch.Tensor, flags: torch.Tensor, chunk: in
     With `repeat_ids` (a request to repeat the context), the target is KVzip's instead (Kim et al. 2025, "KVzip:
     query-agnostic KV cache compression with context reconstruction"): the model reads the context, the request and
     the context again, and a token's target is the largest attention it receives from the repetition's queries."""
-    import sparse_kv_cache as skv
+    import cache_framework as skv
     from transformers import DynamicCache
     skv.install_attention(model)
     S = ids.shape[1]
@@ -327,7 +327,7 @@ def induction_scores(model, length: int = 256, reps: int = 2, seed: int = 0) -> 
 
 
 def _measure_induction(model, length: int, reps: int, seed: int) -> torch.Tensor:
-    import sparse_kv_cache as skv
+    import cache_framework as skv
     from transformers import DynamicCache
     skv.install_attention(model)
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,8 @@ import torch
 
 import evaluation as ev
 from baselines import DynamicKV, hybrid_select, largest_remainder, rocketkv_params
-from sparse_kv_cache import _PENDING, CompressedCache, KVCacheFactory, cache_nbytes
+from cache_framework import _PENDING
+from sparse_kv_cache import CompressedCache, KVCacheFactory, cache_nbytes
 
 METHODS = ["sliding_window", "snapkv", "h2o", "pyramidkv", "dynamic_kv", "rocket_kv"]
 

@@ -1,0 +1,334 @@
+"""ATSKV: trained token relevance, an adaptive threshold controller, and optionally the external memory
+(external_memory.py). Its plain-path scoring is here; its fast-path slot step is fast_decode's atskv step."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, repeat_heads,
+                             window_attention)
+from external_memory import PassiveStore, attention_lse, merge_attention
+from utils import UserError
+
+
+class ThresholdController:
+    """Keeps token i of layer l while r_i > tau_l(t) = beta_l * quantile(r_l, q_l(t)).
+
+    q_l(t) = 1 - target_l(t) + delta_l: the target fraction (budget / stored) sets it, and delta_l is adapted after
+    every decision (an integral controller on the kept-fraction error) so that the kept count tracks the budget
+    whatever beta_l and the shape of r do to the threshold; the budget is also a hard cap (top-budget by r among the
+    kept), so the cache never exceeds it. beta_l scales the threshold of layer l (1.0 = the quantile itself)."""
+
+    def __init__(self, n_layers: int, beta=None, gain: float = 1.0, fixed_threshold: float | None = None):
+        self.beta = list(beta) if beta is not None else [1.0] * n_layers
+        self.delta = [0.0] * n_layers
+        self.q: list[float | None] = [None] * n_layers
+        self.gain = gain
+        self.fixed = fixed_threshold
+        self.history: list[tuple[int, float, float]] = []  # (layer, kept fraction, target fraction)
+
+    def select(self, layer_idx: int, r: torch.Tensor, protected: torch.Tensor, budget: int) -> torch.Tensor:
+        """r, protected: (B, H, S). Returns kept indices (B, H, k), k <= budget, sorted by stored order."""
+        S = r.shape[-1]
+        target = min(1.0, budget / S)
+        free = ~protected
+        if self.fixed is not None:
+            tau = torch.full_like(r[..., :1], self.fixed)
+        else:
+            q = min(1.0, max(0.0, 1.0 - target + self.delta[layer_idx]))
+            self.q[layer_idx] = q
+            cand = r.masked_fill(~free, float("nan")).flatten(0, 1).float()
+            tau = self.beta[layer_idx] * torch.nanquantile(cand, q, dim=-1).view(r.shape[0], r.shape[1], 1)
+        keep = protected | (r > tau)
+        n_keep = int(keep.sum(-1).max())
+        k = max(1, min(budget, n_keep))
+        # protected first, then the kept by r; a row that kept fewer than k is topped up with its most relevant others
+        score = torch.where(keep, r.float(), r.float() - 4.0).masked_fill(protected, float("inf"))
+        idx = score.topk(k, dim=-1).indices.sort(-1).values
+        kept_frac = float(keep.sum(-1).float().mean()) / S
+        if self.fixed is None:  # raise q when keeping too much, lower it when keeping too little
+            self.delta[layer_idx] = min(1.0, max(-1.0, self.delta[layer_idx] + self.gain * (kept_frac - target)))
+        self.history.append((layer_idx, min(kept_frac, k / S), target))
+        return idx
+
+
+@dataclass
+class ATSKV(KVMethod):
+    """ATSKV: a trained per-layer relevance predictor r = sigmoid(w . [h; a; f] + b) scores every stored entry
+    after every chunk and decode step (old entries are re-scored as attention statistics arrive); the
+    `ThresholdController` keeps r > tau_l(t) within each layer's budget (budget x beta_l, the calibrated share);
+    attention sinks and a short recent window are protected; `span` max-pools r over neighbours so that whole spans
+    survive. With `external_memory`, every evicted entry goes to a passive store (CPU; pinned when CUDA is present)
+    and pages of it are recalled into attention when the current queries need them (see `PassiveStore`)."""
+    name = "atskv"
+    n_sink: int = 4
+    n_recent: int = 64                # protected recent tokens, at most half the budget (16 lost end-of-context
+    window: int = 32                  # needles to the question's arrival: 1/10 vs 2/10 at 1K, needle, 25%)
+    span: int = 1
+    variant: str = "default"          # which trained predictor: default, no_h, no_a, no_f, no_pos, kvzip (KVzip's
+                                      #   target), kvzip_no_h, kvzip_no_a, kvzip_no_f
+    random_predictor: bool = False    # ablation: untrained (random) weights
+    fixed_threshold: float | None = None  # ablation: keep r > this value instead of the controller's tau
+    layer_shares: bool = True         # beta_l from calibration (False: equal budgets)
+    external_memory: bool = False
+    recall_tokens: float = 0.5        # tokens recalled per step, as a fraction of the active budget
+    recall_every: int = 1             # decode steps between recalls (the question's forward always recalls)
+    recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "pages": Quest
+    page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
+    passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
+    promote: bool = False             # recalled entries compete for the active cache by the controller's rule
+    consensus: bool = False           # one ranking for all layers and heads: each position's r averaged over the
+                                      #   layers and heads that store it, applied after the forward's last layer
+    retrieval_layers: int = 0         # > 0: the k layers with the strongest induction heads (a data-free calibration
+                                      #   on repeated random tokens, relevance_predictor.induction_scores) hold
+    retrieval_share: float = 0.8      #   this share of the total budget, each at most the whole context; the other
+                                      #   layers share the rest equally (instead of the calibrated beta_l shares)
+    evict_every: int = 16             # decoding scores and evicts every this many steps, down to budget -
+                                      #   evict_every + 1, so that the layer never holds more than its budget and
+                                      #   a decode step in between costs about what the full cache's does (the
+                                      #   plain and the fast path alike; docs/design.md)
+
+    wants_evicted = True
+    pads_own_extras = True
+
+    def __post_init__(self):
+        if not isinstance(self.evict_every, int) or isinstance(self.evict_every, bool) or self.evict_every < 1:
+            raise UserError(f"evict_every {self.evict_every!r}: accepted are integers >= 1")
+        if not isinstance(self.retrieval_layers, int) or isinstance(self.retrieval_layers, bool) \
+                or self.retrieval_layers < 0:
+            raise UserError(f"retrieval_layers {self.retrieval_layers!r}: accepted are integers >= 0")
+        if not 0.0 < self.retrieval_share < 1.0:
+            raise UserError(f"retrieval_share {self.retrieval_share!r}: accepted are fractions in (0, 1)")
+
+    def attach_model(self, model, tokenizer=None):
+        from relevance_predictor import load_or_train
+        pred = load_or_train(model, tokenizer, variant=self.variant)
+        if self.random_predictor:
+            import copy
+            pred = copy.deepcopy(pred)
+            g = torch.Generator().manual_seed(0)
+            pred.w.data = torch.randn(pred.w.shape, generator=g).to(pred.w.device)
+        self.predictor = pred
+        share = pred.layer_share.tolist() if self.layer_shares else [1.0] * pred.n_layers
+        self.shares = share
+        self.retrieval = set()
+        if self.retrieval_layers:
+            if self.retrieval_layers >= pred.n_layers:
+                raise UserError(f"retrieval_layers {self.retrieval_layers}: accepted are 0 to {pred.n_layers - 1}")
+            from relevance_predictor import induction_scores
+            scores = induction_scores(model).mean(1)
+            self.retrieval = set(scores.topk(self.retrieval_layers).indices.tolist())
+        self.controller = ThresholdController(pred.n_layers, fixed_threshold=self.fixed_threshold)
+        self.counts = None
+        self.passive: dict[int, PassiveStore] = {}
+        self.steps = 0
+
+    def recent_tokens(self, budget):
+        return self.n_recent if budget is None else min(self.n_recent, budget // 2)
+
+    def evict_to(self, layer, budget):
+        """With `consensus`, nothing here: `on_layer_done` evicts every layer after the last one."""
+        return None if self.consensus else self.keep_target(layer, budget)
+
+    def keep_target(self, layer, budget):
+        """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts only when
+        s % period == 0, to budget - period + 1: the steps in between add one entry each and stay within the
+        budget (period: evict_every, or a smaller layer budget)."""
+        if self.evict_every == 1 or layer.n_new > 1:
+            return budget
+        every = self.period(layer)
+        return max(1, budget - every + 1) if layer.decode_steps % every == 0 else None
+
+    def layer_budget(self, layer_idx, n_layers, budget):
+        if not self.retrieval:
+            return max(1, int(round(budget * self.shares[layer_idx])))
+        k, total = len(self.retrieval), budget * n_layers
+        context = self.cache.context_length or total
+        per_retrieval = min(context, int(total * self.retrieval_share / k))
+        if layer_idx in self.retrieval:
+            return max(1, per_retrieval)
+        return max(1, (total - k * per_retrieval) // (n_layers - k))
+
+    def _token_counts(self, ids: torch.Tensor) -> torch.Tensor:
+        V = self.predictor.token_flags.shape[0]
+        if self.counts is None or self.counts.shape[0] != ids.shape[0]:
+            self.counts = torch.zeros((ids.shape[0], V), device=ids.device)
+        from relevance_predictor import HandcraftedFeatureExtractor
+        return HandcraftedFeatureExtractor.count_tokens(self.counts, ids)
+
+    def predictor_on(self, device):
+        """The predictor on a layer's device (layers may sit on several devices under --device_map)."""
+        if self.predictor.w.device == device:
+            return self.predictor
+        copies = self.__dict__.setdefault("_pred_copies", {})
+        if str(device) not in copies:
+            import copy
+            copies[str(device)] = copy.deepcopy(self.predictor).to(device)
+        return copies[str(device)]
+
+    def observe(self, layer, query, scaling):
+        """Remember what this update brings (its queries' window, token ids and hidden states), and score the layer
+        when it is due to evict (`scoring_due`): between evictions a decode step adds no scoring work, and the
+        scoring step then adds every pending step's attention to the running statistic, one step after another."""
+        if layer.layer_idx == 0 and current_input_ids() is not None:
+            self._token_counts(current_input_ids().to(layer.device))
+        q = layer.n_new
+        ids, hid = current_input_ids(), current_hidden(layer.layer_idx)
+        self.scaling = scaling
+        pending = self.__dict__.setdefault("_pending", {}).setdefault(layer.layer_idx, [])
+        pending.append((query[:, :, -min(self.window, q):], ids[:, -q:] if ids is not None and ids.shape[1] >= q
+                        else None, hid[:, -q:] if hid is not None else None, q))
+        if self.scoring_due(layer):
+            self.score_pending(layer)
+
+    def scoring_due(self, layer) -> bool:
+        """A chunk always scores; a decode step scores when it evicts (every evict_every steps), or always with
+        promotion (recalled entries compete at once) or consensus (one ranking across layers)."""
+        return (layer.n_new > 1 or self.evict_every == 1 or self.promote or self.consensus
+                or layer.decode_steps % self.period(layer) == 0)
+
+    def period(self, layer) -> int:
+        """Decode steps between evictions: evict_every, or the layer's budget when that is smaller (the steps in
+        between add one entry each, and must fit in the budget)."""
+        budget = layer.budget()
+        return self.evict_every if budget is None else max(1, min(self.evict_every, budget))
+
+    def settle(self, cache) -> None:
+        """Score what is pending on every layer now (before the fast path takes the cache over)."""
+        for layer in cache.layers:
+            if self.__dict__.get("_pending", {}).get(layer.layer_idx):
+                self.score_pending(layer)
+
+    def score_pending(self, layer):
+        from relevance_predictor import AttentionStatisticsExtractor as A, HandcraftedFeatureExtractor as Hf
+        pred, l = self.predictor_on(layer.device), layer.layer_idx
+        pending = self._pending.pop(l)
+        B, Hkv, S = layer.positions.shape
+        n = sum(p[3] for p in pending)        # the newest n entries came with the pending steps
+        layer.pad_extras()
+        if "tok" not in layer.extras:
+            layer.extras["tok"] = torch.zeros((B, Hkv, S), device=layer.device)
+            layer.extras["h"] = torch.zeros((B, Hkv, S, pred.h_proj.shape[-1]), device=layer.device)
+            layer.extras["acc"] = torch.zeros((B, Hkv, S), device=layer.device)
+        new_ids = torch.cat([p[1] if p[1] is not None else torch.zeros((B, p[3]), dtype=torch.long)
+                             for p in pending], 1).to(layer.device)
+        layer.extras["tok"][:, :, S - n:] = new_ids[:, None, :].float()
+        if all(p[2] is not None for p in pending):
+            new_h = pred.project_hidden(l, torch.cat([p[2] for p in pending], 1))
+            layer.extras["h"][:, :, S - n:] = new_h[:, None].float()
+        # every pending step's window over the keys it saw: its queries are new entries offset + q - w .. offset + q
+        rows, offset = [], 0
+        for win, _, _, q in pending:
+            rows.append(torch.arange(offset + q - win.shape[2], offset + q, device=layer.device))
+            offset += q
+        queries = torch.cat([p[0] for p in pending], 2)
+        attn = window_attention(queries, layer.keys, layer.valid, n, scaling=self.scaling,
+                                window=queries.shape[2], q_new_idx=torch.cat(rows))
+        first = 0
+        for win, _, _, _ in pending:
+            w = win.shape[2]
+            mean, mx, spread = A.window_stats(attn[:, :, first:first + w], Hkv)
+            layer.extras["acc"] = layer.extras["acc"] + mean
+            first += w
+        a = A.features(mean, mx, layer.extras["acc"], spread)     # the last step's window, as when it came
+        tok = layer.extras["tok"].long()
+        counts = self.counts.to(layer.device) if self.counts is not None else None
+        freq = counts.gather(1, tok.flatten(1)).view(B, Hkv, S) if counts is not None else \
+            torch.zeros_like(layer.extras["acc"])
+        f = Hf.features(layer.positions, layer.cumulative_length, layer.keys, layer.values, tok,
+                        pred.token_flags, freq, self.n_sink)
+        x = torch.cat([layer.extras["h"], a, f], dim=-1)
+        r = pred(l, x)
+        if self.span > 1:  # keep spans: an entry is as relevant as its most relevant neighbour
+            r = F.max_pool1d(r.flatten(0, 1)[:, None], self.span, 1, self.span // 2)[:, 0].view(B, Hkv, -1)[..., :S]
+        layer.extras["r"] = r
+
+    def score(self, layer):
+        return layer.extras["r"]
+
+    def select(self, layer, budget):
+        return self.controller.select(layer.layer_idx, self.score(layer).masked_fill(~layer.valid, -1.0),
+                                      layer.protected(), budget)
+
+    def on_layer_done(self, cache, layer_idx):
+        """consensus: after the last layer, every layer keeps its budget by one ranking of the positions, their r
+        averaged over all the layers and heads that store them, so that a span is kept or lost everywhere at once
+        (feasibility: a needle partly kept across layers and heads is a needle lost)."""
+        if not self.consensus or layer_idx != cache.num_layers - 1 or cache.fits():
+            return
+        dev = cache.layers[0].device
+        B, T = cache.layers[0].positions.shape[0], cache.layers[0].cumulative_length
+        total = torch.zeros((B, T), device=dev)
+        count = torch.zeros((B, T), device=dev)
+        for layer in cache.layers:
+            pos = layer.positions.flatten(1).to(dev)
+            total.scatter_add_(1, pos, layer.extras["r"].flatten(1).float().to(dev))
+            count.scatter_add_(1, pos, torch.ones_like(pos, dtype=torch.float))
+        mean_r = total / count.clamp(min=1)
+        for layer in cache.layers:
+            keep = self.keep_target(layer, layer.budget())
+            if keep is None or layer.stored_length() <= keep:
+                continue
+            # the consensus replaces the layer's own r for this decision (observe recomputes r every update)
+            layer.extras["r"] = mean_r.to(layer.device).gather(1, layer.positions.flatten(1)).view(
+                layer.positions.shape)
+            layer.keep_indices(self.select(layer, keep))
+
+    def on_evict(self, layer, idx):
+        if not self.external_memory:
+            return
+        if self.recall_scoring not in ("exact", "pages"):
+            from utils import UserError
+            raise UserError(f"recall_scoring {self.recall_scoring!r}: accepted are 'exact' and 'pages'")
+        page = self.page_size if self.recall_scoring == "pages" else 1
+        if layer.layer_idx not in self.passive:
+            self.passive[layer.layer_idx] = PassiveStore(page, self.passive_limit, layer.device.type == "cuda")
+        take = lambda t: gather_entries(t, idx)  # noqa: E731
+        extras = {n: take(t) for n, t in layer.extras.items() if n in ("tok", "h", "acc")} if self.promote else None
+        self.passive[layer.layer_idx].add(take(layer.keys), take(layer.values), take(layer.positions),
+                                          take(layer.valid), extras)
+
+    def attend(self, layer, module, query, keys, values, mask, scaling):
+        store = self.passive.get(layer.layer_idx) if self.external_memory else None
+        if layer.layer_idx == 0:
+            self.steps += 1
+        due = layer.n_new > 1 or (self.steps % max(1, self.recall_every) == 0)
+        if store is None or (store.size == 0 and store.pend is None) or not due:
+            return super().attend(layer, module, query, keys, values, mask, scaling)
+        n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
+        rec = store.recall(query[:, :, -self.window:], n_tok // store.page_size)  # the copy starts (side stream)
+        o1, lse1 = attention_lse(query, keys, values, mask, scaling)             # meanwhile: the active cache
+        rec.wait()
+        B, Hq, q, _ = query.shape
+        rmask = repeat_heads(rec.valid, Hq // keys.shape[1])[:, :, None, :].expand(B, Hq, q, -1)
+        o2, lse2 = attention_lse(query, rec.k, rec.v, rmask, scaling)
+        self.last_recall = rec.k.shape[2]
+        if self.promote and store.k is not None and store.page_size == 1:
+            self._promote(layer, store, rec)
+        return merge_attention(o1, lse1, o2, lse2).to(query.dtype)
+
+    def _promote(self, layer, store, rec):
+        """Move the recalled entries into the active cache, in front of the stored ones (the new tokens stay
+        last). The relevance of every entry is then recomputed (`observe`) and the controller's eviction keeps the
+        layer within budget: recalled entries whose r beats tau_l stay active, the others go back to the store."""
+        n = store.last_idx.shape[2]
+        dev = layer.device
+        k, v = rec.k[:, :, :n], rec.v[:, :, :n]
+        layer.keys, layer.values = torch.cat([k, layer.keys], 2), torch.cat([v, layer.values], 2)
+        layer.positions = torch.cat([store.last_positions.to(dev), layer.positions], 2)
+        layer.valid = torch.cat([rec.valid[:, :, :n], layer.valid], 2)
+        for name, t in layer.extras.items():
+            old = store.last_extras.get(name)
+            old = old.to(dev, t.dtype) if old is not None else t.new_zeros(t.shape[:2] + (n,) + t.shape[3:])
+            layer.extras[name] = torch.cat([old, t], 2)
+        store.remove_recalled()
+
+    def aux_nbytes(self, layer):
+        store = self.passive.get(layer.layer_idx) if self.external_memory else None
+        return 0 if store is None else store.device_nbytes()
+
+
+METHODS["atskv"] = ATSKV

@@ -1,0 +1,243 @@
+"""ATSKV's external memory: a passive store per layer in host memory for what the active cache evicts, and recall of
+the entries the current queries need into attention (merged with the active cache's attention by log-sum-exp)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cache_framework import gather_entries, repeat_heads
+
+
+class PassiveStore:
+    """One layer's evicted KV (CPU memory, pinned when CUDA is present). Recall copies the entries the current
+    queries need to the device for the current attention call; each query votes with a softmax over the candidates,
+    summed over the queries and the group's heads, and the top candidates are taken per KV head.
+
+    page_size 1 ("exact" scoring): candidates are single entries scored by q.k against the passive keys where they
+    live (host memory: no device summaries). page_size > 1 ("pages", Quest): candidates are pages of `page_size`
+    evicted entries, scored by the upper bound of q.k from the element-wise min/max of their keys, kept on the
+    device.
+
+    On CUDA both directions are asynchronous on a side stream (`stream`): an eviction's device-to-host copy into
+    pinned memory runs while the model computes on (the host side waits for it only when it next reads the store),
+    and a recall's host-to-device copy runs while the attention over the active cache is computed (`Recalled.wait`
+    makes the compute stream wait for it just before the recalled entries are used)."""
+
+    def __init__(self, page_size: int = 16, limit: int | None = None, use_stream: bool = False):
+        self.page_size, self.limit, self.use_stream = page_size, limit, use_stream
+        self.k = self.v = self.pos = self.valid = None   # (B, H, N, D) / (B, H, N) on the host
+        self.extras: dict[str, torch.Tensor] = {}        # per-entry method state kept with the entry (promotion)
+        self.kmin = self.kmax = None                     # (B, H, N_pages, D) on the device
+        self.pend = None                                 # entries not yet forming a whole page (device)
+        self.pend_extras: dict[str, torch.Tensor] = {}
+        self.chunks: list[tuple] = []                    # offloads in flight: (host tensors, extras, done event)
+        self._buf: dict[str, torch.Tensor] = {}          # host buffers with spare capacity; k, v, ... are views
+        self.size = 0
+
+    def add(self, k, v, pos, valid, extras: dict | None = None):
+        """Append evicted entries. Entries wait in a small device-side buffer until a whole page has formed (so
+        single-token evictions during decoding do not make pages of one); the buffer is always attended."""
+        cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+        k, v = k.detach(), v.detach()  # the store holds data, never a piece of an autograd graph
+        extras = {n: t.detach() for n, t in (extras or {}).items()}
+        self.pend = [cat(a, b) for a, b in zip(self.pend, (k, v, pos, valid))] if self.pend else [k, v, pos, valid]
+        self.pend_extras = {n: cat(self.pend_extras.get(n), t) for n, t in extras.items()}
+        P = self.page_size
+        n_full = (self.pend[0].shape[2] // P) * P
+        if n_full:
+            whole = [t[:, :, :n_full] for t in self.pend]
+            whole_ex = {n: t[:, :, :n_full] for n, t in self.pend_extras.items()}
+            self.pend = [t[:, :, n_full:] for t in self.pend]
+            self.pend_extras = {n: t[:, :, n_full:] for n, t in self.pend_extras.items()}
+            self._add_pages(*whole, whole_ex)
+
+    def _offload(self, tensors: list[torch.Tensor]):
+        """Device -> host copies; on CUDA into pinned buffers on the side stream, not waited for here."""
+        if not (self.use_stream and tensors[0].is_cuda):
+            return [t.to("cpu") for t in tensors], None
+        stream = side_stream(tensors[0].device)
+        ready = torch.cuda.Event()
+        ready.record()                                  # the tensors are complete on the compute stream
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+                t.record_stream(stream)                 # keep the device memory alive until the copy is done
+            done = torch.cuda.Event()
+            done.record()
+        return host, done
+
+    def _add_pages(self, k, v, pos, valid, extras):
+        P = self.page_size
+        if P > 1:
+            pages = k.unflatten(2, (-1, P))
+            cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
+            self.kmin, self.kmax = cat(self.kmin, pages.amin(3)), cat(self.kmax, pages.amax(3))
+        names = sorted(extras)
+        host, done = self._offload([k, v, pos, valid] + [extras[n] for n in names])
+        self.chunks.append((host[:4], dict(zip(names, host[4:])), done))
+        self.size += k.shape[2]
+        if self.limit is not None and self.size > self.limit:
+            self.settle()
+
+    def settle(self):
+        """Join the offloads in flight into the host store (waiting for their copies) and apply the limit."""
+        if not self.chunks:
+            return
+        for _, _, done in self.chunks:
+            if done is not None:
+                done.synchronize()
+        n, new = self.size_settled(), sum(c[0][0].shape[2] for c in self.chunks)
+        fields = {"k": 0, "v": 1, "pos": 2, "valid": 3}
+        for name in list(fields) + [f"x:{e}" for e in self.chunks[0][1]]:
+            parts = [c[0][fields[name]] if name in fields else c[1][name[2:]] for c in self.chunks]
+            held = getattr(self, name) if name in fields else self.extras.get(name[2:])
+            buf = self._buf.get(name)
+            if buf is None or buf.shape[2] < n + new:  # grow by doubling: appending is amortised O(new)
+                cap = max(n + new, 2 * n)
+                buf = torch.empty(parts[0].shape[:2] + (cap,) + parts[0].shape[3:], dtype=parts[0].dtype,
+                                  pin_memory=self.use_stream)  # pinned: recall's copies to the device start there
+                if n:
+                    buf[:, :, :n] = held
+                self._buf[name] = buf
+            o = n
+            for t in parts:
+                buf[:, :, o:o + t.shape[2]] = t
+                o += t.shape[2]
+            if name in fields:
+                setattr(self, name, buf[:, :, :n + new])
+            else:
+                self.extras[name[2:]] = buf[:, :, :n + new]
+        self.chunks = []
+        P = self.page_size
+        if self.limit is not None and self.k.shape[2] > self.limit:  # drop the oldest pages beyond the limit
+            drop = ((self.k.shape[2] - self.limit + P - 1) // P) * P
+            self._keep(slice(drop, None))
+            if self.kmin is not None:
+                self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
+        self.size = self.k.shape[2]
+
+    def size_settled(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def __getstate__(self):  # a deep copy (one compressed context, several questions) joins the copies in flight
+        self.settle()
+        state = dict(self.__dict__)
+        state["_buf"] = {}  # the views are copied, not the spare capacity behind them
+        return state
+
+    def _keep(self, sel):
+        self.k, self.v, self.pos, self.valid = (t[:, :, sel] for t in (self.k, self.v, self.pos, self.valid))
+        self.extras = {n: t[:, :, sel] for n, t in self.extras.items()}
+        self._buf = {}  # compacted: the next settle starts new buffers
+
+    def recall(self, query: torch.Tensor, n_pages: int) -> "Recalled":
+        """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n_pages x P + pending, D), on their way to the
+        device (`Recalled.wait()` before use)."""
+        self.settle()
+        dev = query.device
+        if self.k is None:
+            self.last_positions = self.pend[2].cpu()
+            return Recalled(self.pend[0], self.pend[1], self.pend[3], None, None)
+        B, Hq, q, D = query.shape
+        Hkv = self.k.shape[1]
+        if self.page_size == 1:  # exact q.k where the keys live
+            qg = query.view(B, Hkv, Hq // Hkv, q, D).to(self.k.device, torch.float32)
+            ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.k.float())
+            ub = ub.masked_fill(~self.valid[:, :, None, None, :], float("-inf"))
+        else:
+            qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
+            # upper bound of q.k over a page: per channel, q times the page's max (q > 0) or min (q < 0)
+            ub = torch.maximum(qg[..., None, :] * self.kmin[:, :, None, None].float(),
+                               qg[..., None, :] * self.kmax[:, :, None, None].float()).sum(-1)  # (B,Hkv,G,q,pages)
+        # each query votes with a softmax over the pages (as SnapKV's window votes over tokens): a few queries with
+        # large bounds everywhere (sink-like heads) then cannot drown the query that looks for one page
+        page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
+        n_pages = min(n_pages, page_score.shape[-1])
+        pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
+        P = self.page_size
+        idx = (pages[..., None] * P + torch.arange(P)).flatten(-2)  # (B, Hkv, n_pages x P), host
+        self.last_idx = idx
+        pinned = self.use_stream and dev.type == "cuda"
+
+        def gather(t):  # into a pinned buffer when the copy to the device is to be asynchronous
+            return gather_entries(t, idx, out=torch.empty(idx.shape + t.shape[3:], dtype=t.dtype, pin_memory=pinned))
+        host = [gather(self.k), gather(self.v), gather(self.valid)]
+        self.last_positions = gather_entries(self.pos, idx)
+        self.last_extras = {n: gather_entries(t, idx) for n, t in self.extras.items()}
+        if pinned:
+            with torch.cuda.stream(side_stream(dev)):
+                k, v, valid = (t.to(dev, non_blocking=True) for t in host)
+                done = torch.cuda.Event()
+                done.record()
+        else:
+            (k, v, valid), done = (t.to(dev) for t in host), None
+        return Recalled(k, v, valid, self.pend, done)
+
+    def remove_recalled(self) -> None:
+        """Take the entries of the last recall out of the store (they were promoted into the active cache)."""
+        keep = torch.ones(self.valid.shape, dtype=torch.bool).scatter_(2, self.last_idx, False)
+        n = int(keep[0, 0].sum())
+        take = lambda t: t[keep].view(t.shape[0], t.shape[1], n, *t.shape[3:])  # noqa: E731
+        self.k, self.v, self.pos, self.valid = take(self.k), take(self.v), take(self.pos), take(self.valid)
+        self.extras = {name: take(t) for name, t in self.extras.items()}
+        self._buf = {}
+        self.size = n
+
+    def nbytes(self) -> int:
+        held = [(self.k, self.v)] + [(h[0], h[1]) for h, _, _ in self.chunks]
+        return sum(k.nbytes + v.nbytes for k, v in held if k is not None)
+
+    def device_nbytes(self) -> int:
+        pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
+        return pend + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    """One side stream per CUDA device for the passive stores' copies (kept out of the caches so they deep-copy)."""
+    key = torch.device(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+    return _SIDE_STREAMS[key]
+
+
+class Recalled:
+    """Recalled entries on their way to the device, plus the store's pending (device) buffer."""
+
+    def __init__(self, k, v, valid, pend, done):
+        self.k, self.v, self.valid, self.pend, self.done = k, v, valid, pend, done
+
+    def wait(self):
+        """Make the compute stream wait for the copy, then append the pending buffer."""
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
+            for t in (self.k, self.v, self.valid):
+                t.record_stream(torch.cuda.current_stream())
+            self.done = None
+        if self.pend is not None and self.pend[0].shape[2]:
+            self.k, self.v = torch.cat([self.k, self.pend[0]], 2), torch.cat([self.v, self.pend[1]], 2)
+            self.valid = torch.cat([self.valid, self.pend[3]], 2)
+            self.pend = None
+        return self
+
+
+def attention_lse(query, keys, values, mask, scaling):
+    """Softmax attention (B, H_q, q, D) and its log-sum-exp (B, H_q, q, 1), float32: two parts of one attention
+    computed apart (the active cache, then the recalled entries) merge exactly by their log-sum-exps."""
+    n_kv = query.shape[1] // keys.shape[1]
+    logits = torch.matmul(query.float(), repeat_heads(keys, n_kv).float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse.clamp_min(-1e30)).nan_to_num(0.0)
+    return torch.matmul(probs, repeat_heads(values, n_kv).float()), lse
+
+
+def merge_attention(o1, lse1, o2, lse2):
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m).nan_to_num(0.0), torch.exp(lse2 - m).nan_to_num(0.0)
+    return (w1 * o1 + w2 * o2) / (w1 + w2)

@@ -1,0 +1,83 @@
+"""How the project is built: no import cycles among its modules (lazy imports included), and no module writes
+another module's private globals. The same check from a shell: `python tests/test_structure.py`."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_modules() -> dict[str, Path]:
+    mods = {p.stem: p for p in ROOT.glob("*.py")}
+    mods.update({f"kernels.{p.stem}": p for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__"})
+    mods["kernels"] = ROOT / "kernels" / "__init__.py"
+    return mods
+
+
+def imports_of(path: Path, mods) -> dict[str, str]:
+    """{alias in this file: project module it names}, from every import statement, at any depth."""
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in mods:
+                    out[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                if sub in mods:
+                    out[a.asname or a.name] = sub
+                elif node.module in mods:
+                    out.setdefault(f"<from {node.module}>", node.module)
+    return out
+
+
+def import_cycles() -> list[list[str]]:
+    mods = project_modules()
+    graph = {m: sorted(set(imports_of(p, mods).values()) - {m}) for m, p in mods.items()}
+    cycles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in graph[m]:
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    return cycles
+
+
+def private_writes() -> list[str]:
+    """`module._name = ...` (or +=, `del`, `module._name[...] = ...`, or a call of one of its methods such as
+    `module._name.pop(...)`) where `module` is another project module."""
+    mods, found = project_modules(), []
+    for name, path in mods.items():
+        aliases = imports_of(path, mods)
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
+                [node.target] if isinstance(node, ast.AugAssign) else \
+                [node.func.value] if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else []
+            for t in targets:
+                if isinstance(t, ast.Subscript):
+                    t = t.value
+                if isinstance(t, ast.Attribute) and t.attr.startswith("_") and isinstance(t.value, ast.Name) \
+                        and aliases.get(t.value.id, name) != name:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} writes {t.value.id}.{t.attr}")
+    return found
+
+
+def test_the_projects_modules_import_each_other_without_cycles():
+    assert import_cycles() == []
+
+
+def test_no_module_writes_another_modules_private_globals():
+    assert private_writes() == []
+
+
+if __name__ == "__main__":
+    print("import cycles:", import_cycles() or "none")
+    print("private writes:", private_writes() or "none")
