@@ -8,8 +8,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def project_modules() -> dict[str, Path]:
     mods = {p.stem: p for p in ROOT.glob("*.py")}
-    mods.update({f"kernels.{p.stem}": p for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__"})
-    mods["kernels"] = ROOT / "kernels" / "__init__.py"
+    for pkg in ("evals", "kernels"):
+        mods.update({f"{pkg}.{p.stem}": p for p in (ROOT / pkg).glob("*.py") if p.stem != "__init__"})
+        mods[pkg] = ROOT / pkg / "__init__.py"
     return mods
 
 

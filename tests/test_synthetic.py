@@ -99,7 +99,8 @@ def test_multi_question_sample_asks_about_four_facts_at_spread_depths(tokenizer)
 def test_multi_question_compresses_once_and_answers_each_question_from_a_copy(model, tokenizer, monkeypatch):
     s = ev.make_synthetic_sample(tokenizer, "multi_question", 512, 0.25, 4)
     made, context_reads = [], []
-    make_cache, forward_chunked = ev.make_cache, ev.forward_chunked
+    from evals import harness                                  # where run_multi_question finds them
+    make_cache, forward_chunked = harness.make_cache, harness.forward_chunked
 
     def spy_make_cache(*a, **k):
         made.append(make_cache(*a, **k))
@@ -110,8 +111,8 @@ def test_multi_question_compresses_once_and_answers_each_question_from_a_copy(mo
             context_reads.append(ids.shape[1])
         return forward_chunked(model_, cache, ids, chunk, start)
 
-    monkeypatch.setattr(ev, "make_cache", spy_make_cache)
-    monkeypatch.setattr(ev, "forward_chunked", spy_forward)
+    monkeypatch.setattr(harness, "make_cache", spy_make_cache)
+    monkeypatch.setattr(harness, "forward_chunked", spy_forward)
     r = ev.run_multi_question(model, tokenizer, s, "sliding_window", 0.5, {}, "question_agnostic", 256)
     assert len(made) == 1 and context_reads == [r["context_tokens"]]        # one cache, the context read once
     assert made[0][0].get_seq_length() == r["context_tokens"]              # the questions went into copies

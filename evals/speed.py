@@ -1,0 +1,299 @@
+"""Decode-speed benchmarks: the plain path (HF's loop through a cache), the fast path, the largest batch that
+fits, profiles of a step, and a check that the fast path answers as the plain loop does."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from evals.harness import MAX_NEW_TOKENS, _sync, encode_prompt, forward_chunked, make_cache, run_generation
+from evals.synthetic import Sample, answer_complete, score_synthetic
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed: the plain decode loop against the fast (static-shape, CUDA-graph) path, beside the memory floor
+
+def device_bandwidth_gbs(device) -> float:
+    """Measured copy bandwidth of the device (bytes read + written per second, GB/s): the floor's denominator."""
+    device = torch.device(device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB of float32 on a GPU, 64 MiB on a CPU
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    t = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * src.nbytes * reps / (time.perf_counter() - t) / 1e9
+
+
+def _peak_reset(dev):
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev) -> int:
+    return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
+
+
+def _dtype_name(model) -> str:
+    return str(model.dtype).replace("torch.", "")
+
+
+def _prefill_random(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None,
+                    chunk: int, seed: int):
+    """A batch of random-token contexts (speed only: the values do not matter) prefilled with the method (chunked,
+    the plain path), device peak memory counted from the prefill on. Returns the cache, the last logits and the
+    prefill's seconds."""
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, context),
+                        generator=torch.Generator().manual_seed(seed)).to(dev)
+    cache, _ = make_cache(method, model, budget, context, params, tokenizer)
+    _peak_reset(dev)
+    _sync(dev)
+    t = time.perf_counter()
+    logits = forward_chunked(model, cache, ids, chunk)
+    _sync(dev)
+    return cache, logits, time.perf_counter() - t
+
+
+def timing_probe(dev) -> dict:
+    """How fast the machine runs a fixed piece of work right now (ms of 8 fp32 256x256 matmuls, median of 5), and
+    the load average: the report marks cells whose times were taken on a busier or freer machine."""
+    import os
+    import statistics
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(dev)  # the global RNG is left alone
+    times = []
+    for _ in range(5):
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(8):
+            a = torch.tanh(a @ a)
+        _sync(dev)
+        times.append(1000 * (time.perf_counter() - t))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"probe_ms": statistics.median(times), "load1": load}
+
+
+def _time_run(dev, fn, n: int) -> float:
+    """Mean milliseconds of `fn` over n consecutive calls (one pair of CUDA events around all of them)."""
+    _sync(dev)
+    if dev.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / n
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1000 * (time.perf_counter() - t) / n
+
+
+def plain_decode_ms(model, cache, tok, pos: int, steps: int, warm_up: int = 2):
+    """HF's plain decode loop through `cache` (one forward per token, greedy): the mean milliseconds of a step over
+    `steps` consecutive steps, rounded up to whole cycles of a method that evicts every few steps (evict_every), so
+    that its evicting steps count as often as they come. Returns (ms, the next token, the next position)."""
+    dev, batch = model.device, tok.shape[0]
+
+    def step():
+        nonlocal tok, pos
+        p = torch.tensor([pos], device=dev)
+        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(batch, -1))
+        tok = out.logits[:, -1].argmax(-1)
+        pos += 1
+    for _ in range(warm_up):
+        step()
+    every = getattr(getattr(cache, "method", None), "evict_every", 1)
+    return _time_run(dev, step, -(-steps // every) * every), tok, pos
+
+
+@torch.no_grad()
+def measure_plain_decode(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
+                         params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
+    """The plain path alone (what `model.generate(past_key_values=cache)` runs): a batch of random-token contexts
+    prefilled with the method, then the mean decode step over whole eviction cycles (`plain_decode_ms`)."""
+    from sparse_kv_cache import cache_nbytes
+    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    ms, _, _ = plain_decode_ms(model, cache, logits.argmax(-1), context, steps)
+    return [{"benchmark": "speed_plain", "method": method, "budget": budget, "context": context, "batch": batch,
+             "dtype": _dtype_name(model), "path": "hf_plain", "steps": steps, "decode_ms": ms,
+             "tok_s": 1000.0 * batch / ms, "prefill_s": prefill_s, "kv_bytes": cache_nbytes(cache)}]
+
+
+@torch.no_grad()
+def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
+                         plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
+                         params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
+    """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
+    method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
+    method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
+    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
+    on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
+    each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
+    Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps; fast: the mean of `steps`
+    consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while
+    decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
+    from fast_decode import StaticDecoder, memory_floor_ms
+    from sparse_kv_cache import cache_nbytes
+    dev = model.device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    prefill_peak = _peak(dev)
+    _peak_reset(dev)
+    plain_ms, tok, pos = plain_decode_ms(model, cache, logits.argmax(-1), context, plain_steps)
+    base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
+            "compile": compile, "dtype": _dtype_name(model), "weights_bytes": weights,
+            "bandwidth_gbs": bandwidth_gbs, "prefill_s": prefill_s, "prefill_peak_bytes": prefill_peak}
+
+    def rec(path, ms, kv_read, peak):
+        floor = memory_floor_ms(weights, kv_read, bandwidth_gbs) if bandwidth_gbs else None
+        return {**base, "path": path, "decode_ms": ms, "tok_s": 1000.0 * batch / ms, "kv_bytes_read": kv_read,
+                "decode_peak_bytes": peak, "floor_ms": floor, "x_floor": ms / floor if floor else None}
+    out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))]
+    every = getattr(getattr(cache, "method", None), "evict_every", 1)
+    n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
+    dec = StaticDecoder.from_cache(model, method, cache, pos, 2 * n + 4 * every + 16, compile=compile)
+    cache = None
+    base["attn_kernel"] = dec.attn_kernel   # the Triton decode attention (else SDPA)
+    dec.tok.copy_(tok)
+    dec.t.zero_()
+    _peak_reset(dev)
+    dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
+    _sync(dev)
+    out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
+    def variant_ms():   # atskv with evict_every: each variant's step alone (the evicting one last, so that the
+        # state is the one after an eviction again)
+        vs = sorted(dec.variants(), key=lambda v: v.endswith("evict"))
+        return {v: _time_run(dev, lambda: dec.run_variant(v), n) for v in vs} if len(vs) > 1 else None
+    out[-1]["variant_ms"] = variant_ms()
+    if dec.method != "full":
+        dec.set_scoring(False)
+        dec.warm_up()
+        out.append(rec("fast_bare", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
+        out[-1]["variant_ms"] = variant_ms()
+    return out
+
+
+@torch.no_grad()
+def profile_decode_step(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None = None,
+                        compile: bool = False, steps: int = 2, top: int = 12, chunk: int = 512,
+                        seed: int = 0) -> list[dict]:
+    """Where a fast decode step's time goes: per variant of the step (atskv with evict_every: the step that evicts
+    and the one that does not; compressed methods: also the step without scoring), run eagerly (a replayed CUDA
+    graph hides its kernels from the profiler) after two warm-up steps, `steps` steps under torch.profiler. On a GPU
+    it counts CUDA kernels and their device time, elsewhere CPU operators and their self time."""
+    from torch.profiler import ProfilerActivity, profile
+    from fast_decode import StaticDecoder
+    dev = model.device
+    cuda = dev.type == "cuda"
+    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
+    dec.tok.copy_(logits.argmax(-1))
+    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    out = []
+    plan = dec.variants()
+    if method != "full":
+        dec.set_scoring(False)
+        plan += dec.variants()
+    for variant in plan:
+        dec.set_scoring(not variant.startswith("bare"))
+        for _ in range(2):
+            dec._step(variant)
+        _sync(dev)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                dec._step(variant)
+            _sync(dev)
+        events = [e for e in prof.key_averages() if spent(e) > 0]
+        events.sort(key=lambda e: -spent(e))
+        out.append({"benchmark": "speed_profile", "method": method, "budget": budget, "context": context,
+                    "batch": batch, "variant": variant, "unit": "CUDA kernels" if cuda else "CPU operators",
+                    "dtype": _dtype_name(model), "compile": compile,
+                    "per_step": sum(e.count for e in events) / steps,
+                    "ms_per_step": sum(spent(e) for e in events) / steps / 1000,
+                    "top": [{"name": e.key[:120], "ms_per_step": spent(e) / steps / 1000, "per_step": e.count / steps}
+                            for e in events[:top]]})
+    return out
+
+
+@torch.no_grad()
+def largest_decode_batch(model, tokenizer, method: str, budget, context: int, params: dict | None = None,
+                         start: int = 64, limit: int = 1 << 16, chunk: int = 512) -> dict:
+    """The largest batch whose decode state fits in the device's memory beside the weights: one random-token
+    context is prefilled (the plain path), its slot cache is repeated to batch B and two decode steps run; B doubles
+    from `start` until memory runs out, then a bisection narrows it to within 3%. Prefill is not part of it (a
+    serving system prefills in micro-batches)."""
+    import gc
+    from fast_decode import StaticDecoder
+    dev = model.device
+    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed=0)
+    one = StaticDecoder.from_cache(model, method, cache, context, 8, use_graph=False)
+    one.tok.copy_(logits.argmax(-1))
+    per_seq = one.kv_bytes()
+    del cache
+
+    def fits(b: int) -> bool:
+        dec = None
+        try:
+            dec = one.repeated(b)
+            dec.step()
+            dec.step()
+            _sync(dev)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            del dec
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    lo, hi = 0, None
+    b = start
+    while b <= limit:
+        if fits(b):
+            lo, b = b, b * 2
+        else:
+            hi = b
+            break
+    while hi is not None and hi - lo > max(1, lo // 33):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    return {"benchmark": "speed_max_batch", "method": method, "budget": budget, "context": context,
+            "max_batch": lo, "limit_reached": hi is None, "kv_bytes_per_sequence": per_seq,
+            "device_memory_bytes": total, "dtype": _dtype_name(model)}
+
+
+@torch.no_grad()
+def check_fast_answers(model, tokenizer, method: str, budget, samples: list[Sample], chunk: int = 512,
+                       compile: bool = False, params: dict | None = None) -> dict:
+    """The synthetic benchmark through the plain loop and through the fast path: the same prompts, prefill and
+    stop rules. Returns how many predictions are identical and both scores."""
+    same, sp, sf = 0, 0.0, 0.0
+    diffs = []
+    for s in samples:
+        ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+        preds = []
+        for fast in (False, True):
+            cache, _ = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
+            r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16),
+                               chunk=chunk, stop_when=answer_complete(s), fast=fast, compile=compile)
+            preds.append(r["prediction"])
+        same += preds[0] == preds[1]
+        sp += score_synthetic(s, preds[0])
+        sf += score_synthetic(s, preds[1])
+        if preds[0] != preds[1]:
+            diffs.append({"id": s.id, "plain": preds[0], "fast": preds[1]})
+    n = len(samples)
+    return {"benchmark": "speed_answers", "method": method, "budget": budget, "task": samples[0].task if n else "",
+            "context": samples[0].context_size if n else 0, "n": n, "same": same,
+            "score_plain": 100 * sp / max(1, n), "score_fast": 100 * sf / max(1, n), "differences": diffs[:5],
+            "dtype": _dtype_name(model)}
