@@ -2,8 +2,16 @@
 
 All take the same budget (fraction of the context or tokens per layer) and really evict: kept entries are gathered
 into new, smaller tensors. Under chunked prefill each method runs after every chunk, with that chunk's last queries
-as its observation window; during decoding the budget is held by evicting the lowest stored score (the most recent
-`window` tokens are protected), where the original methods let the cache grow.
+as its observation window.
+
+Decoding is a policy of its own (`decode`, for SnapKV, PyramidKV, DynamicKV and RocketKV):
+- "grow" (default; the papers' and their official code's policy): the prompt is compressed, and every generated
+  token is kept, so the cache grows by one entry a step;
+- "hold": the budget holds while decoding. Each decode step's query is one more query of the method's observation
+  window: its pooled attention enters the scores as a moving average over `window` steps, so generated tokens are
+  scored by the same rule as the prompt's (and protected while they are among the last `window`). This is ours: the
+  papers do not evict while decoding.
+H2O evicts while decoding by its own rule (accumulated attention), as in the paper.
 """
 from __future__ import annotations
 
@@ -37,23 +45,58 @@ def pooled_window_scores(layer, query, scaling, window: int, kernel: int, pool: 
     return s
 
 
+DECODE_POLICIES = ("grow", "hold")
+
+
+class DecodePolicy:
+    """`decode` for methods that compress the prompt (see the module's docstring): grow or hold."""
+    decode: str
+    group_reduce = "mean"
+
+    def check_decode(self):
+        if self.decode not in DECODE_POLICIES:
+            from utils import UserError
+            raise UserError(f"decode {self.decode!r} for method {self.name!r}: accepted are grow, hold")
+
+    def bind(self, cache):
+        self.check_decode()
+        super().bind(cache)
+
+    def evict_to(self, layer, budget):
+        return None if layer.n_new == 1 and self.decode == "grow" else budget
+
+    def rescore_on_decode(self, layer, query, scaling):
+        """hold: the step's query joins the observation window (a moving average of scores over `window` steps)."""
+        if self.decode != "hold" or "score" not in layer.extras:
+            return
+        new = pooled_window_scores(layer, query, scaling, 1, self.kernel, self.pool, self.group_reduce)
+        old = layer.extras["score"]
+        layer.extras["score"] = old + (new - old) / self.window
+
+
 @register_method
 @dataclass
-class SnapKV(KVMethod):
+class SnapKV(DecodePolicy, KVMethod):
     """SnapKV (Li et al., arXiv 2404.14469; FasterDecoding/SnapKV): keys are scored by the attention of the last
-    `window` queries (the observation window), average-pooled with `kernel`; the top ones and the window are kept.
-    Defaults are the paper's (window 32, kernel 5, avgpool). Per KV head the scores are averaged over the GQA group,
-    as in kvpress's SnapKVPress."""
+    `window` queries (the observation window), pooled with `kernel`; the top ones and the window are kept.
+    Defaults: the official LongBench reproduction's configuration (experiments/LongBench/scripts/run_longbench.sh:
+    `ablation_c4096_w32_k7_maxpool`, window 32, kernel 7, max pooling; KVCache-Factory runs SnapKV the same way).
+    Per KV head the scores are averaged over the GQA group, as in kvpress's SnapKVPress (the official code has one KV
+    head per query head)."""
     name = "snapkv"
     window: int = 32
-    kernel: int = 5
+    kernel: int = 7
+    pool: str = "max"
+    decode: str = "grow"
 
     def recent_tokens(self, budget):
         return self.window
 
     def observe(self, layer, query, scaling):
         if layer.n_new > 1:
-            layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel)
+            layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel, self.pool)
+        else:
+            self.rescore_on_decode(layer, query, scaling)
 
     def score(self, layer):
         return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))
@@ -62,19 +105,28 @@ class SnapKV(KVMethod):
 @register_method
 @dataclass
 class PyramidKV(SnapKV):
-    """PyramidKV (Cai et al., arXiv 2406.02069; Zefan-Cai/PyramidKV): SnapKV selection with per-layer budgets in an
-    arithmetic progression, more in lower layers: min = (B - w) / beta, max = 2 (B - w) - min, beta 20 (paper and
-    official code); the budgets sum to B x layers."""
+    """PyramidKV (Cai et al., arXiv 2406.02069; Zefan-Cai/PyramidKV, `PyramidKVCluster.update_kv`): SnapKV selection
+    with per-layer budgets in an arithmetic progression, more in lower layers. With B the budget (the official
+    max_capacity_prompt, window included) and S the prompt's length, as the official code computes them in integers:
+    min = (B - w) // beta, max = 2 (B - w) - min; if max >= S - w then max = S - w and min = 2 (B - w) - max;
+    layer l keeps max - l ((max - min) // (layers - 1)) plus the window. A prompt shorter than 2 (B - w) gives every
+    layer B (uniform); one shorter than B is not compressed. Defaults: beta 20 (paper and code), window 8, kernel 7,
+    max pooling (KVCache-Factory's run_longbench.py)."""
     name = "pyramidkv"
+    window: int = 8
     beta: float = 20.0
 
     def layer_budget(self, layer_idx, n_layers, budget):
-        base = budget - self.window
-        if base <= 0 or n_layers == 1:
+        w, base = self.window, budget - self.window
+        S = self.cache.context_length or self.cache.layers[0].cumulative_length
+        if base <= 0 or n_layers == 1 or S < 2 * base:
             return budget
-        lo = base / self.beta
+        lo = int(base // self.beta)
         hi = 2 * base - lo
-        return int(round(hi - layer_idx * (hi - lo) / (n_layers - 1))) + self.window
+        if hi >= S - w:
+            hi = S - w
+            lo = 2 * base - hi
+        return hi - layer_idx * ((hi - lo) // (n_layers - 1)) + w
 
 
 @register_method
@@ -101,7 +153,7 @@ class H2O(KVMethod):
 
 @register_method
 @dataclass
-class DynamicKV(KVMethod):
+class DynamicKV(DecodePolicy, KVMethod):
     """DynamicKV (Zhou et al., arXiv 2412.14838; DreamMr/DynamicKV, `dynamic_v11`): task-aware per-layer budgets.
 
     Per layer, keys are scored by the last w=8 queries' attention, summed over the window and average-pooled
@@ -111,12 +163,14 @@ class DynamicKV(KVMethod):
     base x number of layers, and the earlier layers are truncated to their budgets plus the window. With chunked
     prefill this runs per chunk (the original runs once, over the whole prompt)."""
     name = "dynamic_kv"
+    pool = "avg"
     window: int = 8
     kernel: int = 7
     update_every: int = 4
     temp_factor: int = 10
     alloc: dict = field(default_factory=dict, repr=False)
     pending: set = field(default_factory=set, repr=False)   # layers of the chunk in flight, not re-allocated yet
+    decode: str = "grow"
 
     def win(self, budget: int) -> int:
         return min(self.window, max(1, budget // 2))  # a budget below the window keeps half for the window
@@ -139,6 +193,8 @@ class DynamicKV(KVMethod):
             self.pending.add(layer.layer_idx)
             # the window's mean equals its sum up to the same factor in every layer: the global top-k is unchanged
             layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel)
+        else:
+            self.rescore_on_decode(layer, query, scaling)
 
     def score(self, layer):
         return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))
@@ -215,7 +271,7 @@ def hybrid_select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, r: in
 
 @register_method
 @dataclass
-class RocketKV(KVMethod):
+class RocketKV(DecodePolicy, KVMethod):
     """RocketKV (Behnam et al., arXiv 2502.14051; NVlabs/RocketKV): two stages.
 
     Stage 1, SnapKV++ (prefill, permanent): the last 32 queries' softmax attention summed over the window and over
@@ -225,12 +281,14 @@ class RocketKV(KVMethod):
     from `rocketkv_params`. The cache HOLDS C entries (more than B) plus the chunk min/max: B is the number of tokens
     read per decode step, and the reported bytes say what is held."""
     name = "rocket_kv"
+    pool, group_reduce = "max", "sum"
     window: int = 32
     kernel: int = 63
     max_new_tokens: int = 32
     params: dict = field(default_factory=dict, repr=False)
     aux: dict = field(default_factory=dict, repr=False)   # layer -> (kmin, kmax, n_covered)
     phase: dict = field(default_factory=dict, repr=False)
+    decode: str = "grow"
 
     def recent_tokens(self, budget):
         return self.window
@@ -253,6 +311,8 @@ class RocketKV(KVMethod):
         if layer.n_new > 1:
             layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel,
                                                          pool="max", group_reduce="sum")
+        else:
+            self.rescore_on_decode(layer, query, scaling)
 
     def score(self, layer):
         return layer.extras.get("score", torch.zeros_like(layer.positions, dtype=torch.float))

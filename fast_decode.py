@@ -45,6 +45,8 @@ def check_fast_method(name: str, params: dict | None = None) -> None:
                                                         or params.get("consensus")):
         raise UserError(f"method {name!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)} (atskv "
                         f"without external memory or consensus, span 1)")
+    if params.get("decode") == "hold":
+        raise UserError(f"method {name!r} with decode='hold' has no fast decode path; accepted: decode='grow'")
 
 
 def method_of(cache) -> str:
@@ -242,7 +244,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
                valid, st: dict, la: dict, co, c: dict):
     """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
     element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
-    kind: full (nothing evicted), bare (frees the oldest entry: the step without the method's scoring; with
+    kind: full (nothing evicted), grow (a compressed prompt; new entries fill free slots, nothing evicted), bare (frees the oldest entry: the step without the method's scoring; with
     evict_every, the oldest entries on its schedule), atskv or a generic method; evict: whether this step is one of
     atskv's scheduled evictions."""
     D = c["head_dim"]
@@ -272,7 +274,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
                                 st["delta"], counts, c["flags"], probs, slot, h, k, v, tok, cur, seen, co, la["keep"],
                                 c["budget_tokens"], la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"],
                                 evict)
-    elif kind != "full":
+    elif kind not in ("full", "grow"):   # grow: the prompt was compressed, generated tokens are all kept
         generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
                       c["budget_tokens"], c["n_sink"], la["n_recent"])
     if kind != "full" and evict and not refreshed:
@@ -410,7 +412,9 @@ class StaticDecoder:
         m = getattr(cache, "method", None)
         check_fast_method(method, {} if m is None else {"external_memory": getattr(m, "external_memory", False),
                                                         "span": getattr(m, "span", 1),
-                                                        "consensus": getattr(m, "consensus", False)})
+                                                        "consensus": getattr(m, "consensus", False),
+                                                        "decode": getattr(m, "decode", None)})
+        grow = getattr(m, "decode", None) == "grow"   # the prompt was compressed; every generated token is kept
         slots, budget_tokens = [], None
         if hasattr(m, "settle"):   # a method that scores on a schedule scores what is pending first
             m.settle(cache)
@@ -426,7 +430,7 @@ class StaticDecoder:
             for l, layer in enumerate(cache.layers):
                 budget = cache.layer_budget(l)
                 S = layer.stored_length()
-                n = _round_up(max(S, budget or 0) + 1 if budget else S + max_steps + 1, SLOT_ALIGN)
+                n = _round_up(max(S, budget or 0) + 1 if budget and not grow else S + max_steps + 1, SLOT_ALIGN)
                 sl = SlotLayer(layer.keys, layer.values, layer.positions, layer.valid, n, budget)
                 if method == "atskv":
                     sl.state["acc"] = sl.slot_tensor(layer.extras["acc"].float())
@@ -443,6 +447,7 @@ class StaticDecoder:
                     sl.state["score"] = sl.slot_tensor(m.score(layer).float())
                 slots.append(sl)
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
+        dec.grow = grow
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
             dec.decode_step0 = cache.layers[0].decode_steps + 1
@@ -518,7 +523,8 @@ class StaticDecoder:
                                  self.counts if self.method == "atskv" and self.score_on else None)
         c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
-            kind = "full" if sl.budget is None else "bare" if variant.startswith("bare") else self.method
+            kind = "full" if sl.budget is None else "grow" if getattr(self, "grow", False) else \
+                "bare" if variant.startswith("bare") else self.method
             x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok,
                         getattr(self, "counts", None), lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid,
                         sl.state, la, self.coefs[l] if kind == "atskv" else None, c)

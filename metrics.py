@@ -43,7 +43,7 @@ def qa_f1_score(prediction: str, gold: str, **_) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ROUGE (Google's maintained `rouge-score` package)
+# ROUGE: LongBench's with the `rouge` package, as its metrics.py; ZeroSCROLLS' with Google's `rouge-score`
 
 _SCORERS: dict = {}
 
@@ -56,10 +56,14 @@ def _rouge(kind: tuple[str, ...]):
 
 
 def rouge_l_score(prediction: str, gold: str, **_) -> float:
-    """ROUGE-L F-measure (LongBench scores summaries with it; 0 for an empty prediction)."""
-    if not prediction.strip() or not gold.strip():
+    """LongBench's ROUGE-L (its metrics.py `rouge_score`): the `rouge` package's summary-level ROUGE-L F with its own
+    tokenisation, `Rouge().get_scores([prediction], [gold], avg=True)["rouge-l"]["f"]`; 0 where that raises (e.g.
+    an empty prediction), as the official code's bare except does."""
+    from rouge import Rouge
+    try:
+        return float(Rouge().get_scores([prediction], [gold], avg=True)["rouge-l"]["f"])
+    except Exception:   # noqa: BLE001 (the official code returns 0 on any error)
         return 0.0
-    return _rouge(("rougeL",)).score(gold, prediction)["rougeL"].fmeasure
 
 
 def rouge_geometric_mean(prediction: str, gold: str, **_) -> float:
@@ -99,8 +103,12 @@ def count_score(prediction: str, gold: str, **_) -> float:
 
 
 def code_sim_score(prediction: str, gold: str, **_) -> float:
-    """lcc / repobench-p: fuzzy ratio (rapidfuzz) of the first line that is not a comment or a code fence."""
-    from rapidfuzz import fuzz
+    """lcc / repobench-p: fuzzywuzzy's integer `fuzz.ratio` / 100 (as LongBench's metrics.py) of the prediction's first
+    line that holds no '`', '#' or '//'."""
+    import warnings
+    with warnings.catch_warnings():   # fuzzywuzzy warns that it uses difflib without python-Levenshtein
+        warnings.simplefilter("ignore")
+        from fuzzywuzzy import fuzz
     line = ""
     for candidate in prediction.lstrip("\n").split("\n"):
         if "`" not in candidate and "#" not in candidate and "//" not in candidate:

@@ -156,12 +156,16 @@ def encode_real(tokenizer, s: Sample, max_prompt_tokens: int) -> tuple[list[int]
     LongBench keeps the first and the last half of the prompt's tokens; ZeroSCROLLS cuts the document's end and
     puts the record's truncation separator in its place. Chat-formatted tasks are then wrapped in the template."""
     enc = lambda t: tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
+    chat = s.meta["use_chat"] and getattr(tokenizer, "chat_template", None)
+    # LongBench's pred.py tokenizes the raw prompt with the special tokens (a BOS where the tokenizer adds one), and
+    # truncates that sequence, BOS included, to its first and last half
+    prefix = special_prefix(tokenizer) if s.meta["benchmark"] == "longbench" and not chat else []
     if s.meta["benchmark"] == "longbench":
         c, q = enc(s.context), enc(s.question)
-        if len(c) + len(q) > max_prompt_tokens:
+        if len(prefix) + len(c) + len(q) > max_prompt_tokens:
             full, n = c + q, len(c) + len(q)
-            first = max_prompt_tokens // 2
-            kept = list(range(first)) + list(range(n - (max_prompt_tokens - first), n))
+            first = max_prompt_tokens // 2 - len(prefix)
+            kept = list(range(first)) + list(range(n - (max_prompt_tokens - max_prompt_tokens // 2), n))
             c, q = [full[i] for i in kept if i < len(c)], [full[i] for i in kept if i >= len(c)]
     else:
         start = s.meta["document_start"]
@@ -171,10 +175,20 @@ def encode_real(tokenizer, s: Sample, max_prompt_tokens: int) -> tuple[list[int]
             room = max(0, max_prompt_tokens - len(head) - len(q) - len(sep))
             doc = doc[:room] + sep
         c = head + doc
-    if s.meta["use_chat"] and getattr(tokenizer, "chat_template", None):
+    if chat:
         before, after = _chat_wrapper(tokenizer)
         c, q = before + c, q + after
-    return c, q
+    return prefix + c, q
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before a text when it adds its special tokens (a BOS, or nothing)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a", add_special_tokens=True).input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    return []
 
 
 def score_real(s: Sample, prediction: str) -> float:

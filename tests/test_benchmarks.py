@@ -42,6 +42,18 @@ def test_rouge_l_is_the_lcs_f_measure():
     assert m.rouge_l_score("", "anything") == 0.0
 
 
+def test_longbench_rouge_l_counts_distinct_words_as_the_rouge_package_does():
+    """LongBench's metrics.py scores with the `rouge` package (1.0.1), whose summary-level ROUGE-L counts a text's
+    distinct words: "the cat sat on the mat" is 5 of them, so the LCS of 3 gives R = 3/5, P = 1 and
+    F = 2PR / (P + R) = 0.75 (Google's rouge-score, which counts tokens, gives 2/3)."""
+    assert abs(m.rouge_l_score("the cat sat", "the cat sat on the mat") - 0.75) < 1e-6
+
+
+def test_longbench_code_similarity_is_fuzzywuzzys_integer_ratio():
+    """fuzz.ratio rounds 100 x 2M / T to an integer: 2 x 12 matching characters of 13 + 13 -> 92.3 -> 0.92."""
+    assert abs(m.code_sim_score("x = foo(a, b)\n# done", "x = foo(a, c)") - 0.92) < 1e-6
+
+
 def test_zeroscrolls_rouge_is_the_geometric_mean_of_rouge_1_2_and_lsum():
     # unigrams 3/4 both ways, bigrams: (cat dog) only -> 1/3 both ways, LCS 3/4: geometric mean of 0.75, 1/3, 0.75
     got = m.rouge_geometric_mean("cat dog eel fox", "cat dog fox gnu")
@@ -129,9 +141,12 @@ def test_longbench_no_chat_tasks_are_not_wrapped_in_the_chat_template(tmp_path, 
     write_jsonl(tmp_path / "hotpotqa.jsonl", [longbench_record()])
     (trec,) = ev.longbench_samples("trec", str(tmp_path))
     (hot,) = ev.longbench_samples("hotpotqa", str(tmp_path))
-    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert start not in sum(ev.encode_real(tokenizer, trec, 4096), [])
-    assert ev.encode_real(tokenizer, hot, 4096)[0][0] == start
+    start, end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trec_ids = sum(ev.encode_real(tokenizer, trec, 4096), [])
+    # as LongBench's pred.py tokenizes it: the tokenizer's BOS (here <|im_start|>, id 1) and the raw prompt
+    assert trec_ids[0] == tokenizer("a").input_ids[0] == start and start not in trec_ids[1:] and end not in trec_ids
+    hot_ids = sum(ev.encode_real(tokenizer, hot, 4096), [])
+    assert hot_ids[0] == start and end in hot_ids                # the chat template
 
 
 def test_longbench_truncation_keeps_the_first_and_last_half_and_the_question_whole(tmp_path, tokenizer):
@@ -140,8 +155,8 @@ def test_longbench_truncation_keeps_the_first_and_last_half_and_the_question_who
     enc = lambda t: tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
     full = enc(s.context) + enc(s.question)
     ctx, q = ev.encode_real(tokenizer, s, 300)
-    assert len(ctx) + len(q) == 300
-    assert ctx[:150] == full[:150] and (ctx + q)[150:] == full[-150:]
+    assert len(ctx) + len(q) == 300                              # the BOS counted, as LongBench's pred.py does
+    assert ctx[0] == tokenizer("a").input_ids[0] and ctx[1:150] == full[:149] and (ctx + q)[150:] == full[-150:]
     assert q == enc(s.question)
 
 

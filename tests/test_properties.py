@@ -12,6 +12,7 @@ import relevance_predictor as rp
 from sparse_kv_cache import KVCacheFactory
 
 METHODS = ["sliding_window", "snapkv", "h2o", "pyramidkv", "dynamic_kv", "rocket_kv", "atskv"]
+GROWING = ["snapkv", "pyramidkv", "dynamic_kv", "rocket_kv"]    # decode="grow" by default (the papers' policy)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,9 @@ SETTINGS = dict(max_examples=8, deadline=None, suppress_health_check=[HealthChec
        batch=st.integers(1, 3), seed=st.integers(0, 1000))
 def test_cache_never_exceeds_its_budget_and_counts_every_token(tiny, method, budget, chunk, length, batch, seed):
     ids = torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
-    cache, _, history = _run(tiny, method, budget, ids, chunk, 3, **({"external_memory": True}
-                                                                     if method == "atskv" and seed % 2 else {}))
+    params = {"external_memory": True} if method == "atskv" and seed % 2 else \
+        {"decode": "hold"} if method in GROWING else {}     # grow keeps generated tokens: its own test below
+    cache, _, history = _run(tiny, method, budget, ids, chunk, 3, **params)
     n_layers = tiny.config.num_hidden_layers
     assert cache.get_seq_length() == length + 3
     B = cache.budget_tokens
@@ -67,6 +69,20 @@ def test_cache_never_exceeds_its_budget_and_counts_every_token(tiny, method, bud
             assert sum(lens) <= B * n_layers + n_layers
         else:
             assert max(lens) <= B
+
+
+@pytest.mark.parametrize("method", GROWING)
+@settings(**SETTINGS)
+@given(budget=st.floats(0.05, 0.9), length=st.integers(40, 120), batch=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_under_decode_grow_the_compressed_prompt_keeps_every_generated_token(tiny, method, budget, length, batch,
+                                                                            seed):
+    ids = torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+    cache, _, history = _run(tiny, method, budget, ids, length, 4)
+    after_prompt = history[0]
+    for step, lens in enumerate(history):
+        assert lens == [n + step for n in after_prompt], (step, lens, after_prompt)
+    for layer in cache.layers:
+        assert set(range(length, length + 4)) <= set(layer.positions[0, 0].tolist())
 
 
 @pytest.mark.parametrize("method", METHODS)
