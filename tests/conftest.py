@@ -25,3 +25,18 @@ def model(model_and_tokenizer):
 @pytest.fixture(scope="session")
 def tokenizer(model_and_tokenizer):
     return model_and_tokenizer[1]
+
+
+@pytest.fixture
+def run_main(capsys):
+    """`run_main(*args)` runs run_experiment.main in this process (a subprocess costs about 5 s, mostly importing
+    torch) and returns (exit code, the non-empty lines written to stderr)."""
+    def run(*args):
+        import run_experiment
+        try:
+            code = run_experiment.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        return code, [ln for ln in err.strip().splitlines() if ln.strip()]
+    return run

@@ -100,20 +100,20 @@ def cli(*args, env=None):
                           timeout=600, env=e)
 
 
-def test_missing_key_is_one_line_before_any_work(tmp_path):
-    proc = cli("--use_api", "--api_model", "claude-test", "--output_dir", str(tmp_path))
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --use_api with a anthropic model needs the environment variable " \
-                                  "ANTHROPIC_API_KEY"
+def test_missing_key_is_one_line_before_any_work(tmp_path, run_main, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    code, err = run_main("--use_api", "--api_model", "claude-test", "--output_dir", tmp_path)
+    assert code == 2
+    assert err == ["error: --use_api with a anthropic model needs the environment variable ANTHROPIC_API_KEY"]
     assert not (tmp_path / "results.jsonl").exists()
 
 
-def test_unknown_api_model_and_local_only_method_are_refused(tmp_path):
-    proc = cli("--use_api", "--api_model", "llama-3", "--output_dir", str(tmp_path))
-    assert proc.returncode == 2 and "unknown API model 'llama-3'" in proc.stderr
-    proc = cli("--use_api", "--api_model", "gpt-test", "--methods", "snapkv", "--output_dir", str(tmp_path),
-               env={"OPENAI_API_KEY": KEY})
-    assert proc.returncode == 2 and "method 'snapkv' cannot run with --use_api; accepted: full, atskv" in proc.stderr
+def test_unknown_api_model_and_local_only_method_are_refused(tmp_path, run_main, monkeypatch):
+    code, err = run_main("--use_api", "--api_model", "llama-3", "--output_dir", tmp_path)
+    assert code == 2 and len(err) == 1 and "unknown API model 'llama-3'" in err[0]
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    code, err = run_main("--use_api", "--api_model", "gpt-test", "--methods", "snapkv", "--output_dir", tmp_path)
+    assert code == 2 and len(err) == 1 and "method 'snapkv' cannot run with --use_api; accepted: full, atskv" in err[0]
 
 
 def test_cli_records_failed_requests_goes_on_and_a_rerun_retries_only_them(server, tmp_path):

@@ -61,32 +61,32 @@ def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, t
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
 
-def test_missing_data_dir_exits_2(tmp_path):
-    proc = cli("--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+def test_missing_data_dir_exits_2(tmp_path, run_main):
+    code, err = run_main("--data_dir", tmp_path / "nope", "--output_dir", tmp_path / "o")
+    assert code == 2 and len(err) == 1 and "is not a directory" in err[0]
 
 
-def test_corrupt_data_file_names_the_file_and_line(tmp_path):
+def test_corrupt_data_file_names_the_file_and_line(tmp_path, run_main):
     d = tmp_path / "data"
     d.mkdir()
     (d / "hotpotqa.jsonl").write_text('{"input": "q", "context": "c"}\n{"input": "q2", "cont\n')
-    proc = cli("--data_dir", str(d), "--output_dir", str(tmp_path / "o"))
-    assert proc.returncode == 2
-    assert f"corrupt data file {d / 'hotpotqa.jsonl'}: line 2 is not valid JSON" in proc.stderr
+    code, err = run_main("--data_dir", d, "--output_dir", tmp_path / "o")
+    assert code == 2 and len(err) == 1
+    assert f"corrupt data file {d / 'hotpotqa.jsonl'}: line 2 is not valid JSON" in err[0]
 
 
-def test_malformed_gguf_exits_2(tmp_path):
+def test_malformed_gguf_exits_2(tmp_path, run_main):
     bad = tmp_path / "m.gguf"
     bad.write_bytes(b"\x00" * 64)
-    proc = cli("--model_name", str(bad), "--output_dir", str(tmp_path / "o"), *TINY)
-    assert proc.returncode == 2 and "malformed .gguf" in proc.stderr
+    code, err = run_main("--model_name", bad, "--output_dir", tmp_path / "o", *TINY)
+    assert code == 2 and any("malformed .gguf" in ln for ln in err)
 
 
-def test_unwritable_output_directory_exits_2(tmp_path):
+def test_unwritable_output_directory_exits_2(tmp_path, run_main):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = cli("--output_dir", str(blocker / "sub"))
-    assert proc.returncode == 2 and "is not writable" in proc.stderr
+    code, err = run_main("--output_dir", blocker / "sub")
+    assert code == 2 and len(err) == 1 and "is not writable" in err[0]
 
 
 

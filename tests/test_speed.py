@@ -32,10 +32,9 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
     (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict, greedy"),
 ])
-def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path):
-    proc = cli(*SPEED, *args, "--output_dir", str(tmp_path))
-    assert proc.returncode == 2
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path, run_main):
+    code, err = run_main(*SPEED, *args, "--output_dir", tmp_path)
+    assert code == 2 and len(err) == 1 and message in err[0], err
 
 
 def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_resumes(tmp_path):
