@@ -196,32 +196,19 @@ def test_report_only_needs_no_model_and_rebuilds_results_md(tmp_path):
     assert not (tmp_path / "nocache" / "smollm2-135m-hf").exists()
 
 
-def test_ctrl_c_stops_with_a_consistent_state_and_resumes(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_with_the_finished_cells_and_a_report_and_resumes(tmp_path, sig, code):
+    """Ctrl-C, or a scheduler stopping the job (SIGTERM): every finished cell stays, whole, with a report of them,
+    and the same command then runs only what is left."""
     out = tmp_path / "o"
     args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_first_cell(out)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     recs = _records(out)  # every line parses: no half-written cell
     if len(recs) < 3:  # interrupted inside the sweep (not after its last cell)
-        assert proc.returncode == 130 and "interrupted" in err
-        assert (out / "results.md").exists()
-    done = cli("--output_dir", str(out), *TINY)
-    assert done.returncode == 0 and len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
-
-
-def test_sigterm_stops_with_the_report_of_what_finished_and_resumes(tmp_path):
-    """A scheduler stopping the job (SIGTERM) is handled as Ctrl-C is: finished cells and a report stay."""
-    out = tmp_path / "o"
-    args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_first_cell(out)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    recs = _records(out)
-    if len(recs) < 3:
-        assert proc.returncode == 143 and "interrupted" in err
+        assert proc.returncode == code and "interrupted" in err
         assert "| full | 100% |" in (out / "results.md").read_text()
     done = cli("--output_dir", str(out), *TINY)
     assert done.returncode == 0 and len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
