@@ -151,7 +151,7 @@ def make_kvpress(name: str, budget, context_length: int, params: dict | None = N
     try:
         import kvpress
     except ImportError:
-        raise UserError(f"method 'kvpress:{name}' needs NVIDIA kvpress: pip install -r requirements-peers.txt") from None
+        raise UserError(f"method 'kvpress:{name}' needs NVIDIA kvpress 0.5.5: pip install -r requirements.txt") from None
     from utils import resolve_budget
     presses = {c[:-len("Press")].lower(): c for c in dir(kvpress) if c.endswith("Press") and c != "BasePress"}
     key = name.replace("_", "").lower()

@@ -132,30 +132,53 @@ def test_rocketkv_holds_its_stage1_capacity_and_counts_its_chunk_summaries(model
     assert cache_nbytes(cache) > kv_only  # the chunk min/max it holds are counted
 
 
-def test_snapkv_keeps_the_same_entries_as_kvpress_snapkvpress(model, tokenizer):
-    kvpress = pytest.importorskip("kvpress", reason="kvpress is an optional peer (requirements-peers.txt)")
+def kvpress_kept_positions(model, ids, press) -> list[list[set]]:
+    """Per layer and KV head, the positions a kvpress press keeps in one prefill (its kept keys matched against the
+    full cache's keys)."""
     from transformers import DynamicCache
-    s = ev.make_synthetic_sample(tokenizer, "needle", 600, 0.5, 0)
-    ids = torch.tensor([ev.encode_prompt(tokenizer, s.context, s.question)[0]])
-    L, kept = ids.shape[1], 150
-    full = DynamicCache()
+    full, ref = DynamicCache(), DynamicCache()
     model(ids, past_key_values=full)
-    ref = DynamicCache()
-    with kvpress.SnapKVPress(compression_ratio=1 - kept / L, window_size=64, kernel_size=5)(model):
+    with press(model):
         model(ids, past_key_values=ref)
-    ours = KVCacheFactory.create("snapkv", model, budget=kept, window=64, kernel=5)
-    ev.forward_chunked(model, ours, ids, L)
-    mismatched = 0
-    for l in range(model.config.num_hidden_layers):
-        fk, rk = full.layers[l].keys[0], ref.layers[l].keys[0]
-        for h in range(fk.shape[0]):
-            # positions kvpress kept: match its kept keys against the full cache's keys
-            d = torch.cdist(rk[h], fk[h])
-            ref_pos = set(d.argmin(1).tolist())
-            our_pos = set(ours.layers[l].positions[0, h].tolist())
-            assert len(ref_pos) == kept
-            mismatched += len(ref_pos ^ our_pos)
-    assert mismatched == 0
+    return [[set(torch.cdist(rk, fk).argmin(1).tolist()) for rk, fk in zip(r.keys[0], f.keys[0])]
+            for r, f in zip(ref.layers, full.layers)]
+
+
+def kvpress_ratio(L: int, kept: int) -> float:
+    """kvpress keeps int(L * (1 - ratio)) entries: half an entry of slack makes that `kept` whatever the rounding."""
+    return 1 - (kept + 0.5) / L
+
+
+@pytest.fixture(scope="module")
+def needle_ids(tokenizer):
+    s = ev.make_synthetic_sample(tokenizer, "needle", 600, 0.5, 0)
+    return torch.tensor([ev.encode_prompt(tokenizer, s.context, s.question)[0]])
+
+
+def test_snapkv_keeps_the_same_entries_as_kvpress_snapkvpress(model, needle_ids):
+    """kvpress's SnapKVPress at its defaults (window 64, kernel 5, average pooling), against ours set the same way,
+    in one prefill pass as kvpress compresses."""
+    import kvpress
+    L, kept = needle_ids.shape[1], 150
+    ref = kvpress_kept_positions(model, needle_ids, kvpress.SnapKVPress(compression_ratio=kvpress_ratio(L, kept),
+                                                                        window_size=64, kernel_size=5))
+    ours = KVCacheFactory.create("snapkv", model, budget=kept, window=64, kernel=5, pool="avg")
+    ev.forward_chunked(model, ours, needle_ids, L)
+    for l, heads in enumerate(ref):
+        assert [set(p.tolist()) for p in ours.layers[l].positions[0]] == heads, l
+
+
+@pytest.mark.parametrize("chunk", [600, 128], ids=["one_pass", "chunked"])
+def test_sliding_window_keeps_the_same_entries_as_kvpress_streamingllmpress(model, needle_ids, chunk):
+    """4 sinks and the most recent tokens, whether the prompt comes in one pass or in chunks."""
+    import kvpress
+    L, kept = needle_ids.shape[1], 150
+    ref = kvpress_kept_positions(model, needle_ids, kvpress.StreamingLLMPress(kvpress_ratio(L, kept), n_sink=4))
+    ours = KVCacheFactory.create("sliding_window", model, budget=kept)
+    ev.forward_chunked(model, ours, needle_ids, min(chunk, L))
+    for l, heads in enumerate(ref):
+        assert all(len(h) == kept for h in heads)
+        assert [set(p.tolist()) for p in ours.layers[l].positions[0]] == heads, l
 
 
 def test_snapkv_defaults_are_the_official_longbench_configuration():
