@@ -236,37 +236,42 @@ def largest_remainder(weights: list[float], total: int) -> list[int]:
 
 
 def rocketkv_params(S: int, B: int, max_new: int, head_dim: int) -> dict:
-    """RocketKV's budget split (NVlabs/RocketKV, `get_params_for_token_budget`): compression c = S / B,
-    alpha = min(0.2 + 0.06 log2 c, 0.8), stage-1 capacity C = S / c^alpha (at least min(2 max_new, S)),
-    stage-2 top-k = B / 2, c2 = C / B, chunk g = min(floor c2, ceil sqrt c2), channels r = round(d g / c2)."""
+    """RocketKV's budget split (NVlabs/RocketKV, `get_params_for_token_budget`), S the sequence length with the
+    generation (prompt + max_new): B = min(B, S), c = S / B, alpha = min(0.2 + 0.06 log2 c, 0.8), capacity
+    C = int(S / c^alpha), prompt budget min(S - max_new, C - max_new), top-k min(round(B / 2), C), c2 = C / B,
+    chunk g = min(floor c2, ceil sqrt c2), channels r = round(d g / c2) within [1, d]."""
+    B = min(S, B)
     c = max(S / B, 1.0)
     alpha = min(0.2 + 0.06 * math.log2(c), 0.8)
-    C = max(S / c ** alpha, min(2 * max_new, S))
-    c2 = C / B
-    g = max(1, min(math.floor(c2), math.ceil(math.sqrt(c2))))
-    r = max(1, min(head_dim, round(head_dim * g / c2)))
-    return {"alpha": alpha, "capacity": int(round(C)), "topk": max(1, B // 2), "chunk": g, "channels": r}
+    C = int(S / c ** alpha)
+    c2 = max(1.0, C / B)
+    g = min(math.floor(c2), math.ceil(math.sqrt(c2)))
+    r = min(head_dim, max(1, round(head_dim * g / c2)))
+    return {"alpha": alpha, "capacity": C, "prompt_budget": min(S - max_new, C - max_new),
+            "topk": min(round(B / 2), C), "chunk": g, "channels": r}
 
 
 def hybrid_select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, r: int, g: int, k: int,
-                  scaling: float) -> torch.Tensor:
-    """RocketKV stage 2 for one decode query. q (B, Hkv, G, D); kmin/kmax (B, Hkv, n_chunks, D), the element-wise
-    min/max of each chunk of g keys. Top-r channels by the group-mean |q|; per chunk the upper bound of q.k over
-    those channels (max where q > 0, min where q < 0), softmaxed per head with SparQ's temperature
-    sqrt(d sum|q_r| / sum|q|), summed over the group; returns the token indices (B, Hkv, <=k) of the top chunks."""
-    D = q.shape[-1]
-    chan = q.abs().mean(2).topk(r, dim=-1).indices  # (B, Hkv, r)
-    qr = q.gather(-1, chan[:, :, None, :].expand(-1, -1, q.shape[2], -1))  # (B, Hkv, G, r)
-    idx = chan[:, :, None, :].expand(-1, -1, kmin.shape[2], -1)
-    kmin_r, kmax_r = kmin.gather(-1, idx), kmax.gather(-1, idx)  # (B, Hkv, n_chunks, r)
-    bound = torch.where(qr[:, :, :, None, :] > 0, kmax_r[:, :, None], kmin_r[:, :, None])
-    approx = (qr[:, :, :, None, :] * bound).sum(-1)  # (B, Hkv, G, n_chunks)
+                  scaling: float, n_tokens: int | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RocketKV stage 2 for one decode query (NVlabs/RocketKV, `rocket_attn`). q (B, Hkv, G, D); kmin/kmax
+    (B, Hkv, n_chunks, D), the element-wise min/max of each chunk of g keys (the last chunk may be partial). The top-r
+    channels by |q| summed over the GQA group; per chunk the upper bound of q.k over them, taking max where the
+    group's summed q is positive and min where it is negative; each token gets its chunk's bound, softmaxed per head
+    with SparQ's temperature sqrt(d sum|q_r| / sum|q|), summed over the group. Returns the indices (B, Hkv, k) of the
+    top k tokens, exactly k (fewer only when fewer tokens are stored)."""
+    D, G, nC = q.shape[-1], q.shape[2], kmin.shape[2]
+    n = nC * g if n_tokens is None else n_tokens
+    chan = q.abs().sum(2).topk(r, dim=-1).indices  # (B, Hkv, r)
+    qr = q.gather(-1, chan[:, :, None, :].expand(-1, -1, G, -1))  # (B, Hkv, G, r)
+    idx = chan[:, :, None, :].expand(-1, -1, nC, -1)
+    upper = qr.sum(2, keepdim=True) > 0  # (B, Hkv, 1, r): the group's sign per channel
+    bound = torch.where(upper, kmax.gather(-1, idx), kmin.gather(-1, idx))  # (B, Hkv, nC, r)
+    approx = (qr @ bound.transpose(-1, -2)).repeat_interleave(g, dim=-1)[..., :n]  # (B, Hkv, G, n)
+    if valid is not None:
+        approx = approx.masked_fill(~valid[:, :, None, :n], float("-inf"))
     temp = torch.sqrt(D * qr.abs().sum(-1, keepdim=True) / q.abs().sum(-1, keepdim=True).clamp(min=1e-9))
-    probs = torch.softmax(approx.float() / temp, dim=-1).sum(2)  # (B, Hkv, n_chunks)
-    n_sel = min(kmin.shape[2], max(1, math.ceil(k / g)))
-    chunks = probs.topk(n_sel, dim=-1).indices
-    tokens = (chunks[..., None] * g + torch.arange(g, device=q.device)).flatten(-2)
-    return tokens.sort(-1).values
+    probs = torch.softmax(approx.float() / temp, dim=-1).sum(2)  # (B, Hkv, n)
+    return probs.topk(min(k, n), dim=-1).indices.sort(-1).values
 
 
 @register_method
@@ -275,18 +280,20 @@ class RocketKV(DecodePolicy, KVMethod):
     """RocketKV (Behnam et al., arXiv 2502.14051; NVlabs/RocketKV): two stages.
 
     Stage 1, SnapKV++ (prefill, permanent): the last 32 queries' softmax attention summed over the window and over
-    the GQA group (selection per KV head), max-pooled with kernel 63; keep the top C - max_new - window plus the
-    window. Stage 2, hybrid sparse attention at every decode step: element-wise min/max of K per chunk of g tokens,
-    top-r channels by |q|, approximate scores, top-k tokens (k = B/2), exact attention over those. C, k, g and r come
-    from `rocketkv_params`. The cache HOLDS C entries (more than B) plus the chunk min/max: B is the number of tokens
-    read per decode step, and the reported bytes say what is held."""
+    the GQA group (selection per KV head), max-pooled with kernel 63; keep the top prompt-budget - window plus the
+    window. Stage 2, hybrid sparse attention at every decode step (`hybrid_select`): element-wise min/max of K per
+    chunk of g tokens, top-r channels by the group's |q|, approximate scores, exactly the top-k tokens (k = B/2),
+    exact attention over those. C, the prompt budget, k, g and r come from `rocketkv_params` with S = the prompt's
+    length + `max_new_tokens` (the harness passes the task's generation length). The cache holds up to C entries
+    (more than B) plus the chunk min/max: B is the number of tokens read per decode step, and the reported bytes say
+    what is held."""
     name = "rocket_kv"
     pool, group_reduce = "max", "sum"
     window: int = 32
     kernel: int = 63
     max_new_tokens: int = 32
     params: dict = field(default_factory=dict, repr=False)
-    aux: dict = field(default_factory=dict, repr=False)   # layer -> (kmin, kmax, n_covered)
+    aux: dict = field(default_factory=dict, repr=False)   # layer -> (kmin, kmax, tokens covered)
     phase: dict = field(default_factory=dict, repr=False)
     decode: str = "grow"
 
@@ -296,14 +303,15 @@ class RocketKV(DecodePolicy, KVMethod):
     def split(self) -> dict:
         if not self.params:
             layer0 = self.cache.layers[0]
-            S = self.cache.context_length or layer0.cumulative_length
+            S = (self.cache.context_length or layer0.cumulative_length) + self.max_new_tokens
             self.params = rocketkv_params(S, self.cache.budget_tokens, self.max_new_tokens, layer0.keys.shape[-1])
         return self.params
 
     def layer_budget(self, layer_idx, n_layers, budget):
         p = self.split()
         if self.phase.get(layer_idx) == "prefill":
-            return max(self.window + 1, p["capacity"] - self.max_new_tokens)
+            # the official code needs prompt budget > window; tiny budgets get at least the window, never above C
+            return min(p["capacity"], max(self.window + 1, p["prompt_budget"]))
         return p["capacity"]
 
     def observe(self, layer, query, scaling):
@@ -319,41 +327,39 @@ class RocketKV(DecodePolicy, KVMethod):
 
     def on_layer_done(self, cache, layer_idx):
         layer = cache.layers[layer_idx]
-        if cache.budget_tokens is None:
-            return
-        if layer.n_new > 1 or layer_idx not in self.aux or self.aux[layer_idx][3] != layer.stored_length() - 1:
-            self.build_aux(layer)
-        else:
-            kmin, kmax, n_cov, _ = self.aux[layer_idx]
-            self.aux[layer_idx] = (kmin, kmax, n_cov, layer.stored_length())
+        if cache.budget_tokens is not None and (layer.n_new > 1 or self.aux.get(layer_idx, (0, 0, -1))[2]
+                                                != layer.stored_length()):
+            self.build_aux(layer_idx, layer.keys)
 
-    def build_aux(self, layer):
-        g = self.split()["chunk"]
-        n_cov = (layer.stored_length() // g) * g
-        if g == 1:  # chunks of one token: min = max = the key itself, nothing extra to hold
-            self.aux[layer.layer_idx] = (None, None, n_cov, layer.stored_length())
+    def build_aux(self, layer_idx, keys):
+        """The element-wise min and max of every chunk of g stored keys, the last chunk partial (as the official
+        cache pads it with +inf / -inf); chunks of one token need nothing beyond the keys."""
+        g, n = self.split()["chunk"], keys.shape[2]
+        if g == 1:
+            self.aux[layer_idx] = (None, None, n)
             return
-        k = layer.keys[:, :, :n_cov].unflatten(2, (n_cov // g, g))
-        self.aux[layer.layer_idx] = (k.amin(3), k.amax(3), n_cov, layer.stored_length())
+        pad = -n % g
+        lo = F.pad(keys, (0, 0, 0, pad), value=float("inf")).unflatten(2, ((n + pad) // g, g)).amin(3)
+        hi = F.pad(keys, (0, 0, 0, pad), value=float("-inf")).unflatten(2, ((n + pad) // g, g)).amax(3)
+        self.aux[layer_idx] = (lo, hi, n)
 
     def aux_nbytes(self, layer):
         a = self.aux.get(layer.layer_idx)
         return 0 if a is None or a[0] is None else a[0].nbytes + a[1].nbytes
 
     def attend(self, layer, module, query, keys, values, mask, scaling):
-        a = self.aux.get(layer.layer_idx)
-        if layer.n_new != 1 or a is None or layer.cache.fits() or keys.shape[2] <= self.split()["topk"] + 1:
+        if layer.n_new != 1 or layer.cache.fits() or keys.shape[2] <= self.split()["topk"]:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         p = self.split()
-        kmin, kmax, n_cov, _ = a
+        if self.aux.get(layer.layer_idx, (0, 0, -1))[2] != keys.shape[2]:   # this step's key joins its chunk
+            self.build_aux(layer.layer_idx, keys)
+        kmin, kmax, _ = self.aux[layer.layer_idx]
         if kmin is None:
-            kmin = kmax = keys[:, :, :n_cov]
+            kmin = kmax = keys
         B, Hq, _, D = query.shape
         Hkv = keys.shape[1]
         q = query.view(B, Hkv, Hq // Hkv, D)
-        sel = hybrid_select(q, kmin, kmax, p["channels"], p["chunk"], p["topk"], scaling)
-        tail = torch.arange(n_cov, keys.shape[2], device=keys.device).expand(B, Hkv, -1)  # not yet chunked: always
-        idx = torch.cat([sel, tail], dim=-1)
+        idx = hybrid_select(q, kmin, kmax, p["channels"], p["chunk"], p["topk"], scaling, keys.shape[2], layer.valid)
         k_sel = keys.gather(2, idx[..., None].expand(-1, -1, -1, D))
         v_sel = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
         ok = layer.valid.gather(2, idx)

@@ -135,14 +135,23 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
 MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 24, "multi_question": 10}
 
 
-def make_cache(method: str, model, budget, context_length: int, params: dict | None = None, tokenizer=None):
-    """(cache, press): a compressed cache of ours, or for `kvpress:<name>` a DynamicCache and the kvpress press."""
-    from sparse_kv_cache import KVCacheFactory
+def make_cache(method: str, model, budget, context_length: int, params: dict | None = None, tokenizer=None,
+               max_new_tokens: int | None = None):
+    """(cache, press): a compressed cache of ours, or for `kvpress:<name>` a DynamicCache and the kvpress press.
+    A method with a `max_new_tokens` parameter (RocketKV sizes its cache with it) gets the task's generation length
+    unless its spec sets one."""
+    import dataclasses
+    from sparse_kv_cache import METHODS, KVCacheFactory
     if method.startswith("kvpress:"):
         from transformers import DynamicCache
         return DynamicCache(), make_kvpress(method.split(":", 1)[1], budget, context_length, params)
+    params = dict(params or {})
+    cls = METHODS.get(method)
+    if max_new_tokens is not None and dataclasses.is_dataclass(cls) and \
+            "max_new_tokens" in {f.name for f in dataclasses.fields(cls)}:
+        params.setdefault("max_new_tokens", max_new_tokens)
     return KVCacheFactory.create(method, model, budget=budget, context_length=context_length, tokenizer=tokenizer,
-                                 **(params or {})), None
+                                 **params), None
 
 
 def make_kvpress(name: str, budget, context_length: int, params: dict | None = None):
@@ -175,7 +184,8 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
         ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
         if fault == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
-        cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
+        cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer,
+                                  MAX_NEW_TOKENS.get(s.task, 16))
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, MAX_NEW_TOKENS.get(s.task, 16), mode, chunk,
                            press, stop_when=answer_complete(s), fast=fast)
         if fault == "nan":
@@ -193,7 +203,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     from sparse_kv_cache import cache_nbytes, tier_bytes
     questions = s.meta["questions"]
     ctx_ids, _ = encode_prompt(tokenizer, s.context, questions[0][0], questions[0][1])
-    cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
+    cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer, MAX_NEW_TOKENS["needle"])
     t0 = time.perf_counter()
     if press is not None:
         with press(model):

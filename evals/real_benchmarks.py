@@ -214,7 +214,7 @@ def evaluate_real_cell(model, tokenizer, method: str, budget, samples: list[Samp
         ctx_ids, q_ids = encode_real(tokenizer, s, max_prompt_tokens)
         if fault == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory (ATSKV_INJECT_FAULT)")
-        cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer)
+        cache, press = make_cache(method, model, budget, len(ctx_ids), params, tokenizer, s.meta["max_new_tokens"])
         stop = first_line_done if (s.meta["benchmark"] == "longbench" and s.task in metrics.FIRST_LINE_ONLY) \
             else None
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, s.meta["max_new_tokens"], mode, chunk, press,

@@ -49,6 +49,38 @@ def test_rocketkv_chunks_bound_every_key_in_them():
     assert sel.shape[-1] == 3 and int(sel[0, 0, 0]) % 3 == 0 and torch.equal(sel[0, 0], sel[0, 0, 0] + torch.arange(3))
 
 
+def test_rocketkv_stage2_takes_each_channels_bound_by_the_groups_summed_query():
+    """One channel, a group of two heads with q = +1 and -2 (sum -1: both read the chunks' minima), chunks of 2
+    tokens: A (min -4, max -3), B (min -3, max 1). Head 0 scores A -4, B -3; head 1 scores A 8, B 6; softmax per
+    head, summed: A 0.27 + 0.88 > B 0.73 + 0.12, so A's tokens. Each head's own sign (head 0 reading maxima: A -3,
+    B 1) would pick B."""
+    q = torch.tensor([[[[1.0], [-2.0]]]])
+    kmin, kmax = torch.tensor([[[[-4.0], [-3.0]]]]), torch.tensor([[[[-3.0], [1.0]]]])
+    assert hybrid_select(q, kmin, kmax, r=1, g=2, k=2, scaling=1.0).tolist() == [[[0, 1]]]
+
+
+def test_rocketkv_stage2_reads_exactly_k_tokens():
+    torch.manual_seed(3)
+    q = torch.randn(1, 2, 3, 8)
+    k = torch.randn(1, 2, 14, 8)
+    lo = torch.nn.functional.pad(k, (0, 0, 0, 1), value=float("inf")).unflatten(2, (5, 3)).amin(3)
+    hi = torch.nn.functional.pad(k, (0, 0, 0, 1), value=float("-inf")).unflatten(2, (5, 3)).amax(3)
+    sel = hybrid_select(q, lo, hi, r=4, g=3, k=4, scaling=8 ** -0.5, n_tokens=14)
+    assert sel.shape == (1, 2, 4) and int(sel.max()) < 14
+
+
+def test_rocketkv_sizes_its_cache_with_the_tasks_generation_length(model, tokenizer):
+    """A 1 000-token prompt, budget 100, 128 new tokens: S = 1 128, c = 11.28, alpha = 0.2 + 0.06 log2 c = 0.4097,
+    C = int(1128 / c^alpha) = 417, prompt budget min(S - 128, C - 128) = 289 entries a layer after the prefill."""
+    from evals.harness import make_cache
+    ids = torch.tensor([tokenizer("The sky is blue and the grass is green. " * 120).input_ids[:1000]])
+    cache, _ = make_cache("rocket_kv", model, 100, 1000, None, tokenizer, max_new_tokens=128)
+    assert cache.method.max_new_tokens == 128
+    ev.forward_chunked(model, cache, ids, 1000)
+    assert cache.stored_lengths() == [289] * model.config.num_hidden_layers
+    assert cache.method.params["capacity"] == 417 and cache.method.params["topk"] == 50
+
+
 def _filled_cache(n_layers=4, H=2, S=50, budget=20, window=8):
     m = DynamicKV(window=window)
     cache = CompressedCache(m, n_layers, budget=budget, context_length=S)
