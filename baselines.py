@@ -161,7 +161,11 @@ class DynamicKV(DecodePolicy, KVMethod):
     (base = B - w). Every 4 layers (and at the last), a global top-(base x heads x layers so far) over the stacked
     scores of all layers so far counts hits per layer; the counts, normalised, are rescaled so that the budgets sum to
     base x number of layers, and the earlier layers are truncated to their budgets plus the window. With chunked
-    prefill this runs per chunk (the original runs once, over the whole prompt)."""
+    prefill this runs per chunk (the original runs once, over the whole prompt).
+
+    Deviations, kept for now (issue 25): scores are reduced per KV head by the mean over its GQA group (the official
+    code works per query head, with one KV head each), and the global top-k sees what earlier layers still hold
+    after their temporary budget, not their full-prefix scores."""
     name = "dynamic_kv"
     pool = "avg"
     window: int = 8
