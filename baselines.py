@@ -338,7 +338,7 @@ class RocketKV(DecodePolicy, KVMethod):
     def build_aux(self, layer_idx, keys):
         """The element-wise min and max of every chunk of g stored keys, the last chunk partial (as the official
         cache pads it with +inf / -inf); chunks of one token need nothing beyond the keys."""
-        g, n = self.split()["chunk"], keys.shape[2]
+        g, n, keys = self.split()["chunk"], keys.shape[2], keys.detach()
         if g == 1:
             self.aux[layer_idx] = (None, None, n)
             return
@@ -346,6 +346,18 @@ class RocketKV(DecodePolicy, KVMethod):
         lo = F.pad(keys, (0, 0, 0, pad), value=float("inf")).unflatten(2, ((n + pad) // g, g)).amin(3)
         hi = F.pad(keys, (0, 0, 0, pad), value=float("-inf")).unflatten(2, ((n + pad) // g, g)).amax(3)
         self.aux[layer_idx] = (lo, hi, n)
+
+    def extend_aux(self, layer_idx, key):
+        """One more key (B, H, 1, D) after the n covered: into the last chunk's min / max, or a chunk of its own."""
+        lo, hi, n = self.aux[layer_idx]
+        key = key.detach()   # a selection summary: no gradient goes through it
+        if lo is not None:
+            if n % self.split()["chunk"]:
+                torch.minimum(lo[:, :, -1:], key, out=lo[:, :, -1:])
+                torch.maximum(hi[:, :, -1:], key, out=hi[:, :, -1:])
+            else:
+                lo, hi = torch.cat([lo, key], 2), torch.cat([hi, key], 2)
+        self.aux[layer_idx] = (lo, hi, n + 1)
 
     def aux_nbytes(self, layer):
         a = self.aux.get(layer.layer_idx)
@@ -355,7 +367,10 @@ class RocketKV(DecodePolicy, KVMethod):
         if layer.n_new != 1 or layer.cache.fits() or keys.shape[2] <= self.split()["topk"]:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         p = self.split()
-        if self.aux.get(layer.layer_idx, (0, 0, -1))[2] != keys.shape[2]:   # this step's key joins its chunk
+        covered = self.aux.get(layer.layer_idx, (0, 0, -1))[2]
+        if covered == keys.shape[2] - 1:   # this step's key joins its chunk, as the official cache's update does
+            self.extend_aux(layer.layer_idx, keys[:, :, -1:])
+        elif covered != keys.shape[2]:
             self.build_aux(layer.layer_idx, keys)
         kmin, kmax, _ = self.aux[layer.layer_idx]
         if kmin is None:

@@ -49,6 +49,11 @@ def check_fast_method(name: str, params: dict | None = None) -> None:
         raise UserError(f"method {name!r} with decode='hold' has no fast decode path; accepted: decode='grow'")
 
 
+def keeps_generated(method_obj) -> bool:
+    """A method under decode="grow": its prompt was compressed, and every generated token is kept (no eviction)."""
+    return getattr(method_obj, "decode", None) == "grow"
+
+
 def method_of(cache) -> str:
     """The method name of a cache built by `KVCacheFactory` ('full' for HF's own caches)."""
     m = getattr(cache, "method", None)
@@ -244,9 +249,9 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
                valid, st: dict, la: dict, co, c: dict):
     """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
     element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
-    kind: full (nothing evicted), grow (a compressed prompt; new entries fill free slots, nothing evicted), bare (frees the oldest entry: the step without the method's scoring; with
-    evict_every, the oldest entries on its schedule), atskv or a generic method; evict: whether this step is one of
-    atskv's scheduled evictions."""
+    kind: full (nothing evicted), grow (a compressed prompt; new entries fill free slots, nothing evicted), bare
+    (frees the oldest entry: the step without the method's scoring; with evict_every, the oldest entries on its
+    schedule), atskv or a generic method; evict: whether this step is one of atskv's scheduled evictions."""
     D = c["head_dim"]
     h, q, k, v = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, c["n_heads"], c["n_kv"],
                                D)
@@ -372,13 +377,14 @@ class StaticDecoder:
                  budget_tokens: int | None = None, compile: bool = False, use_graph: bool | None = None,
                  score: bool = True, attn_kernel: bool | None = None):
         self.model, self.method, self.m, self.slots = model, method, method_obj, slots
+        self.grow = keeps_generated(method_obj)
         self.w = lean_weights(model)
         self.dev = slots[0].K.device
         B = slots[0].K.shape[0]
         self.B = B
         self.budget_tokens = budget_tokens
         self.score_on = score          # False: the same slots and step without the method's scoring (overhead)
-        # the Triton decode-attention kernels (kernels/decode_attention.py) where they run (CUDA with Triton); False: SDPA
+        # the Triton decode-attention kernels (kernels/) where they run (CUDA with Triton); False: SDPA
         self.attn_kernel = attn_kernel is not False and kernel_available(self.dev)
         self.cur = torch.as_tensor(start_pos, device=self.dev).expand(B).clone().long()  # position of the new token
         self.tok = torch.zeros(B, dtype=torch.long, device=self.dev)
@@ -414,7 +420,7 @@ class StaticDecoder:
                                                         "span": getattr(m, "span", 1),
                                                         "consensus": getattr(m, "consensus", False),
                                                         "decode": getattr(m, "decode", None)})
-        grow = getattr(m, "decode", None) == "grow"   # the prompt was compressed; every generated token is kept
+        grow = keeps_generated(m)   # the slots then hold the compressed prompt and every generated token
         slots, budget_tokens = [], None
         if hasattr(m, "settle"):   # a method that scores on a schedule scores what is pending first
             m.settle(cache)
@@ -447,7 +453,6 @@ class StaticDecoder:
                     sl.state["score"] = sl.slot_tensor(m.score(layer).float())
                 slots.append(sl)
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
-        dec.grow = grow
         if method == "atskv":
             dec.counts, dec.coefs = m.counts.clone(), coefs
             dec.decode_step0 = cache.layers[0].decode_steps + 1
@@ -523,7 +528,7 @@ class StaticDecoder:
                                  self.counts if self.method == "atskv" and self.score_on else None)
         c = self._consts()
         for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
-            kind = "full" if sl.budget is None else "grow" if getattr(self, "grow", False) else \
+            kind = "full" if sl.budget is None else "grow" if self.grow else \
                 "bare" if variant.startswith("bare") else self.method
             x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok,
                         getattr(self, "counts", None), lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid,

@@ -488,10 +488,11 @@ def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -
         print(f"[atskv] training the relevance predictor for this model (once; cached at {path})", file=sys.stderr)
         pred, rep = train_predictor(model, tokenizer, feature_groups=VARIANT_GROUPS[variant],
                                     target=VARIANT_TARGET.get(variant, "future"), **train_kw)
-        pred.save(path, {"variant": variant, "ranking": rep, "version": FORMAT_VERSION})
+        save_predictor(model, pred, rep, variant)
         print(f"[atskv] held-out top-k recall of the most-attended tokens: {format_ranking(rep)}", file=sys.stderr)
+        return _LOADED[key]
     with torch.inference_mode(False):   # plain tensors, whatever mode the first cache was created in
-        _LOADED[key] = TokenRelevancePredictor.load(path).to(model.device)
+        use_predictor(model, TokenRelevancePredictor.load(path).to(model.device), variant)
     return _LOADED[key]
 
 

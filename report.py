@@ -549,7 +549,7 @@ def glance(result_dirs, root=".") -> str:
         env = ok[0]["env"]
         hw = env["cpu"] if env.get("device") == "cpu" and env.get("cpu") else env.get("hardware")
         commits = ", ".join(sorted({str(r["env"].get("commit")) for r in ok}))
-        cmds = sorted({r.get("command", "-").strip() for r in ok})
+        cmds = sorted({r.get("command", "-") for r in ok})
         samples = sorted({r["num_samples"] for r in ok})
         out += [f"[`{d}`]({d}/results.md): `{'`, `'.join(cmds)}` at commit {commits}; {hw}, {env.get('dtype')}; "
                 f"seed {', '.join(sorted({str(r['seed']) for r in ok}))}; {'/'.join(map(str, samples))} samples a "
@@ -593,7 +593,7 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
     plain = [r for r in recs if r["benchmark"] == "speed_plain"]
     if plain:
         full = {(r["context"], r["batch"]): r["decode_ms"] for r in plain if r["method"] == "full"}
-        lines += [f"### Plain path (`model.generate(past_key_values=cache)`)", "",
+        lines += ["### Plain path (`model.generate(past_key_values=cache)`)", "",
                   f"Device: {plain[0]['env'].get('hardware', '-')}, {plain[0]['dtype']}. HF's decode loop, one "
                   "forward per token through the method's cache, random-token contexts; the mean step over "
                   f"{plain[0]['steps']} or more consecutive steps, in whole eviction cycles (evict_every), after 2 "

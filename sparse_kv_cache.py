@@ -47,15 +47,20 @@ class KVCacheFactory:
                     raise UserError(f"bad value {v!r} for {k!r} in {spec!r}: accepted are numbers, true, false, "
                                     "none and quoted strings; parameters are separated by ';'") from None
         if check and not name.startswith("kvpress:"):
-            known = KVCacheFactory.known_methods()
-            if name not in known:
-                raise UserError(f"unknown method {name!r}; known methods: {', '.join(known)}, kvpress:<press>")
-            if dataclasses.is_dataclass(METHODS[name]):
-                accepted = {f.name for f in dataclasses.fields(METHODS[name])}
-                bad = sorted(set(params) - accepted)
-                if bad:
-                    raise UserError(f"unknown parameter(s) {bad} for method {name!r}; accepted: {sorted(accepted)}")
+            KVCacheFactory.check(name, params)
         return name, params
+
+    @staticmethod
+    def check(method: str, params: dict) -> None:
+        """A one-line UserError unless `method` is known and `params` are fields of its dataclass."""
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}, "
+                            "kvpress:<press>")
+        if dataclasses.is_dataclass(METHODS[method]):
+            accepted = {f.name for f in dataclasses.fields(METHODS[method])}
+            bad = sorted(set(params) - accepted)
+            if bad:
+                raise UserError(f"unknown parameter(s) {bad} for method {method!r}; accepted: {sorted(accepted)}")
 
     @staticmethod
     def from_spec(spec: str, model, budget=None, **kwargs):
@@ -68,19 +73,13 @@ class KVCacheFactory:
 
     @staticmethod
     def create(method: str, model, budget=None, context_length: int | None = None, tokenizer=None, **params):
-        known = KVCacheFactory.known_methods()
-        if method not in METHODS:
-            raise UserError(f"unknown method {method!r}; known methods: {', '.join(known)} (and kvpress:<press>)")
+        KVCacheFactory.check(method, params)
         install_attention(model)
         cls = METHODS[method]
         if cls is FullCache:
             return FullCache()
         if isinstance(budget, float) and not 0.0 < budget <= 1.0 or isinstance(budget, int) and budget < 1:
             raise UserError(f"budget {budget!r} out of range: a fraction in (0, 1] or a token count >= 1")
-        accepted = {f.name for f in dataclasses.fields(cls)}
-        bad = set(params) - accepted
-        if bad:
-            raise UserError(f"unknown parameter(s) {sorted(bad)} for method {method!r}; accepted: {sorted(accepted)}")
         m = cls(**params)
         if hasattr(m, "attach_model"):
             m.attach_model(model, tokenizer)

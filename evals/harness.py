@@ -140,15 +140,12 @@ def make_cache(method: str, model, budget, context_length: int, params: dict | N
     """(cache, press): a compressed cache of ours, or for `kvpress:<name>` a DynamicCache and the kvpress press.
     A method with a `max_new_tokens` parameter (RocketKV sizes its cache with it) gets the task's generation length
     unless its spec sets one."""
-    import dataclasses
-    from sparse_kv_cache import METHODS, KVCacheFactory
+    from sparse_kv_cache import KVCacheFactory, method_params
     if method.startswith("kvpress:"):
         from transformers import DynamicCache
         return DynamicCache(), make_kvpress(method.split(":", 1)[1], budget, context_length, params)
     params = dict(params or {})
-    cls = METHODS.get(method)
-    if max_new_tokens is not None and dataclasses.is_dataclass(cls) and \
-            "max_new_tokens" in {f.name for f in dataclasses.fields(cls)}:
+    if max_new_tokens is not None and "max_new_tokens" in method_params(method):
         params.setdefault("max_new_tokens", max_new_tokens)
     return KVCacheFactory.create(method, model, budget=budget, context_length=context_length, tokenizer=tokenizer,
                                  **params), None
@@ -160,7 +157,8 @@ def make_kvpress(name: str, budget, context_length: int, params: dict | None = N
     try:
         import kvpress
     except ImportError:
-        raise UserError(f"method 'kvpress:{name}' needs NVIDIA kvpress 0.5.5: pip install -r requirements.txt") from None
+        raise UserError(f"method 'kvpress:{name}' needs NVIDIA kvpress 0.5.5: pip install -r requirements.txt") \
+            from None
     from utils import resolve_budget
     presses = {c[:-len("Press")].lower(): c for c in dir(kvpress) if c.endswith("Press") and c != "BasePress"}
     key = name.replace("_", "").lower()

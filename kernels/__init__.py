@@ -11,8 +11,9 @@ builds of torch ship it; CPU builds do not) and the kernel not switched off (`ru
 compare a kernel with its tensor form)."""
 try:
     import triton
-except ImportError:
-    triton = None
+    import triton.language as tl
+except ImportError:   # CPU builds of torch come without Triton; every kernel has its tensor form
+    triton = tl = None
 
 NAMES = ("attention", "gemm", "evict", "greedy")
 _switched_off: set[str] = set()

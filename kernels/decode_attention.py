@@ -25,12 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton; the reference path is used there
-    triton = None
+from kernels import tl, triton
 
 # Launch configuration, from a sweep on an H200 (block, warps, pipeline stages, programs; README "Decode speed"):
 # tensor cores (tl.dot over the group's query rows padded to 16) win by far at batch 64 (100 us against 840 us at

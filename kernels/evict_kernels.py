@@ -20,12 +20,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton
-    triton = None
+from kernels import tl, triton
 
 MAX_SLOTS = 4096   # rows of at most this many slots are handled here (one program a row), longer ones by torch
 

@@ -16,12 +16,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton
-    triton = None
+from kernels import tl, triton
 
 BLOCK = 2048          # logits per program of the first kernel (24 blocks a row at this model's 49152 tokens)
 ROWS = 64             # batch rows per pass of the finishing kernel's loop

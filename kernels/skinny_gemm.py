@@ -13,12 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton
-    triton = None
+from kernels import tl, triton
 
 MAX_ROWS = 64                                      # more rows than this: F.linear (a real GEMM tile does better)
 # In-step sweep on the H200 (ATSKV's step at 64 x 8192, 10%, eager layers in a CUDA graph, random weights, two

@@ -49,15 +49,11 @@ def test_bad_input_exits_2_with_one_line_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUT)
-def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_before_loading_a_model(args, message, tmp_path, run_main):
     """The same entry point in this process (a process per case cost 5 s each, mostly importing torch)."""
-    import run_experiment
-    with pytest.raises(SystemExit) as exit_:
-        run_experiment.main([*args, "--output_dir", str(tmp_path / "o")])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    code, lines = run_main(*args, "--output_dir", tmp_path / "o")
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
 
@@ -222,13 +218,10 @@ def unusable_devices():
 
 
 @pytest.mark.parametrize("device", unusable_devices())
-def test_a_device_this_machine_cannot_use_exits_2_with_one_line_before_any_work(device, tmp_path, capsys):
-    import run_experiment
-    with pytest.raises(SystemExit) as exit_:
-        run_experiment.main(["--device", device, "--output_dir", str(tmp_path / "o")])
-    assert exit_.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: ") and repr(device) in lines[0] and "accepted" in lines[0]
+def test_a_device_this_machine_cannot_use_exits_2_with_one_line_before_any_work(device, tmp_path, run_main):
+    code, lines = run_main("--device", device, "--output_dir", tmp_path / "o")
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and repr(device) in lines[0] and "accepted" in lines[0]
     assert not (tmp_path / "o").exists()      # nothing planned or created
 
 
