@@ -134,13 +134,12 @@ class ATSKV(KVMethod):
         return None if self.consensus else self.keep_target(layer, budget)
 
     def keep_target(self, layer, budget):
-        """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts only when
-        s % period == 0, to budget - period + 1: the steps in between add one entry each and stay within the
-        budget (period: evict_every, or a smaller layer budget)."""
+        """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts when
+        s % evict_every == 0, to budget - evict_every + 1: the steps in between add one entry each and stay within
+        the budget; a layer over its budget evicts at once (`evicts_now`)."""
         if self.evict_every == 1 or layer.n_new > 1:
             return budget
-        every = self.period(layer)
-        return max(1, budget - every + 1) if layer.decode_steps % every == 0 else None
+        return max(1, budget - self.evict_every + 1) if self.evicts_now(layer, budget) else None
 
     def layer_budget(self, layer_idx, n_layers, budget):
         if not self.retrieval:
@@ -188,13 +187,13 @@ class ATSKV(KVMethod):
         """A chunk always scores; a decode step scores when it evicts (every evict_every steps), or always with
         promotion (recalled entries compete at once) or consensus (one ranking across layers)."""
         return (layer.n_new > 1 or self.evict_every == 1 or self.promote or self.consensus
-                or layer.decode_steps % self.period(layer) == 0)
+                or self.evicts_now(layer))
 
-    def period(self, layer) -> int:
-        """Decode steps between evictions: evict_every, or the layer's budget when that is smaller (the steps in
-        between add one entry each, and must fit in the budget)."""
-        budget = layer.budget()
-        return self.evict_every if budget is None else max(1, min(self.evict_every, budget))
+    def evicts_now(self, layer, budget=None) -> bool:
+        """A decode step evicts every evict_every steps, and whenever the layer holds more than its budget (its
+        budget is below evict_every, or a scheduled eviction fell while the whole cache still fit)."""
+        budget = layer.budget() if budget is None else budget
+        return layer.decode_steps % self.evict_every == 0 or budget is not None and layer.stored_length() > budget
 
     def settle(self, cache) -> None:
         """Score what is pending on every layer now (before the fast path takes the cache over)."""
