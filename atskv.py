@@ -74,8 +74,15 @@ class ATSKV(KVMethod):
     fixed_threshold: float | None = None  # ablation: keep r > this value instead of the controller's tau
     layer_shares: bool = True         # beta_l from calibration (False: equal budgets)
     external_memory: bool = False
-    recall_tokens: float = 0.5        # tokens recalled per step, as a fraction of the active budget
-    recall_every: int = 1             # decode steps between recalls (the question's forward always recalls)
+    recall_share: float = 0.0         # read-time recall: a forward of several tokens (a prompt chunk, the question)
+                                      #   pins this share of the layer budget to the spans its queries attend to
+                                      #   most, promoting them from the passive store (`recall_spans`); 0: off
+    recall_span: int = 1              #   the votes are max-pooled over this many neighbouring positions
+    recall_window: int = 64           #   the forward's last this-many queries vote
+    recall_shared: bool = False       #   one choice of spans for all the layer's KV heads (their votes summed)
+    recall_tokens: float = 0.5        # per-step recall: tokens recalled per step, a fraction of the active budget,
+    recall_every: int = 1             #   every this many decode steps (0: never); without read-time recall the
+                                      #   question's forward recalls this way too
     recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "pages": Quest
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
@@ -100,6 +107,13 @@ class ATSKV(KVMethod):
         if not isinstance(self.retrieval_layers, int) or isinstance(self.retrieval_layers, bool) \
                 or self.retrieval_layers < 0:
             raise UserError(f"retrieval_layers {self.retrieval_layers!r}: accepted are integers >= 0")
+        if not 0.0 <= self.recall_share < 1.0:
+            raise UserError(f"recall_share {self.recall_share!r}: accepted are fractions in [0, 1)")
+        for name in ("recall_span", "recall_window", "recall_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "recall_every" else 1):
+                lo = 0 if name == "recall_every" else 1
+                raise UserError(f"{name} {v!r}: accepted are integers >= {lo}")
         if not 0.0 < self.retrieval_share < 1.0:
             raise UserError(f"retrieval_share {self.retrieval_share!r}: accepted are fractions in (0, 1)")
 
@@ -125,6 +139,9 @@ class ATSKV(KVMethod):
         self.counts = None
         self.passive: dict[int, PassiveStore] = {}
         self.steps = 0
+        # bytes copied from the passive store to the device: by forwards of several tokens (read-time recall, or
+        # per-step recall at a chunk) and by decode steps; decode_steps counts the one-token forwards
+        self.recall_bytes = {"read": 0, "decode": 0, "decode_steps": 0}
 
     def recent_tokens(self, budget):
         return self.n_recent if budget is None else min(self.n_recent, budget // 2)
@@ -249,8 +266,12 @@ class ATSKV(KVMethod):
         return layer.extras["r"]
 
     def select(self, layer, budget):
+        protected = layer.protected()
+        if "pin" in layer.extras:  # the spans the last read-time recall chose stay until the next one
+            layer.pad_extras()
+            protected = protected | (layer.extras["pin"] > 0)
         return self.controller.select(layer.layer_idx, self.score(layer).masked_fill(~layer.valid, -1.0),
-                                      layer.protected(), budget)
+                                      protected, budget)
 
     def on_layer_done(self, cache, layer_idx):
         """consensus: after the last layer, every layer keeps its budget by one ranking of the positions, their r
@@ -294,13 +315,18 @@ class ATSKV(KVMethod):
         store = self.passive.get(layer.layer_idx) if self.external_memory else None
         if layer.layer_idx == 0:
             self.steps += 1
-        due = layer.n_new > 1 or (self.steps % max(1, self.recall_every) == 0)
+            self.recall_bytes["decode_steps"] += layer.n_new == 1
+        if store is not None and layer.n_new > 1 and self.recall_share > 0:
+            keys, values, mask = self.recall_spans(layer, store, query, keys, values, mask, scaling)
+            return super().attend(layer, module, query, keys, values, mask, scaling)
+        due = layer.n_new > 1 or (self.recall_every > 0 and self.steps % self.recall_every == 0)
         if store is None or (store.size == 0 and store.pend is None) or not due:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
         rec = store.recall(query[:, :, -self.window:], n_tok // store.page_size)  # the copy starts (side stream)
         o1, lse1 = attention_lse(query, keys, values, mask, scaling)             # meanwhile: the active cache
         rec.wait()
+        self.recall_bytes["read" if layer.n_new > 1 else "decode"] += rec.k.nbytes + rec.v.nbytes
         B, Hq, q, _ = query.shape
         rmask = repeat_heads(rec.valid, Hq // keys.shape[1])[:, :, None, :].expand(B, Hq, q, -1)
         o2, lse2 = attention_lse(query, rec.k, rec.v, rmask, scaling)
@@ -308,6 +334,73 @@ class ATSKV(KVMethod):
         if self.promote and store.k is not None and store.page_size == 1:
             self._promote(layer, store, rec)
         return merge_attention(o1, lse1, o2, lse2).to(query.dtype)
+
+    def recall_slots(self, layer) -> int:
+        """Entries a read-time recall pins: recall_share of the layer budget, leaving room for the sinks, the
+        recent window and the decode steps until the next eviction."""
+        budget = layer.budget()
+        if budget is None:
+            return 0
+        room = budget - self.n_sink - self.recent_tokens(budget) - self.evict_every
+        return max(0, min(int(self.recall_share * budget), room))
+
+    def recall_spans(self, layer, store, query, keys, values, mask, scaling):
+        """Read-time recall (issue 22): the last `recall_window` queries of this forward vote over every old
+        entry of the layer, active or passive (each query's softmax over all of them, summed over the queries and
+        the group's heads, as SnapKV's window votes); the votes are max-pooled over `recall_span` positions so that
+        a fact is chosen whole; the top `recall_slots` positions are pinned (the controller keeps them until the
+        next forward of several tokens), and those in the passive store are promoted into the active cache before
+        this forward attends. Returns the keys, values and mask this forward attends over."""
+        dev, q = keys.device, layer.n_new
+        B, Hq, _, D = query.shape
+        Hkv, S_old = keys.shape[1], keys.shape[2] - q
+        layer.pad_extras()
+        layer.extras["pin"] = torch.zeros(layer.positions.shape, device=dev)
+        store.settle()
+        R = self.recall_slots(layer)
+        if R == 0 or store.k is None or S_old == 0:
+            return keys, values, mask
+        w = min(q, self.recall_window)
+        qg = query[:, :, -w:].reshape(B, Hkv, Hq // Hkv, w, D).float()
+        act = torch.einsum("bhgqd,bhnd->bhgqn", qg, keys[:, :, :S_old].float()) * scaling
+        act = act.masked_fill(~layer.valid[:, :, None, None, :S_old], float("-inf"))
+        pas = torch.einsum("bhgqd,bhnd->bhgqn", qg.to(store.k.device), store.k.float()) * scaling
+        pas = pas.masked_fill(~store.valid[:, :, None, None], float("-inf")).to(dev)
+        votes = torch.softmax(torch.cat([act, pas], -1), -1).nan_to_num(0.0).sum((2, 3))
+        T = layer.cumulative_length
+        pos = torch.cat([layer.positions[:, :, :S_old], store.pos.to(dev)], 2)
+        dense = torch.zeros((B, Hkv, T), device=dev).scatter_add_(2, pos, votes)
+        if self.recall_shared:
+            dense = dense.sum(1, keepdim=True).expand(B, Hkv, T)
+        if self.recall_span > 1:
+            dense = F.max_pool1d(dense.reshape(B * Hkv, 1, T), self.recall_span, 1, self.recall_span // 2)
+            dense = dense[..., :T].reshape(B, Hkv, T)
+        dense = dense.clone()
+        dense[..., :self.n_sink] = -1.0                                   # protected anyway
+        dense[..., max(0, T - max(q, self.recent_tokens(layer.budget()))):] = -1.0
+        top = dense.topk(min(R, T), dim=-1)
+        chosen = torch.zeros((B, Hkv, T), dtype=torch.bool, device=dev).scatter_(2, top.indices, top.values > 0)
+        layer.extras["pin"] = chosen.gather(2, layer.positions).float()
+        take = chosen.gather(2, store.pos.to(dev)) & store.valid.to(dev)
+        K = int(take.sum(-1).max())
+        if K == 0:
+            return keys, values, mask
+        idx = take.float().topk(K, dim=-1).indices.sort(-1).values
+        ok = take.gather(2, idx)
+        idx_h, ok_h = idx.to(store.k.device), ok.to(store.k.device)
+        k_new, v_new = (gather_entries(t, idx_h).to(dev, keys.dtype) for t in (store.k, store.v))
+        store.valid.scatter_(2, idx_h, store.valid.gather(2, idx_h) & ~ok_h)  # the active copy is the live one
+        self.recall_bytes["read"] += k_new.nbytes + v_new.nbytes
+        layer.keys, layer.values = torch.cat([k_new, layer.keys], 2), torch.cat([v_new, layer.values], 2)
+        layer.positions = torch.cat([gather_entries(store.pos, idx_h).to(dev), layer.positions], 2)
+        layer.valid = torch.cat([ok, layer.valid], 2)
+        for name, t in layer.extras.items():
+            front = ok.to(t.dtype) if name == "pin" else t.new_zeros(t.shape[:2] + (K,) + t.shape[3:])
+            layer.extras[name] = torch.cat([front, t], 2)
+        if mask is not None:
+            front = repeat_heads(ok, Hq // Hkv)[:, :, None, :].expand(B, Hq, q, K)
+            mask = torch.cat([front, mask], -1)
+        return layer.keys, layer.values, mask
 
     def _promote(self, layer, store, rec):
         """Move the recalled entries into the active cache, in front of the stored ones (the new tokens stay

@@ -97,6 +97,16 @@ def tiers_mb(rs: list[dict]) -> tuple[float, float, float]:
     return active, sum(r.get("summary_bytes", 0) for r in rs) / n / MB, sum(r.get("passive_bytes", 0) for r in rs) / n / MB
 
 
+def recalled_at(rs: list[dict], size: int) -> str:
+    """Mean bytes a method with an external memory copied to the device while the question was read, and per
+    decode step (both summed over the layers), at one context size; '-' for methods without recall."""
+    sel = [r for r in rs if r["context_size"] == size and "recall_bytes_per_step" in r]
+    if not sel:
+        return "-"
+    question = sum(r.get("recall_bytes_question", 0) for r in sel) / len(sel) / MB
+    return f"{question:.2f} / {sum(r['recall_bytes_per_step'] for r in sel) / len(sel) / 1024:.0f}"
+
+
 def timing_marks(ok: list[dict]) -> dict[str, str]:
     """Cells whose times are not comparable with the rest: another machine (‡), or a CPU-speed probe before the
     cell more than 30% away from the run's median (†: the machine was busier or freer than for the others)."""
@@ -134,9 +144,10 @@ def synthetic_tables(ok: list[dict]):
     full = sample_scores([r for r in ok if r["method"] == "full"])
     full_score = 100 * sum(full) / len(full) if full else None
     marks = timing_marks(ok)
+    recalls = any("recall_bytes_per_step" in r for r in ok)
     header = ["method", "budget"] + [f"score @{s}" for s in sizes] + \
-        ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries", f"host MB @{big}",
-         "prefill s", "decode ms/token"]
+        ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries", f"host MB @{big}"] + \
+        ([f"recalled @{big}: question MB / decode KB a step"] if recalls else []) + ["prefill s", "decode ms/token"]
     rows = []
     for (m, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
         per_size = []
@@ -152,23 +163,38 @@ def synthetic_tables(ok: list[dict]):
         mark = "".join(sorted({marks.get(r["cell"], "") for r in rs}))
         pre = sum(r["prefill_s"] for r in rs) / len(rs)
         dec = sum(r["decode_ms_per_token"] for r in rs) / len(rs)
+        recalled = [recalled_at(rs, big)] if recalls else []
         rows.append([m, fmt_budget(b)] + per_size + [f"{mean:.1f} [{lo:.0f}-{hi:.0f}]", len(sc), ret, dev,
-                                                     f"{host:.1f}" if host else "-", f"{pre:.2f}{mark}",
-                                                     f"{dec:.1f}{mark}"])
+                                                     f"{host:.1f}" if host else "-"] + recalled +
+                    [f"{pre:.2f}{mark}", f"{dec:.1f}{mark}"])
     return header, rows
 
 
 def task_table(ok: list[dict]):
+    """Rows: method @ budget. Columns: the score of each task at each context size, then per size the mean over
+    the tasks and its ratio to the full cache's mean over the same tasks (the retention the issues ask for)."""
     tasks = sorted({r["task"] for r in ok})
-    groups = defaultdict(dict)
-    for t in tasks:
-        for r in ok:
-            if r["task"] == t:
-                groups[(r["method"], r["budget"])].setdefault(t, []).append(r["score"])
-    header = ["method", "budget"] + tasks
+    sizes = sorted({r["context_size"] for r in ok})
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        groups[(r["method"], r["budget"])][(r["context_size"], r["task"])].append(r["score"])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    full = next((d for (m, _), d in groups.items() if m == "full"), {})
+    header = ["method", "budget"]
+    for s in sizes:
+        header += [f"{t} @{s}" for t in tasks] + [f"mean @{s}", f"vs full @{s}"]
     rows = []
     for (m, b), d in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
-        rows.append([m, fmt_budget(b)] + [f"{sum(d[t]) / len(d[t]):.1f}" if t in d else "-" for t in tasks])
+        row = [m, fmt_budget(b)]
+        for s in sizes:
+            row += [f"{mean(d[(s, t)]):.1f}" if (s, t) in d else "-" for t in tasks]
+            have = [t for t in tasks if (s, t) in d]
+            both = [t for t in have if (s, t) in full]
+            m_s = mean([mean(d[(s, t)]) for t in have]) if have else None
+            f_s = mean([mean(full[(s, t)]) for t in both]) if both else None
+            row += [f"{m_s:.1f}" if m_s is not None else "-",
+                    f"{100 * mean([mean(d[(s, t)]) for t in both]) / f_s:.0f}%" if f_s else "-"]
+        rows.append(row)
     return header, rows
 
 
@@ -464,7 +490,8 @@ def build_report(out_dir, command: str = "") -> None:
                   "protected recent window, so any method answers it: with depths 0-100% spread evenly that is one "
                   f"sample in {min(5, syn[0]['num_samples'])}, a floor of about "
                   f"{100 / min(5, syn[0]['num_samples']):.0f} points that says nothing about a method.", "",
-                  md_table(header, rows), "", TIMING_NOTE, "", "Per task (mean over context sizes):", "",
+                  md_table(header, rows), "", TIMING_NOTE, "",
+                  "Per task and context size, with the mean over the tasks and its ratio to the full cache's:", "",
                   md_table(t_header, t_rows), ""]
         for title, path in figures(syn, out_dir / "figures", "synthetic"):
             lines += [f"![{title}]({path})", ""]

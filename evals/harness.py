@@ -78,14 +78,17 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
             with ctx:
                 forward_chunked(model, cache, torch.tensor([ctx_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
+        recalled_before_question = recall_counters(cache)
         logits = forward_chunked(model, cache, torch.tensor([q_ids], device=dev), chunk, start=len(ctx_ids))
     else:
+        recalled_before_question = None
         with ctx:
             logits = forward_chunked(model, cache, torch.tensor([ctx_ids + q_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
     _sync(dev)
     t1 = time.perf_counter()
     peak_bytes = cache_nbytes(cache)
+    recalled_before_decoding = recall_counters(cache)
     generated, pos = [], len(ctx_ids) + len(q_ids)
     if fast:
         from fast_decode import StaticDecoder, method_of
@@ -118,6 +121,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     t2 = time.perf_counter()
     from sparse_kv_cache import tier_bytes
     return {
+        **recall_record(recalled_before_question, recalled_before_decoding, recall_counters(cache)),
         **(tier_bytes(cache) if cache is not None else
            {"active_kv_bytes": peak_bytes, "summary_bytes": 0, "passive_bytes": 0}),
         "prediction": tokenizer.decode(generated, skip_special_tokens=True),
@@ -130,6 +134,23 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         "context_tokens": len(ctx_ids),
         "question_tokens": len(q_ids),
     }
+
+
+def recall_counters(cache) -> dict | None:
+    """A copy of the cache method's recall counters (bytes copied from its passive store to the device), if any."""
+    counters = getattr(getattr(cache, "method", None), "recall_bytes", None)
+    return dict(counters) if counters is not None else None
+
+
+def recall_record(before_question, before_decoding, end) -> dict:
+    """The bytes recalled while the question was read and per decode step (methods with an external memory)."""
+    if before_decoding is None or end is None:
+        return {}
+    steps = end["decode_steps"] - before_decoding["decode_steps"]
+    out = {"recall_bytes_per_step": (end["decode"] - before_decoding["decode"]) / max(1, steps)}
+    if before_question is not None:
+        out["recall_bytes_question"] = before_decoding["read"] - before_question["read"]
+    return out
 
 
 MAX_NEW_TOKENS = {"passkey": 10, "needle": 10, "multi_key": 10, "multi_value": 24, "multi_question": 10}
