@@ -232,7 +232,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     prefill_s = time.perf_counter() - t0
     tiers = tier_bytes(cache)
     kv = cache_nbytes(cache)
-    scores, preds, decode = [], [], []
+    scores, preds, decode, recalls = [], [], [], []
     for q, prefix, answers in questions:
         _, q_ids = encode_prompt(tokenizer, s.context, q, prefix)
         c = copy.deepcopy(cache)
@@ -242,7 +242,9 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         scores.append(score_synthetic(sub, r["prediction"]))
         preds.append(r["prediction"])
         decode.append(r["decode_ms_per_token"])
-    return {**tiers, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
+        recalls.append({k: r[k] for k in ("recall_bytes_question", "recall_bytes_per_step") if k in r})
+    recalled = {k: sum(x[k] for x in recalls) / len(recalls) for k in recalls[0]}
+    return {**tiers, **recalled, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
             "prefill_s": prefill_s, "decode_ms_per_token": sum(decode) / len(decode), "kv_bytes": kv,
             "kv_bytes_peak": kv, "context_tokens": len(ctx_ids), "question_tokens": 0, "id": s.id,
             "depth": s.depth, "answers": [a for _, _, a in questions], "score": sum(scores) / len(scores)}
@@ -266,6 +268,9 @@ def summarize_samples(per_sample: list[dict]) -> dict:
         "samples": [{k: r[k] for k in ("id", "depth", "score", "prediction", "kv_bytes", "context_tokens")
                      if k in r} for r in per_sample],
     }
+    for k in ("recall_bytes_question", "recall_bytes_per_step"):  # methods with an external memory
+        if any(k in r for r in per_sample):
+            out[k] = sum(r.get(k, 0) for r in per_sample) / n
     if out["n_empty"]:
         out["warning"] = f"{out['n_empty']} of {len(per_sample)} generations produced nothing"
     return out
