@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 22's quality table: synthetic needle, multi_key, multi_value and multi_question, question-agnostic, fp32,
 # NUM samples a cell (default 20), at CONTEXTS (default "8192 4096") and BUDGETS (default 0.25,0.1).
-# Each method x context runs as its own process (JOBS at a time, THREADS CPU threads each) into OUT_DIR/parts/<n>;
+# Each method x context x task x budget runs as its own process (JOBS at a time, THREADS CPU threads each; their
+# times are then not speed results) into OUT_DIR/parts/<n>;
 # a part resumes from its results.jsonl, so an interrupted call loses no finished sample. The parts are then joined
 # into OUT_DIR/results.jsonl and reported (OUT_DIR/results.md).
 #   bash bench/recall_table.sh MODEL OUT_DIR SEED METHOD [METHOD ...]
@@ -16,13 +17,17 @@ python -c "import utils, relevance_predictor as rp; m, t = utils.load_model_and_
 n=0
 for ctx in ${CONTEXTS:-8192 4096}; do
   for m in "$@"; do
-    n=$((n + 1))
-    budgets=$([ "$m" = full ] && echo 1.0 || echo "${BUDGETS:-0.25,0.1}")
-    ( OMP_NUM_THREADS=${THREADS:-2} python run_experiment.py --model_name "$model" --output_dir "$out/parts/$n" \
-        --benchmarks synthetic --tasks needle,multi_key,multi_value,multi_question --context_sizes "$ctx" \
-        --budgets "$budgets" --methods "$m" --num_samples "${NUM:-20}" --seed "$seed" \
-        > "$out/parts/$n.log" 2>&1; echo "part $n ($m @ $ctx): exit $?" ) &
-    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-8}" ]; do sleep 2; done
+    budgets=$([ "$m" = full ] && echo 1.0 || echo "${BUDGETS:-0.25 0.1}")
+    for b in $budgets; do
+      for task in needle multi_key multi_value multi_question; do
+        n=$((n + 1))
+        ( OMP_NUM_THREADS=${THREADS:-2} python run_experiment.py --model_name "$model" --output_dir "$out/parts/$n" \
+            --benchmarks synthetic --tasks $task --context_sizes "$ctx" --budgets "$b" --methods "$m" \
+            --num_samples "${NUM:-20}" --seed "$seed" > "$out/parts/$n.log" 2>&1
+          echo "part $n ($m @ $ctx, $b, $task): exit $?" ) &
+        while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-11}" ]; do sleep 2; done
+      done
+    done
   done
 done
 wait
