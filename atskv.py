@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, repeat_heads,
-                             window_attention)
+from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, put,
+                             repeat_heads, window_attention)
 from external_memory import PassiveStore, attention_lse, merge_attention
+from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
 
@@ -418,9 +419,192 @@ class ATSKV(KVMethod):
             layer.extras[name] = torch.cat([old, t], 2)
         store.remove_recalled()
 
+    # -- the fast path's slot step (fast_decode.StaticDecoder; cache_framework.KVMethod's slot hooks) ------------
+    def fast_path_refusal(self):
+        if self.external_memory or self.span > 1 or self.consensus:
+            return ("external memory, consensus and span > 1 are plain-path only: atskv without external memory or "
+                    "consensus, span 1")
+        return None
+
+    def slot_state(self, layer):
+        """The running attention statistic, the token ids, the write-time logit z0 of every entry (its static
+        features and hidden state, `static_logit`) and the controller's delta."""
+        l, pred = layer.layer_idx, self.predictor
+        co = self.slot_coefs()[l]
+        z0 = static_logit(co, pred.token_flags, hidden_logit(co, layer.extras["h"]), layer.positions, layer.keys,
+                          layer.values, layer.extras["tok"].long(), self.n_sink)
+        # delta of shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
+        return ({"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0},
+                {"delta": torch.tensor([self.controller.delta[l]], dtype=torch.float64, device=layer.device)})
+
+    def slot_coefs(self) -> list[dict]:
+        if getattr(self, "_slot_coefs", None) is None:
+            self._slot_coefs = logit_coefs(self.predictor)
+        return self._slot_coefs
+
+    def slot_shared_state(self):
+        return {"counts": self.counts.clone()}
+
+    def slot_layer_args(self, layer_idx, device):
+        return {"beta": torch.tensor(self.controller.beta[layer_idx], dtype=torch.float32, device=device),
+                "co": self.slot_coefs()[layer_idx]}
+
+    def slot_consts(self):
+        return {"flags": self.predictor.token_flags, "gain": self.controller.gain, "fixed": self.controller.fixed}
+
+    def slot_wants_probs(self, evict):
+        return evict
+
+    def slot_before_attention(self, s):
+        """A new entry's running statistic starts at 0; a step that does not evict only adds its attention to it
+        (inside decode_attention)."""
+        acc, slot = s["state"]["acc"], s["slot"]
+        put(acc, slot, torch.zeros(slot.shape[:2], dtype=acc.dtype, device=acc.device))
+        return None if s["evict"] else acc
+
+    def slot_step(self, s):
+        """`observe` + `select` on one layer's slots: the new entry's write-time logit every step; when s["evict"]
+        (evict_every's schedule), this step's attention statistics, every entry re-scored and the threshold
+        controller's decision (`controller_keep`), keeping at most layer_args["keep"] entries. On CUDA the eviction
+        kernels also hide the freed slots in the bias and list the next free ones in the queue; returns True then."""
+        from fast_decode import protection
+        from kernels import evict_kernels
+        st, la, c, slot = s["state"], s["layer_args"], s["consts"], s["slot"]
+        present, valid, pos, seen, co = s["present"], s["valid"], s["pos"], s["seen"], la["co"]
+        B, H = s["k"].shape[:2]
+        new_tok = s["tok"][:, None].expand(B, H)
+        hz = step_hidden_logit(co, s["h"])[:, None, None].expand(B, H, 1)
+        put(st["z0"], slot, static_logit(co, c["flags"], hz, s["cur"][:, None, None].expand(B, H, 1),
+                                         s["k"][:, :, None], s["v"][:, :, None], new_tok[..., None], c["n_sink"])[..., 0])
+        put(st["tok"], slot, new_tok)
+        if not s["evict"]:   # decode_attention added the step's attention to acc
+            return False
+        over = (present[0, 0].sum() > la["keep"]) & (seen[0] > c["budget_tokens"])
+        prot = protection(present, pos, seen, c["n_sink"], la["n_recent"])
+        probs, acc, counts = s["probs"], st["acc"], s["counts"]
+        if evict_kernels.available(present):   # the scoring, the decision, the bias and the queue in three kernels
+            r = evict_kernels.relevance(probs, acc, st["z0"], pos, st["tok"], counts, valid, seen, co["dyn"])
+            evict_kernels.controller_evict(r, prot, present, valid, s["bias"], st.get("queue"), la["keep"], la["beta"],
+                                           st["delta"], c["gain"], c["fixed"], over, c["hidden"])
+            return True
+        _, _, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
+        mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
+        acc += mean
+        freq = counts.gather(1, st["tok"].flatten(1)).view(st["tok"].shape)
+        r = torch.sigmoid(st["z0"] + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
+        r = r.masked_fill(~valid, -1.0)
+        kept, new_delta = controller_keep(r, prot, present, la["keep"], la["beta"], st["delta"], c["gain"], c["fixed"])
+        st["delta"].copy_(torch.where(over, new_delta, st["delta"]))
+        present.copy_(torch.where(over, kept, present))
+        return False
+
     def aux_nbytes(self, layer):
         store = self.passive.get(layer.layer_idx) if self.external_memory else None
         return 0 if store is None else store.device_nbytes()
 
 
 METHODS["atskv"] = ATSKV
+
+
+# -- the fast path's tensor forms ------------------------------------------------------------------------------------
+
+def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
+    """`ThresholdController.select` in tensor form over slots (no host sync, static shapes, one sort).
+
+    r, protected, present: (B, H, N); free slots (present False) are not entries. delta: float64, shape (1,) or ().
+    Returns (kept (B, H, N) bool, new delta). Every row keeps the same number k <= budget of entries, as the plain
+    path's gather does: its protected entries, then its unprotected ones by r (the kept-by-threshold rank above the
+    others and have the higher r, so one ascending sort of r serves both the quantile and the top-k)."""
+    B, H, N = r.shape
+    S = present[0, 0].sum().double()            # stored entries (the same in every row)
+    target = torch.clamp(budget / S, max=1.0)
+    r = r.float()
+    prot = protected & present
+    free = present & ~protected
+    # the free first, by r; ties by slot index (a stable sort), as in evict_kernels
+    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1, stable=True)
+    n = free.sum(-1, keepdim=True)
+    if fixed is not None:
+        tau = torch.full_like(r[..., :1], fixed)
+    else:  # torch.nanquantile over the free entries: linear interpolation at rank q (n - 1)
+        q = torch.clamp(1.0 - target + delta, 0.0, 1.0).float()
+        rank = q * (n.float() - 1)
+        lo = rank.to(torch.long).clamp(0, N - 1)
+        hi = torch.ceil(rank).to(torch.long).clamp(0, N - 1)
+        quant = torch.lerp(vals.gather(-1, lo), vals.gather(-1, hi), rank - lo.float())
+        tau = beta * torch.where(n > 0, quant, torch.full_like(quant, float("nan")))
+    keep = prot | (free & (r > tau))
+    n_keep = keep.sum(-1).max()
+    k = torch.minimum(torch.clamp(n_keep, min=1), torch.as_tensor(budget, device=r.device))
+    m = (k - prot.sum(-1, keepdim=True)).clamp(min=0)       # unprotected entries each row keeps: its m highest r
+    posn = torch.arange(N, device=r.device)
+    take = (posn >= n - m) & (posn < n)                      # in sorted order: the last m of the n free
+    kept = prot | torch.zeros_like(free).scatter(-1, order, take)
+    kept_frac = keep.sum(-1).float().mean().double() / S
+    new_delta = delta if fixed is not None else torch.clamp(delta + gain * (kept_frac - target), -1.0, 1.0)
+    return kept, new_delta
+
+
+# The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when
+# it is written (h, sink flag, key and value norms, token flags) and what changes every step (position relative to the
+# tokens seen, distance to the end, frequency, attention statistics). Feature order: relevance_predictor.N_FEATURES.
+_STATIC_F = slice(2, 9)   # within f: sink flag, log |k|, log |v|, 4 token flags (a slice: a list index would copy a
+                          # CPU tensor to the device, which a CUDA graph capture refuses)
+_DYNAMIC_F = (0, 1, 9)    # pos / seen, log1p(distance to the end) / 10, log1p(frequency)
+
+
+def logit_coefs(pred) -> list[dict]:
+    """Per layer: (coefficient, mean) of each feature group of the split logit, computed once (not in the graph).
+    "hw": the hidden state's term folded through its projection, (w, c) with ((h - h_mean) P - mu) . coef =
+    h . w + c, so that a step scores its new entry by one dot product instead of a projection matmul."""
+    from relevance_predictor import A_DIM, F_DIM, H_DIM
+    groups = {"h": list(range(H_DIM)), "a": list(range(H_DIM, H_DIM + A_DIM)),
+              "fs": [H_DIM + A_DIM + i for i in range(F_DIM)[_STATIC_F]],
+              "fd": [H_DIM + A_DIM + i for i in _DYNAMIC_F]}
+    out = []
+    for l in range(pred.n_layers):
+        c = (pred.w[l] * pred.feature_mask / pred.feat_std[l]).detach()
+        co = {g: (c[idx].clone(), pred.feat_mean[l][idx].clone()) for g, idx in groups.items()}
+        ch, muh = co["h"]
+        w = (pred.h_proj[l].double() @ ch.double())
+        co["hw"] = (w.float(), (-(pred.h_mean[l].double() @ w) - (muh.double() * ch.double()).sum()).float())
+        co["dyn"] = torch.cat([*co["a"], *co["fd"]]).float()   # evict_kernels.relevance's packing
+        out.append(co | {"b": pred.b[l].detach().clone()})
+    return out
+
+
+def hidden_logit(co, hp):
+    """The projected hidden state's term of the logit, hp (..., H_DIM) -> (...)."""
+    c, mu = co["h"]
+    return ((hp.float() - mu) * c).sum(-1)
+
+
+def step_hidden_logit(co, h):
+    """The same term from the unprojected hidden state h (..., hidden_size): one dot product (logit_coefs' "hw")."""
+    w, c = co["hw"]
+    return (h.float() * w).sum(-1) + c
+
+
+def static_logit(co, flags, hz, positions, keys, values, tok, n_sink):
+    """b + the contribution of the features fixed when an entry is written, (B, H, S); hz: the hidden state's
+    term (hidden_logit)."""
+    z = hz + co["b"]
+    c, mu = co["fs"]
+    # summed one by one, not stacked: a stack of reductions cost a step three more kernels
+    for i, f in enumerate(HandcraftedFeatureExtractor.entry_features(positions, keys, values, tok, flags, n_sink)):
+        z = z + (f - mu[i]) * c[i]
+    return z
+
+
+def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):
+    """The contribution of the attention statistics and the time-dependent features, (B, H, N). The three
+    time-dependent features are HandcraftedFeatureExtractor's (position / seen, distance to the end, frequency),
+    computed here without the key and value norms that a slot fixed when it was written. On CUDA
+    evict_kernels._score_kernel restates this, window_stats and features in one kernel: a change here must be made
+    there too (tests/test_evict_kernels.py holds the two equal)."""
+    pos = positions.float()
+    a = AttentionStatisticsExtractor.features(mean, mx, acc, spread)
+    fd = torch.stack([pos / seen.clamp(min=1), torch.log1p((seen - 1 - pos).clamp(min=0)) / 10.0,
+                      torch.log1p(freq.float())], dim=-1)
+    (ca, mua), (cf, muf) = co["a"], co["fd"]
+    return ((a - mua) * ca).sum(-1) + ((fd - muf) * cf).sum(-1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cache_framework import KVMethod, register_method, repeat_heads, window_attention
+from cache_framework import KVMethod, put, register_method, repeat_heads, window_attention
 
 
 def pooled_window_scores(layer, query, scaling, window: int, kernel: int, pool: str = "avg",
@@ -64,6 +64,10 @@ class DecodePolicy:
 
     def evict_to(self, layer, budget):
         return None if layer.n_new == 1 and self.decode == "grow" else budget
+
+    def fast_path_refusal(self):
+        """grow: nothing is evicted while decoding, which the fast path does for any method; hold re-scores."""
+        return "decode='hold' re-scores every step; accepted: decode='grow'" if self.decode == "hold" else None
 
     def rescore_on_decode(self, layer, query, scaling):
         """hold: the step's query joins the observation window (a moving average of scores over `window` steps)."""
@@ -149,6 +153,18 @@ class H2O(KVMethod):
 
     def score(self, layer):
         return layer.extras["score"]
+
+    def slot_state(self, layer):
+        return {"score": layer.extras["score"].float()}, {}
+
+    def slot_wants_probs(self, evict):
+        return True
+
+    def slot_scores(self, s):
+        score, slot = s["state"]["score"], s["slot"]
+        put(score, slot, torch.zeros(slot.shape[:2], dtype=score.dtype, device=score.device))  # a new entry: 0 ...
+        score += s["probs"].sum(2)                 # ... plus the step's attention, summed over the group
+        return score
 
 
 @register_method
@@ -300,6 +316,9 @@ class RocketKV(DecodePolicy, KVMethod):
     aux: dict = field(default_factory=dict, repr=False)   # layer -> (kmin, kmax, tokens covered)
     phase: dict = field(default_factory=dict, repr=False)
     decode: str = "grow"
+
+    def fast_path_refusal(self):
+        return "its decode attention is sparse (stage 2), which the slots do not implement"
 
     def recent_tokens(self, budget):
         return self.window

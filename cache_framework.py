@@ -123,6 +123,15 @@ def gather_entries(t: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None 
     return torch.gather(t, 2, ix, out=out)
 
 
+def put(t, slot, value):
+    """t[b, h, slot[b, h]] = value[b, h] in place, for every row b and head h. An index_put_, which torch.compile
+    keeps in place (a scatter_ into a large buffer could become a copy of the whole buffer)."""
+    B, H = slot.shape[:2]
+    b = torch.arange(B, device=t.device)[:, None].expand(B, H)
+    h = torch.arange(H, device=t.device)[None].expand(B, H)
+    t.index_put_((b, h, slot[..., 0]), value)
+
+
 def window_attention(query, keys, valid, n_new, scaling, window, q_new_idx=None):
     """Softmax attention of the last `window` queries over all keys, (B, H_q, w, S): what SnapKV-like methods score.
 
@@ -196,6 +205,54 @@ class KVMethod:
     def evict_to(self, layer: "CompressedLayer", budget: int) -> int | None:
         """How many entries this update's eviction keeps (None: no eviction now). Default: the budget, every time."""
         return budget
+
+    # -- the fast decode path (fast_decode.StaticDecoder): the same decisions over a fixed number of slots ----------
+    # A method gives either `slot_scores` (the decoder keeps the top budget by them, as `select` does) or its own
+    # `slot_step`. Both run inside the captured step: tensor code only, no host syncs. `s` holds the layer's slots
+    # (present, valid, bias, pos: (B, H_kv, N)), its per-slot `state`, its `layer_args`, the step's `consts`, the new
+    # entry's `slot` (B, H_kv, 1), `seen`, `cur`, `tok`, `counts`, `h`, `k`, `v`, `evict` and, after attention,
+    # `probs` (B, H_kv, group, N) when the method wants them.
+    def fast_path_refusal(self) -> str | None:
+        """Why this method, with these parameters, has no fast decode path (None: it has one)."""
+        if type(self).slot_scores is KVMethod.slot_scores and not self.has_own_slot_step():
+            return "it has no slot step"
+        return None
+
+    def has_own_slot_step(self) -> bool:
+        return type(self).slot_step is not KVMethod.slot_step
+
+    def slot_state(self, layer: "CompressedLayer") -> tuple[dict, dict]:
+        """(per-entry state (B, H_kv, S, ...) that the decoder moves into slots, per-layer state kept as it is)."""
+        return {}, {}
+
+    def slot_shared_state(self) -> dict:
+        """State shared by the layers: "counts" (B, vocab), token counts the step keeps up to date."""
+        return {}
+
+    def slot_layer_args(self, layer_idx: int, device) -> dict:
+        """Per-layer constants of the step, as device tensors."""
+        return {}
+
+    def slot_consts(self) -> dict:
+        """Constants of the step, the same for every layer."""
+        return {}
+
+    def slot_wants_probs(self, evict: bool) -> bool:
+        return False
+
+    def slot_before_attention(self, s: dict):
+        """Work on the new entry before attention; returns a running statistic (B, H_kv, N) that the attention
+        kernel adds this step's probabilities to, or None."""
+        return None
+
+    def slot_scores(self, s: dict) -> torch.Tensor:
+        """`score` over the slots (B, H_kv, N), the new entry in s["slot"] included."""
+        raise NotImplementedError
+
+    def slot_step(self, s: dict) -> bool:
+        """The method's own eviction over the slots (in place); True when it also refreshed the bias and the
+        free-slot queue."""
+        raise NotImplementedError
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -439,6 +496,9 @@ class SlidingWindow(KVMethod):
 
     def score(self, layer):
         return layer.positions.float()
+
+    def slot_scores(self, s):
+        return s["pos"].float()
 
 
 METHODS: dict[str, type] = {"full": FullCache, "sliding_window": SlidingWindow}

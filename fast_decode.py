@@ -10,43 +10,51 @@ and replayed; `compile=True` compiles each layer's step (`layer_step`) as one to
 start and end (`step_head`, `step_tail`) as one each.
 
 The prefill stays the plain path's (HF forward + the method's compression after each chunk): `StaticDecoder` takes
-over the compressed cache for decoding and makes the plain path's decisions, step for step:
-- full: nothing evicted (slots for the prompt and the new tokens);
-- sliding_window, snapkv, pyramidkv, dynamic_kv, h2o: the top layer budget by the method's score, protected entries
-  first (`KVMethod.select`); h2o adds each step's attention to its scores, new snapkv / dynamic_kv entries score 0;
-- atskv: every entry is re-scored by the predictor with the step's attention statistics and features, and the
-  threshold controller keeps r > beta_l * quantile(r, q_l) within the budget and adapts q_l (`controller_keep`, the
-  tensor form of `ThresholdController.select`: same quantile, hard cap and integral update, without host syncs);
-  with evict_every > 1 only on its schedule (a second captured graph runs the steps that do not evict).
-Not supported, with a clear error: rocket_kv (its decode attention is sparse), atskv with external memory, span > 1
-or consensus, kvpress presses, and a model whose layers sit on several devices (use the plain path with
---device_map auto).
+over the compressed cache for decoding and makes the plain path's decisions, step for step. The method decides how,
+through its slot hooks (cache_framework.KVMethod, "the fast decode path"), beside its plain-path scoring:
+- the full cache: nothing evicted (slots for the prompt and the new tokens);
+- a method under decode="grow": its prompt was compressed, every generated token is kept;
+- a method with `slot_scores`: the top layer budget by those scores, protected entries first (`KVMethod.select`'s
+  rule, `keep_top`);
+- a method with its own `slot_step` (atskv: the predictor and the threshold controller in tensor form), with
+  evict_every > 1 only on its schedule (a second captured graph runs the steps that do not evict).
+A method whose `fast_path_refusal` gives a reason, kvpress presses, and a model whose layers sit on several devices
+are refused with a clear error (use the plain path, with --device_map auto for the latter).
 """
 from __future__ import annotations
 
 import torch
 
-from kernels import evict_kernels, greedy_kernels, skinny_gemm
+from kernels import greedy_kernels, skinny_gemm
 from kernels.decode_attention import decode_attention, kernel_available, rope
-from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
+from cache_framework import put
+from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
 
-FAST_METHODS = ("full", "sliding_window", "snapkv", "pyramidkv", "dynamic_kv", "h2o", "atskv")
 SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
 # Free slots are hidden by a per-slot bias added to the scaled logits (decode_attention): 0 for a stored entry,
 # HIDDEN for a free (or padding) slot: exp() of it is 0.
 HIDDEN = -30000.0
 
 
+def fast_methods() -> list[str]:
+    """The methods that have a fast decode path with their default parameters."""
+    from cache_framework import METHODS, KVMethod
+    return ["full"] + [n for n, cls in METHODS.items() if issubclass(cls, KVMethod) and cls().fast_path_refusal() is None]
+
+
 def check_fast_method(name: str, params: dict | None = None) -> None:
-    """Raise a one-line UserError unless the fast path implements method `name` with these parameters."""
-    params = params or {}
-    if name not in FAST_METHODS or name == "atskv" and (params.get("external_memory") or params.get("span", 1) > 1
-                                                        or params.get("consensus")):
-        raise UserError(f"method {name!r} has no fast decode path; accepted: {', '.join(FAST_METHODS)} (atskv "
-                        f"without external memory or consensus, span 1)")
-    if params.get("decode") == "hold":
-        raise UserError(f"method {name!r} with decode='hold' has no fast decode path; accepted: decode='grow'")
+    """Raise a one-line UserError unless the fast path implements method `name` with these parameters (the method
+    says why not: `KVMethod.fast_path_refusal`)."""
+    from cache_framework import METHODS, KVMethod
+    cls = METHODS.get(name)
+    if name == "full":
+        return
+    if cls is None or not issubclass(cls, KVMethod):
+        raise UserError(f"method {name!r} has no fast decode path; accepted: {', '.join(fast_methods())}")
+    why = cls(**(params or {})).fast_path_refusal()
+    if why:
+        raise UserError(f"method {name!r} has no fast decode path ({why}); accepted: {', '.join(fast_methods())}")
 
 
 def keeps_generated(method_obj) -> bool:
@@ -146,15 +154,6 @@ def free_queue(present, n: int):
     return q.scatter(-1, dest.long(), idx)[..., :n]
 
 
-def put(t, slot, value):
-    """t[b, h, slot[b, h]] = value[b, h] in place, for every row b and head h. An index_put_, which torch.compile
-    keeps in place (a scatter_ into a large buffer could become a copy of the whole buffer)."""
-    B, H = slot.shape[:2]
-    b = torch.arange(B, device=t.device)[:, None].expand(B, H)
-    h = torch.arange(H, device=t.device)[None].expand(B, H)
-    t.index_put_((b, h, slot[..., 0]), value)
-
-
 def write_entry(K, V, bias, present, valid, pos, k, v, slot, cur):
     """The new entry into its slot, in place (and made visible to attention)."""
     B, H = slot.shape[:2]
@@ -185,57 +184,15 @@ def bare_evict(present, pos, keep, n_sink: int, n: int):
     present.scatter_(-1, old, present.gather(-1, old) & ~free)
 
 
-def generic_evict(kind: str, present, valid, pos, score, probs, slot, seen, budget, budget_tokens: int, n_sink: int,
-                  n_recent):
-    """Score-based methods: keep the top budget by score, protected entries first (KVMethod.select)."""
-    over = (present[0, 0].sum() > budget) & (seen[0] > budget_tokens)          # compress() and fits()
-    prot = protection(present, pos, seen, n_sink, n_recent)
-    if kind == "sliding_window":
-        sc = pos.float()
-    else:
-        put(score, slot, torch.zeros(slot.shape[:2], dtype=score.dtype, device=score.device))  # a new entry: 0 ...
-        if kind == "h2o":
-            score += probs.sum(2)                       # ... and H2O adds the step's attention, summed over the group
-        sc = score
-    sc = sc.masked_fill(prot, float("inf")).masked_fill(~valid | ~present, float("-inf"))
-    kept = top_mask(sc, budget) & present
+def keep_top(s: dict, scores) -> None:
+    """A method's slot scores (B, H, N) -> keep the top layer budget, protected entries first (KVMethod.select's
+    rule), when the layer holds more than its budget and the cache as a whole no longer fits."""
+    present, la, c = s["present"], s["layer_args"], s["consts"]
+    over = (present[0, 0].sum() > la["budget"]) & (s["seen"][0] > c["budget_tokens"])   # compress() and fits()
+    prot = protection(present, s["pos"], s["seen"], c["n_sink"], la["n_recent"])
+    sc = scores.masked_fill(prot, float("inf")).masked_fill(~s["valid"] | ~present, float("-inf"))
+    kept = top_mask(sc, la["budget"]) & present
     present.copy_(torch.where(over, kept, present))
-
-
-def atskv_evict(present, valid, bias, queue, pos, z0, toks, acc, delta, counts, flags, probs, slot, h, k, v, tok,
-                cur, seen, co: dict, keep, budget_tokens: int, beta, gain: float, fixed, n_sink: int, n_recent,
-                evict: bool = True):
-    """ATSKV on one layer (`ATSKV.observe` + `select`): the new entry's write-time logit every step (its slot's
-    running attention statistic is zeroed and the step's attention added by layer_step); when `evict` (evict_every's
-    schedule), this step's attention statistics, every entry re-scored and the threshold controller's decision,
-    keeping at most `keep` entries. On CUDA the eviction kernels also hide the freed slots in the bias and list the
-    next free ones in `queue` (None: evict_every = 1); layer_step does that otherwise. Returns True when the
-    eviction kernels have refreshed the bias and the queue themselves."""
-    B, H = k.shape[:2]
-    new_tok = tok[:, None].expand(B, H)
-    hz = step_hidden_logit(co, h)[:, None, None].expand(B, H, 1)
-    put(z0, slot, static_logit(co, flags, hz, cur[:, None, None].expand(B, H, 1), k[:, :, None], v[:, :, None],
-                               new_tok[..., None], n_sink)[..., 0])
-    put(toks, slot, new_tok)
-    if not evict:   # decode_attention added the step's attention to acc
-        return False
-    over = (present[0, 0].sum() > keep) & (seen[0] > budget_tokens)
-    prot = protection(present, pos, seen, n_sink, n_recent)
-    if evict_kernels.available(present):   # the scoring, the decision, the bias and the queue in three kernels
-        r = evict_kernels.relevance(probs, acc, z0, pos, toks, counts, valid, seen, co["dyn"])
-        evict_kernels.controller_evict(r, prot, present, valid, bias, queue, keep, beta, delta, gain, fixed, over,
-                                       HIDDEN)
-        return True
-    B, H, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
-    mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
-    acc += mean
-    freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
-    r = torch.sigmoid(z0 + dynamic_logit(co, pos, seen[:, None, None], mean, mx, acc, spread, freq))
-    r = r.masked_fill(~valid, -1.0)
-    kept, new_delta = controller_keep(r, prot, present, keep, beta, delta, gain, fixed)
-    delta.copy_(torch.where(over, new_delta, delta))
-    present.copy_(torch.where(over, kept, present))
-    return False
 
 
 def post_attention(x, attn, wo, ln, eps, wgu, wd):
@@ -246,12 +203,13 @@ def post_attention(x, attn, wo, ln, eps, wgu, wd):
 
 
 def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, bias, pos, present,
-               valid, st: dict, la: dict, co, c: dict):
+               valid, st: dict, la: dict, c: dict):
     """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
     element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
     kind: full (nothing evicted), grow (a compressed prompt; new entries fill free slots, nothing evicted), bare
     (frees the oldest entry: the step without the method's scoring; with evict_every, the oldest entries on its
-    schedule), atskv or a generic method; evict: whether this step is one of atskv's scheduled evictions."""
+    schedule) or method (the method's slot hooks, c["method"]); evict: whether this step is one of the method's
+    scheduled evictions (evict_every)."""
     D = c["head_dim"]
     h, q, k, v = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, c["n_heads"], c["n_kv"],
                                D)
@@ -262,26 +220,25 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     else:
         slot = first_free_slot(present)
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
-    # ATSKV and H2O score with the step's attention probabilities; free slots get 0 through the bias. ATSKV's steps
-    # that do not evict only add them to its running statistic (decode_attention's acc)
-    acc = None
-    if kind == "atskv":
-        put(st["acc"], slot, torch.zeros(slot.shape[:2], dtype=st["acc"].dtype, device=K.device))  # a new entry
-        acc = None if evict else st["acc"]
-    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind == "h2o" or kind == "atskv" and evict,
+    m = c["method"]
+    s = {"present": present, "valid": valid, "bias": bias, "pos": pos, "state": st, "layer_args": la, "consts": c,
+         "slot": slot, "seen": seen, "cur": cur, "tok": tok, "counts": counts, "h": h, "k": k, "v": v,
+         "evict": evict}
+    # the method's work before attention (ATSKV: the new entry's running statistic, which a step that does not
+    # evict accumulates inside decode_attention); probs: the step's attention, for methods that score with it
+    acc = m.slot_before_attention(s) if kind == "method" else None
+    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind == "method" and m.slot_wants_probs(evict),
                                    c["kernel"], acc=acc, cos=cos, sin=sin)
-    refreshed = False   # whether the eviction kernels refreshed the bias and the queue themselves
+    s["probs"] = probs
+    refreshed = False   # whether the method's step refreshed the bias and the queue itself
     if kind == "bare":
         if evict:   # keep = budget - evict_every + 1 (the budget when evicting every step)
             bare_evict(present, pos, la["keep"], c["n_sink"], st["queue"].shape[-1] if "queue" in st else 1)
-    elif kind == "atskv":
-        refreshed = atskv_evict(present, valid, bias, st.get("queue"), pos, st["z0"], st["tok"], st["acc"],
-                                st["delta"], counts, c["flags"], probs, slot, h, k, v, tok, cur, seen, co, la["keep"],
-                                c["budget_tokens"], la["beta"], c["gain"], c["fixed"], c["n_sink"], la["n_recent"],
-                                evict)
-    elif kind not in ("full", "grow"):   # grow: the prompt was compressed, generated tokens are all kept
-        generic_evict(kind, present, valid, pos, st.get("score"), probs, slot, seen, la["budget"],
-                      c["budget_tokens"], c["n_sink"], la["n_recent"])
+    elif kind == "method":
+        if c["own_step"]:
+            refreshed = m.slot_step(s)
+        else:
+            keep_top(s, m.slot_scores(s))
     if kind != "full" and evict and not refreshed:
         hide_free(bias, present, valid)
         if "queue" in st:
@@ -294,43 +251,6 @@ def top_mask(score: torch.Tensor, k) -> torch.Tensor:
     order = torch.sort(score, dim=-1, descending=True).indices
     rank_ok = torch.arange(score.shape[-1], device=score.device) < k
     return torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, rank_ok.expand_as(order))
-
-
-def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
-    """`ThresholdController.select` in tensor form over slots (no host sync, static shapes, one sort).
-
-    r, protected, present: (B, H, N); free slots (present False) are not entries. delta: float64, shape (1,) or ().
-    Returns (kept (B, H, N) bool, new delta). Every row keeps the same number k <= budget of entries, as the plain
-    path's gather does: its protected entries, then its unprotected ones by r (the kept-by-threshold rank above the
-    others and have the higher r, so one ascending sort of r serves both the quantile and the top-k)."""
-    B, H, N = r.shape
-    S = present[0, 0].sum().double()            # stored entries (the same in every row)
-    target = torch.clamp(budget / S, max=1.0)
-    r = r.float()
-    prot = protected & present
-    free = present & ~protected
-    # the free first, by r; ties by slot index (a stable sort), as in evict_kernels
-    vals, order = torch.sort(r.masked_fill(~free, float("inf")), dim=-1, stable=True)
-    n = free.sum(-1, keepdim=True)
-    if fixed is not None:
-        tau = torch.full_like(r[..., :1], fixed)
-    else:  # torch.nanquantile over the free entries: linear interpolation at rank q (n - 1)
-        q = torch.clamp(1.0 - target + delta, 0.0, 1.0).float()
-        rank = q * (n.float() - 1)
-        lo = rank.to(torch.long).clamp(0, N - 1)
-        hi = torch.ceil(rank).to(torch.long).clamp(0, N - 1)
-        quant = torch.lerp(vals.gather(-1, lo), vals.gather(-1, hi), rank - lo.float())
-        tau = beta * torch.where(n > 0, quant, torch.full_like(quant, float("nan")))
-    keep = prot | (free & (r > tau))
-    n_keep = keep.sum(-1).max()
-    k = torch.minimum(torch.clamp(n_keep, min=1), torch.as_tensor(budget, device=r.device))
-    m = (k - prot.sum(-1, keepdim=True)).clamp(min=0)       # unprotected entries each row keeps: its m highest r
-    posn = torch.arange(N, device=r.device)
-    take = (posn >= n - m) & (posn < n)                      # in sorted order: the last m of the n free
-    kept = prot | torch.zeros_like(free).scatter(-1, order, take)
-    kept_frac = keep.sum(-1).float().mean().double() / S
-    new_delta = delta if fixed is not None else torch.clamp(delta + gain * (kept_frac - target), -1.0, 1.0)
-    return kept, new_delta
 
 
 class SlotLayer:
@@ -396,7 +316,8 @@ class StaticDecoder:
         self.eager_runs: dict[str, int] = {}
         self.pool = None
         self.logits_of: dict[str, torch.Tensor] = {}
-        self.every = getattr(method_obj, "evict_every", 1) if method == "atskv" else 1
+        self.every = getattr(method_obj, "evict_every", 1) if method_obj is not None else 1
+        self.counts = None             # token counts kept by the step (a method's slot_shared_state)
         self.decode_step0 = 0          # the plain cache's decode steps since its last prefill chunk (evict_every)
         # the step's start, each layer's step and its end: torch.compile'd with compile=True
         self.head, self.fn, self.tail = compiled_step() if compile else (step_head, layer_step, step_tail)
@@ -404,8 +325,8 @@ class StaticDecoder:
         self.qidx = torch.zeros((1,), dtype=torch.long, device=self.dev)   # evict_every > 1: where in the queue
 
     def refresh_queues(self) -> None:
-        """atskv with evict_every > 1: list each layer's next free slots (free_queue) from the current presence."""
-        if self.method == "atskv" and self.every > 1:
+        """evict_every > 1: list each layer's next free slots (free_queue) from the current presence."""
+        if self.every > 1 and not self.grow:
             for sl in self.slots:
                 if sl.budget is not None:
                     sl.state["queue"] = free_queue(sl.present, self.every)
@@ -414,12 +335,12 @@ class StaticDecoder:
     # -- building from the plain path's cache -------------------------------------------------------------------
     @classmethod
     def from_cache(cls, model, method: str, cache, start_pos: int, max_steps: int, **kw) -> "StaticDecoder":
-        from sparse_kv_cache import CompressedCache
+        from cache_framework import CompressedCache
         m = getattr(cache, "method", None)
-        check_fast_method(method, {} if m is None else {"external_memory": getattr(m, "external_memory", False),
-                                                        "span": getattr(m, "span", 1),
-                                                        "consensus": getattr(m, "consensus", False),
-                                                        "decode": getattr(m, "decode", None)})
+        why = None if m is None else m.fast_path_refusal()
+        if why:
+            raise UserError(f"method {method!r} has no fast decode path ({why}); accepted: "
+                            f"{', '.join(fast_methods())}")
         grow = keeps_generated(m)   # the slots then hold the compressed prompt and every generated token
         slots, budget_tokens = [], None
         if hasattr(m, "settle"):   # a method that scores on a schedule scores what is pending first
@@ -432,29 +353,18 @@ class StaticDecoder:
                                        _round_up(S + max_steps + 1, SLOT_ALIGN), None))
         else:
             budget_tokens = cache.budget_tokens
-            coefs = logit_coefs(m.predictor) if method == "atskv" else None
             for l, layer in enumerate(cache.layers):
                 budget = cache.layer_budget(l)
                 S = layer.stored_length()
                 n = _round_up(max(S, budget or 0) + 1 if budget and not grow else S + max_steps + 1, SLOT_ALIGN)
                 sl = SlotLayer(layer.keys, layer.values, layer.positions, layer.valid, n, budget)
-                if method == "atskv":
-                    sl.state["acc"] = sl.slot_tensor(layer.extras["acc"].float())
-                    sl.state["tok"] = sl.slot_tensor(layer.extras["tok"].long())
-                    sl.state["z0"] = sl.slot_tensor(static_logit(coefs[l], m.predictor.token_flags,
-                                                                 hidden_logit(coefs[l], layer.extras["h"]),
-                                                                 layer.positions, layer.keys, layer.values,
-                                                                 layer.extras["tok"].long(), m.n_sink))
-                    # shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
-                    sl.state["delta"] = torch.tensor([m.controller.delta[l]], dtype=torch.float64, device=sl.K.device)
-                elif method == "h2o":
-                    sl.state["score"] = sl.slot_tensor(layer.extras["score"].float())
-                elif method in ("snapkv", "pyramidkv", "dynamic_kv"):
-                    sl.state["score"] = sl.slot_tensor(m.score(layer).float())
+                if not grow:   # the method's per-entry state in slots, its per-layer state as it is
+                    per_entry, per_layer = m.slot_state(layer)
+                    sl.state = {k: sl.slot_tensor(t) for k, t in per_entry.items()} | per_layer
                 slots.append(sl)
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)
-        if method == "atskv":
-            dec.counts, dec.coefs = m.counts.clone(), coefs
+        if m is not None and not grow:
+            dec.counts = m.slot_shared_state().get("counts")
             dec.decode_step0 = cache.layers[0].decode_steps + 1
             dec.refresh_queues()
         if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
@@ -479,7 +389,7 @@ class StaticDecoder:
         new.graphs, new.eager_runs, new.pool, new.logits_of = {}, {}, None, {}
         new.cur, new.tok, new.out, new.qidx = rep(self.cur), rep(self.tok), rep(self.out), self.qidx.clone()
         new._c = None
-        if hasattr(self, "counts"):
+        if self.counts is not None:
             new.counts = rep(self.counts)
         return new
 
@@ -497,8 +407,8 @@ class StaticDecoder:
                     a["budget"] = torch.tensor(sl.budget, device=dev)
                     a["n_recent"] = torch.tensor(m.recent_tokens(sl.budget) if m is not None else 0, device=dev)
                     a["keep"] = torch.tensor(max(1, sl.budget - self.every + 1), device=dev)  # evict_every's target
-                if self.method == "atskv":
-                    a["beta"] = torch.tensor(m.controller.beta[l], dtype=torch.float32, device=dev)
+                    if not self.grow:
+                        a.update(m.slot_layer_args(l, dev))
                 self._largs.append(a)
         return self._largs
 
@@ -508,9 +418,10 @@ class StaticDecoder:
             return self._c
         w, m = self.w, self.m
         c = {"head_dim": w.head_dim, "n_heads": w.n_heads, "n_kv": w.n_kv, "budget_tokens": self.budget_tokens,
-             "n_sink": getattr(m, "n_sink", 0), "kernel": self.attn_kernel, "qidx": self.qidx}
-        if self.method == "atskv":
-            c.update(flags=m.predictor.token_flags, gain=m.controller.gain, fixed=m.controller.fixed)
+             "n_sink": getattr(m, "n_sink", 0), "kernel": self.attn_kernel, "qidx": self.qidx, "method": m,
+             "own_step": m is not None and m.has_own_slot_step(), "hidden": HIDDEN}
+        if m is not None and not self.grow:
+            c.update(m.slot_consts())
         self._c = c
         return c
 
@@ -525,14 +436,13 @@ class StaticDecoder:
     def _step(self, variant: str) -> None:
         w = self.w
         x, cos, sin, seen = self.head(w.embed.weight, w.rotary, self.tok, self.cur,
-                                 self.counts if self.method == "atskv" and self.score_on else None)
+                                 self.counts if self.score_on else None)
         c = self._consts()
-        for l, (lw, sl, la) in enumerate(zip(w.layers, self.slots, self._layer_args())):
+        for lw, sl, la in zip(w.layers, self.slots, self._layer_args()):
             kind = "full" if sl.budget is None else "grow" if self.grow else \
-                "bare" if variant.startswith("bare") else self.method
-            x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok,
-                        getattr(self, "counts", None), lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid,
-                        sl.state, la, self.coefs[l] if kind == "atskv" else None, c)
+                "bare" if variant.startswith("bare") else "method"
+            x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok, self.counts, lw,
+                        sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la, c)
         queue_step = "evict" if variant.endswith("evict") else "keep" if variant.endswith("keep") else None
         self.logits_of[variant] = self.tail(x, w.norm.weight, w.norm.variance_epsilon, w.lm_head.weight,
                                             w.lm_head.bias, self.tok, self.t, self.out, self.cur, self.qidx,
@@ -662,71 +572,6 @@ def compiled_step():
         _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)  # a recompile per slot count
         _COMPILED["step"] = tuple(torch.compile(f, fullgraph=True) for f in (step_head, layer_step, step_tail))
     return _COMPILED["step"]
-
-
-# The predictor's logit z = sum_j w_j (x_j - mu_j) / sd_j * mask_j + b is split into what a slot's entry fixes when
-# it is written (h, sink flag, key and value norms, token flags) and what changes every step (position relative to the
-# tokens seen, distance to the end, frequency, attention statistics). Feature order: relevance_predictor.N_FEATURES.
-_STATIC_F = slice(2, 9)   # within f: sink flag, log |k|, log |v|, 4 token flags (a slice: a list index would copy a
-                          # CPU tensor to the device, which a CUDA graph capture refuses)
-_DYNAMIC_F = (0, 1, 9)    # pos / seen, log1p(distance to the end) / 10, log1p(frequency)
-
-
-def logit_coefs(pred) -> list[dict]:
-    """Per layer: (coefficient, mean) of each feature group of the split logit, computed once (not in the graph).
-    "hw": the hidden state's term folded through its projection, (w, c) with ((h - h_mean) P - mu) . coef =
-    h . w + c, so that a step scores its new entry by one dot product instead of a projection matmul."""
-    from relevance_predictor import A_DIM, F_DIM, H_DIM
-    groups = {"h": list(range(H_DIM)), "a": list(range(H_DIM, H_DIM + A_DIM)),
-              "fs": [H_DIM + A_DIM + i for i in range(F_DIM)[_STATIC_F]],
-              "fd": [H_DIM + A_DIM + i for i in _DYNAMIC_F]}
-    out = []
-    for l in range(pred.n_layers):
-        c = (pred.w[l] * pred.feature_mask / pred.feat_std[l]).detach()
-        co = {g: (c[idx].clone(), pred.feat_mean[l][idx].clone()) for g, idx in groups.items()}
-        ch, muh = co["h"]
-        w = (pred.h_proj[l].double() @ ch.double())
-        co["hw"] = (w.float(), (-(pred.h_mean[l].double() @ w) - (muh.double() * ch.double()).sum()).float())
-        co["dyn"] = torch.cat([*co["a"], *co["fd"]]).float()   # evict_kernels.relevance's packing
-        out.append(co | {"b": pred.b[l].detach().clone()})
-    return out
-
-
-def hidden_logit(co, hp):
-    """The projected hidden state's term of the logit, hp (..., H_DIM) -> (...)."""
-    c, mu = co["h"]
-    return ((hp.float() - mu) * c).sum(-1)
-
-
-def step_hidden_logit(co, h):
-    """The same term from the unprojected hidden state h (..., hidden_size): one dot product (logit_coefs' "hw")."""
-    w, c = co["hw"]
-    return (h.float() * w).sum(-1) + c
-
-
-def static_logit(co, flags, hz, positions, keys, values, tok, n_sink):
-    """b + the contribution of the features fixed when an entry is written, (B, H, S); hz: the hidden state's
-    term (hidden_logit)."""
-    z = hz + co["b"]
-    c, mu = co["fs"]
-    # summed one by one, not stacked: a stack of reductions cost a step three more kernels
-    for i, f in enumerate(HandcraftedFeatureExtractor.entry_features(positions, keys, values, tok, flags, n_sink)):
-        z = z + (f - mu[i]) * c[i]
-    return z
-
-
-def dynamic_logit(co, positions, seen, mean, mx, acc, spread, freq):
-    """The contribution of the attention statistics and the time-dependent features, (B, H, N). The three
-    time-dependent features are HandcraftedFeatureExtractor's (position / seen, distance to the end, frequency),
-    computed here without the key and value norms that a slot fixed when it was written. On CUDA
-    evict_kernels._score_kernel restates this, window_stats and features in one kernel: a change here must be made
-    there too (tests/test_evict_kernels.py holds the two equal)."""
-    pos = positions.float()
-    a = AttentionStatisticsExtractor.features(mean, mx, acc, spread)
-    fd = torch.stack([pos / seen.clamp(min=1), torch.log1p((seen - 1 - pos).clamp(min=0)) / 10.0,
-                      torch.log1p(freq.float())], dim=-1)
-    (ca, mua), (cf, muf) = co["a"], co["fd"]
-    return ((a - mua) * ca).sum(-1) + ((fd - muf) * cf).sum(-1)
 
 
 def memory_floor_ms(weight_bytes: int, kv_bytes: int, bandwidth_gbs: float) -> float:

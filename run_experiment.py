@@ -178,8 +178,7 @@ def validate(args) -> dict:
         for spec in methods:
             m, params = parse_method(spec)
             try:
-                check_fast_method(m, {**params, "external_memory": params.get("external_memory")
-                                      or (m == "atskv" and args.external_memory)})
+                check_fast_method(m, with_cli_defaults(m, params, args))
             except UserError as e:
                 raise UserError(f"--fast_decode: {e}") from None
     benchmarks = split_list(args.benchmarks)
@@ -293,6 +292,20 @@ def tasks_for(bench: str, args, opts: dict) -> list[str]:
     return [t for t in asked if t in present]
 
 
+def with_cli_defaults(method: str, params: dict, args) -> dict:
+    """A method's parameters with --external_memory and --passive_limit applied where the method has them and the
+    spec did not set them."""
+    from sparse_kv_cache import method_params
+    from sparse_kv_cache import KVCacheFactory
+    fields = method_params(method) if method in KVCacheFactory.known_methods() else {}
+    out = dict(params)
+    if args.external_memory and "external_memory" in fields:
+        out.setdefault("external_memory", True)
+    if args.passive_limit is not None and "passive_limit" in fields:
+        out.setdefault("passive_limit", args.passive_limit)
+    return out
+
+
 def plan_cells(args, opts: dict) -> list[dict]:
     cells = []
     for bench in opts["benchmarks"]:
@@ -300,10 +313,7 @@ def plan_cells(args, opts: dict) -> list[dict]:
             for size in opts["sizes"]:
                 for spec in opts["methods"]:
                     method, params = parse_method(spec)
-                    if method == "atskv" and args.external_memory:
-                        params.setdefault("external_memory", True)
-                    if method == "atskv" and args.passive_limit is not None:
-                        params.setdefault("passive_limit", args.passive_limit)
+                    params = with_cli_defaults(method, params, args)
                     label = method if not params else \
                         method + "[" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(params.items())) + "]"
                     for budget in ([None] if method == "full" else opts["budgets"]):

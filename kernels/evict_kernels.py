@@ -1,6 +1,6 @@
 """ATSKV's eviction over the fast path's slots as three Triton kernels a layer (CUDA): every slot's relevance from
 the step's attention and the time-dependent features (`_score_kernel`), the threshold controller's decision
-(`fast_decode.controller_keep`), the attention bias that hides the freed slots (`hide_free`) and the next free slots
+(`atskv.controller_keep`), the attention bias that hides the freed slots (`hide_free`) and the next free slots
 (`free_queue`).
 
 Why: in tensor form that work was about 20 small kernels a layer (a segmented sort, gathers, scatters, a cumsum,
@@ -96,7 +96,7 @@ if triton is not None:
     @triton.jit
     def _score_kernel(p_ptr, acc_ptr, z0_ptr, pos_ptr, tok_ptr, cnt_ptr, valid_ptr, seen_ptr, co_ptr, r_ptr,
                       N, H, V, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr):
-        """ATSKV's relevance of every slot at an evicting step (fast_decode.atskv_evict's tensor form): the step's
+        """ATSKV's relevance of every slot at an evicting step (ATSKV.slot_step's tensor form): the step's
         attention statistics over the group's G query heads (AttentionStatisticsExtractor.window_stats with a
         window of one query), the running statistic acc += mean (in place), the time-dependent features and the
         sigmoid of the logit; -1 for padding slots. co: the (coefficient, mean) pairs of the 4 attention features
@@ -202,6 +202,6 @@ def controller_evict(r, protected, present, valid, bias, queue, budget, beta, de
 
 def relevance(probs, acc, z0, pos, toks, counts, valid, seen, co):
     """r (B, H, N) float32 of every slot at an evicting step, and acc += the step's mean attention, in one kernel:
-    what fast_decode.atskv_evict computes in tensor form off CUDA. probs (B, H, G, N) float32; counts (B, vocab);
-    seen (B,); co: fast_decode.logit_coefs' "dyn"."""
+    what ATSKV.slot_step computes in tensor form off CUDA. probs (B, H, G, N) float32; counts (B, vocab);
+    seen (B,); co: atskv.logit_coefs' "dyn"."""
     return _score_op(probs, acc, z0, pos, toks, counts, valid, seen, co)

@@ -16,6 +16,7 @@ CASES = r"""
 import torch
 from kernels import evict_kernels as ek
 import fast_decode as fd
+import atskv
 
 
 def case(seed, B=2, H=2, N=100, E=8, ties=False):
@@ -47,7 +48,7 @@ def both(r, prot, present, valid, queue, keep, fixed, over, device):
             ek.controller_evict(args[0], args[1], pres, valid.to(device), bias, q, k, beta, delta, 0.5, fixed, ov,
                                 fd.HIDDEN)
         else:
-            kept, new_delta = fd.controller_keep(args[0], args[1], pres, k, beta, delta, 0.5, fixed)
+            kept, new_delta = atskv.controller_keep(args[0], args[1], pres, k, beta, delta, 0.5, fixed)
             delta.copy_(torch.where(ov, new_delta, delta))
             pres.copy_(torch.where(ov, kept, pres))
             fd.hide_free(bias, pres, valid.to(device))
@@ -91,7 +92,7 @@ def check_relevance(device, B=2, H=3, G=3, N=300, V=50):
     mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
     want_acc = acc + mean
     freq = counts.gather(1, toks.flatten(1)).view(toks.shape)
-    want = torch.sigmoid(z0 + fd.dynamic_logit(co, pos, seen[:, None, None], mean, mx, want_acc, spread, freq))
+    want = torch.sigmoid(z0 + atskv.dynamic_logit(co, pos, seen[:, None, None], mean, mx, want_acc, spread, freq))
     want = want.masked_fill(~valid, -1.0)
     dev = [t.to(device) for t in (probs, acc, z0, pos, toks, counts, valid, seen)]
     r = ek.relevance(*dev, torch.cat([*co["a"], *co["fd"]]).to(device))

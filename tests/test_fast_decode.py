@@ -1,10 +1,13 @@
 """The fast (static-shape) decode path makes the plain path's decisions: same tokens, same entries kept."""
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 import evaluation as ev
-from fast_decode import (StaticDecoder, controller_keep, first_free_slot, free_queue, hidden_logit, lean_weights,
-                         logit_coefs, put, step_head, step_hidden_logit)
+from atskv import controller_keep, hidden_logit, logit_coefs, step_hidden_logit
+from cache_framework import METHODS, KVMethod, put, register_method
+from fast_decode import StaticDecoder, check_fast_method, first_free_slot, free_queue, lean_weights, step_head
 from sparse_kv_cache import KVCacheFactory, ThresholdController
 from utils import UserError
 
@@ -215,3 +218,53 @@ def test_step_head_counts_each_rows_new_token_once_clamped_to_the_counted_vocabu
     want = torch.zeros(3, 50)
     want[0, 7], want[1, 7], want[2, 49] = 3, 1, 1
     assert torch.equal(counts, want)
+
+
+@dataclass
+class KeepEvenPositions(KVMethod):
+    """A toy method defined here alone: the even positions first, then the most recent. Its plain-path `score` and
+    its fast-path `slot_scores` stand side by side; nothing outside this file knows its name."""
+    name = "toy_keep_even"
+
+    def score(self, layer):
+        return (layer.positions % 2 == 0).float() * 1e6 + layer.positions.float()
+
+    def slot_scores(self, s):
+        return (s["pos"] % 2 == 0).float() * 1e6 + s["pos"].float()
+
+
+@pytest.fixture
+def toy_method():
+    register_method(KeepEvenPositions)
+    yield KeepEvenPositions.name
+    del METHODS[KeepEvenPositions.name]
+
+
+def test_a_method_defined_in_a_test_file_alone_decodes_the_same_on_the_plain_and_the_fast_path(model, tokenizer,
+                                                                                                 prompt, toy_method):
+    ids = prompt.expand(2, -1)
+    plain = KVCacheFactory.create(toy_method, model, budget=96, tokenizer=tokenizer)
+    want = plain_decode(model, plain, ids, N_STEPS)
+    cache = KVCacheFactory.create(toy_method, model, budget=96, tokenizer=tokenizer)
+    logits = ev.forward_chunked(model, cache, ids, chunk=128)
+    dec = StaticDecoder.from_cache(model, toy_method, cache, ids.shape[1], N_STEPS)
+    assert torch.equal(dec.generate(logits.argmax(-1), N_STEPS + 1), want)
+    for layer, sl in zip(plain.layers, dec.slots):
+        fast = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.pos, sl.present)]
+        assert fast == kept_positions(layer.positions)
+        assert sum(p % 2 == 0 for p in fast[0][0]) > len(fast[0][0]) // 2 + 2   # the toy rule did decide
+
+
+def test_a_method_without_a_slot_step_is_refused_by_the_fast_path_with_its_reason():
+    @dataclass
+    class ScoreOnly(KVMethod):   # plain-path scoring alone
+        name = "toy_score_only"
+
+        def score(self, layer):
+            return layer.positions.float()
+    register_method(ScoreOnly)
+    try:
+        with pytest.raises(UserError, match="'toy_score_only' has no fast decode path \\(it has no slot step\\)"):
+            check_fast_method("toy_score_only")
+    finally:
+        del METHODS["toy_score_only"]

@@ -1,5 +1,6 @@
-"""How the project is built: no import cycles among its modules (lazy imports included), and no module writes
-another module's private globals. The same check from a shell: `python tests/test_structure.py`."""
+"""How the project is built: no import cycles among its modules (lazy imports included), no module writes another
+module's private globals, and no module branches on a compression method's name outside the module that defines
+it. The same checks from a shell: `python tests/test_structure.py`."""
 import ast
 from pathlib import Path
 
@@ -71,6 +72,37 @@ def private_writes() -> list[str]:
     return found
 
 
+# where the methods are defined; api_models' "atskv" is the API mode's own prompt compression (API_METHODS), which
+# uses ATSKV's predictor on text
+METHOD_HOMES = {"cache_framework", "atskv", "baselines", "api_models"}
+
+
+def method_name_branches() -> list[str]:
+    """Comparisons of a value with a compression method's name (`m == "h2o"`, `m in ("snapkv", ...)`) outside the
+    methods' own modules. "full" (the uncompressed cache) is the framework's, not a method's."""
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from sparse_kv_cache import METHODS
+    names = set(METHODS) - {"full"}
+    found = []
+    for name, path in project_modules().items():
+        if name in METHOD_HOMES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in [node.left, *node.comparators]:
+                consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                hit = [c.value for c in consts if isinstance(c, ast.Constant) and c.value in names]
+                if hit:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with {', '.join(hit)}")
+    return found
+
+
+def test_no_module_branches_on_a_methods_name_outside_the_methods_own_modules():
+    assert method_name_branches() == []
+
+
 def test_the_projects_modules_import_each_other_without_cycles():
     assert import_cycles() == []
 
@@ -82,3 +114,4 @@ def test_no_module_writes_another_modules_private_globals():
 if __name__ == "__main__":
     print("import cycles:", import_cycles() or "none")
     print("private writes:", private_writes() or "none")
+    print("method-name branches:", method_name_branches() or "none")
