@@ -78,7 +78,8 @@ class ATSKV(KVMethod):
     recall_share: float = 0.0         # read-time recall: a forward of several tokens (a prompt chunk, the question)
                                       #   pins this share of the layer budget to the spans its queries attend to
                                       #   most, promoting them from the passive store (`recall_spans`); 0: off
-    recall_span: int = 1              #   the votes are max-pooled over this many neighbouring positions
+    recall_span: int = 1              #   the votes (read-time and per-step) are max-pooled over this many
+                                      #   neighbouring positions, so that a fact's neighbours come back with it
     recall_window: int = 64           #   the forward's last this-many queries vote
     recall_shared: bool = False       #   one choice of spans for all the layer's KV heads (their votes summed)
     recall_tokens: float = 0.5        # per-step recall: tokens recalled per step, a fraction of the active budget,
@@ -324,7 +325,8 @@ class ATSKV(KVMethod):
         if store is None or (store.size == 0 and store.pend is None) or not due:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
-        rec = store.recall(query[:, :, -self.window:], n_tok // store.page_size)  # the copy starts (side stream)
+        rec = store.recall(query[:, :, -self.window:], n_tok // store.page_size,  # the copy starts (side stream)
+                           self.recall_span)
         o1, lse1 = attention_lse(query, keys, values, mask, scaling)             # meanwhile: the active cache
         rec.wait()
         self.recall_bytes["read" if layer.n_new > 1 else "decode"] += rec.k.nbytes + rec.v.nbytes

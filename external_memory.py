@@ -132,9 +132,10 @@ class PassiveStore:
         self.extras = {n: t[:, :, sel] for n, t in self.extras.items()}
         self._buf = {}  # compacted: the next settle starts new buffers
 
-    def recall(self, query: torch.Tensor, n_pages: int) -> "Recalled":
+    def recall(self, query: torch.Tensor, n_pages: int, span: int = 1) -> "Recalled":
         """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n_pages x P + pending, D), on their way to the
-        device (`Recalled.wait()` before use)."""
+        device (`Recalled.wait()` before use). span > 1 (exact scoring): each entry's vote is max-pooled over
+        `span` neighbouring positions, so that the neighbours of a strongly voted entry come back with it."""
         self.settle()
         dev = query.device
         if self.k is None:
@@ -154,6 +155,8 @@ class PassiveStore:
         # each query votes with a softmax over the pages (as SnapKV's window votes over tokens): a few queries with
         # large bounds everywhere (sink-like heads) then cannot drown the query that looks for one page
         page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
+        if span > 1 and self.page_size == 1:
+            page_score = pooled_by_position(page_score, self.pos, span).masked_fill(~self.valid, -1.0)
         n_pages = min(n_pages, page_score.shape[-1])
         pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
         P = self.page_size
@@ -192,6 +195,16 @@ class PassiveStore:
     def device_nbytes(self) -> int:
         pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
         return pend + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+def pooled_by_position(score: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+    """score (B, H, N) of entries at positions pos (B, H, N), in any order -> each entry's maximum over the entries
+    within span // 2 positions of it (a max-pool in position space, where positions with no entry count 0)."""
+    B, H, _ = score.shape
+    T = int(pos.max()) + 1
+    dense = torch.zeros((B, H, T), dtype=score.dtype, device=score.device).scatter_(2, pos.to(score.device), score)
+    dense = F.max_pool1d(dense.view(B * H, 1, T), span, 1, span // 2)[..., :T].view(B, H, T)
+    return dense.gather(2, pos.to(score.device))
 
 
 _SIDE_STREAMS: dict = {}

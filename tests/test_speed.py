@@ -25,7 +25,7 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--methods", "rocket_kv"], "method 'rocket_kv' has no fast decode path; accepted: full, sliding_window"),
+    (["--methods", "rocket_kv"], "method 'rocket_kv' has no fast decode path (its decode attention is sparse"),
     (["--speed_parts", "timing,warp"],
      "--speed_parts: unknown part(s) warp; accepted: timing, plain, max_batch, answers, profile"),
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
