@@ -1,4 +1,6 @@
-"""Sweep methods x budgets x context sizes x benchmarks, append each finished cell to results.jsonl, write the report.
+"""The command line: argument parsing, checks, and hand-off to the sweep (evals/sweep.py), the speed benchmark
+(evals/speed.py), the predictor's training or the report. Sweeps methods x budgets x context sizes x benchmarks,
+appending each finished cell to results.jsonl, then writes the report.
 
     python run_experiment.py                      # quick sweep on the embedded default model -> outputs/results.md
     python run_experiment.py --report_only --output_dir outputs   # rebuild the report from results.jsonl
@@ -8,15 +10,15 @@ Every option is listed by --help and in the README.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from utils import DEFAULT_MODEL, UserError, append_jsonl, check_device, check_model_name, parse_budget, read_jsonl
+from evals.records import environment_info, print_summary, write_report
+from evals.sweep import parse_method, run_sweep, with_cli_defaults
+from utils import DEFAULT_MODEL, UserError, check_device, check_model_name, parse_budget
 
 BENCHMARKS = ("synthetic", "longbench", "zeroscrolls")
 MIN_CONTEXT = 128
@@ -157,12 +159,6 @@ def split_list(text: str) -> list[str]:
     return [t for t in out if t]
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """The library's method-spec grammar (KVCacheFactory.parse_spec), unchecked: API model names pass too."""
-    from sparse_kv_cache import KVCacheFactory
-    return KVCacheFactory.parse_spec(spec, check=False)
-
-
 def validate(args) -> dict:
     """Check every option before any model is loaded; raise UserError naming the bad value and what is accepted."""
     from evaluation import EVAL_MODES, SYNTHETIC_TASKS
@@ -269,298 +265,6 @@ def check_writable(path: str) -> None:
         raise UserError(f"output directory {path!r} is not writable ({e.strerror})") from None
 
 
-def cell_key(spec: dict) -> str:
-    """A cell is identified by everything that changes its result."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def tasks_for(bench: str, args, opts: dict) -> list[str]:
-    """Synthetic: the --tasks that are synthetic. A real benchmark: the --tasks that belong to it, else every task
-    that --data_dir holds (or all of them, from the hub)."""
-    from evaluation import REAL_TASKS, SYNTHETIC_TASKS, available_real_tasks
-    if bench == "synthetic":
-        asked = [t for t in opts["tasks"] if t in SYNTHETIC_TASKS]
-        return asked or list(args.synthetic_tasks)
-    asked = [t for t in opts["tasks"] if t in REAL_TASKS[bench]]
-    present = available_real_tasks(bench, args.data_dir)
-    if not asked:
-        return present
-    missing = [t for t in asked if t not in present]
-    if missing:  # asked for, but not in --data_dir: said in the report, the rest runs
-        skip_benchmark(Path(args.output_dir) / "results.jsonl", bench, f"task(s) {', '.join(missing)} not in "
-                       f"--data_dir {args.data_dir!r}", tasks=missing)
-    return [t for t in asked if t in present]
-
-
-def with_cli_defaults(method: str, params: dict, args) -> dict:
-    """A method's parameters with --external_memory and --passive_limit applied where the method has them and the
-    spec did not set them."""
-    from sparse_kv_cache import method_params
-    from sparse_kv_cache import KVCacheFactory
-    fields = method_params(method) if method in KVCacheFactory.known_methods() else {}
-    out = dict(params)
-    if args.external_memory and "external_memory" in fields:
-        out.setdefault("external_memory", True)
-    if args.passive_limit is not None and "passive_limit" in fields:
-        out.setdefault("passive_limit", args.passive_limit)
-    return out
-
-
-def plan_cells(args, opts: dict) -> list[dict]:
-    cells = []
-    for bench in opts["benchmarks"]:
-        for task in tasks_for(bench, args, opts):
-            for size in opts["sizes"]:
-                for spec in opts["methods"]:
-                    method, params = parse_method(spec)
-                    params = with_cli_defaults(method, params, args)
-                    label = method if not params else \
-                        method + "[" + ";".join(f"{k}={json.dumps(v)}" for k, v in sorted(params.items())) + "]"
-                    for budget in ([None] if method == "full" else opts["budgets"]):
-                        cell = {"model": args.model_name, "method": label, "base_method": method,
-                                "params": params, "budget": budget,
-                                "benchmark": bench, "task": task, "context_size": size,
-                                "num_samples": args.num_samples, "seed": args.seed,
-                                "eval_mode": args.eval_mode, "prefill_chunk": args.prefill_chunk}
-                        if args.use_api:  # the hosted model answers; the local model only scores (atskv)
-                            cell.update(model=args.api_model, api=True, api_base_url=args.api_base_url,
-                                        scorer=args.model_name)
-                        if args.fast_decode and not args.use_api:  # (absent otherwise: old cells keep their keys)
-                            cell["fast_decode"] = True
-                        if bench == "synthetic":
-                            cell["haystack_dir"] = args.haystack_dir
-                        else:  # for LongBench / ZeroSCROLLS the context size is the prompt's truncation length
-                            cell["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
-                        cells.append(cell)
-    return cells
-
-
-def finished_keys(results_path: Path) -> set[str]:
-    return {r["cell"] for r in read_jsonl(results_path) if r.get("status") == "ok" and "cell" in r}
-
-
-def run_sweep(args, opts: dict) -> int:
-    import torch
-    from tqdm import tqdm
-
-    import evaluation as ev
-    from utils import load_model_and_tokenizer, model_max_length, set_seed
-
-    out_dir = Path(args.output_dir)
-    results_path = out_dir / "results.jsonl"
-    if args.overwrite and results_path.exists():
-        results_path.unlink()
-    cells = plan_cells(args, opts)
-    real = [b for b in opts["benchmarks"] if b != "synthetic"]
-    for b in real:  # a real benchmark with no task to run (its files are not in --data_dir) is skipped, said why
-        if not any(c["benchmark"] == b for c in cells):
-            skip_benchmark(results_path, b, f"--data_dir {args.data_dir!r} holds none of its files "
-                           f"({ev.REAL_FILE_HINT[b]})")
-    done = finished_keys(results_path)
-    todo = [c for c in cells if cell_key(c) not in done]
-    print(f"[atskv] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
-          f"-> {results_path}", file=sys.stderr)
-    if not todo:
-        write_report(out_dir, args)
-        return nothing_ran(opts, cells)
-    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16,
-                                          device_map=args.device_map)
-    limit = model_max_length(model)
-    for s in opts["sizes"]:
-        if limit and s > limit:
-            raise UserError(f"context size {s} exceeds the model's limit of {limit} tokens")
-    env = environment_info(model, args.model_name)
-    fault = os.environ.get("ATSKV_INJECT_FAULT", "")  # testing hook: "oom:<substring of the cell's name>"
-    interrupted = False
-    samples_cache: dict = {}
-    unavailable: set[str] = set()
-    bar = tqdm(todo, desc="sweep", unit="cell", file=sys.stderr)
-    stop_on_sigterm()
-    try:  # Ctrl-C or SIGTERM anywhere in the loop (not only inside a cell) still ends with the report written
-        for cell in bar:
-            budget = "100%" if cell["budget"] is None else cell["budget"]
-            name = f"{cell['method']}|{budget}|{cell['task']}|{cell['context_size']}"
-            bar.set_postfix_str(name)
-            bench = cell["benchmark"]
-            if bench in unavailable:
-                continue
-            set_seed(args.seed)
-            key = (bench, cell["task"], cell["context_size"] if bench == "synthetic" else 0)
-            if key not in samples_cache:
-                try:
-                    samples_cache[key] = ev.synthetic_samples(
-                        tok, cell["task"], cell["context_size"], args.num_samples, args.seed,
-                        haystack_dir=args.haystack_dir) if bench == "synthetic" else \
-                        ev.real_samples(bench, cell["task"], args.data_dir, args.num_samples)
-                except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
-                    unavailable.add(bench)
-                    skip_benchmark(results_path, bench, str(e))
-                    print(f"\n[atskv] skipping {bench}: {e}", file=sys.stderr)
-                    continue
-            inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
-            record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "timing_probe": ev.timing_probe(model.device), "command": command_line()}
-            t0 = time.perf_counter()
-            try:
-                if args.use_api:
-                    record.update(run_api_cell(args, cell, samples_cache[key], limit, (model, tok), results_path))
-                    where = f" at {args.api_base_url}" if args.api_base_url else ""
-                    record["env"] = {"device": "api",
-                                     "hardware": f"{cell['model']} via {api_client(args).provider} API{where}"}
-                elif bench == "synthetic":
-                    record.update(ev.evaluate_synthetic_cell(
-                        model, tok, cell["base_method"], cell["budget"], samples_cache[key], cell["eval_mode"],
-                        cell["prefill_chunk"], cell["params"], fault=inject, fast=cell.get("fast_decode", False)))
-                else:
-                    record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
-                    record.update(ev.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
-                                                        samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
-                                                        record["max_prompt_tokens"], cell["params"], fault=inject,
-                                                        fast=cell.get("fast_decode", False)))
-                record.setdefault("status", "ok")
-            except Exception as e:  # a fault inside one cell is recorded there; the sweep goes on
-                record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)",
-                      file=sys.stderr)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            record["wall_s"] = time.perf_counter() - t0
-            append_jsonl(results_path, record)
-    except KeyboardInterrupt as e:
-        interrupted = 143 if isinstance(e, Terminated) else 130
-    bar.close()
-    write_report(out_dir, args)
-    if interrupted:
-        print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
-        return interrupted
-    return nothing_ran(opts, cells, unavailable)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler stopping the job): handled as Ctrl-C is, so that the report of what finished is written."""
-
-
-def stop_on_sigterm() -> None:
-    import signal
-
-    def handler(signum, frame):
-        raise Terminated()
-    signal.signal(signal.SIGTERM, handler)
-
-
-def max_prompt_tokens(cell: dict, limit: int | None) -> int:
-    """A LongBench / ZeroSCROLLS prompt's truncation length: the cell's context size, so far as the prompt, the chat
-    wrapper and the task's generation still fit in the model's window."""
-    import evaluation as ev
-    gen = (ev.LONGBENCH_MAX_NEW_TOKENS if cell["benchmark"] == "longbench" else ev.ZEROSCROLLS_MAX_NEW_TOKENS)
-    return min(cell["context_size"], (limit or 10 ** 9) - max(gen.get(cell["task"], 0), 1) - 64)
-
-
-_CLIENT = {}
-
-
-def api_client(args):
-    import api_models
-    if "c" not in _CLIENT:
-        _CLIENT["c"] = api_models.APIClient(api_models.APIConfig(
-            args.api_model, args.api_base_url, args.api_timeout, args.api_max_retries, args.api_concurrency))
-    return _CLIENT["c"]
-
-
-def run_api_cell(args, cell: dict, samples, limit, scorer, results_path: Path) -> dict:
-    """One cell through the API; the samples an earlier run of this cell answered are reused, so a rerun asks
-    again only the requests that failed."""
-    import api_models
-    import evaluation as ev
-    previous = {}
-    for r in read_jsonl(results_path):
-        if r.get("cell") == cell_key(cell):
-            previous.update({s["id"]: s for s in r.get("samples", []) if s.get("status") == "ok"})
-    max_prompt = None if cell["benchmark"] == "synthetic" else max_prompt_tokens(cell, limit)
-    out = api_models.evaluate_api_cell(api_client(args), cell["base_method"], cell["budget"], samples, max_prompt,
-                                       scorer=scorer, tokenizer=scorer[1], previous=previous)
-    if out["status"] != "ok":
-        print(f"\n[atskv] {cell['method']}|{cell['task']}: {out['error']} (recorded; the sweep goes on)",
-              file=sys.stderr)
-    return out
-
-
-def skip_benchmark(results_path: Path, bench: str, reason: str, tasks: list[str] | None = None) -> None:
-    """A skipped benchmark (or some of its tasks) is a record too, so that --report_only can still say what was
-    skipped and why."""
-    append_jsonl(results_path, {"cell": f"skipped:{bench}" + (":" + ",".join(tasks) if tasks else ""),
-                                "status": "skipped", "benchmark": bench, "tasks": tasks, "reason": reason,
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:
-    """A sweep that asked only for benchmarks that could not be loaded fails; otherwise the rest has run."""
-    runnable = [c for c in cells if c["benchmark"] not in unavailable]
-    if not runnable:
-        raise UserError(f"nothing to run: {', '.join(opts['benchmarks'])} could not be loaded (see results.md); "
-                        f"pass --data_dir with the benchmarks' jsonl files or run where the Hugging Face hub is "
-                        f"reachable")
-    return 0
-
-
-def environment_info(model, model_name: str | None = None) -> dict:
-    import torch
-    import transformers
-    from utils import cpu_name, model_provenance
-    dev = str(model.device)
-    hw = torch.cuda.get_device_name(model.device) if dev.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    env = {"device": dev, "hardware": hw, "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
-           "dtype": str(model.dtype).replace("torch.", ""), "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version()}
-    if model_name:
-        env["model_source"] = model_provenance(model_name, model)
-    env["commit"] = source_commit()
-    if dev.startswith("cuda") and not torch.backends.cuda.cudnn_sdp_enabled():
-        env["sdpa"] = "cuDNN backend off"
-    return env
-
-
-def source_commit() -> str | None:
-    """The project's git commit, with '-dirty' when the tree has uncommitted changes; $ATSKV_COMMIT when set (a copy
-    of the tree on another machine, whose .git may be another commit's); None outside a checkout."""
-    import subprocess
-    here = Path(__file__).resolve().parent
-    if os.environ.get("ATSKV_COMMIT"):   # named by the caller: a copy of the tree whose .git is not its own
-        return os.environ["ATSKV_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def command_line() -> str:
-    """The command as a user would type it again."""
-    import shlex
-    return " ".join(["python run_experiment.py", *(shlex.quote(a) for a in sys.argv[1:])])
-
-
-def write_report(out_dir: Path, args) -> None:
-    from report import build_report
-    build_report(out_dir, command=command_line())
-
-
-def print_summary(out_dir: Path) -> None:
-    """Where the report is, and three lines of it: the full cache, then the compressed methods at the smallest
-    budget, best first, each with the memory it holds."""
-    from report import run_summary
-    print(f"[atskv] results: {(out_dir / 'results.md').resolve()} (figures in {out_dir / 'figures'})",
-          file=sys.stderr)
-    for line in run_summary(out_dir):
-        print(f"  {line}", file=sys.stderr)
-
-
 def train_predictor_cli(args) -> int:
     import relevance_predictor as rp
     from utils import load_model_and_tokenizer
@@ -579,17 +283,10 @@ def train_predictor_cli(args) -> int:
 SPEED_DEFAULT_METHODS = "full,sliding_window,atskv"
 
 
-SPEED_PARTS = ("timing", "plain", "max_batch", "answers", "profile")
-
-
 def speed_cli(args) -> int:
-    """--benchmark speed: one record per (method, budget, context, batch, path) appended to results.jsonl as it
-    finishes (a rerun resumes), then the report's speed section."""
-    import torch
-
-    import evaluation as ev
+    """--benchmark speed: the options checked here, then evals.speed.run_speed_benchmark."""
+    from evals.speed import SPEED_PARTS, run_speed_benchmark
     from fast_decode import check_fast_method
-    from utils import load_model_and_tokenizer
     check_model_name(args.model_name)
     check_writable(args.output_dir)
     specs = split_list(args.methods if args.methods_given else SPEED_DEFAULT_METHODS)
@@ -613,102 +310,7 @@ def speed_cli(args) -> int:
     if args.decode_steps < 4:
         raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (the timed steps, after the warm-up)")
     kernels_off = sorted(set(split_list(args.kernels_off)))
-    import kernels
-    kernels.switch_off(kernels_off)
-    out_dir = Path(args.output_dir)
-    results_path = out_dir / "results.jsonl"
-    if args.overwrite and results_path.exists():
-        results_path.unlink()
-    done = finished_keys(results_path)
-    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
-    env = environment_info(model, args.model_name)
-    if "max_batch" in parts and model.device.type != "cuda":
-        raise UserError(f"--speed_parts max_batch searches the device's memory: it needs a CUDA device, not "
-                        f"{model.device}")
-    bw = args.bandwidth_gbs or ev.device_bandwidth_gbs(model.device)
-    print(f"[atskv] speed benchmark on {env['hardware']} ({env['dtype']}), bandwidth {bw:.0f} GB/s "
-          f"{'(given)' if args.bandwidth_gbs else '(measured)'} -> {results_path}", file=sys.stderr)
-
-    def save(spec: dict, fn) -> None:
-        key = cell_key(spec)
-        if f"{key}-0" in done:  # finished in an earlier run
-            return
-        t = time.perf_counter()
-        try:
-            recs = fn()
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            recs = [{**spec, "status": "error", "error": "out of memory"}]
-        for i, r in enumerate(recs):
-            r.setdefault("compile", args.compile)
-            if kernels_off:
-                r["kernels_off"] = kernels_off
-            r.update(method=spec["method"], base_method=spec["base_method"], params=spec["params"])
-            r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
-                     wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            append_jsonl(results_path, r)
-            if r["status"] == "ok" and r["benchmark"] == "speed":
-                print(f"[atskv] {r['method']:>14}{' (off: ' + ','.join(kernels_off) + ')' if kernels_off else ''} "
-                      f"@ {str(r['budget']):>4} ctx {r['context']:>5} batch "
-                      f"{r['batch']:>4} {r['path']:>9}: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.0f} tok/s "
-                      f"floor {r['floor_ms']:.2f} ms (x{r['x_floor']:.1f})", file=sys.stderr)
-            elif r["status"] == "ok" and r["benchmark"] == "speed_plain":
-                print(f"[atskv] {r['method']:>14} @ {str(r['budget']):>4} ctx {r['context']:>5} batch {r['batch']:>4} "
-                      f"plain path: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.1f} tok/s", file=sys.stderr)
-            elif r["status"] == "ok" and r["benchmark"] == "speed_profile":
-                print(f"[atskv] profile {r['method']} @ {r['budget']} ctx {r['context']} batch {r['batch']} "
-                      f"{r['variant']}: {r['per_step']:.0f} {r['unit']} per step, {r['ms_per_step']:.2f} ms; top: "
-                      + "; ".join(f"{t['name'][:50]} {t['ms_per_step']:.3f} ms x{t['per_step']:.0f}"
-                                  for t in r["top"][:5]), file=sys.stderr)
-            elif r["status"] == "ok":
-                print(f"[atskv] {json.dumps({k: v for k, v in r.items() if k not in ('env', 'cell')})}",
-                      file=sys.stderr)
-    common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
-    if kernels_off:   # only then: the cells of earlier runs keep their keys
-        common["kernels_off"] = kernels_off
-
-    def cells(benchmark: str, **fields):
-        """(spec, method, params, budget) per method and budget (full once, without one)."""
-        for label, m, params in methods:
-            for budget in ([None] if m == "full" else budgets):
-                yield ({**common, "benchmark": benchmark, "method": label, "base_method": m, "params": params,
-                        "budget": budget, **fields}, m, params, budget)
-    try:
-        for size in sizes if "timing" in parts else []:
-            for batch in batches:
-                for spec, m, params, budget in cells("speed", context=size, batch=batch, steps=args.decode_steps):
-                    save(spec, lambda: ev.measure_decode_speed(
-                        model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
-                        bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
-        for size in sizes if "plain" in parts else []:
-            for batch in batches:
-                for spec, m, params, budget in cells("speed_plain", context=size, batch=batch, steps=args.decode_steps):
-                    save(spec, lambda: ev.measure_plain_decode(model, tok, m, budget, size, batch, args.decode_steps,
-                                                               params=params, chunk=args.prefill_chunk,
-                                                               seed=args.seed))
-        for size in sizes if "profile" in parts else []:
-            for batch in batches:
-                for spec, m, params, budget in cells("speed_profile", context=size, batch=batch):
-                    save(spec, lambda: ev.profile_decode_step(model, tok, m, budget, size, batch, params,
-                                                              compile=args.compile, chunk=args.prefill_chunk,
-                                                              seed=args.seed))
-        if "max_batch" in parts:
-            for spec, m, params, budget in cells("speed_max_batch", context=max(sizes)):
-                save(spec, lambda: [ev.largest_decode_batch(model, tok, m, budget, max(sizes), params,
-                                                            chunk=args.prefill_chunk)])
-        if "answers" in parts:
-            samples = ev.synthetic_samples(tok, "needle", min(sizes), args.check_answers, args.seed)
-            for spec, m, params, budget in cells("speed_answers", context=min(sizes), n=args.check_answers,
-                                                 seed=args.seed):
-                save(spec, lambda: [ev.check_fast_answers(model, tok, m, budget, samples, args.prefill_chunk,
-                                                          compile=args.compile, params=params)])
-    except KeyboardInterrupt:
-        write_report(out_dir, args)
-        print("[atskv] interrupted: finished records kept", file=sys.stderr)
-        return 130
-    write_report(out_dir, args)
-    print(f"[atskv] results: {out_dir / 'results.md'}", file=sys.stderr)
-    return 0
+    return run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_off)
 
 
 def benchmark_cli(args) -> int:

@@ -297,3 +297,114 @@ def check_fast_answers(model, tokenizer, method: str, budget, samples: list[Samp
             "context": samples[0].context_size if n else 0, "n": n, "same": same,
             "score_plain": 100 * sp / max(1, n), "score_fast": 100 * sf / max(1, n), "differences": diffs[:5],
             "dtype": _dtype_name(model)}
+
+
+SPEED_PARTS = ("timing", "plain", "max_batch", "answers", "profile")
+
+
+def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_off) -> int:
+    """--benchmark speed: one record per (method, budget, context, batch, path) appended to results.jsonl as it
+    finishes (a rerun resumes), then the report's speed section. methods: (label as given, method, parameters)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import kernels
+    from evals.records import cell_key, environment_info, finished_keys, write_report
+    from evals.synthetic import synthetic_samples
+    from utils import UserError, append_jsonl, load_model_and_tokenizer
+    kernels.switch_off(kernels_off)
+    out_dir = Path(args.output_dir)
+    results_path = out_dir / "results.jsonl"
+    if args.overwrite and results_path.exists():
+        results_path.unlink()
+    done = finished_keys(results_path)
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16)
+    env = environment_info(model, args.model_name)
+    if "max_batch" in parts and model.device.type != "cuda":
+        raise UserError(f"--speed_parts max_batch searches the device's memory: it needs a CUDA device, not "
+                        f"{model.device}")
+    bw = args.bandwidth_gbs or device_bandwidth_gbs(model.device)
+    print(f"[atskv] speed benchmark on {env['hardware']} ({env['dtype']}), bandwidth {bw:.0f} GB/s "
+          f"{'(given)' if args.bandwidth_gbs else '(measured)'} -> {results_path}", file=sys.stderr)
+
+    def save(spec: dict, fn) -> None:
+        key = cell_key(spec)
+        if f"{key}-0" in done:  # finished in an earlier run
+            return
+        t = time.perf_counter()
+        try:
+            recs = fn()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            recs = [{**spec, "status": "error", "error": "out of memory"}]
+        for i, r in enumerate(recs):
+            r.setdefault("compile", args.compile)
+            if kernels_off:
+                r["kernels_off"] = kernels_off
+            r.update(method=spec["method"], base_method=spec["base_method"], params=spec["params"])
+            r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
+                     wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            append_jsonl(results_path, r)
+            if r["status"] == "ok" and r["benchmark"] == "speed":
+                print(f"[atskv] {r['method']:>14}{' (off: ' + ','.join(kernels_off) + ')' if kernels_off else ''} "
+                      f"@ {str(r['budget']):>4} ctx {r['context']:>5} batch "
+                      f"{r['batch']:>4} {r['path']:>9}: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.0f} tok/s "
+                      f"floor {r['floor_ms']:.2f} ms (x{r['x_floor']:.1f})", file=sys.stderr)
+            elif r["status"] == "ok" and r["benchmark"] == "speed_plain":
+                print(f"[atskv] {r['method']:>14} @ {str(r['budget']):>4} ctx {r['context']:>5} batch {r['batch']:>4} "
+                      f"plain path: {r['decode_ms']:8.2f} ms/step {r['tok_s']:9.1f} tok/s", file=sys.stderr)
+            elif r["status"] == "ok" and r["benchmark"] == "speed_profile":
+                print(f"[atskv] profile {r['method']} @ {r['budget']} ctx {r['context']} batch {r['batch']} "
+                      f"{r['variant']}: {r['per_step']:.0f} {r['unit']} per step, {r['ms_per_step']:.2f} ms; top: "
+                      + "; ".join(f"{t['name'][:50]} {t['ms_per_step']:.3f} ms x{t['per_step']:.0f}"
+                                  for t in r["top"][:5]), file=sys.stderr)
+            elif r["status"] == "ok":
+                print(f"[atskv] {json.dumps({k: v for k, v in r.items() if k not in ('env', 'cell')})}",
+                      file=sys.stderr)
+    common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
+    if kernels_off:   # only then: the cells of earlier runs keep their keys
+        common["kernels_off"] = kernels_off
+
+    def cells(benchmark: str, **fields):
+        """(spec, method, params, budget) per method and budget (full once, without one)."""
+        for label, m, params in methods:
+            for budget in ([None] if m == "full" else budgets):
+                yield ({**common, "benchmark": benchmark, "method": label, "base_method": m, "params": params,
+                        "budget": budget, **fields}, m, params, budget)
+    try:
+        for size in sizes if "timing" in parts else []:
+            for batch in batches:
+                for spec, m, params, budget in cells("speed", context=size, batch=batch, steps=args.decode_steps):
+                    save(spec, lambda: measure_decode_speed(
+                        model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
+                        bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
+        for size in sizes if "plain" in parts else []:
+            for batch in batches:
+                for spec, m, params, budget in cells("speed_plain", context=size, batch=batch, steps=args.decode_steps):
+                    save(spec, lambda: measure_plain_decode(model, tok, m, budget, size, batch, args.decode_steps,
+                                                               params=params, chunk=args.prefill_chunk,
+                                                               seed=args.seed))
+        for size in sizes if "profile" in parts else []:
+            for batch in batches:
+                for spec, m, params, budget in cells("speed_profile", context=size, batch=batch):
+                    save(spec, lambda: profile_decode_step(model, tok, m, budget, size, batch, params,
+                                                              compile=args.compile, chunk=args.prefill_chunk,
+                                                              seed=args.seed))
+        if "max_batch" in parts:
+            for spec, m, params, budget in cells("speed_max_batch", context=max(sizes)):
+                save(spec, lambda: [largest_decode_batch(model, tok, m, budget, max(sizes), params,
+                                                            chunk=args.prefill_chunk)])
+        if "answers" in parts:
+            samples = synthetic_samples(tok, "needle", min(sizes), args.check_answers, args.seed)
+            for spec, m, params, budget in cells("speed_answers", context=min(sizes), n=args.check_answers,
+                                                 seed=args.seed):
+                save(spec, lambda: [check_fast_answers(model, tok, m, budget, samples, args.prefill_chunk,
+                                                          compile=args.compile, params=params)])
+    except KeyboardInterrupt:
+        write_report(out_dir, args)
+        print("[atskv] interrupted: finished records kept", file=sys.stderr)
+        return 130
+    write_report(out_dir, args)
+    print(f"[atskv] results: {out_dir / 'results.md'}", file=sys.stderr)
+    return 0
