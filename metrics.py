@@ -4,9 +4,11 @@ LongBench (THUDM/LongBench, `metrics.py` / `eval.py`): every metric scores one p
 [0, 1]; a sample's score is the max over its gold answers; a task's score is the mean x 100. For trec, triviaqa,
 samsum (and lsht) only the prediction's first line is scored.
 
-ZeroSCROLLS (tau/zero_scrolls, `metrics/`): geometric mean of ROUGE-1/2/L for the summaries, SQuAD-style F1 for the
-open QA tasks, accuracy of the first A-D letter for quality, an exponential similarity of percentages for
-space_digest and the concordance index of an order for book_sum_sort.
+ZeroSCROLLS (tau/zero_scrolls, `metrics/`): the geometric mean of the corpus-level ROUGE-1/2/L for the summaries,
+SQuAD-style F1 for the open QA tasks, accuracy of the first A-D letter for quality, an exponential similarity of
+percentages for space_digest (0 without a '%') and the concordance index of an order for book_sum_sort (0 unless
+the prediction is a permutation of the gold ids). The official metric scripts are not in this workplace's stored
+copies: these three rules follow issue 25's line-by-line reading of them.
 """
 from __future__ import annotations
 
@@ -66,14 +68,30 @@ def rouge_l_score(prediction: str, gold: str, **_) -> float:
         return 0.0
 
 
-def rouge_geometric_mean(prediction: str, gold: str, **_) -> float:
-    """ZeroSCROLLS' summary score: the geometric mean of ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures (sentences split
-    on newlines, as SCROLLS does)."""
+def rouge_parts(prediction: str, gold: str) -> list[float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures of one summary (sentences split on newlines, as SCROLLS does)."""
     if not prediction.strip() or not gold.strip():
-        return 0.0
+        return [0.0, 0.0, 0.0]
     s = _rouge(("rouge1", "rouge2", "rougeLsum")).score(gold, prediction)
-    vals = [s["rouge1"].fmeasure, s["rouge2"].fmeasure, s["rougeLsum"].fmeasure]
-    return math.prod(vals) ** (1 / 3)
+    return [s["rouge1"].fmeasure, s["rouge2"].fmeasure, s["rougeLsum"].fmeasure]
+
+
+def rouge_geometric_mean(prediction: str, gold: str, **_) -> float:
+    """One summary's geometric mean of ROUGE-1, ROUGE-2 and ROUGE-Lsum (a sample's own score; the task's score is
+    `corpus_rouge_geometric_mean`)."""
+    return math.prod(rouge_parts(prediction, gold)) ** (1 / 3)
+
+
+def corpus_rouge_geometric_mean(parts: list[list[float]]) -> float:
+    """ZeroSCROLLS' summary score of a task: the geometric mean of the corpus-level ROUGE-1, ROUGE-2 and ROUGE-Lsum
+    (each the mean over the samples), not the mean of the samples' geometric means."""
+    if not parts:
+        return 0.0
+    means = [sum(p[i] for p in parts) / len(parts) for i in range(3)]
+    return math.prod(means) ** (1 / 3)
+
+
+ZEROSCROLLS_SUMMARIES = ("gov_report", "summ_screen_fd", "qmsum", "squality")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,26 +167,28 @@ def first_letter_accuracy(prediction: str, gold: str, **_) -> float:
     return float(p is not None and p == letter(gold))
 
 
-def _percent(text: str) -> float | None:
-    m = re.search(r"(\d+(?:\.\d+)?)\s*%", text) or re.search(r"(\d+(?:\.\d+)?)", text)
+def _percent(text: str, sign_needed: bool) -> float | None:
+    m = re.search(r"(\d+(?:\.\d+)?)\s*%", text) or (None if sign_needed else re.search(r"(\d+(?:\.\d+)?)", text))
     return float(m.group(1)) if m else None
 
 
 def exp_similarity(prediction: str, gold: str, **_) -> float:
-    """space_digest: 0.5 ** (|gold% - predicted%| / 10); 0 when the prediction holds no percentage."""
-    p, g = _percent(prediction), _percent(gold)
+    """space_digest: 0.5 ** (|gold% - predicted%| / 10); 0 when the prediction holds no percentage (a number
+    without '%' is not one)."""
+    p, g = _percent(prediction, sign_needed=True), _percent(gold, sign_needed=False)
     if p is None or g is None:
         return 0.0
     return 0.5 ** (abs(g - p) / 10.0)
 
 
 def concordance_index(prediction: str, gold: str, **_) -> float:
-    """book_sum_sort: the share of pairs of summary ids that the predicted order puts in the gold's order. Ids the
-    prediction leaves out count as wrong pairs; repeated ids count once (their first place)."""
+    """book_sum_sort: 0 unless the prediction's ids are a permutation of the gold's (each id once, none missing,
+    none added); then the share of pairs of ids that the predicted order puts in the gold's order."""
     gold_ids = re.findall(r"\d+", gold)
-    rank = {}
-    for i, n in enumerate(re.findall(r"\d+", prediction)):
-        rank.setdefault(n, i)
+    pred_ids = re.findall(r"\d+", prediction)
+    if sorted(pred_ids) != sorted(gold_ids):
+        return 0.0
+    rank = {n: i for i, n in enumerate(pred_ids)}
     pairs = [(a, b) for i, a in enumerate(gold_ids) for b in gold_ids[i + 1:]]
     if not pairs:
         return 0.0

@@ -2,6 +2,8 @@
 hub, prompt encoding, scoring, and one cell of them through the harness."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -220,8 +222,15 @@ def evaluate_real_cell(model, tokenizer, method: str, budget, samples: list[Samp
         r = run_generation(model, tokenizer, cache, ctx_ids, q_ids, s.meta["max_new_tokens"], mode, chunk, press,
                            stop_when=stop, fast=fast)
         r.update(id=s.id, depth=-1.0, answers=s.answers, score=score_real(s, r["prediction"]))
+        if s.meta["benchmark"] == "zeroscrolls" and s.task in metrics.ZEROSCROLLS_SUMMARIES:
+            r["rouge_parts"] = max((metrics.rouge_parts(r["prediction"], g) for g in s.answers),
+                                   key=lambda p: math.prod(p), default=[0.0, 0.0, 0.0])
         per_sample.append(r)
-    return summarize_samples(per_sample)
+    out = summarize_samples(per_sample)
+    if per_sample and "rouge_parts" in per_sample[0]:   # ZeroSCROLLS' summaries: corpus-level ROUGE
+        out["score"] = 100.0 * metrics.corpus_rouge_geometric_mean([r["rouge_parts"] for r in per_sample])
+        out["score_rule"] = "geometric mean of corpus-level ROUGE-1/2/Lsum"
+    return out
 
 
 REAL_FILE_HINT = {"longbench": "LongBench files are named <task>.jsonl, e.g. hotpotqa.jsonl",

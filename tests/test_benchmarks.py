@@ -270,3 +270,26 @@ def test_report_only_builds_per_benchmark_tables_retention_and_figures_from_reco
         assert (tmp_path / "tables" / f"{bench}.csv").read_text().startswith("method,budget,prompt tokens,")
         assert (tmp_path / "figures" / f"{bench}_accuracy_vs_budget.png").stat().st_size > 1000
         assert f"(figures/{bench}_accuracy_vs_budget.png)" in md
+
+
+def test_space_digest_scores_0_when_the_prediction_has_no_percent_sign():
+    assert m.zeroscrolls_score("space_digest", "50", ["50%"]) == 0.0
+    assert m.zeroscrolls_score("space_digest", "50%", ["50%"]) == 1.0
+
+
+def test_book_sum_sort_scores_0_unless_the_prediction_is_a_permutation_of_the_gold_ids():
+    assert m.zeroscrolls_score("book_sum_sort", "1, 2", ["1, 2, 3"]) == 0.0          # one id missing
+    assert m.zeroscrolls_score("book_sum_sort", "1, 2, 3, 3", ["1, 2, 3"]) == 0.0    # one id twice
+    assert m.zeroscrolls_score("book_sum_sort", "1, 2, 4", ["1, 2, 3"]) == 0.0       # one id not the gold's
+    assert m.zeroscrolls_score("book_sum_sort", "2, 1, 3", ["1, 2, 3"]) == pytest.approx(2 / 3)
+
+
+def test_zeroscrolls_summary_task_score_is_the_geometric_mean_of_corpus_level_rouge():
+    # the first summary has every word but no bigram of its reference (its own geometric mean is 0), the second is exact
+    pairs = [("dog cat", "cat dog"), ("cat dog", "cat dog")]
+    parts = [m.rouge_parts(p, g) for p, g in pairs]
+    means = [sum(p[i] for p in parts) / 2 for i in range(3)]
+    want = (means[0] * means[1] * means[2]) ** (1 / 3)
+    assert m.corpus_rouge_geometric_mean(parts) == pytest.approx(want, abs=1e-6)
+    per_sample = sum(m.rouge_geometric_mean(p, g) for p, g in pairs) / 2
+    assert want == pytest.approx((1.0 * 0.5 * 0.75) ** (1 / 3), abs=1e-6) and per_sample == pytest.approx(0.5)
