@@ -78,6 +78,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
             with ctx:
                 forward_chunked(model, cache, torch.tensor([ctx_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
+        press_masks = press is not None and masked(press, cache, len(ctx_ids))
         recalled_before_question = recall_counters(cache)
         logits = forward_chunked(model, cache, torch.tensor([q_ids], device=dev), chunk, start=len(ctx_ids))
     else:
@@ -85,6 +86,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         with ctx:
             logits = forward_chunked(model, cache, torch.tensor([ctx_ids + q_ids], device=dev), chunk_first)
         bytes_after_context = cache_nbytes(cache)
+        press_masks = press is not None and masked(press, cache, len(ctx_ids) + len(q_ids))
     _sync(dev)
     t1 = time.perf_counter()
     peak_bytes = cache_nbytes(cache)
@@ -121,6 +123,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     t2 = time.perf_counter()
     from sparse_kv_cache import tier_bytes
     return {
+        **({"press_masks": press_masks} if press is not None else {}),
         **recall_record(recalled_before_question, recalled_before_decoding, recall_counters(cache)),
         **(tier_bytes(cache) if cache is not None else
            {"active_kv_bytes": peak_bytes, "summary_bytes": 0, "passive_bytes": 0}),
@@ -134,6 +137,11 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         "context_tokens": len(ctx_ids),
         "question_tokens": len(q_ids),
     }
+
+
+def masked(press, cache, prefilled: int) -> bool:
+    """Whether a kvpress press kept every entry of its prefill (it masks what it drops) while asked to drop some."""
+    return getattr(press, "compression_ratio", 0) > 0 and cache.get_seq_length() >= prefilled
 
 
 def recall_counters(cache) -> dict | None:
@@ -187,7 +195,20 @@ def make_kvpress(name: str, budget, context_length: int, params: dict | None = N
         raise UserError(f"unknown kvpress press {name!r}; available: {', '.join(sorted(presses))}")
     kept = resolve_budget(budget, context_length) if budget is not None else context_length
     ratio = max(0.0, 1.0 - kept / context_length)
+    masked_attention_everywhere()
     return getattr(kvpress, presses[key])(compression_ratio=ratio, **(params or {}))
+
+
+def masked_attention_everywhere() -> None:
+    """kvpress's presses that give heads different budgets (AdaKV, KVzip, ...) mask entries instead of evicting them:
+    kvpress wraps every attention function registered when it is imported so that masked keys get no weight. Ours is
+    wrapped too if it was registered after that import (else those presses would silently attend to everything)."""
+    from kvpress.attention_patch import attention_patch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from cache_framework import ATTN_IMPL, atskv_attention
+    if ALL_ATTENTION_FUNCTIONS.get(ATTN_IMPL) is atskv_attention:
+        ALL_ATTENTION_FUNCTIONS[ATTN_IMPL] = attention_patch(atskv_attention)
 
 
 def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,
@@ -230,6 +251,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     else:
         forward_chunked(model, cache, torch.tensor([ctx_ids], device=model.device), chunk)
     prefill_s = time.perf_counter() - t0
+    masks = {"press_masks": masked(press, cache, len(ctx_ids))} if press is not None else {}
     tiers = tier_bytes(cache)
     kv = cache_nbytes(cache)
     scores, preds, decode, recalls = [], [], [], []
@@ -244,7 +266,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         decode.append(r["decode_ms_per_token"])
         recalls.append({k: r[k] for k in ("recall_bytes_question", "recall_bytes_per_step") if k in r})
     recalled = {k: sum(x[k] for x in recalls) / len(recalls) for k in recalls[0]}
-    return {**tiers, **recalled, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
+    return {**tiers, **recalled, **masks, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
             "prefill_s": prefill_s, "decode_ms_per_token": sum(decode) / len(decode), "kv_bytes": kv,
             "kv_bytes_peak": kv, "context_tokens": len(ctx_ids), "question_tokens": 0, "id": s.id,
             "depth": s.depth, "answers": [a for _, _, a in questions], "score": sum(scores) / len(scores)}
@@ -268,6 +290,8 @@ def summarize_samples(per_sample: list[dict]) -> dict:
         "samples": [{k: r[k] for k in ("id", "depth", "score", "prediction", "kv_bytes", "context_tokens")
                      if k in r} for r in per_sample],
     }
+    if any(r.get("press_masks") for r in per_sample):   # the press holds the full cache: its bytes say so
+        out["press_masks"] = True
     for k in ("recall_bytes_question", "recall_bytes_per_step"):  # methods with an external memory
         if any(k in r for r in per_sample):
             out[k] = sum(r.get(k, 0) for r in per_sample) / n

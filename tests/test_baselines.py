@@ -258,3 +258,23 @@ def test_an_unknown_decode_policy_is_refused_in_one_line(model):
     from utils import UserError
     with pytest.raises(UserError, match="decode 'keep' for method 'snapkv': accepted are grow, hold"):
         KVCacheFactory.create("snapkv", model, budget=16, decode="keep")
+
+
+def test_a_kvpress_press_that_masks_attends_through_kvpress_patch_and_is_marked(model, tokenizer):
+    """AdaKV over SnapKV keeps every entry and masks the dropped ones: our attention function must carry kvpress's
+    masking patch (else the press would attend to everything), and the record says the press masks."""
+    import kvpress
+    from transformers import DynamicCache
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from cache_framework import ATTN_IMPL, atskv_attention
+    from evals.harness import encode_prompt, make_kvpress, run_generation
+    from evals.synthetic import make_synthetic_sample
+    s = make_synthetic_sample(tokenizer, "needle", 400, 0.5, 1)
+    ci, qi = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+    evicting = run_generation(model, tokenizer, DynamicCache(), ci, qi, 4, press=make_kvpress("snapkv", 0.5, len(ci)))
+    assert ALL_ATTENTION_FUNCTIONS[ATTN_IMPL] is not atskv_attention   # wrapped by kvpress's attention_patch
+    masking = run_generation(model, tokenizer, DynamicCache(), ci, qi, 4,
+                             press=kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=0.5)))
+    assert evicting["press_masks"] is False and masking["press_masks"] is True
+    assert masking["kv_bytes"] > 1.8 * evicting["kv_bytes"]   # what it really holds
