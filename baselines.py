@@ -179,9 +179,13 @@ class DynamicKV(DecodePolicy, KVMethod):
     base x number of layers, and the earlier layers are truncated to their budgets plus the window. With chunked
     prefill this runs per chunk (the original runs once, over the whole prompt).
 
-    Deviations, kept for now (issue 25): scores are reduced per KV head by the mean over its GQA group (the official
-    code works per query head, with one KV head each), and the global top-k sees what earlier layers still hold
-    after their temporary budget, not their full-prefix scores."""
+    The global top-k ranks each layer's full-prefix scores as its observation computed them, before the layer was cut
+    to its temporary budget (`prefix_scores`), and the protected window is always `window` tokens, whatever budget a
+    layer is given (as the official code's fixed window_size).
+
+    Deviation, kept on purpose: scores are reduced per KV head by the mean over its GQA group (the official code works
+    per query head, with one KV head each): the cache stores entries per KV head, so a query head's own choice cannot
+    be kept."""
     name = "dynamic_kv"
     pool = "avg"
     window: int = 8
@@ -190,13 +194,15 @@ class DynamicKV(DecodePolicy, KVMethod):
     temp_factor: int = 10
     alloc: dict = field(default_factory=dict, repr=False)
     pending: set = field(default_factory=set, repr=False)   # layers of the chunk in flight, not re-allocated yet
+    prefix_scores: dict = field(default_factory=dict, repr=False)   # layer -> its chunk's candidates, uncut
     decode: str = "grow"
 
     def win(self, budget: int) -> int:
         return min(self.window, max(1, budget // 2))  # a budget below the window keeps half for the window
 
     def recent_tokens(self, budget):
-        return self.window if budget is None else self.win(budget)
+        """The window, however small the budget a layer is given (its allocation comes on top of the window)."""
+        return self.window if budget is None else min(self.window, budget)
 
     def layer_budget(self, layer_idx, n_layers, budget):
         w = self.win(budget)
@@ -213,6 +219,10 @@ class DynamicKV(DecodePolicy, KVMethod):
             self.pending.add(layer.layer_idx)
             # the window's mean equals its sum up to the same factor in every layer: the global top-k is unchanged
             layer.extras["score"] = pooled_window_scores(layer, query, scaling, self.window, self.kernel)
+            # the candidates of the global top-k: every stored entry outside the protected window, before the layer
+            # is cut to its temporary budget
+            self.prefix_scores[layer.layer_idx] = layer.extras["score"].masked_fill(
+                layer.protected() | ~layer.valid, float("-inf")).flatten(1)
         else:
             self.rescore_on_decode(layer, query, scaling)
 
@@ -228,9 +238,8 @@ class DynamicKV(DecodePolicy, KVMethod):
         base = max(1, budget - self.win(budget))
         layers = cache.layers[:layer_idx + 1]
         H = layer.keys.shape[1]
-        # candidate scores: every stored entry outside the protected window, stacked over layers, heads and tokens
-        flat = [l.extras["score"].masked_fill(l.protected() | ~l.valid, float("-inf")).flatten(1).to(layer.device)
-                for l in layers]  # (layers may sit on several devices)
+        # candidate scores stacked over layers, heads and tokens (layers may sit on several devices)
+        flat = [self.prefix_scores[i].to(layer.device) for i in range(len(layers))]
         sizes = [f.shape[1] for f in flat]
         stacked = torch.cat(flat, dim=1)  # (B, sum of H x S_l)
         k = min(base * H * len(layers), stacked.shape[1])

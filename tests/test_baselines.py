@@ -90,12 +90,18 @@ def _filled_cache(n_layers=4, H=2, S=50, budget=20, window=8):
     return m, cache
 
 
+def _observed(m, layer, scores):
+    """What DynamicKV.observe leaves for a prefill chunk: the layer's scores and its uncut candidates."""
+    layer.extras["score"] = scores
+    m.prefix_scores[layer.layer_idx] = scores.masked_fill(layer.protected() | ~layer.valid, float("-inf")).flatten(1)
+
+
 def test_dynamickv_budgets_sum_to_the_total_and_follow_the_attention_hits():
     torch.manual_seed(0)
     m, cache = _filled_cache()
     weights = [0.1, 1.0, 3.0, 10.0]  # layer 3's scores dominate the global top-k
     for l, w in enumerate(weights):
-        cache.layers[l].extras["score"] = w * torch.rand(1, 2, 50)
+        _observed(m, cache.layers[l], w * torch.rand(1, 2, 50))
     m.on_layer_done(cache, 3)
     budgets = [m.alloc[l] for l in range(4)]
     assert sum(budgets) == (20 - 8) * 4
@@ -106,11 +112,43 @@ def test_dynamickv_budgets_sum_to_the_total_and_follow_the_attention_hits():
 def test_dynamickv_only_reallocates_every_fourth_layer_and_at_the_last():
     m, cache = _filled_cache(n_layers=6)
     for l in range(6):
-        cache.layers[l].extras["score"] = torch.rand(1, 2, 50)
+        _observed(m, cache.layers[l], torch.rand(1, 2, 50))
     m.on_layer_done(cache, 1)
     assert m.alloc == {}
     m.on_layer_done(cache, 5)
     assert sorted(m.alloc) == list(range(6)) and sum(m.alloc.values()) == 12 * 6
+
+
+def test_dynamickv_global_top_k_ranks_every_layers_full_prefix_scores(model, tokenizer):
+    """One prefill chunk, budget 24 (base 16): the last reallocation's budgets are the official ones, from the global
+    top-(16 x 3 heads x 30 layers) over every layer's scores as its observation computed them, before any layer was
+    cut to its temporary budget (10 x 16 + 8 per head)."""
+    from cache_framework import install_attention
+    s = ev.make_synthetic_sample(tokenizer, "needle", 800, 0.5, 0)
+    ids = ev.encode_prompt(tokenizer, s.context, s.question)[0]
+    seen = {}
+
+    class Spy(DynamicKV):
+        def observe(self, layer, query, scaling):
+            super().observe(layer, query, scaling)
+            sc = layer.extras["score"].masked_fill(layer.protected() | ~layer.valid, float("-inf"))
+            seen[layer.layer_idx] = sc.flatten(1).clone()
+    install_attention(model)
+    m = Spy()
+    cache = CompressedCache(m, model.config.num_hidden_layers, budget=24, context_length=len(ids))
+    ev.forward_chunked(model, cache, torch.tensor([ids]), len(ids))
+    stacked = torch.cat([seen[l] for l in range(30)], 1)
+    top = stacked.topk(16 * 3 * 30, dim=1).indices[0]
+    hits = [float(((top >= l * seen[0].shape[1]) & (top < (l + 1) * seen[0].shape[1])).sum()) for l in range(30)]
+    assert [m.alloc[l] for l in range(30)] == largest_remainder(hits, 16 * 30)
+
+
+def test_dynamickv_keeps_the_whole_window_whatever_budget_a_layer_is_given():
+    m, cache = _filled_cache(n_layers=4, budget=20, window=8)
+    m.alloc = {0: 2, 1: 0, 2: 20, 3: 26}   # layer 0 is given 2 entries besides its window, layer 1 none
+    for l, layer in enumerate(cache.layers):
+        assert int(layer.protected()[0, 0].sum()) == 8, l   # the last 8 positions, as the official window_size
+        assert sorted(layer.positions[0, 0][layer.protected()[0, 0]].tolist()) == list(range(42, 50))
 
 
 def test_largest_remainder_sums_exactly():
