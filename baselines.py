@@ -169,6 +169,25 @@ class H2O(KVMethod):
 
 @register_method
 @dataclass
+class KNorm(DecodePolicy, KVMethod):
+    """Knorm (Devoto et al., arXiv 2406.11430; NVIDIA kvpress's KnormPress): the keys with the lowest L2 norm are
+    kept (low-norm keys draw the most attention). No attention sinks and no recent window, as the press; the norm is
+    taken in float32. A static score: a chunked prefill keeps what one pass keeps."""
+    name = "knorm"
+    decode: str = "grow"
+
+    def score(self, layer):
+        return -layer.keys.float().norm(dim=-1)
+
+    def slot_scores(self, s):
+        return -s["keys"].float().norm(dim=-1)
+
+    def fast_path_refusal(self):
+        return None   # a static score: both decoding policies run on the slots
+
+
+@register_method
+@dataclass
 class DynamicKV(DecodePolicy, KVMethod):
     """DynamicKV (Zhou et al., arXiv 2412.14838; DreamMr/DynamicKV, `dynamic_v11`): task-aware per-layer budgets.
 

@@ -209,7 +209,8 @@ class KVMethod:
     # -- the fast decode path (fast_decode.StaticDecoder): the same decisions over a fixed number of slots ----------
     # A method gives either `slot_scores` (the decoder keeps the top budget by them, as `select` does) or its own
     # `slot_step`. Both run inside the captured step: tensor code only, no host syncs. `s` holds the layer's slots
-    # (present, valid, bias, pos: (B, H_kv, N)), its per-slot `state`, its `layer_args`, the step's `consts`, the new
+    # (present, valid, bias, pos: (B, H_kv, N); keys (B, H_kv, N, D)), its per-slot `state`, its `layer_args`, the
+    # step's `consts`, the new
     # entry's `slot` (B, H_kv, 1), `seen`, `cur`, `tok`, `counts`, `h`, `k`, `v`, `evict` and, after attention,
     # `probs` (B, H_kv, group, N) when the method wants them.
     def fast_path_refusal(self) -> str | None:

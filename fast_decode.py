@@ -223,7 +223,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     m = c["method"]
     s = {"present": present, "valid": valid, "bias": bias, "pos": pos, "state": st, "layer_args": la, "consts": c,
          "slot": slot, "seen": seen, "cur": cur, "tok": tok, "counts": counts, "h": h, "k": k, "v": v,
-         "evict": evict}
+         "keys": K, "evict": evict}
     # the method's work before attention (ATSKV: the new entry's running statistic, which a step that does not
     # evict accumulates inside decode_attention); probs: the step's attention, for methods that score with it
     acc = m.slot_before_attention(s) if kind == "method" else None

@@ -9,7 +9,7 @@ from baselines import DynamicKV, hybrid_select, largest_remainder, rocketkv_para
 from cache_framework import _PENDING
 from sparse_kv_cache import CompressedCache, KVCacheFactory, cache_nbytes
 
-METHODS = ["sliding_window", "snapkv", "h2o", "pyramidkv", "dynamic_kv", "rocket_kv"]
+METHODS = ["sliding_window", "snapkv", "h2o", "pyramidkv", "dynamic_kv", "rocket_kv", "knorm"]
 
 
 def test_rocketkv_budget_split_matches_the_worked_example():
@@ -248,6 +248,18 @@ def test_sliding_window_keeps_the_same_entries_as_kvpress_streamingllmpress(mode
     ev.forward_chunked(model, ours, needle_ids, min(chunk, L))
     for l, heads in enumerate(ref):
         assert all(len(h) == kept for h in heads)
+        assert [set(p.tolist()) for p in ours.layers[l].positions[0]] == heads, l
+
+
+def test_knorm_keeps_the_same_entries_as_kvpress_knormpress(model, needle_ids):
+    """The lowest key norms, in one prefill pass as kvpress compresses. (Chunked, the keys of layers after the first
+    depend on what earlier chunks kept, so there is no one-pass reference to hold it to.)"""
+    import kvpress
+    L, kept = needle_ids.shape[1], 150
+    ref = kvpress_kept_positions(model, needle_ids, kvpress.KnormPress(kvpress_ratio(L, kept)))
+    ours = KVCacheFactory.create("knorm", model, budget=kept)
+    ev.forward_chunked(model, ours, needle_ids, L)
+    for l, heads in enumerate(ref):
         assert [set(p.tolist()) for p in ours.layers[l].positions[0]] == heads, l
 
 

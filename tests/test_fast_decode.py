@@ -39,15 +39,17 @@ def prompt(tokenizer):
     return torch.tensor([c + q])
 
 
-@pytest.mark.parametrize("method", ["full", "sliding_window", "snapkv", "pyramidkv", "h2o", "dynamic_kv", "atskv"])
+@pytest.mark.parametrize("method", ["full", "sliding_window", "snapkv", "pyramidkv", "h2o", "dynamic_kv", "atskv",
+                                    "knorm", 'knorm[decode="hold"]'])
 def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_plain_path(model, tokenizer,
                                                                                            prompt, method):
     ids = prompt.expand(2, -1)  # batch 2
     budget = 96
-    plain = KVCacheFactory.create(method, model, budget=budget, tokenizer=tokenizer)
+    method, params = KVCacheFactory.parse_spec(method)
+    plain = KVCacheFactory.create(method, model, budget=budget, tokenizer=tokenizer, **params)
     want = plain_decode(model, plain, ids, N_STEPS)
 
-    cache = KVCacheFactory.create(method, model, budget=budget, tokenizer=tokenizer)
+    cache = KVCacheFactory.create(method, model, budget=budget, tokenizer=tokenizer, **params)
     logits = ev.forward_chunked(model, cache, ids, chunk=128)
     dec = StaticDecoder.from_cache(model, method, cache, ids.shape[1], N_STEPS)
     got = dec.generate(logits.argmax(-1), N_STEPS + 1)
