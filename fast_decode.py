@@ -31,6 +31,9 @@ from cache_framework import put
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
 
+# the decoder layers the lean step re-implements: RMSNorm, RoPE (Llama-3's scaling included: the model's own rotary
+# embedding computes cos and sin), GQA with optional q/k/v biases (Qwen2) and per-head q/k norms (Qwen3), SwiGLU
+FAST_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
 # Free slots are hidden by a per-slot bias added to the scaled logits (decode_attention): 0 for a stored entry,
 # HIDDEN for a free (or padding) slot: exp() of it is 0.
@@ -73,12 +76,16 @@ def check_fast_model(model) -> None:
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     cfg = model.config.get_text_config(decoder=True)
     layer = base.layers[0] if base is not None and hasattr(base, "layers") else None
-    ok = layer is not None and all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
-        and all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) \
+    ok = type(model).__name__ in FAST_MODELS and layer is not None \
         and getattr(cfg, "hidden_act", "silu") == "silu" and hasattr(base, "rotary_emb")
     if not ok:
-        raise UserError(f"the fast decode path supports Llama-architecture models (Llama, Mistral, Qwen2, SmolLM); "
-                        f"{type(model).__name__} is not one: use the plain path")
+        raise UserError(f"the fast decode path supports {', '.join(FAST_MODELS)}; {type(model).__name__} is not "
+                        f"one of them: use the plain path")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and \
+            any(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or ["sliding_attention"]):
+        raise UserError(f"the fast decode path attends over every stored entry; this {type(model).__name__} uses "
+                        f"sliding-window attention ({window} tokens): use the plain path")
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
         raise UserError(f"the fast decode path runs on one device; the model sits on {sorted(map(str, devices))}")
@@ -99,7 +106,8 @@ class LeanWeights:
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.layers.append({
+            qk_norm = (a.q_norm.weight, a.k_norm.weight, a.q_norm.variance_epsilon) if hasattr(a, "q_norm") else None
+            self.layers.append({"qk_norm": qk_norm,
                 "ln1": layer.input_layernorm.weight, "eps1": layer.input_layernorm.variance_epsilon,
                 "ln2": layer.post_attention_layernorm.weight, "eps2": layer.post_attention_layernorm.variance_epsilon,
                 "wqkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), "bqkv": bias,
@@ -121,15 +129,18 @@ def rms_norm(x, w, eps):
     return w * h.to(x.dtype)
 
 
-def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
-    """x (B, hidden): RMSNorm, q/k/v, RoPE of k. Returns the normed input h, the query (B, H_kv, G, D) not yet
-    rotated (decode_attention rotates it: in the kernel on CUDA), k and v (B, H_kv, D)."""
+def pre_attention(x, ln, eps, wqkv, bqkv, cos, sin, n_heads: int, n_kv: int, head_dim: int, qk_norm=None):
+    """x (B, hidden): RMSNorm, q/k/v (with Qwen3's per-head RMSNorm of q and k: qk_norm = (q weight, k weight,
+    eps)), RoPE of k. Returns the normed input h, the query (B, H_kv, G, D) not yet rotated (decode_attention rotates
+    it: in the kernel on CUDA), k and v (B, H_kv, D)."""
     B = x.shape[0]
     h = rms_norm(x, ln, eps)
     qkv = skinny_gemm.linear(h, wqkv, bqkv)
     q = qkv[:, : n_heads * head_dim].view(B, n_kv, n_heads // n_kv, head_dim)
     k = qkv[:, n_heads * head_dim: (n_heads + n_kv) * head_dim].view(B, n_kv, head_dim)
     v = qkv[:, (n_heads + n_kv) * head_dim:].view(B, n_kv, head_dim)
+    if qk_norm is not None:
+        q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
     return h, q, rope(k, cos, sin), v
 
 
@@ -212,7 +223,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     scheduled evictions (evict_every)."""
     D = c["head_dim"]
     h, q, k, v = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, c["n_heads"], c["n_kv"],
-                               D)
+                               D, lw["qk_norm"])
     if kind == "full":   # nothing is evicted: slot i holds position i (a search over the slots would cost a kernel)
         slot = cur.clamp(max=K.shape[2] - 1)[:, None, None].expand(k.shape[0], k.shape[1], 1)
     elif "queue" in st:   # evict_every > 1 (atskv and its bare step): the slots listed by the last eviction

@@ -1,0 +1,80 @@
+"""The fast decode path on each architecture it supports (Llama with Llama-3's rope scaling, Mistral, Qwen2 with q/k/v
+biases, Qwen3 with per-head q/k norms): tiny random models in fp32, the same tokens and kept entries as the plain
+path (the full cache, and H2O: a method that scores with the step's attention)."""
+import pytest
+import torch
+
+import evaluation as ev
+from fast_decode import StaticDecoder, check_fast_model
+from sparse_kv_cache import KVCacheFactory
+from utils import UserError
+
+N_STEPS = 8
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+def tiny(arch: str):
+    import transformers as tf
+    cfg = {"llama3": lambda: tf.LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                  "original_max_position_embeddings": 128}),
+           "mistral": lambda: tf.MistralConfig(**TINY, sliding_window=None),
+           "qwen2": lambda: tf.Qwen2Config(**TINY),
+           "qwen3": lambda: tf.Qwen3Config(**TINY, head_dim=16)}[arch]()
+    model_cls = {"llama3": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+                 "qwen3": tf.Qwen3ForCausalLM}[arch]
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    if arch == "qwen3":   # random norms, so that a step that skipped them could not pass
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.data = 0.5 + torch.rand_like(norm.weight)
+    return model
+
+
+def plain_decode(model, cache, ids, n_steps):
+    logits = ev.forward_chunked(model, cache, ids, chunk=64)
+    toks = [logits.argmax(-1)]
+    pos = ids.shape[1]
+    for _ in range(n_steps):
+        p = torch.tensor([pos])
+        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(ids.shape[0], -1))
+        toks.append(out.logits[:, -1].argmax(-1))
+        pos += 1
+    return torch.stack(toks, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["full", "h2o"])   # the step is shared; the methods are tested on Llama
+def test_fast_path_decodes_each_architecture_as_the_plain_path(arch, method):
+    model = tiny(arch)
+    ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = KVCacheFactory.create(method, model, budget=48)
+        want = plain_decode(model, plain, ids, N_STEPS)
+        cache = KVCacheFactory.create(method, model, budget=48)
+        logits = ev.forward_chunked(model, cache, ids, chunk=64)
+        dec = StaticDecoder.from_cache(model, method, cache, ids.shape[1], N_STEPS)
+        got = dec.generate(logits.argmax(-1), N_STEPS + 1)
+    assert torch.equal(got, want)
+    if method != "full":
+        for layer, sl in zip(plain.layers, dec.slots):
+            fast = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.pos, sl.present)]
+            assert fast == [[sorted(r.tolist()) for r in b] for b in layer.positions]
+
+
+def test_a_model_with_sliding_window_attention_is_refused_by_the_fast_path_with_the_reason():
+    import transformers as tf
+    model = tf.MistralForCausalLM(tf.MistralConfig(**TINY, sliding_window=128))
+    with pytest.raises(UserError, match="sliding-window attention \\(128 tokens\\): use the plain path"):
+        check_fast_model(model)
+
+
+def test_an_architecture_the_fast_path_does_not_implement_is_refused_naming_the_supported_ones():
+    import transformers as tf
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UserError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                        "Qwen3ForCausalLM; GPT2LMHeadModel is not one of them"):
+        check_fast_model(model)
