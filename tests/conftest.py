@@ -39,3 +39,25 @@ def run_main(capsys):
         err = capsys.readouterr().err
         return code, [ln for ln in err.strip().splitlines() if ln.strip()]
     return run
+
+
+def greedy_plain_decode(model, cache, ids, n_steps, chunk=128):
+    """The plain loop: a chunked prefill, then greedy steps through HF's forward. Returns tokens (B, n_steps + 1)."""
+    import torch
+    import evaluation as ev
+    logits = ev.forward_chunked(model, cache, ids, chunk=chunk)
+    toks = [logits.argmax(-1)]
+    pos = ids.shape[1]
+    for _ in range(n_steps):
+        p = torch.tensor([pos], device=ids.device)
+        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                    position_ids=p[None].expand(ids.shape[0], -1))
+        toks.append(out.logits[:, -1].argmax(-1))
+        pos += 1
+    return torch.stack(toks, 1)
+
+
+@pytest.fixture
+def plain_decode():
+    """`plain_decode(model, cache, ids, n_steps, chunk=128)`: the plain path's tokens, the fast path's reference."""
+    return greedy_plain_decode

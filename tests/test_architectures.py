@@ -33,27 +33,14 @@ def tiny(arch: str):
     return model
 
 
-def plain_decode(model, cache, ids, n_steps):
-    logits = ev.forward_chunked(model, cache, ids, chunk=64)
-    toks = [logits.argmax(-1)]
-    pos = ids.shape[1]
-    for _ in range(n_steps):
-        p = torch.tensor([pos])
-        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                    position_ids=p[None].expand(ids.shape[0], -1))
-        toks.append(out.logits[:, -1].argmax(-1))
-        pos += 1
-    return torch.stack(toks, 1)
-
-
 @pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("method", ["full", "h2o"])   # the step is shared; the methods are tested on Llama
-def test_fast_path_decodes_each_architecture_as_the_plain_path(arch, method):
+def test_fast_path_decodes_each_architecture_as_the_plain_path(arch, method, plain_decode):
     model = tiny(arch)
     ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = KVCacheFactory.create(method, model, budget=48)
-        want = plain_decode(model, plain, ids, N_STEPS)
+        want = plain_decode(model, plain, ids, N_STEPS, chunk=64)
         cache = KVCacheFactory.create(method, model, budget=48)
         logits = ev.forward_chunked(model, cache, ids, chunk=64)
         dec = StaticDecoder.from_cache(model, method, cache, ids.shape[1], N_STEPS)

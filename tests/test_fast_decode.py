@@ -14,20 +14,6 @@ from utils import UserError
 N_STEPS = 12
 
 
-def plain_decode(model, cache, ids, n_steps):
-    """The plain loop: prefill, then greedy steps through HF's forward. Returns tokens (B, n_steps + 1)."""
-    logits = ev.forward_chunked(model, cache, ids, chunk=128)
-    toks = [logits.argmax(-1)]
-    pos = ids.shape[1]
-    for _ in range(n_steps):
-        p = torch.tensor([pos])
-        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                    position_ids=p[None].expand(ids.shape[0], -1))
-        toks.append(out.logits[:, -1].argmax(-1))
-        pos += 1
-    return torch.stack(toks, 1)
-
-
 def kept_positions(positions_bhs):
     return [[sorted(row.tolist()) for row in b] for b in positions_bhs]
 
@@ -41,8 +27,8 @@ def prompt(tokenizer):
 
 @pytest.mark.parametrize("method", ["full", "sliding_window", "snapkv", "pyramidkv", "h2o", "dynamic_kv", "atskv",
                                     "knorm", 'knorm[decode="hold"]'])
-def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_plain_path(model, tokenizer,
-                                                                                           prompt, method):
+def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_plain_path(
+        model, tokenizer, prompt, method, plain_decode):
     ids = prompt.expand(2, -1)  # batch 2
     budget = 96
     method, params = KVCacheFactory.parse_spec(method)
@@ -242,8 +228,8 @@ def toy_method():
     del METHODS[KeepEvenPositions.name]
 
 
-def test_a_method_defined_in_a_test_file_alone_decodes_the_same_on_the_plain_and_the_fast_path(model, tokenizer,
-                                                                                                 prompt, toy_method):
+def test_a_method_defined_in_a_test_file_alone_decodes_the_same_on_the_plain_and_the_fast_path(
+        model, tokenizer, prompt, toy_method, plain_decode):
     ids = prompt.expand(2, -1)
     plain = KVCacheFactory.create(toy_method, model, budget=96, tokenizer=tokenizer)
     want = plain_decode(model, plain, ids, N_STEPS)

@@ -27,29 +27,16 @@ def prompt(cuda_model):
     return torch.tensor([c + q], device="cuda").expand(2, -1)
 
 
-def plain_decode(model, cache, ids, n_steps):
-    logits = ev.forward_chunked(model, cache, ids, chunk=256)
-    toks = [logits.argmax(-1)]
-    pos = ids.shape[1]
-    for _ in range(n_steps):
-        p = torch.tensor([pos], device=ids.device)
-        out = model(input_ids=toks[-1][:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                    position_ids=p[None].expand(ids.shape[0], -1))
-        toks.append(out.logits[:, -1].argmax(-1))
-        pos += 1
-    return torch.stack(toks, 1)
-
-
 @pytest.mark.parametrize("method,compile,params,kernel", [
     ("full", False, {}, True), ("sliding_window", False, {}, True), ("h2o", False, {}, True), ("atskv", False, {}, True),
     ("full", True, {}, True), ("atskv", True, {}, True), ("atskv", False, {"evict_every": 4}, True),
     ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False)])
-def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(cuda_model, prompt, method,
-                                                                                   compile, params, kernel):
+def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(
+        cuda_model, prompt, method, compile, params, kernel, plain_decode):
     """kernel: the Triton decode attention where Triton is there (False: the SDPA / matmul reference)."""
     model, tok = cuda_model
     plain = KVCacheFactory.create(method, model, budget=128, tokenizer=tok, **params)
-    want = plain_decode(model, plain, prompt, N_STEPS)
+    want = plain_decode(model, plain, prompt, N_STEPS, chunk=256)
     cache = KVCacheFactory.create(method, model, budget=128, tokenizer=tok, **params)
     logits = ev.forward_chunked(model, cache, prompt, chunk=256)
     dec = StaticDecoder.from_cache(model, method, cache, prompt.shape[1], N_STEPS, compile=compile,
