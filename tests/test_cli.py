@@ -139,29 +139,31 @@ def test_resume_after_a_kill_runs_no_cell_twice_and_loses_none(tmp_path):
     assert [r["cell"] for r in recs[:len(first)]] == [r["cell"] for r in first]
 
 
-def test_corrupt_last_line_is_ignored_with_a_warning(tmp_path):
+def test_corrupt_last_line_is_ignored_with_a_warning(tmp_path, run_main):
     out = tmp_path / "o"
-    assert cli("--output_dir", str(out), *TINY).returncode == 0
+    assert run_main("--output_dir", out, *TINY)[0] == 0
     with open(out / "results.jsonl", "a") as f:
         f.write('{"cell": "abc", "status": "o')  # a crash mid-write
-    proc = cli("--output_dir", str(out), *TINY)
-    assert proc.returncode == 0 and "ignoring corrupt line 4" in proc.stderr
-    rep = cli("--report_only", "--output_dir", str(out))
-    assert rep.returncode == 0 and "3 finished" in (out / "results.md").read_text()
+    code, err = run_main("--output_dir", out, *TINY)
+    assert code == 0 and any("ignoring corrupt line 4" in line for line in err)
+    assert run_main("--report_only", "--output_dir", out)[0] == 0
+    assert "3 finished" in (out / "results.md").read_text()
 
 
-def test_injected_out_of_memory_in_one_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_injected_out_of_memory_in_one_cell_is_recorded_and_the_sweep_goes_on(tmp_path, run_main, monkeypatch):
     out = tmp_path / "o"
-    proc = cli("--output_dir", str(out), *TINY, env={"ATSKV_INJECT_FAULT": "oom:sliding_window|0.5|"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setenv("ATSKV_INJECT_FAULT", "oom:sliding_window|0.5|")
+    code, err = run_main("--output_dir", out, *TINY)
+    assert code == 0, err[-20:]
+    monkeypatch.delenv("ATSKV_INJECT_FAULT")
     recs = {(r["method"], r["budget"]): r for r in _records(out)}
     assert recs[("sliding_window", 0.5)]["status"] == "error"
     assert "OutOfMemoryError" in recs[("sliding_window", 0.5)]["error"]
     assert recs[("full", None)]["status"] == "ok" and recs[("sliding_window", 0.25)]["status"] == "ok"
     assert "Failed cells" in (out / "results.md").read_text()
     # a rerun retries only the failed cell
-    proc = cli("--output_dir", str(out), *TINY)
-    assert "2 already finished, 1 to run" in proc.stderr
+    code, err = run_main("--output_dir", out, *TINY)
+    assert code == 0 and any("2 already finished, 1 to run" in line for line in err)
     assert len(_records(out)) == 4
 
 
@@ -173,19 +175,19 @@ def test_injected_nan_is_recorded(tmp_path):
     assert rec["status"] == "error" and "NaN" in rec["error"]
 
 
-def test_same_command_and_seed_give_the_same_results_apart_from_timings(tmp_path):
+def test_same_command_and_seed_give_the_same_results_apart_from_timings(tmp_path, run_main):
     timing = {"time", "wall_s", "prefill_s", "decode_ms_per_token", "timing_probe", "command"}   # command: the dir
     runs = []
     for i in range(2):
         out = tmp_path / f"o{i}"
-        assert cli("--output_dir", str(out), *TINY[:-4], "--methods", "sliding_window", "--budgets", "0.25").returncode == 0
+        assert run_main("--output_dir", out, *TINY[:-4], "--methods", "sliding_window", "--budgets", "0.25")[0] == 0
         runs.append([{k: v for k, v in r.items() if k not in timing} for r in _records(out)])
     assert runs[0] == runs[1]
 
 
-def test_report_only_needs_no_model_and_rebuilds_results_md(tmp_path):
+def test_report_only_needs_no_model_and_rebuilds_results_md(tmp_path, run_main):
     out = tmp_path / "o"
-    assert cli("--output_dir", str(out), *TINY).returncode == 0
+    assert run_main("--output_dir", out, *TINY)[0] == 0
     (out / "results.md").unlink()
     proc = cli("--report_only", "--output_dir", str(out), env={"ATSKV_CACHE": str(tmp_path / "nocache")})
     assert proc.returncode == 0 and (out / "results.md").exists()

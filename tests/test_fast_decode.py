@@ -26,7 +26,7 @@ def prompt(tokenizer):
 
 
 @pytest.mark.parametrize("method", ["full", "sliding_window", "snapkv", "pyramidkv", "h2o", "dynamic_kv", "atskv",
-                                    "knorm", 'knorm[decode="hold"]'])
+                                    'knorm[decode="hold"]'])   # knorm under grow runs as snapkv's grow does
 def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_plain_path(
         model, tokenizer, prompt, method, plain_decode):
     ids = prompt.expand(2, -1)  # batch 2
