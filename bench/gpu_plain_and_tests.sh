@@ -19,4 +19,4 @@ done
 tar czf $OUT/gpu_results.tgz -C $R .
 [ "${PROFILE:-0}" = 1 ] && python bench/profile_plain.py "$M" 8192 --use_fp16 2>&1 | tail -60 > $OUT/profile_bf16.log
 [ "${GPU_TESTS:-1}" = 1 ] || exit 0
-timeout ${GPU_TEST_TIMEOUT:-300} python -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 | tee $OUT/test_gpu.log
+timeout ${GPU_TEST_TIMEOUT:-420} python -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 | tee $OUT/test_gpu.log
