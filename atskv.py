@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, put,
+from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              repeat_heads, window_attention)
-from external_memory import PassiveStore, attention_lse, merge_attention
+from external_memory import PassiveStore, attention_lse, max_pool_positions, merge_attention
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -376,8 +376,7 @@ class ATSKV(KVMethod):
         if self.recall_shared:
             dense = dense.sum(1, keepdim=True).expand(B, Hkv, T)
         if self.recall_span > 1:
-            dense = F.max_pool1d(dense.reshape(B * Hkv, 1, T), self.recall_span, 1, self.recall_span // 2)
-            dense = dense[..., :T].reshape(B, Hkv, T)
+            dense = max_pool_positions(dense, self.recall_span)
         dense = dense.clone()
         dense[..., :self.n_sink] = -1.0                                   # protected anyway
         dense[..., max(0, T - max(q, self.recent_tokens(layer.budget()))):] = -1.0
@@ -469,8 +468,7 @@ class ATSKV(KVMethod):
         (evict_every's schedule), this step's attention statistics, every entry re-scored and the threshold
         controller's decision (`controller_keep`), keeping at most layer_args["keep"] entries. On CUDA the eviction
         kernels also hide the freed slots in the bias and list the next free ones in the queue; returns True then."""
-        from fast_decode import protection
-        from kernels import evict_kernels
+        from kernels import evict_kernels   # here, not at import: Triton loads only for the fast path
         st, la, c, slot = s["state"], s["layer_args"], s["consts"], s["slot"]
         present, valid, pos, seen, co = s["present"], s["valid"], s["pos"], s["seen"], la["co"]
         B, H = s["k"].shape[:2]

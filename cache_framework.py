@@ -70,7 +70,18 @@ def atskv_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     return layer.attend(module, query, key, value, attention_mask, scaling), None
 
 
-AttentionInterface.register(ATTN_IMPL, atskv_attention)
+def registered_attention():
+    """What is registered as our attention. NVIDIA kvpress wraps every attention function registered when it is
+    imported with its masking patch (presses that give heads different budgets, AdaKV or KVzip, mask the keys they
+    drop); imported before us, it could not wrap ours, so it is wrapped here the same way."""
+    import sys
+    if "kvpress" in sys.modules:
+        from kvpress.attention_patch import attention_patch
+        return attention_patch(atskv_attention)
+    return atskv_attention
+
+
+AttentionInterface.register(ATTN_IMPL, registered_attention())
 AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
@@ -130,6 +141,11 @@ def put(t, slot, value):
     b = torch.arange(B, device=t.device)[:, None].expand(B, H)
     h = torch.arange(H, device=t.device)[None].expand(B, H)
     t.index_put_((b, h, slot[..., 0]), value)
+
+
+def protection(present, pos, seen, n_sink: int, n_recent):
+    """Entries never evicted: the first n_sink positions and the last n_recent seen (KVMethod.protected)."""
+    return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
 
 
 def window_attention(query, keys, valid, n_new, scaling, window, q_new_idx=None):
@@ -210,9 +226,8 @@ class KVMethod:
     # A method gives either `slot_scores` (the decoder keeps the top budget by them, as `select` does) or its own
     # `slot_step`. Both run inside the captured step: tensor code only, no host syncs. `s` holds the layer's slots
     # (present, valid, bias, pos: (B, H_kv, N); keys (B, H_kv, N, D)), its per-slot `state`, its `layer_args`, the
-    # step's `consts`, the new
-    # entry's `slot` (B, H_kv, 1), `seen`, `cur`, `tok`, `counts`, `h`, `k`, `v`, `evict` and, after attention,
-    # `probs` (B, H_kv, group, N) when the method wants them.
+    # step's `consts`, the new entry's `slot` (B, H_kv, 1), `seen`, `cur`, `tok`, `counts`, `h`, `k`, `v`, `evict`
+    # and, after attention, `probs` (B, H_kv, group, N) when the method wants them.
     def fast_path_refusal(self) -> str | None:
         """Why this method, with these parameters, has no fast decode path (None: it has one)."""
         if type(self).slot_scores is KVMethod.slot_scores and not self.has_own_slot_step():

@@ -203,8 +203,13 @@ def pooled_by_position(score: torch.Tensor, pos: torch.Tensor, span: int) -> tor
     B, H, _ = score.shape
     T = int(pos.max()) + 1
     dense = torch.zeros((B, H, T), dtype=score.dtype, device=score.device).scatter_(2, pos.to(score.device), score)
-    dense = F.max_pool1d(dense.view(B * H, 1, T), span, 1, span // 2)[..., :T].view(B, H, T)
-    return dense.gather(2, pos.to(score.device))
+    return max_pool_positions(dense, span).gather(2, pos.to(score.device))
+
+
+def max_pool_positions(dense: torch.Tensor, span: int) -> torch.Tensor:
+    """(B, H, T) over positions -> each position's maximum within span // 2 positions of it."""
+    B, H, T = dense.shape
+    return F.max_pool1d(dense.reshape(B * H, 1, T), span, 1, span // 2)[..., :T].reshape(B, H, T)
 
 
 _SIDE_STREAMS: dict = {}

@@ -27,7 +27,7 @@ import torch
 
 from kernels import greedy_kernels, skinny_gemm
 from kernels.decode_attention import decode_attention, kernel_available, rope
-from cache_framework import put
+from cache_framework import protection, put
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -55,7 +55,11 @@ def check_fast_method(name: str, params: dict | None = None) -> None:
         return
     if cls is None or not issubclass(cls, KVMethod):
         raise UserError(f"method {name!r} has no fast decode path; accepted: {', '.join(fast_methods())}")
-    why = cls(**(params or {})).fast_path_refusal()
+    refuse_if(name, cls(**(params or {})).fast_path_refusal())
+
+
+def refuse_if(name: str, why: str | None) -> None:
+    """The one-line error for a method that gives a reason (`KVMethod.fast_path_refusal`) to stay off the fast path."""
     if why:
         raise UserError(f"method {name!r} has no fast decode path ({why}); accepted: {', '.join(fast_methods())}")
 
@@ -179,11 +183,6 @@ def write_entry(K, V, bias, present, valid, pos, k, v, slot, cur):
 def hide_free(bias, present, valid):
     """Refresh the attention bias after an eviction: freed and padding slots are hidden (in place)."""
     bias.copy_(torch.where(present & valid, 0.0, HIDDEN).to(bias.dtype))
-
-
-def protection(present, pos, seen, n_sink: int, n_recent):
-    """Entries never evicted: the first n_sink positions and the last n_recent seen (KVMethod.protected)."""
-    return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
 
 
 def bare_evict(present, pos, keep, n_sink: int, n: int):
@@ -348,10 +347,7 @@ class StaticDecoder:
     def from_cache(cls, model, method: str, cache, start_pos: int, max_steps: int, **kw) -> "StaticDecoder":
         from cache_framework import CompressedCache
         m = getattr(cache, "method", None)
-        why = None if m is None else m.fast_path_refusal()
-        if why:
-            raise UserError(f"method {method!r} has no fast decode path ({why}); accepted: "
-                            f"{', '.join(fast_methods())}")
+        refuse_if(method, None if m is None else m.fast_path_refusal())
         grow = keeps_generated(m)   # the slots then hold the compressed prompt and every generated token
         slots, budget_tokens = [], None
         if hasattr(m, "settle"):   # a method that scores on a schedule scores what is pending first

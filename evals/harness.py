@@ -195,20 +195,8 @@ def make_kvpress(name: str, budget, context_length: int, params: dict | None = N
         raise UserError(f"unknown kvpress press {name!r}; available: {', '.join(sorted(presses))}")
     kept = resolve_budget(budget, context_length) if budget is not None else context_length
     ratio = max(0.0, 1.0 - kept / context_length)
-    masked_attention_everywhere()
     return getattr(kvpress, presses[key])(compression_ratio=ratio, **(params or {}))
 
-
-def masked_attention_everywhere() -> None:
-    """kvpress's presses that give heads different budgets (AdaKV, KVzip, ...) mask entries instead of evicting them:
-    kvpress wraps every attention function registered when it is imported so that masked keys get no weight. Ours is
-    wrapped too if it was registered after that import (else those presses would silently attend to everything)."""
-    from kvpress.attention_patch import attention_patch
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from cache_framework import ATTN_IMPL, atskv_attention
-    if ALL_ATTENTION_FUNCTIONS.get(ATTN_IMPL) is atskv_attention:
-        ALL_ATTENTION_FUNCTIONS[ATTN_IMPL] = attention_patch(atskv_attention)
 
 
 def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,

@@ -41,8 +41,7 @@ def tasks_for(bench: str, args, opts: dict) -> list[str]:
 def with_cli_defaults(method: str, params: dict, args) -> dict:
     """A method's parameters with --external_memory and --passive_limit applied where the method has them and the
     spec did not set them."""
-    from sparse_kv_cache import method_params
-    from sparse_kv_cache import KVCacheFactory
+    from sparse_kv_cache import KVCacheFactory, method_params
     fields = method_params(method) if method in KVCacheFactory.known_methods() else {}
     out = dict(params)
     if args.external_memory and "external_memory" in fields:
