@@ -188,5 +188,7 @@ def test_compression_works_with_layers_split_between_the_gpu_and_the_cpu(cuda_mo
         if method != "full" and m is split:
             devices = {str(layer.keys.device) for layer in cache.layers}
             assert devices == {"cuda:0", "cpu"}
-            assert all(layer.stored_length() <= cache.layer_budget(i) for i, layer in enumerate(cache.layers))
+            # decode='grow' (snapkv's and dynamic_kv's default, as their papers) keeps the question and the answer
+            grown = len(q) + 10 if getattr(cache.method, "decode", None) == "grow" else 0
+            assert all(layer.stored_length() <= cache.layer_budget(i) + grown for i, layer in enumerate(cache.layers))
     assert preds[0] == preds[1]
