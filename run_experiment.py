@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
       "pyramidkv, dynamic_kv, h2o, atskv without external memory)")
     a("--device_map", default=None, help="accelerate device map for models larger than one GPU: auto, balanced, "
       "sequential (the plain path; compression runs on each layer's device)")
+    a("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="run the sweep's cells on Ray "
+      "workers, one model per worker: --ray alone starts a local Ray cluster on this machine's GPUs (its CPUs when "
+      "it has none); --ray ADDRESS joins a running one (e.g. started by `ray start` on SLURM nodes; they need this "
+      "checkout at the same path and its requirements)")
+    a("--gpus_per_cell", type=float, default=1.0, help="--ray: GPUs a worker takes; a fraction shares a GPU "
+      "(0.25: four workers on one)")
+    a("--cpus_per_cell", type=float, default=1.0, help="--ray: CPUs a worker takes (its torch threads on a "
+      "CPU-only cluster)")
+    a("--ray_workers", type=int, default=None, help="--ray: at most this many workers (default: as many as fit)")
     a("--use_api", action="store_true", help="run a hosted model instead of a local one: methods full (the whole "
       "prompt) and atskv (the prompt compressed to the budget with the local model's relevance predictor); the key "
       "comes from ANTHROPIC_API_KEY / OPENAI_API_KEY")
@@ -205,6 +214,15 @@ def validate(args) -> dict:
         check_data_dir(args.data_dir, [b for b in benchmarks if b != "synthetic"])
     check_model_name(args.model_name)
     check_writable(args.output_dir)
+    if args.ray is not None:
+        if args.use_api:
+            raise UserError("--ray runs local models; with --use_api the hosted model's requests already run "
+                            "concurrently (--api_concurrency)")
+        if not args.gpus_per_cell > 0 or not args.cpus_per_cell > 0:
+            raise UserError(f"--gpus_per_cell {args.gpus_per_cell} and --cpus_per_cell {args.cpus_per_cell}: "
+                            f"accepted are numbers > 0 (fractions share a device)")
+        if args.ray_workers is not None and args.ray_workers < 1:
+            raise UserError(f"--ray_workers {args.ray_workers}: accepted are whole numbers >= 1")
     if args.use_api:
         import api_models
         api_models.api_key(api_models.provider_for(args.api_model))  # a missing key fails here, before any work

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from evals.records import cell_key, command_line, environment_info, finished_keys, write_report
-from utils import UserError, append_jsonl, read_jsonl
+from evals.cells import (cell_name, cell_samples, load_for_sweep, mark_unavailable, run_cell,
+                         skip_benchmark)
+from evals.records import cell_key, command_line, finished_keys, write_report
+from utils import UserError, append_jsonl
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -81,15 +82,7 @@ def plan_cells(args, opts: dict) -> list[dict]:
 
 
 def run_sweep(args, opts: dict) -> int:
-    import torch
-    from tqdm import tqdm
-
     import evals.real_benchmarks as real
-    import evals.speed as speed
-    import evals.synthetic as synthetic
-    from evals.harness import evaluate_synthetic_cell
-    from utils import load_model_and_tokenizer, model_max_length, set_seed
-
     out_dir = Path(args.output_dir)
     results_path = out_dir / "results.jsonl"
     if args.overwrite and results_path.exists():
@@ -106,77 +99,42 @@ def run_sweep(args, opts: dict) -> int:
     if not todo:
         write_report(out_dir, args)
         return nothing_ran(opts, cells)
-    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16,
-                                          device_map=args.device_map)
-    limit = model_max_length(model)
-    for s in opts["sizes"]:
-        if limit and s > limit:
-            raise UserError(f"context size {s} exceeds the model's limit of {limit} tokens")
-    env = environment_info(model, args.model_name)
-    fault = os.environ.get("ATSKV_INJECT_FAULT", "")  # testing hook: "oom:<substring of the cell's name>"
-    interrupted = False
-    samples_cache: dict = {}
-    unavailable: set[str] = set()
-    bar = tqdm(todo, desc="sweep", unit="cell", file=sys.stderr)
+    unavailable: set[str] = set()   # benchmarks that could not be loaded: skipped, said why, the rest runs
     stop_on_sigterm()
-    try:  # Ctrl-C or SIGTERM anywhere in the loop (not only inside a cell) still ends with the report written
-        for cell in bar:
-            budget = "100%" if cell["budget"] is None else cell["budget"]
-            name = f"{cell['method']}|{budget}|{cell['task']}|{cell['context_size']}"
-            bar.set_postfix_str(name)
-            bench = cell["benchmark"]
-            if bench in unavailable:
-                continue
-            set_seed(args.seed)
-            key = (bench, cell["task"], cell["context_size"] if bench == "synthetic" else 0)
-            if key not in samples_cache:
-                try:
-                    samples_cache[key] = synthetic.synthetic_samples(
-                        tok, cell["task"], cell["context_size"], args.num_samples, args.seed,
-                        haystack_dir=args.haystack_dir) if bench == "synthetic" else \
-                        real.real_samples(bench, cell["task"], args.data_dir, args.num_samples)
-                except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
-                    unavailable.add(bench)
-                    skip_benchmark(results_path, bench, str(e))
-                    print(f"\n[atskv] skipping {bench}: {e}", file=sys.stderr)
-                    continue
-            inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
-            record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "timing_probe": speed.timing_probe(model.device), "command": command_line()}
-            t0 = time.perf_counter()
-            try:
-                if args.use_api:
-                    record.update(run_api_cell(args, cell, samples_cache[key], limit, (model, tok), results_path))
-                    where = f" at {args.api_base_url}" if args.api_base_url else ""
-                    record["env"] = {"device": "api",
-                                     "hardware": f"{cell['model']} via {api_client(args).provider} API{where}"}
-                elif bench == "synthetic":
-                    record.update(evaluate_synthetic_cell(
-                        model, tok, cell["base_method"], cell["budget"], samples_cache[key], cell["eval_mode"],
-                        cell["prefill_chunk"], cell["params"], fault=inject, fast=cell.get("fast_decode", False)))
-                else:
-                    record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
-                    record.update(real.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"],
-                                                        samples_cache[key], cell["eval_mode"], cell["prefill_chunk"],
-                                                        record["max_prompt_tokens"], cell["params"], fault=inject,
-                                                        fast=cell.get("fast_decode", False)))
-                record.setdefault("status", "ok")
-            except Exception as e:  # a fault inside one cell is recorded there; the sweep goes on
-                record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)",
-                      file=sys.stderr)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            record["wall_s"] = time.perf_counter() - t0
-            append_jsonl(results_path, record)
+    try:  # Ctrl-C or SIGTERM anywhere (not only inside a cell) still ends with the report written
+        if args.ray is not None:
+            from evals.ray_sweep import run_on_ray
+            run_on_ray(args, opts, todo, results_path, unavailable)
+        else:
+            run_serially(args, opts, todo, results_path, unavailable)
+        interrupted = 0
     except KeyboardInterrupt as e:
         interrupted = 143 if isinstance(e, Terminated) else 130
-    bar.close()
     write_report(out_dir, args)
     if interrupted:
         print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
         return interrupted
     return nothing_ran(opts, cells, unavailable)
+
+
+def run_serially(args, opts: dict, todo: list[dict], results_path: Path, unavailable: set[str]) -> None:
+    """The cells one after another in this process, each appended to results.jsonl as it finishes."""
+    from tqdm import tqdm
+    model, tok, limit, env = load_for_sweep(args, opts["sizes"])
+    fault = os.environ.get("ATSKV_INJECT_FAULT", "")  # testing hook: "oom:<substring of the cell's name>"
+    samples_cache: dict = {}
+    with tqdm(todo, desc="sweep", unit="cell", file=sys.stderr) as bar:
+        for cell in bar:
+            bar.set_postfix_str(cell_name(cell))
+            if cell["benchmark"] in unavailable:
+                continue
+            try:
+                samples = cell_samples(tok, args, cell, samples_cache)
+            except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
+                mark_unavailable(results_path, cell["benchmark"], str(e), unavailable)
+                continue
+            append_jsonl(results_path, run_cell(model, tok, args, cell, samples, env, limit, fault, command_line(),
+                                                results_path))
 
 
 class Terminated(KeyboardInterrupt):
@@ -189,50 +147,6 @@ def stop_on_sigterm() -> None:
     def handler(signum, frame):
         raise Terminated()
     signal.signal(signal.SIGTERM, handler)
-
-
-def max_prompt_tokens(cell: dict, limit: int | None) -> int:
-    """A LongBench / ZeroSCROLLS prompt's truncation length: the cell's context size, so far as the prompt, the chat
-    wrapper and the task's generation still fit in the model's window."""
-    import evals.real_benchmarks as real
-    gen = (real.LONGBENCH_MAX_NEW_TOKENS if cell["benchmark"] == "longbench" else real.ZEROSCROLLS_MAX_NEW_TOKENS)
-    return min(cell["context_size"], (limit or 10 ** 9) - max(gen.get(cell["task"], 0), 1) - 64)
-
-
-_CLIENT = {}
-
-
-def api_client(args):
-    import api_models
-    if "c" not in _CLIENT:
-        _CLIENT["c"] = api_models.APIClient(api_models.APIConfig(
-            args.api_model, args.api_base_url, args.api_timeout, args.api_max_retries, args.api_concurrency))
-    return _CLIENT["c"]
-
-
-def run_api_cell(args, cell: dict, samples, limit, scorer, results_path: Path) -> dict:
-    """One cell through the API; the samples an earlier run of this cell answered are reused, so a rerun asks
-    again only the requests that failed."""
-    import api_models
-    previous = {}
-    for r in read_jsonl(results_path):
-        if r.get("cell") == cell_key(cell):
-            previous.update({s["id"]: s for s in r.get("samples", []) if s.get("status") == "ok"})
-    max_prompt = None if cell["benchmark"] == "synthetic" else max_prompt_tokens(cell, limit)
-    out = api_models.evaluate_api_cell(api_client(args), cell["base_method"], cell["budget"], samples, max_prompt,
-                                       scorer=scorer, tokenizer=scorer[1], previous=previous)
-    if out["status"] != "ok":
-        print(f"\n[atskv] {cell['method']}|{cell['task']}: {out['error']} (recorded; the sweep goes on)",
-              file=sys.stderr)
-    return out
-
-
-def skip_benchmark(results_path: Path, bench: str, reason: str, tasks: list[str] | None = None) -> None:
-    """A skipped benchmark (or some of its tasks) is a record too, so that --report_only can still say what was
-    skipped and why."""
-    append_jsonl(results_path, {"cell": f"skipped:{bench}" + (":" + ",".join(tasks) if tasks else ""),
-                                "status": "skipped", "benchmark": bench, "tasks": tasks, "reason": reason,
-                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:

@@ -1,0 +1,141 @@
+"""One cell of a sweep: its samples, its run and its record, whoever runs it (the serial sweep in evals/sweep.py, a
+Ray worker in evals/ray_sweep.py)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from evals.records import cell_key, environment_info
+from utils import UserError, append_jsonl, read_jsonl
+
+
+def load_for_sweep(args, sizes) -> tuple:
+    """(model, tokenizer, its context limit, env): the model the sweep's cells run on, its sizes checked."""
+    from utils import load_model_and_tokenizer, model_max_length
+    model, tok = load_model_and_tokenizer(args.model_name, device=args.device, use_fp16=args.use_fp16,
+                                          device_map=args.device_map)
+    limit = model_max_length(model)
+    for s in sizes:
+        if limit and s > limit:
+            raise UserError(f"context size {s} exceeds the model's limit of {limit} tokens")
+    return model, tok, limit, environment_info(model, args.model_name)
+
+
+def mark_unavailable(results_path: Path, bench: str, reason: str, unavailable: set[str]) -> None:
+    unavailable.add(bench)
+    skip_benchmark(results_path, bench, reason)
+    print(f"\n[atskv] skipping {bench}: {reason}", file=sys.stderr)
+
+
+def cell_name(cell: dict) -> str:
+    """method|budget|task|context: what the progress bar shows and what ATSKV_INJECT_FAULT's substring matches."""
+    budget = "100%" if cell["budget"] is None else cell["budget"]
+    return f"{cell['method']}|{budget}|{cell['task']}|{cell['context_size']}"
+
+
+def cell_samples(tok, args, cell: dict, samples_cache: dict):
+    """The cell's samples, made once per (benchmark, task, context) and kept in samples_cache; raises UserError
+    when the benchmark cannot be loaded."""
+    import evals.real_benchmarks as real
+    import evals.synthetic as synthetic
+    bench = cell["benchmark"]
+    key = (bench, cell["task"], cell["context_size"] if bench == "synthetic" else 0)
+    if key not in samples_cache:
+        from utils import set_seed
+        set_seed(args.seed)
+        samples_cache[key] = synthetic.synthetic_samples(
+            tok, cell["task"], cell["context_size"], args.num_samples, args.seed,
+            haystack_dir=args.haystack_dir) if bench == "synthetic" else \
+            real.real_samples(bench, cell["task"], args.data_dir, args.num_samples)
+    return samples_cache[key]
+
+
+def run_cell(model, tok, args, cell: dict, samples, env: dict, limit, fault: str, command: str,
+             results_path: Path) -> dict:
+    """One cell's record: its scores, or status "error" with the exception's first line (a fault inside one cell is
+    recorded there; the sweep goes on). The serial sweep and the Ray workers (evals/ray_sweep.py) both run this.
+    fault: ATSKV_INJECT_FAULT, "<kind>:<substring of cell_name>"; kind "kill" ends the process at once (a worker
+    killed mid-sweep), the others are raised inside the cell by the harness."""
+    import torch
+
+    import evals.real_benchmarks as real
+    import evals.speed as speed
+    from evals.harness import evaluate_synthetic_cell
+    from utils import set_seed
+    name = cell_name(cell)
+    inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
+    if inject == "kill":
+        os._exit(137)
+    set_seed(args.seed)
+    record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "timing_probe": speed.timing_probe(model.device), "command": command}
+    t0 = time.perf_counter()
+    try:
+        if args.use_api:
+            record.update(run_api_cell(args, cell, samples, limit, (model, tok), results_path))
+            where = f" at {args.api_base_url}" if args.api_base_url else ""
+            record["env"] = {"device": "api", "hardware": f"{cell['model']} via {api_client(args).provider} API{where}"}
+        elif cell["benchmark"] == "synthetic":
+            record.update(evaluate_synthetic_cell(
+                model, tok, cell["base_method"], cell["budget"], samples, cell["eval_mode"],
+                cell["prefill_chunk"], cell["params"], fault=inject, fast=cell.get("fast_decode", False)))
+        else:
+            record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
+            record.update(real.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"], samples,
+                                                  cell["eval_mode"], cell["prefill_chunk"],
+                                                  record["max_prompt_tokens"], cell["params"], fault=inject,
+                                                  fast=cell.get("fast_decode", False)))
+        record.setdefault("status", "ok")
+    except Exception as e:
+        record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)", file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    record["wall_s"] = time.perf_counter() - t0
+    return record
+
+
+def max_prompt_tokens(cell: dict, limit: int | None) -> int:
+    """A LongBench / ZeroSCROLLS prompt's truncation length: the cell's context size, so far as the prompt, the chat
+    wrapper and the task's generation still fit in the model's window."""
+    import evals.real_benchmarks as real
+    gen = (real.LONGBENCH_MAX_NEW_TOKENS if cell["benchmark"] == "longbench" else real.ZEROSCROLLS_MAX_NEW_TOKENS)
+    return min(cell["context_size"], (limit or 10 ** 9) - max(gen.get(cell["task"], 0), 1) - 64)
+
+
+_CLIENT = {}
+
+
+def api_client(args):
+    import api_models
+    if "c" not in _CLIENT:
+        _CLIENT["c"] = api_models.APIClient(api_models.APIConfig(
+            args.api_model, args.api_base_url, args.api_timeout, args.api_max_retries, args.api_concurrency))
+    return _CLIENT["c"]
+
+
+def run_api_cell(args, cell: dict, samples, limit, scorer, results_path: Path) -> dict:
+    """One cell through the API; the samples an earlier run of this cell answered are reused, so a rerun asks
+    again only the requests that failed."""
+    import api_models
+    previous = {}
+    for r in read_jsonl(results_path):
+        if r.get("cell") == cell_key(cell):
+            previous.update({s["id"]: s for s in r.get("samples", []) if s.get("status") == "ok"})
+    max_prompt = None if cell["benchmark"] == "synthetic" else max_prompt_tokens(cell, limit)
+    out = api_models.evaluate_api_cell(api_client(args), cell["base_method"], cell["budget"], samples, max_prompt,
+                                       scorer=scorer, tokenizer=scorer[1], previous=previous)
+    if out["status"] != "ok":
+        print(f"\n[atskv] {cell['method']}|{cell['task']}: {out['error']} (recorded; the sweep goes on)",
+              file=sys.stderr)
+    return out
+
+
+def skip_benchmark(results_path: Path, bench: str, reason: str, tasks: list[str] | None = None) -> None:
+    """A skipped benchmark (or some of its tasks) is a record too, so that --report_only can still say what was
+    skipped and why."""
+    append_jsonl(results_path, {"cell": f"skipped:{bench}" + (":" + ",".join(tasks) if tasks else ""),
+                                "status": "skipped", "benchmark": bench, "tasks": tasks, "reason": reason,
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
