@@ -139,3 +139,26 @@ def skip_benchmark(results_path: Path, bench: str, reason: str, tasks: list[str]
     append_jsonl(results_path, {"cell": f"skipped:{bench}" + (":" + ",".join(tasks) if tasks else ""),
                                 "status": "skipped", "benchmark": bench, "tasks": tasks, "reason": reason,
                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job): handled as Ctrl-C is, so that the report of what finished is written."""
+
+
+_SIGTERM = {"received": False}
+
+
+def stop_on_sigterm() -> None:
+    import signal
+    _SIGTERM["received"] = False
+
+    def handler(signum, frame):
+        _SIGTERM["received"] = True
+        raise Terminated()
+    signal.signal(signal.SIGTERM, handler)
+
+
+def interrupted_code(e: KeyboardInterrupt) -> int:
+    """The exit code of an interrupted sweep: 143 after SIGTERM, 130 after Ctrl-C. Ray's waits turn the handler's
+    Terminated into a plain KeyboardInterrupt, hence the flag."""
+    return 143 if isinstance(e, Terminated) or _SIGTERM["received"] else 130

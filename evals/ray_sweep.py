@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from evals.records import command_line
-from evals.cells import cell_name, cell_samples, load_for_sweep, mark_unavailable, run_cell
+from evals.cells import cell_name, cell_samples, load_for_sweep, mark_unavailable, run_cell, stop_on_sigterm
 from utils import UserError, append_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,7 @@ def run_on_ray(args, opts: dict, todo: list[dict], results_path: Path, unavailab
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise UserError(f"--ray {args.ray}: cannot start or join the Ray cluster ({str(e).splitlines()[0]})") \
                 from None
+        stop_on_sigterm()   # ray.init replaced the handler: SIGTERM ends the sweep as Ctrl-C does, report written
     try:
         _run(ray, args, opts, todo, results_path, unavailable, tqdm)
     finally:

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from evals.cells import (cell_name, cell_samples, load_for_sweep, mark_unavailable, run_cell,
-                         skip_benchmark)
+from evals.cells import (cell_name, cell_samples, interrupted_code, load_for_sweep, mark_unavailable, run_cell,
+                         skip_benchmark, stop_on_sigterm)
 from evals.records import cell_key, command_line, finished_keys, write_report
 from utils import UserError, append_jsonl
 
@@ -109,7 +109,7 @@ def run_sweep(args, opts: dict) -> int:
             run_serially(args, opts, todo, results_path, unavailable)
         interrupted = 0
     except KeyboardInterrupt as e:
-        interrupted = 143 if isinstance(e, Terminated) else 130
+        interrupted = interrupted_code(e)
     write_report(out_dir, args)
     if interrupted:
         print("[atskv] interrupted: finished cells are saved; rerun the same command to resume", file=sys.stderr)
@@ -135,18 +135,6 @@ def run_serially(args, opts: dict, todo: list[dict], results_path: Path, unavail
                 continue
             append_jsonl(results_path, run_cell(model, tok, args, cell, samples, env, limit, fault, command_line(),
                                                 results_path))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler stopping the job): handled as Ctrl-C is, so that the report of what finished is written."""
-
-
-def stop_on_sigterm() -> None:
-    import signal
-
-    def handler(signum, frame):
-        raise Terminated()
-    signal.signal(signal.SIGTERM, handler)
 
 
 def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:
