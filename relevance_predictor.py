@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -471,6 +470,19 @@ def save_predictor(model, pred: TokenRelevancePredictor, ranking: dict, variant:
     return path
 
 
+def random_predictor(model, seed: int = 0) -> TokenRelevancePredictor:
+    """An untrained predictor of the model's shape with random (seeded) weights and projection, for a model with
+    random weights (--model_config: speed and memory runs): ATSKV's scoring then costs what it costs on a trained
+    one, and its scores vary from token to token as a trained one's do, but they rank nothing."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    pred = TokenRelevancePredictor(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
+    with torch.no_grad():
+        pred.w.copy_(torch.randn(pred.w.shape, generator=g) / N_FEATURES ** 0.5)   # logits of order 1: no ties
+        pred.h_proj.copy_(torch.randn(pred.h_proj.shape, generator=g) / cfg.hidden_size ** 0.5)
+    return pred.to(model.device)
+
+
 def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -> TokenRelevancePredictor:
     """The cached predictor of this model (safetensors), training it first if there is none."""
     if variant not in VARIANT_GROUPS:
@@ -479,6 +491,9 @@ def load_or_train(model, tokenizer=None, variant: str = "default", **train_kw) -
     path = predictor_path(model, variant)
     key = str(path)
     if key in _LOADED:
+        return _LOADED[key]
+    if getattr(model.config, "atskv_random_weights", False):   # --model_config: nothing to learn from
+        use_predictor(model, random_predictor(model), variant)
         return _LOADED[key]
     if not path.exists():
         if tokenizer is None:

