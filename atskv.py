@@ -1,9 +1,8 @@
 """ATSKV: trained token relevance, an adaptive threshold controller, and optionally the external memory
-(external_memory.py). Its plain-path scoring is here; its fast-path slot step is fast_decode's atskv step."""
+(external_memory.py). Its plain-path scoring and its fast-path slot step (`slot_step`) are both here."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +84,8 @@ class ATSKV(KVMethod):
     recall_tokens: float = 0.5        # per-step recall: tokens recalled per step, a fraction of the active budget,
     recall_every: int = 1             #   every this many decode steps (0: never); without read-time recall the
                                       #   question's forward recalls this way too
-    recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "pages": Quest
+    recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "int8": q.k
+                                      #   against an int8 copy of the passive keys on the device; "pages": Quest
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
     promote: bool = False             # recalled entries compete for the active cache by the controller's rule
@@ -302,12 +302,13 @@ class ATSKV(KVMethod):
     def on_evict(self, layer, idx):
         if not self.external_memory:
             return
-        if self.recall_scoring not in ("exact", "pages"):
+        if self.recall_scoring not in ("exact", "int8", "pages"):
             from utils import UserError
-            raise UserError(f"recall_scoring {self.recall_scoring!r}: accepted are 'exact' and 'pages'")
+            raise UserError(f"recall_scoring {self.recall_scoring!r}: accepted are 'exact', 'int8' and 'pages'")
         page = self.page_size if self.recall_scoring == "pages" else 1
         if layer.layer_idx not in self.passive:
-            self.passive[layer.layer_idx] = PassiveStore(page, self.passive_limit, layer.device.type == "cuda")
+            self.passive[layer.layer_idx] = PassiveStore(page, self.passive_limit, layer.device.type == "cuda",
+                                                         int8_keys=self.recall_scoring == "int8")
         take = lambda t: gather_entries(t, idx)  # noqa: E731
         extras = {n: take(t) for n, t in layer.extras.items() if n in ("tok", "h", "acc")} if self.promote else None
         self.passive[layer.layer_idx].add(take(layer.keys), take(layer.values), take(layer.positions),

@@ -14,17 +14,21 @@ class PassiveStore:
     summed over the queries and the group's heads, and the top candidates are taken per KV head.
 
     page_size 1 ("exact" scoring): candidates are single entries scored by q.k against the passive keys where they
-    live (host memory: no device summaries). page_size > 1 ("pages", Quest): candidates are pages of `page_size`
-    evicted entries, scored by the upper bound of q.k from the element-wise min/max of their keys, kept on the
-    device.
+    live (host memory: no device summaries). page_size 1 with int8_keys ("int8" scoring): the same candidates
+    scored on the device against an int8 copy of every passive key (one scale per entry and head: a quarter of the
+    keys' bf16 bytes), so that only the chosen entries are read from the host. page_size > 1 ("pages", Quest):
+    candidates are pages of `page_size` evicted entries, scored by the upper bound of q.k from the element-wise
+    min/max of their keys, kept on the device.
 
     On CUDA both directions are asynchronous on a side stream (`stream`): an eviction's device-to-host copy into
     pinned memory runs while the model computes on (the host side waits for it only when it next reads the store),
     and a recall's host-to-device copy runs while the attention over the active cache is computed (`Recalled.wait`
     makes the compute stream wait for it just before the recalled entries are used)."""
 
-    def __init__(self, page_size: int = 16, limit: int | None = None, use_stream: bool = False):
-        self.page_size, self.limit, self.use_stream = page_size, limit, use_stream
+    def __init__(self, page_size: int = 16, limit: int | None = None, use_stream: bool = False,
+                 int8_keys: bool = False):
+        self.page_size, self.limit, self.use_stream, self.int8_keys = page_size, limit, use_stream, int8_keys
+        self.kq = self.kscale = self.kvalid = None       # int8 keys, their scales and validity (device, int8_keys)
         self.k = self.v = self.pos = self.valid = None   # (B, H, N, D) / (B, H, N) on the host
         self.extras: dict[str, torch.Tensor] = {}        # per-entry method state kept with the entry (promotion)
         self.kmin = self.kmax = None                     # (B, H, N_pages, D) on the device
@@ -70,10 +74,13 @@ class PassiveStore:
 
     def _add_pages(self, k, v, pos, valid, extras):
         P = self.page_size
+        cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
         if P > 1:
             pages = k.unflatten(2, (-1, P))
-            cat = lambda a, b: b if a is None else torch.cat([a, b], 2)  # noqa: E731
             self.kmin, self.kmax = cat(self.kmin, pages.amin(3)), cat(self.kmax, pages.amax(3))
+        if self.int8_keys:
+            kq, scale = quantize_int8(k)
+            self.kq, self.kscale, self.kvalid = cat(self.kq, kq), cat(self.kscale, scale), cat(self.kvalid, valid)
         names = sorted(extras)
         host, done = self._offload([k, v, pos, valid] + [extras[n] for n in names])
         self.chunks.append((host[:4], dict(zip(names, host[4:])), done))
@@ -116,6 +123,8 @@ class PassiveStore:
             self._keep(slice(drop, None))
             if self.kmin is not None:
                 self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
+            if self.kq is not None:
+                self.kq, self.kscale, self.kvalid = (t[:, :, drop:] for t in (self.kq, self.kscale, self.kvalid))
         self.size = self.k.shape[2]
 
     def size_settled(self) -> int:
@@ -143,7 +152,11 @@ class PassiveStore:
             return Recalled(self.pend[0], self.pend[1], self.pend[3], None, None)
         B, Hq, q, D = query.shape
         Hkv = self.k.shape[1]
-        if self.page_size == 1:  # exact q.k where the keys live
+        if self.kq is not None:  # q.k against the int8 keys on the device
+            qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
+            ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.kq.float() * self.kscale)
+            ub = ub.masked_fill(~self.kvalid[:, :, None, None, :], float("-inf"))
+        elif self.page_size == 1:  # exact q.k where the keys live
             qg = query.view(B, Hkv, Hq // Hkv, q, D).to(self.k.device, torch.float32)
             ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.k.float())
             ub = ub.masked_fill(~self.valid[:, :, None, None, :], float("-inf"))
@@ -156,7 +169,8 @@ class PassiveStore:
         # large bounds everywhere (sink-like heads) then cannot drown the query that looks for one page
         page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
         if span > 1 and self.page_size == 1:
-            page_score = pooled_by_position(page_score, self.pos, span).masked_fill(~self.valid, -1.0)
+            invalid = ~self.valid.to(page_score.device)
+            page_score = pooled_by_position(page_score, self.pos, span).masked_fill(invalid, -1.0)
         n_pages = min(n_pages, page_score.shape[-1])
         pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
         P = self.page_size
@@ -182,8 +196,10 @@ class PassiveStore:
         """Take the entries of the last recall out of the store (they were promoted into the active cache)."""
         keep = torch.ones(self.valid.shape, dtype=torch.bool).scatter_(2, self.last_idx, False)
         n = int(keep[0, 0].sum())
-        take = lambda t: t[keep].view(t.shape[0], t.shape[1], n, *t.shape[3:])  # noqa: E731
+        take = lambda t: t[keep.to(t.device)].view(t.shape[0], t.shape[1], n, *t.shape[3:])  # noqa: E731
         self.k, self.v, self.pos, self.valid = take(self.k), take(self.v), take(self.pos), take(self.valid)
+        if self.kq is not None:
+            self.kq, self.kscale, self.kvalid = take(self.kq), take(self.kscale), take(self.kvalid)
         self.extras = {name: take(t) for name, t in self.extras.items()}
         self._buf = {}
         self.size = n
@@ -194,7 +210,14 @@ class PassiveStore:
 
     def device_nbytes(self) -> int:
         pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
-        return pend + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+        int8 = 0 if self.kq is None else self.kq.nbytes + self.kscale.nbytes + self.kvalid.nbytes
+        return pend + int8 + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+def quantize_int8(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k (..., D) -> (int8 (..., D), float32 scale (..., 1)): symmetric, one scale per entry and head, k ~ q * scale."""
+    scale = k.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(k.float() / scale).clamp_(-127, 127).to(torch.int8), scale
 
 
 def pooled_by_position(score: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:

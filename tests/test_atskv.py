@@ -206,6 +206,23 @@ def test_recall_attends_more_entries_than_the_active_cache_holds(model, tokenize
     assert all(n <= cache.layer_budget(i) for i, n in enumerate(cache.stored_lengths()))
 
 
+def test_int8_key_summaries_recall_what_exact_scoring_recalls(model, tokenizer, predictor):
+    """recall_scoring="int8" scores the passive keys from an int8 copy on the device: the same question's recall
+    picks (almost) the entries that q.k against the full-precision keys picks, per layer and KV head."""
+    picked = {}
+    for scoring in ("exact", "int8"):
+        cache, ci, qi = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True, recall_scoring=scoring)
+        ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
+        stores = [s for _, s in sorted(cache.method.passive.items())]
+        picked[scoring] = [[set(h.tolist()) for h in s.last_positions[0]] for s in stores]
+        if scoring == "int8":
+            # one int8 key per passive entry (the host store joins its copies in flight lazily: count by size)
+            assert all(s.kq.dtype == torch.int8 and s.kq.shape[2] == s.size for s in cache.method.passive.values())
+    pairs = [(a, b) for la, lb in zip(picked["exact"], picked["int8"]) for a, b in zip(la, lb)]
+    assert min(len(a & b) / len(a) for a, b in pairs) >= 0.8
+    assert sum(len(a & b) for a, b in pairs) / sum(len(a) for a, _ in pairs) >= 0.95
+
+
 def test_atskv_generates_with_batch_3(model, tokenizer, predictor):
     prompts = ["The capital of France is", "Write a short poem about the sea. The sea is",
                "List three prime numbers: 2, 3,"]
