@@ -55,46 +55,72 @@ def cell_samples(tok, args, cell: dict, samples_cache: dict):
 def run_cell(model, tok, args, cell: dict, samples, env: dict, limit, fault: str, command: str,
              results_path: Path) -> dict:
     """One cell's record: its scores, or status "error" with the exception's first line (a fault inside one cell is
-    recorded there; the sweep goes on). The serial sweep and the Ray workers (evals/ray_sweep.py) both run this.
-    fault: ATSKV_INJECT_FAULT, "<kind>:<substring of cell_name>"; kind "kill" ends the process at once (a worker
-    killed mid-sweep), the others are raised inside the cell by the harness."""
+    recorded there; the sweep goes on). fault: ATSKV_INJECT_FAULT (`injected`)."""
     import torch
-
-    import evals.real_benchmarks as real
-    import evals.speed as speed
-    from evals.harness import evaluate_synthetic_cell
     from utils import set_seed
-    name = cell_name(cell)
-    inject = fault.split(":", 1)[0] if fault and fault.split(":", 1)[-1] in name else None
-    if inject == "kill":
-        os._exit(137)
+    inject = injected(fault, cell)
     set_seed(args.seed)
-    record = {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "timing_probe": speed.timing_probe(model.device), "command": command}
+    record = cell_header(cell, env, model.device, command)
     t0 = time.perf_counter()
     try:
         if args.use_api:
             record.update(run_api_cell(args, cell, samples, limit, (model, tok), results_path))
             where = f" at {args.api_base_url}" if args.api_base_url else ""
             record["env"] = {"device": "api", "hardware": f"{cell['model']} via {api_client(args).provider} API{where}"}
-        elif cell["benchmark"] == "synthetic":
-            record.update(evaluate_synthetic_cell(
-                model, tok, cell["base_method"], cell["budget"], samples, cell["eval_mode"],
-                cell["prefill_chunk"], cell["params"], fault=inject, fast=cell.get("fast_decode", False)))
         else:
-            record["max_prompt_tokens"] = max_prompt_tokens(cell, limit)
-            record.update(real.evaluate_real_cell(model, tok, cell["base_method"], cell["budget"], samples,
-                                                  cell["eval_mode"], cell["prefill_chunk"],
-                                                  record["max_prompt_tokens"], cell["params"], fault=inject,
-                                                  fast=cell.get("fast_decode", False)))
+            record.update(summarize_cell(cell, run_samples(model, tok, cell, samples, limit, inject), limit))
         record.setdefault("status", "ok")
     except Exception as e:
-        record.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        print(f"\n[atskv] cell {name} failed: {record['error']} (recorded; the sweep goes on)", file=sys.stderr)
+        record.update(status="error", error=error_line(e))
+        print(f"\n[atskv] cell {cell_name(cell)} failed: {record['error']} (recorded; the sweep goes on)",
+              file=sys.stderr)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     record["wall_s"] = time.perf_counter() - t0
     return record
+
+
+def injected(fault: str, cell: dict) -> str | None:
+    """ATSKV_INJECT_FAULT, "<kind>:<substring of cell_name>", several separated by spaces (a testing hook): the
+    kind of fault this cell gets. Kind "kill" ends the process at once (a worker killed mid-sweep); the others are
+    raised inside the cell by the harness (oom, nan)."""
+    kinds = [f.split(":", 1)[0] for f in fault.split() if f.split(":", 1)[-1] in cell_name(cell)]
+    kind = kinds[0] if kinds else None
+    if kind == "kill":
+        os._exit(137)
+    return kind
+
+
+def cell_header(cell: dict, env: dict, device, command: str) -> dict:
+    import evals.speed as speed
+    return {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "timing_probe": speed.timing_probe(device), "command": command}
+
+
+def error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def run_samples(model, tok, cell: dict, samples, limit, inject: str | None = None) -> list[dict]:
+    """Each of `samples`' results in this cell (a local model; `summarize_cell` makes the record of them)."""
+    import evals.real_benchmarks as real
+    from evals.harness import run_synthetic_samples
+    fast = cell.get("fast_decode", False)
+    if cell["benchmark"] == "synthetic":
+        return run_synthetic_samples(model, tok, cell["base_method"], cell["budget"], samples, cell["eval_mode"],
+                                     cell["prefill_chunk"], cell["params"], fault=inject, fast=fast)
+    return real.run_real_samples(model, tok, cell["base_method"], cell["budget"], samples, cell["eval_mode"],
+                                 cell["prefill_chunk"], max_prompt_tokens(cell, limit), cell["params"], fault=inject,
+                                 fast=fast)
+
+
+def summarize_cell(cell: dict, per_sample: list[dict], limit) -> dict:
+    """The cell's scores and bytes from its samples' results, however many parts they ran in."""
+    import evals.real_benchmarks as real
+    from evals.harness import summarize_samples
+    if cell["benchmark"] == "synthetic":
+        return summarize_samples(per_sample)
+    return {"max_prompt_tokens": max_prompt_tokens(cell, limit), **real.summarize_real(per_sample)}
 
 
 def max_prompt_tokens(cell: dict, limit: int | None) -> int:

@@ -203,6 +203,14 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
                             params: dict | None = None, fault: str | None = None, fast: bool = False) -> dict:
     """Run one cell (method x budget x task x size) and return its record; raises on a fault inside the cell.
     `fast`: decode with the static-shape path (`run_generation`)."""
+    return summarize_samples(run_synthetic_samples(model, tokenizer, method, budget, samples, mode, chunk, params,
+                                                   fault, fast))
+
+
+def run_synthetic_samples(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,
+                          params: dict | None = None, fault: str | None = None, fast: bool = False) -> list[dict]:
+    """Each sample's result (what `summarize_samples` makes a cell's record of): a cell's samples may run in parts
+    (Ray workers) and be summarized together."""
     per_sample = []
     for s in samples:
         if s.task == "multi_question":
@@ -220,7 +228,7 @@ def evaluate_synthetic_cell(model, tokenizer, method: str, budget, samples: list
             raise FloatingPointError("injected NaN in the logits (ATSKV_INJECT_FAULT)")
         r.update(id=s.id, depth=s.depth, answers=s.answers, score=score_synthetic(s, r["prediction"]))
         per_sample.append(r)
-    return summarize_samples(per_sample)
+    return per_sample
 
 
 @torch.no_grad()

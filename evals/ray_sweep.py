@@ -1,24 +1,28 @@
 """`run_experiment.py --ray [ADDRESS]`: the sweep's cells as Ray tasks on a pool of workers, one actor per worker
 holding the model, on a local Ray cluster (all this machine's GPUs, or its CPUs when it has none) or on an existing
-one (`ray start` on SLURM nodes). The driver is the only writer of results.jsonl: it appends (and fsyncs) each cell
-as it comes back, so resume, failed cells and Ctrl-C behave as in the serial sweep (evals/sweep.py). A worker that
-dies (killed, out of host memory) costs the cell it was running, recorded as failed (a rerun retries it); a new
-worker takes its place."""
+one (`ray start` on SLURM nodes). A cell runs in parts of its samples when there are few cells per worker, so that
+a few long cells do not leave the other workers idle; the driver summarizes the parts into the record a serial run
+writes. The driver is the only writer of results.jsonl: it appends (and fsyncs) each cell once all its parts are
+back, so resume, failed cells and Ctrl-C behave as in the serial sweep (evals/sweep.py); a cell's finished parts
+are lost if the run stops before the rest. A worker that dies (killed, out of host memory) costs the cell it was
+running, recorded as failed (a rerun retries it); a new worker takes its place."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
-from evals.records import command_line
-from evals.cells import cell_name, cell_samples, load_for_sweep, mark_unavailable, run_cell, stop_on_sigterm
+from evals.cells import (cell_name, cell_samples, error_line, injected, load_for_sweep, mark_unavailable, run_samples,
+                         stop_on_sigterm, summarize_cell)
+from evals.records import cell_key, command_line
 from utils import UserError, append_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class CellWorker:
-    """One worker: the model loaded once, then cells one at a time (made a Ray actor by `run_on_ray`)."""
+    """One worker: the model loaded once, then parts of cells one at a time (made a Ray actor by `run_on_ray`)."""
 
     def __init__(self, args, sizes, fault: str):
         import torch
@@ -28,8 +32,8 @@ class CellWorker:
         self.model, self.tok, self.limit, self.env = load_for_sweep(args, sizes)
         self.samples: dict = {}
 
-    def ready(self) -> str:
-        return self.env["hardware"]
+    def ready(self) -> int | None:
+        return self.limit
 
     def prepare(self, cells: list[dict]) -> None:
         """Create each method's cache once, so that what a method builds on first use and caches on disk (ATSKV's
@@ -42,14 +46,30 @@ class CellWorker:
             except Exception:  # noqa: BLE001 - the cell itself will record the error
                 pass
 
-    def run(self, cell: dict, command: str) -> tuple[str, dict | str]:
-        """("ok", the cell's record), or ("unavailable", why) when its benchmark cannot be loaded."""
+    def run(self, cell: dict, part: range) -> tuple[str, object]:
+        """The results of the cell's samples in `part`: ("ok", {per_sample, env, time, timing_probe, wall_s}),
+        ("error", its first line) or ("unavailable", why) when the benchmark cannot be loaded."""
+        import evals.speed as speed
+        from utils import set_seed
         try:
             samples = cell_samples(self.tok, self.args, cell, self.samples)
         except UserError as e:
             return "unavailable", str(e)
-        return "ok", run_cell(self.model, self.tok, self.args, cell, samples, self.env, self.limit, self.fault,
-                              command, None)
+        inject = injected(self.fault, cell)
+        set_seed(self.args.seed)
+        out = {"env": self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "timing_probe": speed.timing_probe(self.model.device)}
+        t0 = time.perf_counter()
+        try:
+            mine = [samples[i] for i in part if i < len(samples)]   # a real benchmark may hold fewer samples
+            out["per_sample"] = run_samples(self.model, self.tok, cell, mine, self.limit, inject)
+        except Exception as e:  # noqa: BLE001 - recorded as the cell's error by the driver
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return "error", error_line(e)
+        out["wall_s"] = time.perf_counter() - t0
+        return "ok", out
 
 
 def run_on_ray(args, opts: dict, todo: list[dict], results_path: Path, unavailable: set[str]) -> None:
@@ -97,61 +117,98 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
     print(f"[atskv] Ray: {n} workers on {where} ({', '.join(f'{k[4:]} {v:g}' for k, v in per.items())} each)",
           file=sys.stderr)
 
-    def start_worker():
-        w = worker_cls.remote(args, opts["sizes"], fault)
+    def started(refs):
         try:
-            ray.get(w.ready.remote())
+            return ray.get(refs)
         except ray.exceptions.RayActorError as e:   # the model did not load: say why, in one line
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
             raise UserError(f"--ray: a worker could not start: {str(cause).splitlines()[-1]}") from None
+
+    def start_worker():
+        w = worker_cls.remote(args, opts["sizes"], fault)
+        started(w.ready.remote())
         return w
 
-    first = start_worker()
-    ray.get(first.prepare.remote(todo))     # a cached predictor exists before the other workers need it
-    idle = [first] + [start_worker() for _ in range(n - 1)]
-    queue, running = list(todo), {}
+    first = worker_cls.remote(args, opts["sizes"], fault)
+    limit = started(first.ready.remote())
+    # the first worker creates each method's cache (a predictor is trained and cached before the others need it)
+    # while the others load the model
+    others = [worker_cls.remote(args, opts["sizes"], fault) for _ in range(n - 1)]
+    started([first.prepare.remote(todo)] + [w.ready.remote() for w in others])
+    idle = [first] + others
+    # a cell runs in parts of its samples, so that a few long cells do not leave the other workers idle
+    n_parts = max(1, min(args.num_samples, -(-8 * n // len(todo))))
+    queue = [(i, part) for i, c in enumerate(todo) for part in split_samples(args.num_samples, n_parts)]
+    parts: dict[int, dict] = {}     # cell index -> {part start: results} so far
+    closed: set[int] = set()        # cells recorded (finished or failed)
+    running = {}
     with tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr) as bar:
+
+        def close(i, record):
+            closed.add(i)
+            append_jsonl(results_path, record)
+            bar.set_postfix_str(cell_name(todo[i]))
+            bar.update(1)
         try:
             while queue or running:
                 while idle and queue:
-                    cell = queue.pop(0)
-                    if cell["benchmark"] in unavailable:
-                        bar.update(1)
+                    i, part = queue.pop(0)
+                    if i in closed or todo[i]["benchmark"] in unavailable:
+                        if i not in closed:
+                            closed.add(i)
+                            bar.update(1)
                         continue
                     w = idle.pop()
-                    running[w.run.remote(cell, command)] = (w, cell)
+                    running[w.run.remote(todo[i], part)] = (w, i, part)
                 if not running:
                     break
                 ready, _ = ray.wait(list(running), num_returns=1)
-                w, cell = running.pop(ready[0])
+                w, i, part = running.pop(ready[0])
+                cell = todo[i]
                 try:
                     kind, out = ray.get(ready[0])
                 except ray.exceptions.RayActorError as e:
-                    append_jsonl(results_path, worker_died(cell, e))
-                    print(f"\n[atskv] cell {cell_name(cell)}: its worker died (recorded; a new worker takes its "
-                          f"place)", file=sys.stderr)
+                    kind, out = "error", f"WorkerDied: {str(e).splitlines()[0][:300]}"
+                    print(f"\n[atskv] cell {cell_name(cell)}: its worker died (a new worker takes its place)",
+                          file=sys.stderr)
                     w = start_worker()
-                else:
-                    if kind == "unavailable":
-                        if cell["benchmark"] not in unavailable:
-                            mark_unavailable(results_path, cell["benchmark"], out, unavailable)
-                    else:
-                        append_jsonl(results_path, out)
-                        bar.set_postfix_str(cell_name(cell))
                 idle.append(w)
-                bar.update(1)
+                if i in closed:
+                    continue
+                if kind == "unavailable":
+                    if cell["benchmark"] not in unavailable:
+                        mark_unavailable(results_path, cell["benchmark"], out, unavailable)
+                    closed.add(i)
+                    bar.update(1)
+                elif kind == "error":
+                    print(f"\n[atskv] cell {cell_name(cell)} failed: {out} (recorded; the sweep goes on)",
+                          file=sys.stderr)
+                    close(i, {"cell": cell_key(cell), **cell, "status": "error", "error": out, "command": command,
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                else:
+                    parts.setdefault(i, {})[part.start] = out
+                    if len(parts[i]) == n_parts:
+                        done = parts.pop(i)
+                        close(i, merged_record(cell, [done[k] for k in sorted(done)], limit, command))
         finally:   # Ctrl-C, SIGTERM or an error in the driver: stop the workers; what came back is saved
-            for w, _ in running.values():
+            for w, _, _ in running.values():
                 ray.kill(w)
 
 
-def worker_died(cell: dict, err: Exception) -> dict:
-    import time
-    from evals.records import cell_key
-    return {"cell": cell_key(cell), **cell, "status": "error", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "error": f"WorkerDied: {str(err).splitlines()[0][:300]}", "command": command_line()}
+def split_samples(n: int, parts: int) -> list[range]:
+    """range(n) in `parts` contiguous parts of near-equal size."""
+    bounds = [round(k * n / parts) for k in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def merged_record(cell: dict, outs: list[dict], limit, command: str) -> dict:
+    """The cell's record from its parts, as the serial sweep writes it: the samples in order, summarized together;
+    env, time and timing probe from the first part; wall_s summed over the parts (its compute time), parts their
+    count."""
+    per_sample = [r for o in outs for r in o["per_sample"]]
+    return {"cell": cell_key(cell), **cell, "env": outs[0]["env"], "time": outs[0]["time"],
+            "timing_probe": outs[0]["timing_probe"], "command": command, **summarize_cell(cell, per_sample, limit),
+            "status": "ok", "wall_s": sum(o["wall_s"] for o in outs), "parts": len(outs)}
 def with_absolute_paths(args):
     """A copy of args whose local paths (data, haystack, a model file or folder) do not depend on the working
     directory, which a worker on another node does not share."""

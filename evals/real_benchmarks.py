@@ -210,6 +210,14 @@ def evaluate_real_cell(model, tokenizer, method: str, budget, samples: list[Samp
                        fast: bool = False) -> dict:
     """One LongBench / ZeroSCROLLS cell: the official prompt and truncation, greedy decoding to the task's
     generation length, the official metric (score x100, mean over samples)."""
+    return summarize_real(run_real_samples(model, tokenizer, method, budget, samples, mode, chunk,
+                                           max_prompt_tokens, params, fault, fast))
+
+
+def run_real_samples(model, tokenizer, method: str, budget, samples: list[Sample], mode: str, chunk: int,
+                     max_prompt_tokens: int, params: dict | None = None, fault: str | None = None,
+                     fast: bool = False) -> list[dict]:
+    """Each sample's result (what `summarize_real` makes a cell's record of)."""
     import metrics
     per_sample = []
     for s in samples:
@@ -226,6 +234,12 @@ def evaluate_real_cell(model, tokenizer, method: str, budget, samples: list[Samp
             r["rouge_parts"] = max((metrics.rouge_parts(r["prediction"], g) for g in s.answers),
                                    key=lambda p: math.prod(p), default=[0.0, 0.0, 0.0])
         per_sample.append(r)
+    return per_sample
+
+
+def summarize_real(per_sample: list[dict]) -> dict:
+    """A LongBench / ZeroSCROLLS cell's record from its samples' results (a summary task: corpus-level ROUGE)."""
+    import metrics
     out = summarize_samples(per_sample)
     if per_sample and "rouge_parts" in per_sample[0]:   # ZeroSCROLLS' summaries: corpus-level ROUGE
         out["score"] = 100.0 * metrics.corpus_rouge_geometric_mean([r["rouge_parts"] for r in per_sample])

@@ -211,7 +211,7 @@ def test_int8_key_summaries_recall_what_exact_scoring_recalls(model, tokenizer, 
     picks (almost) the entries that q.k against the full-precision keys picks, per layer and KV head."""
     picked = {}
     for scoring in ("exact", "int8"):
-        cache, ci, qi = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True, recall_scoring=scoring)
+        cache, ci, qi = _prefill(model, tokenizer, 400, 64, chunk=128, external_memory=True, recall_scoring=scoring)
         ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
         stores = [s for _, s in sorted(cache.method.passive.items())]
         picked[scoring] = [[set(h.tolist()) for h in s.last_positions[0]] for s in stores]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 # 2 tasks x 4 methods (one budget): 8 small cells
-CELLS = ["--tasks", "needle,passkey", "--context_sizes", "256", "--num_samples", "1", "--budgets", "0.25",
+CELLS = ["--tasks", "needle,passkey", "--context_sizes", "128", "--num_samples", "1", "--budgets", "0.25",
          "--methods", "full,sliding_window,snapkv,h2o"]
 RAY = ["--ray", "--ray_workers", "2"]
 
@@ -30,44 +30,57 @@ def outcomes(out):
 
 
 def test_a_ray_sweep_gives_the_serial_runs_cells_and_scores(ray_cluster, tmp_path, run_main):
-    code, err = run_main("--output_dir", tmp_path / "serial", *CELLS)
+    cells = [*CELLS, "--num_samples", "2"]   # 8 cells for 2 workers: each cell runs in 2 parts, merged
+    code, err = run_main("--output_dir", tmp_path / "serial", *cells)
     assert code == 0, err[-5:]
-    code, err = run_main("--output_dir", tmp_path / "ray", *CELLS, *RAY)
+    code, err = run_main("--output_dir", tmp_path / "ray", *cells, *RAY)
     assert code == 0, err[-5:]
     assert any("Ray: 2 workers" in line for line in err), err
     serial, parallel = outcomes(tmp_path / "serial"), outcomes(tmp_path / "ray")
     assert len(serial) == 8 and all(status == "ok" for status, _, _ in serial.values())
     assert parallel == serial
+    assert {r["parts"] for r in records(tmp_path / "ray")} == {2}
     assert (tmp_path / "ray" / "results.md").exists()
 
 
-def test_a_killed_worker_loses_no_finished_cell_and_the_rerun_runs_only_the_rest(ray_cluster, tmp_path, run_main,
-                                                                                  monkeypatch):
-    out = tmp_path / "o"
-    monkeypatch.setenv("ATSKV_INJECT_FAULT", "kill:snapkv|0.25|needle")   # the worker's process exits in that cell
-    code, err = run_main("--output_dir", out, *CELLS, *RAY)
-    assert code == 0, err[-5:]
-    by_status = {}
-    for r in records(out):
-        by_status.setdefault(r["status"], []).append(r["method"] + "|" + r["task"])
-    assert by_status["error"] == ["snapkv|needle"] and len(by_status["ok"]) == 7
-    assert "WorkerDied" in next(r["error"] for r in records(out) if r["status"] == "error")
-    monkeypatch.delenv("ATSKV_INJECT_FAULT")
-    code, err = run_main("--output_dir", out, *CELLS, *RAY)
-    assert code == 0 and any("8 cells, 7 already finished, 1 to run" in line for line in err), err
-    assert sorted(s for s, _, _ in outcomes(out).values()) == ["ok"] * 8
+@pytest.fixture(scope="module")
+def faulty_sweep(ray_cluster, tmp_path_factory):
+    """A Ray sweep in which one cell's worker is killed and another cell raises, then the same command again."""
+    import contextlib
+    import io
+
+    import run_experiment
+
+    def run(*args):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run_experiment.main([str(a) for a in args])
+        return code, err.getvalue()
+    out = tmp_path_factory.mktemp("faulty")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATSKV_INJECT_FAULT", "kill:snapkv|0.25|needle oom:h2o|0.25|passkey")
+        first = run("--output_dir", out, *CELLS, *RAY)
+        first_records, first_md = records(out), (out / "results.md").read_text()
+    return {"first": first, "records": first_records, "md": first_md, "rerun": run("--output_dir", out, *CELLS, *RAY),
+            "out": out}
 
 
-def test_a_cell_that_raises_is_recorded_failed_while_the_others_finish(ray_cluster, tmp_path, run_main, monkeypatch):
-    out = tmp_path / "o"
-    monkeypatch.setenv("ATSKV_INJECT_FAULT", "oom:h2o|0.25|passkey")
-    code, err = run_main("--output_dir", out, *CELLS, *RAY)
-    assert code == 0, err[-5:]
-    failed = [r for r in records(out) if r["status"] != "ok"]
-    assert [(r["method"], r["task"]) for r in failed] == [("h2o", "passkey")]
-    assert "OutOfMemoryError" in failed[0]["error"]
-    assert sum(r["status"] == "ok" for r in records(out)) == 7
-    assert "Failed cells" in (out / "results.md").read_text()
+def test_a_killed_worker_loses_no_finished_cell_and_the_rerun_runs_only_the_rest(faulty_sweep):
+    assert faulty_sweep["first"][0] == 0, faulty_sweep["first"][1][-500:]
+    recs = faulty_sweep["records"]
+    killed = [r for r in recs if r["status"] == "error" and "WorkerDied" in r["error"]]
+    assert [(r["method"], r["task"]) for r in killed] == [("snapkv", "needle")]
+    assert sum(r["status"] == "ok" for r in recs) == 6          # all but the killed and the raising cell
+    code, err = faulty_sweep["rerun"]
+    assert code == 0 and "8 cells, 6 already finished, 2 to run" in err, err[-500:]
+    assert sorted(s for s, _, _ in outcomes(faulty_sweep["out"]).values()) == ["ok"] * 8
+
+
+def test_a_cell_that_raises_is_recorded_failed_while_the_others_finish(faulty_sweep):
+    raised = [r for r in faulty_sweep["records"] if r["status"] == "error" and "WorkerDied" not in r["error"]]
+    assert [(r["method"], r["task"]) for r in raised] == [("h2o", "passkey")]
+    assert "OutOfMemoryError" in raised[0]["error"]
+    assert "Failed cells" in faulty_sweep["md"]
 
 
 def test_ray_with_a_bad_worker_share_exits_2_with_one_line(tmp_path, run_main):
