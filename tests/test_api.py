@@ -116,13 +116,20 @@ def test_unknown_api_model_and_local_only_method_are_refused(tmp_path, run_main,
     assert code == 2 and len(err) == 1 and "method 'snapkv' cannot run with --use_api; accepted: full, atskv" in err[0]
 
 
-def test_cli_records_failed_requests_goes_on_and_a_rerun_retries_only_them(server, tmp_path):
+def test_cli_records_failed_requests_goes_on_and_a_rerun_retries_only_them(server, tmp_path, capsys, monkeypatch):
+    import run_experiment
+
+    def cli_here(*args):   # the command in this process (a process costs seconds); what it printed
+        code = run_experiment.main(list(args))
+        out = capsys.readouterr()
+        return code, out.out + out.err
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     server.mode, server.fail_first = "fail-first", 2
     args = ["--use_api", "--api_model", "claude-test", "--api_base_url", server.url, "--methods", "full",
             "--tasks", "needle", "--context_sizes", "256", "--num_samples", "5", "--api_max_retries", "1",
             "--output_dir", str(tmp_path)]
-    first = cli(*args, env={"ANTHROPIC_API_KEY": KEY})
-    assert first.returncode == 0, first.stderr
+    code, printed_first = cli_here(*args)
+    assert code == 0, printed_first[-2000:]
     (rec,) = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rec["status"] == "error" and rec["n_failed"] == 2 and "2 of 5 requests failed" in rec["error"]
     assert sorted(s["status"] for s in rec["samples"]) == ["failed"] * 2 + ["ok"] * 3
@@ -131,8 +138,8 @@ def test_cli_records_failed_requests_goes_on_and_a_rerun_retries_only_them(serve
     assert asked_first == 3 + 2 * 2  # three answered at once, two asked twice (one retry) and failed
 
     server.mode = "ok"
-    second = cli(*args, env={"ANTHROPIC_API_KEY": KEY})
-    assert second.returncode == 0, second.stderr
+    code, printed_second = cli_here(*args)
+    assert code == 0, printed_second[-2000:]
     assert len(server.requests) - asked_first == 2  # only the failed requests were asked again
     last = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert last["status"] == "ok" and last["score"] == 100.0 and last["n_failed"] == 0
@@ -141,4 +148,4 @@ def test_cli_records_failed_requests_goes_on_and_a_rerun_retries_only_them(serve
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
-    assert KEY not in first.stderr + first.stdout + second.stderr + second.stdout
+    assert KEY not in printed_first + printed_second

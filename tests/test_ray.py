@@ -1,11 +1,12 @@
-"""--ray: the sweep's cells on a local Ray cluster with 2 workers give the serial run's records; a killed worker or a
-cell that raises costs only its own cell, and a rerun runs only what did not finish."""
+"""--ray: on a local Ray cluster with 2 workers, a sweep in which one cell's worker is killed and another cell
+raises, then run again, ends with the serial run's records; the killed worker and the raising cell cost only their
+own cells, and the rerun runs only what did not finish."""
 import json
 
 import pytest
 
-# 2 tasks x 4 methods (one budget): 8 small cells
-CELLS = ["--tasks", "needle,passkey", "--context_sizes", "128", "--num_samples", "1", "--budgets", "0.25",
+# 2 tasks x 4 methods (one budget): 8 small cells of 2 samples; on 2 workers each cell runs in 2 parts
+CELLS = ["--tasks", "needle,passkey", "--context_sizes", "128", "--num_samples", "2", "--budgets", "0.25",
          "--methods", "full,sliding_window,snapkv,h2o"]
 RAY = ["--ray", "--ray_workers", "2"]
 
@@ -29,20 +30,6 @@ def outcomes(out):
             for r in records(out)}
 
 
-def test_a_ray_sweep_gives_the_serial_runs_cells_and_scores(ray_cluster, tmp_path, run_main):
-    cells = [*CELLS, "--num_samples", "2"]   # 8 cells for 2 workers: each cell runs in 2 parts, merged
-    code, err = run_main("--output_dir", tmp_path / "serial", *cells)
-    assert code == 0, err[-5:]
-    code, err = run_main("--output_dir", tmp_path / "ray", *cells, *RAY)
-    assert code == 0, err[-5:]
-    assert any("Ray: 2 workers" in line for line in err), err
-    serial, parallel = outcomes(tmp_path / "serial"), outcomes(tmp_path / "ray")
-    assert len(serial) == 8 and all(status == "ok" for status, _, _ in serial.values())
-    assert parallel == serial
-    assert {r["parts"] for r in records(tmp_path / "ray")} == {2}
-    assert (tmp_path / "ray" / "results.md").exists()
-
-
 @pytest.fixture(scope="module")
 def faulty_sweep(ray_cluster, tmp_path_factory):
     """A Ray sweep in which one cell's worker is killed and another cell raises, then the same command again."""
@@ -63,6 +50,16 @@ def faulty_sweep(ray_cluster, tmp_path_factory):
         first_records, first_md = records(out), (out / "results.md").read_text()
     return {"first": first, "records": first_records, "md": first_md, "rerun": run("--output_dir", out, *CELLS, *RAY),
             "out": out}
+
+
+def test_a_ray_sweep_gives_the_serial_runs_cells_and_scores(faulty_sweep, tmp_path, run_main):
+    assert "Ray: 2 workers" in faulty_sweep["first"][1]
+    code, err = run_main("--output_dir", tmp_path / "serial", *CELLS)
+    assert code == 0, err[-5:]
+    serial, parallel = outcomes(tmp_path / "serial"), outcomes(faulty_sweep["out"])
+    assert len(serial) == 8 and all(status == "ok" for status, _, _ in serial.values())
+    assert parallel == serial   # the cells' last records: 6 from the faulty run, 2 from the rerun
+    assert {r["parts"] for r in records(faulty_sweep["out"]) if r["status"] == "ok"} == {2}
 
 
 def test_a_killed_worker_loses_no_finished_cell_and_the_rerun_runs_only_the_rest(faulty_sweep):
