@@ -137,8 +137,8 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
     started([first.prepare.remote(todo)] + [w.ready.remote() for w in others])
     idle = [first] + others
     # a cell runs in parts of its samples, so that a few long cells do not leave the other workers idle
-    n_parts = max(1, min(args.num_samples, -(-8 * n // len(todo))))
-    queue = [(i, part) for i, c in enumerate(todo) for part in split_samples(args.num_samples, n_parts)]
+    ranges = split_samples(args.num_samples, max(1, min(args.num_samples, -(-8 * n // len(todo)))))
+    queue = [(i, part) for i in range(len(todo)) for part in ranges]
     parts: dict[int, dict] = {}     # cell index -> {part start: results} so far
     closed: set[int] = set()        # cells recorded (finished or failed)
     running = {}
@@ -187,7 +187,7 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 else:
                     parts.setdefault(i, {})[part.start] = out
-                    if len(parts[i]) == n_parts:
+                    if len(parts[i]) == len(ranges):
                         done = parts.pop(i)
                         close(i, merged_record(cell, [done[k] for k in sorted(done)], limit, command))
         finally:   # Ctrl-C, SIGTERM or an error in the driver: stop the workers; what came back is saved
