@@ -107,10 +107,10 @@ def model_config_file(name: str) -> Path:
 def model_config(name: str):
     """The transformers configuration of a shipped name or a config.json path, marked as random weights."""
     from transformers import AutoConfig
-    spec = json.loads(model_config_file(name).read_text())
     try:
+        spec = json.loads(model_config_file(name).read_text())
         cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, AttributeError, TypeError) as e:   # JSONDecodeError is a ValueError
         raise UserError(f"model config {name!r} is not a transformers configuration: {e}") from None
     cfg.atskv_random_weights = True
     cfg._name_or_path = f"random-{Path(name).stem}"   # its own entry in the predictor cache (relevance_predictor)
