@@ -154,7 +154,8 @@ class PassiveStore:
         Hkv = self.k.shape[1]
         if self.kq is not None:  # q.k against the int8 keys on the device
             qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
-            ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.kq.float() * self.kscale)
+            # the scales multiply the N scores, not the N x D keys
+            ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.kq.float()) * self.kscale[..., 0][:, :, None, None, :]
             ub = ub.masked_fill(~self.kvalid[:, :, None, None, :], float("-inf"))
         elif self.page_size == 1:  # exact q.k where the keys live
             qg = query.view(B, Hkv, Hq // Hkv, q, D).to(self.k.device, torch.float32)
