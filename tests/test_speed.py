@@ -88,3 +88,17 @@ def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_p
         assert r["top"] == sorted(r["top"], key=lambda t: -t["ms_per_step"])
     assert by["evict"]["per_step"] > by["keep"]["per_step"]   # the scoring and the controller run only there
     assert "Profile of one fast step (CPU operators" in (tmp_path / "results.md").read_text()
+
+
+def test_plain_part_alone_times_methods_the_fast_path_refuses(tmp_path, run_main):
+    """--speed_parts plain runs HF's decode loop only: atskv with external memory is timed there (the recall
+    issue's plain-path decode time), while the parts that use the fast path still refuse it."""
+    method = "atskv[external_memory=true]"
+    args = ["--benchmark", "speed", "--context_sizes", "512", "--batch_sizes", "1", "--budgets", "0.25",
+            "--methods", method, "--decode_steps", "4", "--output_dir", tmp_path]
+    code, err = run_main(*args, "--speed_parts", "plain")
+    assert code == 0, err[-5:]
+    (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rec["status"] == "ok" and rec["method"] == method and rec["decode_ms"] > 0
+    code, err = run_main(*args, "--speed_parts", "plain,timing")
+    assert code == 2 and "external memory" in err[-1], err[-1]
