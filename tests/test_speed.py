@@ -1,23 +1,13 @@
 """The speed benchmark: records per path beside the memory floor, the report's speed section, resuming, bad input."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from fast_decode import memory_floor_ms
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEED = ["--benchmark", "speed", "--context_sizes", "256", "--batch_sizes", "2", "--budgets", "0.25",
          "--methods", "full,atskv[evict_every=2]", "--decode_steps", "4", "--device", "cpu"]
 ATSKV = "atskv[evict_every=2]"
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "run_experiment.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=dict(os.environ))
 
 
 def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
@@ -37,9 +27,9 @@ def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_resumes(tmp_path):
-    proc = cli(*SPEED, "--output_dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_resumes(tmp_path, run_main):
+    code, err = run_main(*SPEED, "--output_dir", tmp_path)
+    assert code == 0, err[-5:]
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     paths = sorted((r["method"], r["path"]) for r in recs)
     assert paths == [(ATSKV, "fast"), (ATSKV, "fast_bare"), (ATSKV, "hf_plain"), ("full", "fast"),
@@ -60,23 +50,26 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     assert "## Decode speed" in md and f"| {ATSKV} @ 25% | 256 | 2 | fast path |" in md
     assert "evicting step ms" in md
     assert (tmp_path / "figures" / "speed_decode.png").stat().st_size > 0
-    again = cli(*SPEED, "--output_dir", str(tmp_path))
-    assert again.returncode == 0
+    assert run_main(*SPEED, "--output_dir", tmp_path)[0] == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(recs)  # nothing re-measured
     # with a kernel switched off: new cells, recorded and labelled as such beside the others
-    off = cli(*SPEED, "--methods", "full", "--kernels_off", "evict", "--output_dir", str(tmp_path))
-    assert off.returncode == 0, off.stderr[-2000:]
+    import kernels
+    try:
+        code, err = run_main(*SPEED, "--methods", "full", "--kernels_off", "evict", "--output_dir", tmp_path)
+    finally:
+        kernels.switch_off([])   # this process's later tests use every kernel
+    assert code == 0, err[-5:]
     new = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()][len(recs):]
     assert sorted(r["path"] for r in new) == ["fast", "hf_plain"] and all(r["kernels_off"] == ["evict"] for r in new)
     md = (tmp_path / "results.md").read_text()
     assert "| full (kernels off: evict) | 256 | 2 | fast path |" in md and "| full | 256 | 2 | fast path |" in md
 
 
-def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path):
+def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path, run_main):
     args = ["--benchmark", "speed", "--speed_parts", "profile", "--context_sizes", "256", "--batch_sizes", "1",
             "--budgets", "0.25", "--methods", "full,atskv[evict_every=4]", "--device", "cpu"]
-    proc = cli(*args, "--output_dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, err = run_main(*args, "--output_dir", tmp_path)
+    assert code == 0, err[-5:]
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["variant"]) for r in recs) == [
         ("atskv[evict_every=4]", "bare_evict"), ("atskv[evict_every=4]", "bare_keep"),
