@@ -60,7 +60,8 @@ def run_cell(model, tok, args, cell: dict, samples, env: dict, limit, fault: str
     from utils import set_seed
     inject = injected(fault, cell)
     set_seed(args.seed)
-    record = cell_header(cell, env, model.device, command)
+    import evals.speed as speed
+    record = cell_header(cell, command, env, speed.timing_probe(model.device))
     t0 = time.perf_counter()
     try:
         if args.use_api:
@@ -91,10 +92,12 @@ def injected(fault: str, cell: dict) -> str | None:
     return kind
 
 
-def cell_header(cell: dict, env: dict, device, command: str) -> dict:
-    import evals.speed as speed
-    return {"cell": cell_key(cell), **cell, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "timing_probe": speed.timing_probe(device), "command": command}
+def cell_header(cell: dict, command: str, env: dict | None = None, timing_probe: dict | None = None,
+                when: str | None = None) -> dict:
+    """What every record of a cell starts with (the serial sweep's and the Ray driver's alike)."""
+    head = {"cell": cell_key(cell), **cell, "time": when or time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command}
+    return head | ({"env": env} if env is not None else {}) | \
+        ({"timing_probe": timing_probe} if timing_probe is not None else {})
 
 
 def error_line(e: BaseException) -> str:

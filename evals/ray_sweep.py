@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from evals.cells import (cell_name, cell_samples, error_line, injected, load_for_sweep, mark_unavailable, run_samples,
-                         stop_on_sigterm, summarize_cell)
-from evals.records import cell_key, command_line
+from evals.cells import (cell_header, cell_name, cell_samples, error_line, injected, load_for_sweep, mark_unavailable,
+                         run_samples, stop_on_sigterm, summarize_cell)
+from evals.records import command_line
 from utils import UserError, append_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,8 +183,7 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
                 elif kind == "error":
                     print(f"\n[atskv] cell {cell_name(cell)} failed: {out} (recorded; the sweep goes on)",
                           file=sys.stderr)
-                    close(i, {"cell": cell_key(cell), **cell, "status": "error", "error": out, "command": command,
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                    close(i, cell_header(cell, command) | {"status": "error", "error": out})
                 else:
                     parts.setdefault(i, {})[part.start] = out
                     if len(parts[i]) == len(ranges):
@@ -206,9 +205,9 @@ def merged_record(cell: dict, outs: list[dict], limit, command: str) -> dict:
     env, time and timing probe from the first part; wall_s summed over the parts (its compute time), parts their
     count."""
     per_sample = [r for o in outs for r in o["per_sample"]]
-    return {"cell": cell_key(cell), **cell, "env": outs[0]["env"], "time": outs[0]["time"],
-            "timing_probe": outs[0]["timing_probe"], "command": command, **summarize_cell(cell, per_sample, limit),
-            "status": "ok", "wall_s": sum(o["wall_s"] for o in outs), "parts": len(outs)}
+    return cell_header(cell, command, outs[0]["env"], outs[0]["timing_probe"], outs[0]["time"]) | \
+        summarize_cell(cell, per_sample, limit) | \
+        {"status": "ok", "wall_s": sum(o["wall_s"] for o in outs), "parts": len(outs)}
 def with_absolute_paths(args):
     """A copy of args whose local paths (data, haystack, a model file or folder) do not depend on the working
     directory, which a worker on another node does not share."""
