@@ -84,6 +84,10 @@ class ATSKV(KVMethod):
     recall_tokens: float = 0.5        # per-step recall: tokens recalled per step, a fraction of the active budget,
     recall_every: int = 1             #   every this many decode steps (0: never); without read-time recall the
                                       #   question's forward recalls this way too
+    recall_choice: str = "own"        # a forward of several tokens (a prompt chunk, the question): "own": each query
+                                      #   of each head attends to its own top recall_tokens x budget passive entries
+                                      #   (top-k sparse attention over the store); "shared": the last `window`
+                                      #   queries vote for one set (a decode step's one query always votes so)
     recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "int8": q.k
                                       #   against an int8 copy of the passive keys on the device; "pages": Quest
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
@@ -116,6 +120,8 @@ class ATSKV(KVMethod):
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "recall_every" else 1):
                 lo = 0 if name == "recall_every" else 1
                 raise UserError(f"{name} {v!r}: accepted are integers >= {lo}")
+        if self.recall_choice not in ("own", "shared"):
+            raise UserError(f"recall_choice {self.recall_choice!r}: accepted are 'own' and 'shared'")
         if not 0.0 < self.retrieval_share < 1.0:
             raise UserError(f"retrieval_share {self.retrieval_share!r}: accepted are fractions in (0, 1)")
 
@@ -326,18 +332,28 @@ class ATSKV(KVMethod):
         if store is None or (store.size == 0 and store.pend is None) or not due:
             return super().attend(layer, module, query, keys, values, mask, scaling)
         n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
-        rec = store.recall(query[:, :, -self.window:], n_tok // store.page_size,  # the copy starts (side stream)
-                           self.recall_span)
-        o1, lse1 = attention_lse(query, keys, values, mask, scaling)             # meanwhile: the active cache
-        rec.wait()
-        self.recall_bytes["read" if layer.n_new > 1 else "decode"] += rec.k.nbytes + rec.v.nbytes
+        own = self.recall_choice == "own" and layer.n_new > 1
+        rec = store.recall(query if own else query[:, :, -self.window:], n_tok // store.page_size,
+                           self.recall_span, per_query=own)                 # the copy starts (side stream)
         B, Hq, q, _ = query.shape
-        rmask = repeat_heads(rec.valid, Hq // keys.shape[1])[:, :, None, :].expand(B, Hq, q, -1)
-        o2, lse2 = attention_lse(query, rec.k, rec.v, rmask, scaling)
+        if layer.n_new > 1:  # a forward of several tokens: one attention over the recalled and the active entries
+            rec.wait()
+            self.recall_bytes["read"] += rec.k.nbytes + rec.v.nbytes
+            active = mask if mask is not None else torch.ones((B, Hq, q, keys.shape[2]), dtype=torch.bool,
+                                                              device=keys.device)
+            out = super().attend(layer, module, query, torch.cat([rec.k.to(keys.dtype), keys], 2),
+                                 torch.cat([rec.v.to(values.dtype), values], 2),
+                                 torch.cat([rec.mask(Hq, q), active], -1), scaling)
+        else:  # a decode step: the active cache's attention while the copy runs, merged with the recalled part's
+            o1, lse1 = attention_lse(query, keys, values, mask, scaling)
+            rec.wait()
+            self.recall_bytes["decode"] += rec.k.nbytes + rec.v.nbytes
+            o2, lse2 = attention_lse(query, rec.k, rec.v, rec.mask(Hq, q), scaling)
+            out = merge_attention(o1, lse1, o2, lse2).to(query.dtype)
         self.last_recall = rec.k.shape[2]
         if self.promote and store.k is not None and store.page_size == 1:
             self._promote(layer, store, rec)
-        return merge_attention(o1, lse1, o2, lse2).to(query.dtype)
+        return out
 
     def recall_slots(self, layer) -> int:
         """Entries a read-time recall pins: recall_share of the layer budget, leaving room for the sinks, the

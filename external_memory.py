@@ -141,10 +141,18 @@ class PassiveStore:
         self.extras = {n: t[:, :, sel] for n, t in self.extras.items()}
         self._buf = {}  # compacted: the next settle starts new buffers
 
-    def recall(self, query: torch.Tensor, n_pages: int, span: int = 1) -> "Recalled":
-        """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n_pages x P + pending, D), on their way to the
-        device (`Recalled.wait()` before use). span > 1 (exact scoring): each entry's vote is max-pooled over
-        `span` neighbouring positions, so that the neighbours of a strongly voted entry come back with it."""
+    def recall(self, query: torch.Tensor, n_pages: int, span: int = 1, per_query: bool = False) -> "Recalled":
+        """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n, D), on their way to the device
+        (`Recalled.wait()` before use).
+
+        Shared choice (per_query False): the queries vote (each a softmax over the candidates, summed over the
+        queries and the group's heads) and the top n_pages pages (P entries each) of each KV head come back; span > 1
+        (exact scoring) max-pools each entry's vote over `span` neighbouring positions, so that the neighbours of a
+        strongly voted entry come back with it.
+        Own choice (per_query True, exact and int8 scoring): every query of every query head takes its own top
+        n_pages entries by q.k, the union comes back, and each query attends only to its own choice
+        (`Recalled.qmask`): top-k sparse attention over the store, for a forward of many tokens (a prompt chunk)
+        whose queries look for different things."""
         self.settle()
         dev = query.device
         if self.k is None:
@@ -166,6 +174,9 @@ class PassiveStore:
             # upper bound of q.k over a page: per channel, q times the page's max (q > 0) or min (q < 0)
             ub = torch.maximum(qg[..., None, :] * self.kmin[:, :, None, None].float(),
                                qg[..., None, :] * self.kmax[:, :, None, None].float()).sum(-1)  # (B,Hkv,G,q,pages)
+        if per_query and self.page_size == 1:
+            idx, qmask = own_choices(ub, n_pages)
+            return self._fetch(idx.cpu(), dev, qmask.reshape(B, Hq, q, -1).to(dev))
         # each query votes with a softmax over the pages (as SnapKV's window votes over tokens): a few queries with
         # large bounds everywhere (sink-like heads) then cannot drown the query that looks for one page
         page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
@@ -175,7 +186,10 @@ class PassiveStore:
         n_pages = min(n_pages, page_score.shape[-1])
         pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
         P = self.page_size
-        idx = (pages[..., None] * P + torch.arange(P)).flatten(-2)  # (B, Hkv, n_pages x P), host
+        return self._fetch((pages[..., None] * P + torch.arange(P)).flatten(-2), dev)  # (B, Hkv, n_pages x P)
+
+    def _fetch(self, idx: torch.Tensor, dev, qmask=None) -> "Recalled":
+        """Entries idx (B, H_kv, n) (host) of the store, on their way to the device."""
         self.last_idx = idx
         pinned = self.use_stream and dev.type == "cuda"
 
@@ -191,7 +205,7 @@ class PassiveStore:
                 done.record()
         else:
             (k, v, valid), done = (t.to(dev) for t in host), None
-        return Recalled(k, v, valid, self.pend, done)
+        return Recalled(k, v, valid, self.pend, done, qmask)
 
     def remove_recalled(self) -> None:
         """Take the entries of the last recall out of the store (they were promoted into the active cache)."""
@@ -213,6 +227,19 @@ class PassiveStore:
         pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
         int8 = 0 if self.kq is None else self.kq.nbytes + self.kscale.nbytes + self.kvalid.nbytes
         return pend + int8 + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+def own_choices(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B, H_kv, G, q, N) of every query head's queries over N entries (-inf: not an entry) -> the union of
+    their top-n choices per KV head, idx (B, H_kv, U) in stored order, and qmask (B, H_kv, G, q, U): which of them
+    each query chose. U is the largest union over the rows; a row with fewer pads with entries nobody chose."""
+    B, H, G, q, N = scores.shape
+    nth = scores.topk(min(n, N), dim=-1).values[..., -1:]
+    own = (scores >= nth) & (scores > float("-inf"))   # ties with the n-th may add a few
+    chosen = own.any(dim=(2, 3))
+    U = max(1, int(chosen.sum(-1).max()))
+    idx = chosen.to(torch.int8).topk(U, dim=-1).indices.sort(-1).values
+    return idx, own.gather(-1, idx[:, :, None, None, :].expand(B, H, G, q, U))
 
 
 def quantize_int8(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +275,11 @@ def side_stream(device) -> "torch.cuda.Stream":
 
 
 class Recalled:
-    """Recalled entries on their way to the device, plus the store's pending (device) buffer."""
+    """Recalled entries on their way to the device, plus the store's pending (device) buffer. qmask
+    (B, H_q, q, n): which recalled entries each query attends to (None: all of them; the pending ones: all)."""
 
-    def __init__(self, k, v, valid, pend, done):
-        self.k, self.v, self.valid, self.pend, self.done = k, v, valid, pend, done
+    def __init__(self, k, v, valid, pend, done, qmask=None):
+        self.k, self.v, self.valid, self.pend, self.done, self.qmask = k, v, valid, pend, done, qmask
 
     def wait(self):
         """Make the compute stream wait for the copy, then append the pending buffer."""
@@ -263,8 +291,18 @@ class Recalled:
         if self.pend is not None and self.pend[0].shape[2]:
             self.k, self.v = torch.cat([self.k, self.pend[0]], 2), torch.cat([self.v, self.pend[1]], 2)
             self.valid = torch.cat([self.valid, self.pend[3]], 2)
+            if self.qmask is not None:
+                n = self.pend[0].shape[2]
+                self.qmask = torch.cat([self.qmask, self.qmask.new_ones(self.qmask.shape[:3] + (n,))], -1)
             self.pend = None
         return self
+
+    def mask(self, n_q_heads: int, n_queries: int) -> torch.Tensor:
+        """(B, H_q, q, n): the recalled entries each query attends to (valid ones, of its own choice)."""
+        B = self.valid.shape[0]
+        m = repeat_heads(self.valid, n_q_heads // self.valid.shape[1])[:, :, None, :].expand(B, n_q_heads,
+                                                                                             n_queries, -1)
+        return m if self.qmask is None else m & self.qmask
 
 
 def attention_lse(query, keys, values, mask, scaling):
