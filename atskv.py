@@ -88,8 +88,9 @@ class ATSKV(KVMethod):
                                       #   of each head attends to its own top recall_tokens x budget passive entries
                                       #   (top-k sparse attention over the store); "shared": the last `window`
                                       #   queries vote for one set (a decode step's one query always votes so)
-    recall_scoring: str = "exact"     # "exact": q.k against every passive key where it lives (host); "int8": q.k
-                                      #   against an int8 copy of the passive keys on the device; "pages": Quest
+    recall_scoring: str = "int8"      # "int8": q.k against an int8 copy of the passive keys kept on the device (a
+                                      #   quarter of their bf16 bytes), only the chosen entries read from the host;
+                                      #   "exact": against every passive key where it lives (host); "pages": Quest
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
     promote: bool = False             # recalled entries compete for the active cache by the controller's rule

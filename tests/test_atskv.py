@@ -269,3 +269,41 @@ def test_promotion_moves_recalled_entries_into_the_active_cache_within_budget_an
         old = set(before[l][0, 0].tolist())
         moved += sum(1 for p in layer.positions[0, 0].tolist() if p not in old and p < len(ci))
     assert moved > 0  # some evicted context entries won their way back into the active cache
+
+
+def test_own_recall_gives_each_query_of_each_head_exactly_its_top_entries():
+    """recall_choice="own" (a forward of several tokens): every query of every query head attends to the n passive
+    entries with its largest q.k, and to no other recalled entry."""
+    from external_memory import PassiveStore
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, q, N, D, n = 2, 2, 3, 5, 40, 8, 6
+    store = PassiveStore(page_size=1)
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    store.add(k, torch.randn(B, Hkv, N, D, generator=g), torch.arange(N).expand(B, Hkv, N), torch.ones(B, Hkv, N,
+                                                                                                     dtype=torch.bool))
+    query = torch.randn(B, Hkv * G, q, D, generator=g)
+    rec = store.recall(query, n, per_query=True).wait()
+    attended = rec.mask(Hkv * G, q)                                        # (B, H_q, q, U) over the recalled
+    for b in range(B):
+        for h in range(Hkv * G):
+            scores = query[b, h] @ k[b, h // G].T                           # (q, N)
+            for i in range(q):
+                want = set(scores[i].topk(n).indices.tolist())
+                got = {int(p) for p, a in zip(store.last_positions[b, h // G], attended[b, h, i]) if a}
+                assert got == want
+
+
+def test_recall_of_every_passive_entry_reproduces_the_full_cache(model, tokenizer, predictor):
+    """With room to recall the whole store (recall_tokens x budget >= the context), ATSKV with external memory
+    attends as the full cache does in every chunk of the prompt and at the question: the logits agree."""
+    s = ev.make_synthetic_sample(tokenizer, "needle", 500, 0.5, 0)
+    ci, qi = ev.encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+    logits = {}
+    for name, params in (("full", {}), ("atskv", {"external_memory": True, "recall_tokens": 20.0})):
+        cache = KVCacheFactory.create(name, model, budget=64, context_length=len(ci), tokenizer=tokenizer, **params)
+        ev.forward_chunked(model, cache, torch.tensor([ci]), 128)
+        logits[name] = ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))[0]
+        if name == "atskv":
+            assert all(n <= cache.layer_budget(i) for i, n in enumerate(cache.stored_lengths()))
+            assert min(s.size for s in cache.method.passive.values()) > 300
+    assert torch.allclose(logits["atskv"], logits["full"], atol=1e-3, rtol=1e-3)
