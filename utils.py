@@ -273,6 +273,8 @@ def load_model_and_tokenizer(model_name: str = DEFAULT_MODEL, device: str | None
         os.replace(tmp, save_to)
         model.config._name_or_path = save_to  # the same identity as every later load (per-model predictor cache)
         drop_default_download()
+    elif "gguf_file" in extra:
+        model.config._name_or_path = str(gguf_tokenizer_dir(Path(source) / extra["gguf_file"], tokenizer))
     if model.dtype != dtype:
         model = model.to(dtype)
     if not device_map:
@@ -281,6 +283,20 @@ def load_model_and_tokenizer(model_name: str = DEFAULT_MODEL, device: str | None
     fix_special_tokens(model, tokenizer)
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def gguf_tokenizer_dir(gguf: Path, tokenizer) -> Path:
+    """A directory in the cache holding this .gguf file's tokenizer (saved once), used as the model's name: code
+    that reloads the tokenizer from the model's name finds it there (kvpress's KVzip does), and the model's
+    identity (its cached relevance predictor) is this file, not the directory the file sits in."""
+    d = cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (d / "tokenizer_config.json").exists():
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=d.parent))
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    return d
 
 
 def fix_special_tokens(model, tokenizer) -> None:
