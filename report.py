@@ -98,13 +98,15 @@ def tiers_mb(rs: list[dict]) -> tuple[float, float, float]:
 
 
 def recalled_at(rs: list[dict], size: int) -> str:
-    """Mean bytes a method with an external memory copied to the device while the question was read, and per
-    decode step (both summed over the layers), at one context size; '-' for methods without recall."""
+    """Mean bytes a method with an external memory copied to the device while the context was read (its prompt
+    chunks; '-' in records made before it was counted), while the question was read, and per decode step (all
+    summed over the layers), at one context size; '-' for methods without recall."""
     sel = [r for r in rs if r["context_size"] == size and "recall_bytes_per_step" in r]
     if not sel:
         return "-"
-    question = sum(r.get("recall_bytes_question", 0) for r in sel) / len(sel) / MB
-    return f"{question:.2f} / {sum(r['recall_bytes_per_step'] for r in sel) / len(sel) / 1024:.0f}"
+    mean = lambda k: sum(r.get(k, 0) for r in sel) / len(sel)  # noqa: E731
+    prefill = f"{mean('recall_bytes_prefill') / MB:.0f}" if all("recall_bytes_prefill" in r for r in sel) else "-"
+    return f"{prefill} / {mean('recall_bytes_question') / MB:.2f} / {mean('recall_bytes_per_step') / 1024:.0f}"
 
 
 def timing_marks(ok: list[dict]) -> dict[str, str]:
@@ -147,7 +149,7 @@ def synthetic_tables(ok: list[dict]):
     recalls = any("recall_bytes_per_step" in r for r in ok)
     header = ["method", "budget"] + [f"score @{s}" for s in sizes] + \
         ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries", f"host MB @{big}"] + \
-        ([f"recalled @{big}: question MB / decode KB a step"] if recalls else []) + ["prefill s", "decode ms/token"]
+        ([f"recalled @{big}: context MB / question MB / decode KB a step"] if recalls else []) + ["prefill s", "decode ms/token"]
     rows = []
     for (m, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
         per_size = []

@@ -151,12 +151,14 @@ def recall_counters(cache) -> dict | None:
 
 
 def recall_record(before_question, before_decoding, end) -> dict:
-    """The bytes recalled while the question was read and per decode step (methods with an external memory)."""
+    """The bytes recalled while the context was read (every prompt chunk, summed), while the question was read, and
+    per decode step (methods with an external memory)."""
     if before_decoding is None or end is None:
         return {}
     steps = end["decode_steps"] - before_decoding["decode_steps"]
     out = {"recall_bytes_per_step": (end["decode"] - before_decoding["decode"]) / max(1, steps)}
     if before_question is not None:
+        out["recall_bytes_prefill"] = before_question["read"]
         out["recall_bytes_question"] = before_decoding["read"] - before_question["read"]
     return out
 
@@ -260,7 +262,8 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         scores.append(score_synthetic(sub, r["prediction"]))
         preds.append(r["prediction"])
         decode.append(r["decode_ms_per_token"])
-        recalls.append({k: r[k] for k in ("recall_bytes_question", "recall_bytes_per_step") if k in r})
+        recalls.append({k: r[k] for k in ("recall_bytes_prefill", "recall_bytes_question", "recall_bytes_per_step")
+                        if k in r})
     recalled = {k: sum(x[k] for x in recalls) / len(recalls) for k in recalls[0]}
     return {**tiers, **recalled, **masks, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
             "prefill_s": prefill_s, "decode_ms_per_token": sum(decode) / len(decode), "kv_bytes": kv,
