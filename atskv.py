@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              repeat_heads, window_attention)
-from external_memory import PassiveStore, attention_lse, max_pool_positions, merge_attention
+from external_memory import PassiveStore, attention_lse, max_pool_positions, merge_attention, quantize_int8
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -440,21 +440,54 @@ class ATSKV(KVMethod):
 
     # -- the fast path's slot step (fast_decode.StaticDecoder; cache_framework.KVMethod's slot hooks) ------------
     def fast_path_refusal(self):
-        if self.external_memory or self.span > 1 or self.consensus:
-            return ("external memory, consensus and span > 1 are plain-path only: atskv without external memory or "
-                    "consensus, span 1")
+        if self.span > 1 or self.consensus:
+            return "consensus and span > 1 are plain-path only: atskv without consensus, span 1"
+        if self.external_memory and (self.recall_scoring != "int8" or self.promote or self.recall_every != 1
+                                     or self.recall_share > 0 or self.recall_span != 1):
+            return ("its external memory has a fast path with its defaults only (int8 scoring, recall every step, "
+                    "no promotion, read-time pinning or recall span)")
         return None
 
-    def slot_state(self, layer):
+    def slot_state(self, layer, max_steps):
         """The running attention statistic, the token ids, the write-time logit z0 of every entry (its static
-        features and hidden state, `static_logit`) and the controller's delta."""
+        features and hidden state, `static_logit`) and the controller's delta; with external memory, the passive
+        tier (`passive_tier`)."""
         l, pred = layer.layer_idx, self.predictor
         co = self.slot_coefs()[l]
         z0 = static_logit(co, pred.token_flags, hidden_logit(co, layer.extras["h"]), layer.positions, layer.keys,
                           layer.values, layer.extras["tok"].long(), self.n_sink)
         # delta of shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
-        return ({"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0},
-                {"delta": torch.tensor([self.controller.delta[l]], dtype=torch.float64, device=layer.device)})
+        per_layer = {"delta": torch.tensor([self.controller.delta[l]], dtype=torch.float64, device=layer.device)}
+        if self.external_memory:
+            per_layer |= self.passive_tier(layer, layer.stored_length() + max_steps + 1)
+        return {"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0}, per_layer
+
+    def passive_tier(self, layer, room: int) -> dict:
+        """The layer's passive store as fixed-size device tensors for the fast path, with room for `room` more
+        entries and one last entry that the offload writes what it does not move to (never valid): keys and
+        values "pk", "pv" (B, H, cap, D), their int8 copies "pq" and scales "ps" (B, H, cap), "pos", "pok" (valid
+        and filled) and "pn" (B,): entries filled. The whole store on the device (the issue's passive_device
+        option): recall is then a gather; a host tier is the next step (docs/design-recall-fast-path.md)."""
+        store = self.passive.get(layer.layer_idx)
+        B, H, _, D = layer.keys.shape
+        dev, dt = layer.device, layer.keys.dtype
+        n = 0
+        if store is not None:
+            store.settle()
+            n = store.size_settled()
+        cap = n + room + 1
+        t = {"pk": torch.zeros((B, H, cap, D), dtype=dt, device=dev),
+             "pv": torch.zeros((B, H, cap, layer.values.shape[-1]), dtype=dt, device=dev),
+             "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
+             "ps": torch.zeros((B, H, cap), device=dev),
+             "ppos": torch.full((B, H, cap), -1, dtype=torch.long, device=dev),
+             "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev),
+             "pn": torch.full((B,), n, dtype=torch.long, device=dev)}
+        if n:
+            t["pk"][:, :, :n], t["pv"][:, :, :n] = store.k.to(dev, dt), store.v.to(dev, dt)
+            t["pq"][:, :, :n], t["ps"][:, :, :n] = store.kq, store.kscale[..., 0]
+            t["ppos"][:, :, :n], t["pok"][:, :, :n] = store.pos.to(dev), store.valid.to(dev)
+        return t
 
     def slot_coefs(self) -> list[dict]:
         if getattr(self, "_slot_coefs", None) is None:
@@ -465,8 +498,45 @@ class ATSKV(KVMethod):
         return {"counts": self.counts.clone()}
 
     def slot_layer_args(self, layer_idx, device):
-        return {"beta": torch.tensor(self.controller.beta[layer_idx], dtype=torch.float32, device=device),
+        args = {"beta": torch.tensor(self.controller.beta[layer_idx], dtype=torch.float32, device=device),
                 "co": self.slot_coefs()[layer_idx]}
+        if self.external_memory:   # entries recalled a step, as `attend` recalls them (an int: a fixed shape)
+            args["recall_n"] = max(1, int(self.recall_tokens * self.cache.layer_budget(layer_idx)))
+        return args
+
+    def slot_extra_entries(self, s):
+        """Per-step recall (`attend` at a decode step): the query's group votes over the passive tier (a softmax
+        over the entries per query head against their int8 keys, summed over the group) and the top recall_n
+        entries of each KV head are attended beside the slots."""
+        if not self.external_memory:
+            return None
+        from kernels.decode_attention import rope   # here, not at import: Triton loads only for the fast path
+        st = s["state"]
+        q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None]).float()          # (B, H, G, D)
+        D = q.shape[-1]
+        ub = torch.einsum("bhgd,bhnd->bhgn", q, st["pq"].float()) * st["ps"][:, :, None, :]
+        ub = ub.masked_fill(~st["pok"][:, :, None, :], float("-inf"))
+        vote = torch.softmax(ub * D ** -0.5, dim=-1).nan_to_num(0.0).sum(2).masked_fill(~st["pok"], -1.0)
+        idx = vote.topk(min(s["layer_args"]["recall_n"], vote.shape[-1]), dim=-1).indices
+        bias = torch.where(st["pok"].gather(2, idx), 0.0, s["consts"]["hidden"]).to(s["bias"].dtype)
+        return gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), bias
+
+    def slot_offload(self, s, before):
+        """The entries this step's eviction freed (present before, not now) move to the passive tier, after the
+        entries it holds (what `on_evict` does on the plain path)."""
+        st, present = s["state"], s["present"]
+        freed = before & ~present
+        cap = st["pok"].shape[-1]
+        dest = torch.where(freed, st["pn"][:, None, None] + torch.cumsum(freed.long(), -1) - 1, cap - 1)
+        D = s["keys"].shape[-1]
+        kq, scale = quantize_int8(s["keys"])
+        for name, src in (("pk", s["keys"]), ("pv", s["values"]), ("pq", kq)):
+            st[name].scatter_(2, dest[..., None].expand(-1, -1, -1, D), src)
+        st["ps"].scatter_(2, dest, scale[..., 0])
+        st["ppos"].scatter_(2, dest, s["pos"])
+        st["pok"].scatter_(2, dest, freed & s["valid"])
+        st["pok"][..., -1] = False   # the last entry took what was not moved
+        st["pn"] += freed[:, 0].sum(-1)
 
     def slot_consts(self):
         return {"flags": self.predictor.token_flags, "gain": self.controller.gain, "fixed": self.controller.fixed}
@@ -500,10 +570,13 @@ class ATSKV(KVMethod):
         over = (present[0, 0].sum() > la["keep"]) & (seen[0] > c["budget_tokens"])
         prot = protection(present, pos, seen, c["n_sink"], la["n_recent"])
         probs, acc, counts = s["probs"], st["acc"], s["counts"]
+        before = present.clone() if self.external_memory else None
         if evict_kernels.available(present):   # the scoring, the decision, the bias and the queue in three kernels
             r = evict_kernels.relevance(probs, acc, st["z0"], pos, st["tok"], counts, valid, seen, co["dyn"])
             evict_kernels.controller_evict(r, prot, present, valid, s["bias"], st.get("queue"), la["keep"], la["beta"],
                                            st["delta"], c["gain"], c["fixed"], over, c["hidden"])
+            if before is not None:
+                self.slot_offload(s, before)
             return True
         _, _, G, N = probs.shape   # the one new query's attention, as a window of one query over the group's heads
         mean, mx, spread = AttentionStatisticsExtractor.window_stats(probs.reshape(B, H * G, 1, N), H)
@@ -514,6 +587,8 @@ class ATSKV(KVMethod):
         kept, new_delta = controller_keep(r, prot, present, la["keep"], la["beta"], st["delta"], c["gain"], c["fixed"])
         st["delta"].copy_(torch.where(over, new_delta, st["delta"]))
         present.copy_(torch.where(over, kept, present))
+        if before is not None:
+            self.slot_offload(s, before)
         return False
 
     def aux_nbytes(self, layer):

@@ -154,7 +154,7 @@ class H2O(KVMethod):
     def score(self, layer):
         return layer.extras["score"]
 
-    def slot_state(self, layer):
+    def slot_state(self, layer, max_steps):
         return {"score": layer.extras["score"].float()}, {}
 
     def slot_wants_probs(self, evict):

@@ -237,8 +237,9 @@ class KVMethod:
     def has_own_slot_step(self) -> bool:
         return type(self).slot_step is not KVMethod.slot_step
 
-    def slot_state(self, layer: "CompressedLayer") -> tuple[dict, dict]:
-        """(per-entry state (B, H_kv, S, ...) that the decoder moves into slots, per-layer state kept as it is)."""
+    def slot_state(self, layer: "CompressedLayer", max_steps: int) -> tuple[dict, dict]:
+        """(per-entry state (B, H_kv, S, ...) that the decoder moves into slots, per-layer state kept as it is) for
+        a decode of at most max_steps steps."""
         return {}, {}
 
     def slot_shared_state(self) -> dict:
@@ -259,6 +260,12 @@ class KVMethod:
     def slot_before_attention(self, s: dict):
         """Work on the new entry before attention; returns a running statistic (B, H_kv, N) that the attention
         kernel adds this step's probabilities to, or None."""
+        return None
+
+    def slot_extra_entries(self, s: dict):
+        """Entries outside the slots that this step's query attends to as well, (keys, values (B, H_kv, R, D), bias
+        (B, H_kv, R): 0 or HIDDEN), or None. The step merges the two attentions by their log-sum-exps (ATSKV: what
+        it recalls from its passive tier)."""
         return None
 
     def slot_scores(self, s: dict) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from kernels import greedy_kernels, skinny_gemm
-from kernels.decode_attention import decode_attention, kernel_available, rope
+from kernels.decode_attention import decode_attention, decode_attention_lse, kernel_available, rope
 from cache_framework import protection, put
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
@@ -232,13 +232,19 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     write_entry(K, V, bias, present, valid, pos, k, v, slot, cur)
     m = c["method"]
     s = {"present": present, "valid": valid, "bias": bias, "pos": pos, "state": st, "layer_args": la, "consts": c,
-         "slot": slot, "seen": seen, "cur": cur, "tok": tok, "counts": counts, "h": h, "k": k, "v": v,
-         "keys": K, "evict": evict}
+         "slot": slot, "seen": seen, "cur": cur, "tok": tok, "counts": counts, "h": h, "q": q, "k": k, "v": v,
+         "cos": cos, "sin": sin, "keys": K, "values": V, "evict": evict}
     # the method's work before attention (ATSKV: the new entry's running statistic, which a step that does not
     # evict accumulates inside decode_attention); probs: the step's attention, for methods that score with it
     acc = m.slot_before_attention(s) if kind == "method" else None
-    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], kind == "method" and m.slot_wants_probs(evict),
-                                   c["kernel"], acc=acc, cos=cos, sin=sin)
+    want = kind == "method" and m.slot_wants_probs(evict)
+    extra = m.slot_extra_entries(s) if kind == "method" else None
+    if extra is None:
+        attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos, sin=sin)
+    else:   # entries outside the slots too (ATSKV's recall): two attentions merged by their log-sum-exps
+        attn, probs, lse = decode_attention_lse(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos,
+                                                sin=sin)
+        attn = merged_with(attn, lse, rope(q, cos[:, :, None], sin[:, :, None]), *extra, lw["scaling"])
     s["probs"] = probs
     refreshed = False   # whether the method's step refreshed the bias and the queue itself
     if kind == "bare":
@@ -254,6 +260,17 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
         if "queue" in st:
             st["queue"].copy_(free_queue(present, st["queue"].shape[-1]))
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
+
+
+def merged_with(out, lse, q, keys, values, bias, scaling: float):
+    """The attention out (B, H_kv, G, D) over the slots, with its log-sum-exp lse (B, H_kv, G), merged with the
+    attention of the rotated queries q over further entries keys, values (B, H_kv, R, D) with bias (B, H_kv, R)."""
+    logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scaling + bias[:, :, None, :].float()
+    lse2 = torch.logsumexp(logits, dim=-1)
+    out2 = torch.matmul(torch.exp(logits - lse2[..., None]), values.float())
+    m = torch.maximum(lse, lse2)
+    w1, w2 = torch.exp(lse - m)[..., None], torch.exp(lse2 - m)[..., None]
+    return ((w1 * out.float() + w2 * out2) / (w1 + w2)).to(out.dtype)
 
 
 def top_mask(score: torch.Tensor, k) -> torch.Tensor:
@@ -366,7 +383,7 @@ class StaticDecoder:
                 n = _round_up(max(S, budget or 0) + 1 if budget and not grow else S + max_steps + 1, SLOT_ALIGN)
                 sl = SlotLayer(layer.keys, layer.values, layer.positions, layer.valid, n, budget)
                 if not grow:   # the method's per-entry state in slots, its per-layer state as it is
-                    per_entry, per_layer = m.slot_state(layer)
+                    per_entry, per_layer = m.slot_state(layer, max_steps)
                     sl.state = {k: sl.slot_tensor(t) for k, t in per_entry.items()} | per_layer
                 slots.append(sl)
         dec = cls(model, method, slots, start_pos, max_steps, method_obj=m, budget_tokens=budget_tokens, **kw)

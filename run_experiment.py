@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
       "recorded with each result")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
-      "pyramidkv, dynamic_kv, h2o, atskv without external memory)")
+      "pyramidkv, dynamic_kv, h2o, atskv; atskv's external memory with its defaults)")
     a("--device_map", default=None, help="accelerate device map for models larger than one GPU: auto, balanced, "
       "sequential (the plain path; compression runs on each layer's device)")
     a("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="run the sweep's cells on Ray "

@@ -281,3 +281,23 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     if acc is not None:
         acc += probs.mean(2)
     return out, probs if want_probs else None
+
+
+def decode_attention_lse(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True, acc=None,
+                         cos=None, sin=None):
+    """`decode_attention`, plus each query's log-sum-exp (B, H_kv, G) float32, so that an attention over further
+    entries (a method's `slot_extra_entries`) merges with it exactly. The probabilities (and acc's statistic) stay
+    those of the slots alone."""
+    if not (use_kernel and kernel_available(q.device)):
+        if cos is not None:
+            q = rope(q, cos[:, :, None], sin[:, :, None])
+        logits = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse[..., None])
+        out = torch.matmul(probs.to(V.dtype), V)
+    else:
+        out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), True, cos, sin)
+        probs = torch.exp(s - lse[..., None])
+    if acc is not None:
+        acc += probs.mean(2)
+    return out, (probs if want_probs else None), lse

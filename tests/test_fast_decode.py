@@ -101,7 +101,7 @@ def test_controller_keep_keeps_what_the_threshold_controller_keeps():
 def test_fast_path_refuses_atskv_with_consensus(model, tokenizer, prompt):
     cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, consensus=True)
     ev.forward_chunked(model, cache, prompt, chunk=128)
-    with pytest.raises(UserError, match="atskv without external memory or consensus"):
+    with pytest.raises(UserError, match="atskv without consensus"):
         StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], 4)
 
 
@@ -256,3 +256,24 @@ def test_a_method_without_a_slot_step_is_refused_by_the_fast_path_with_its_reaso
             check_fast_method("toy_score_only")
     finally:
         del METHODS["toy_score_only"]
+
+
+def test_fast_path_with_external_memory_recalls_and_offloads_as_the_plain_path(model, tokenizer, prompt,
+                                                                               plain_decode):
+    """atskv[external_memory=true] on the fast path (the passive tier on the device): the same tokens as the plain
+    path, the same entries active, and the same entries in the passive tier as in the plain path's store."""
+    ids = prompt.expand(2, -1)
+    params = {"external_memory": True}
+    plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
+    want = plain_decode(model, plain, ids, N_STEPS)
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
+    logits = ev.forward_chunked(model, cache, ids, chunk=128)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], N_STEPS)
+    assert torch.equal(dec.generate(logits.argmax(-1), N_STEPS + 1), want)
+    for l, (layer, sl) in enumerate(zip(plain.layers, dec.slots)):
+        fast = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.pos, sl.present)]
+        assert fast == kept_positions(layer.positions)
+        store = plain.method.passive[l]
+        store.settle()
+        tier = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.state["ppos"], sl.state["pok"])]
+        assert tier == kept_positions(store.pos), f"layer {l}"

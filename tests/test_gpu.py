@@ -30,7 +30,8 @@ def prompt(cuda_model):
 @pytest.mark.parametrize("method,compile,params,kernel", [
     ("full", False, {}, True), ("sliding_window", False, {}, True), ("h2o", False, {}, True), ("atskv", False, {}, True),
     ("full", True, {}, True), ("atskv", True, {}, True), ("atskv", False, {"evict_every": 4}, True),
-    ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False)])
+    ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False),
+    ("atskv", False, {"external_memory": True}, True), ("atskv", True, {"external_memory": True}, True)])
 def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(
         cuda_model, prompt, method, compile, params, kernel, plain_decode):
     """kernel: the Triton decode attention where Triton is there (False: the SDPA / matmul reference)."""

@@ -84,9 +84,9 @@ def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_p
 
 
 def test_plain_part_alone_times_methods_the_fast_path_refuses(tmp_path, run_main):
-    """--speed_parts plain runs HF's decode loop only: atskv with external memory is timed there (the recall
-    issue's plain-path decode time), while the parts that use the fast path still refuse it."""
-    method = "atskv[external_memory=true]"
+    """--speed_parts plain runs HF's decode loop only: atskv with exact recall scoring is timed there, while the
+    parts that use the fast path still refuse it."""
+    method = 'atskv[external_memory=true;recall_scoring="exact"]'
     args = ["--benchmark", "speed", "--context_sizes", "512", "--batch_sizes", "1", "--budgets", "0.25",
             "--methods", method, "--decode_steps", "4", "--output_dir", tmp_path]
     code, err = run_main(*args, "--speed_parts", "plain")
