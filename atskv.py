@@ -521,6 +521,14 @@ class ATSKV(KVMethod):
         bias = torch.where(st["pok"].gather(2, idx), 0.0, s["consts"]["hidden"]).to(s["bias"].dtype)
         return gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), bias
 
+    def slot_extra_nbytes(self, state, layer_args):
+        if not self.external_memory:
+            return 0, 0
+        held = sum(state[k].nbytes for k in ("pk", "pv", "pq", "ps", "ppos", "pok"))
+        B, H, _, D = state["pk"].shape
+        recalled = 2 * B * H * layer_args["recall_n"] * D * state["pk"].element_size()
+        return held, state["pq"].nbytes + state["ps"].nbytes + state["pok"].nbytes + recalled
+
     def slot_offload(self, s, before):
         """The entries this step's eviction freed (present before, not now) move to the passive tier, after the
         entries it holds (what `on_evict` does on the plain path)."""

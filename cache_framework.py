@@ -268,6 +268,11 @@ class KVMethod:
         it recalls from its passive tier)."""
         return None
 
+    def slot_extra_nbytes(self, state: dict, layer_args: dict) -> tuple[int, int]:
+        """Device bytes of a layer's state outside the slots, and the bytes of it a step reads (ATSKV: its passive
+        tier; a step reads its int8 keys and the entries it recalls)."""
+        return 0, 0
+
     def slot_scores(self, s: dict) -> torch.Tensor:
         """`score` over the slots (B, H_kv, N), the new entry in s["slot"] included."""
         raise NotImplementedError

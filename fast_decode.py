@@ -420,6 +420,14 @@ class StaticDecoder:
     def kv_bytes(self) -> int:
         return sum(s.nbytes() for s in self.slots)
 
+    def extra_nbytes(self) -> tuple[int, int]:
+        """The methods' device state outside the slots, over the layers: (bytes held, bytes a step reads)."""
+        if self.m is None or self.grow:
+            return 0, 0
+        pairs = [self.m.slot_extra_nbytes(sl.state, la) for sl, la in zip(self.slots, self._layer_args())
+                 if sl.budget is not None]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
     def _layer_args(self):
         """Per-layer constants as device tensors (so that compiled functions are not specialised per layer)."""
         if getattr(self, "_largs", None) is None:

@@ -168,7 +168,9 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     _peak_reset(dev)
     dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
     _sync(dev)
-    out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes(), _peak(dev)))
+    held, read = dec.extra_nbytes()   # e.g. ATSKV's passive tier: held on the device, partly read each step
+    out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes() + read, _peak(dev)))
+    out[-1]["extra_device_bytes"] = held
     def variant_ms():   # atskv with evict_every: each variant's step alone (the evicting one last, so that the
         # state is the one after an eviction again)
         vs = sorted(dec.variants(), key=lambda v: v.endswith("evict"))

@@ -270,6 +270,8 @@ def test_fast_path_with_external_memory_recalls_and_offloads_as_the_plain_path(m
     logits = ev.forward_chunked(model, cache, ids, chunk=128)
     dec = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], N_STEPS)
     assert torch.equal(dec.generate(logits.argmax(-1), N_STEPS + 1), want)
+    held, read = dec.extra_nbytes()   # the tier on the device; a step reads its int8 keys and the recalled entries
+    assert 0 < read < held
     for l, (layer, sl) in enumerate(zip(plain.layers, dec.slots)):
         fast = [[sorted(p[m].tolist()) for p, m in zip(pb, mb)] for pb, mb in zip(sl.pos, sl.present)]
         assert fast == kept_positions(layer.positions)
