@@ -143,8 +143,13 @@ def synthetic_tables(ok: list[dict]):
     groups = defaultdict(list)
     for r in ok:
         groups[(r["method"], r["budget"])].append(r)
-    full = sample_scores([r for r in ok if r["method"] == "full"])
-    full_score = 100 * sum(full) / len(full) if full else None
+    full_rs = [r for r in ok if r["method"] == "full"]
+    full_tasks = {s: {r["task"] for r in full_rs if r["context_size"] == s} for s in sizes}
+
+    def full_over(rs):   # the full cache's mean over the same cells (context size, task) as rs: like with like
+        cells = {(r["context_size"], r["task"]) for r in rs}
+        sc = sample_scores([r for r in full_rs if (r["context_size"], r["task"]) in cells])
+        return 100 * sum(sc) / len(sc) if sc else None
     marks = timing_marks(ok)
     recalls = any("recall_bytes_per_step" in r for r in ok)
     header = ["method", "budget"] + [f"score @{s}" for s in sizes] + \
@@ -155,10 +160,13 @@ def synthetic_tables(ok: list[dict]):
         per_size = []
         for s in sizes:
             sel = [r for r in rs if r["context_size"] == s]
-            per_size.append(f"{sum(r['score'] for r in sel) / len(sel):.1f}" if sel else "-")
+            have = {r["task"] for r in sel}
+            part = f" ({len(have)} of {len(full_tasks[s])} tasks)" if full_tasks[s] - have else ""
+            per_size.append(f"{sum(r['score'] for r in sel) / len(sel):.1f}{part}" if sel else "-")
         sc = sample_scores(rs)
         mean = 100 * sum(sc) / len(sc)
         lo, hi = interval95(sc)
+        full_score = full_over(rs)
         ret = f"{100 * mean / full_score:.0f}%" if full_score else "-"
         active, summ, host = tiers_mb([r for r in rs if r["context_size"] == big])
         dev = f"{active:.1f}" + (f" + {summ:.2f}" if summ else "")

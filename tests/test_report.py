@@ -96,3 +96,13 @@ def test_the_readmes_results_at_a_glance_are_the_reports_of_the_committed_result
     dirs, body = block.split("` -->\n", 1)
     body = body.split("<!-- /glance -->")[0]
     assert body.strip() == report.glance(dirs.split(), root=root).strip()
+
+
+def test_a_row_missing_a_task_is_compared_with_the_full_cache_on_the_tasks_it_has(tmp_path):
+    def task_rec(method, budget, score, task):
+        r = record(method, budget, score)
+        return r | {"task": task, "cell": f"{method}-{budget}-{task}"}
+    md = build(tmp_path, [task_rec("full", None, 100, "needle"), task_rec("full", None, 20, "multi_key"),
+                          task_rec("atskv", 0.1, 100, "needle")])
+    # the full cache scores 100 on needle: the row's 100 there is 100% of it, not 100 / 60
+    assert "| atskv | 10% | 100.0 (1 of 2 tasks) | 100.0 [57-100] | 5 | 100% |" in md
