@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              repeat_heads, window_attention)
-from external_memory import PassiveStore, attention_lse, max_pool_positions, merge_attention, quantize_int8
+from external_memory import (PassiveStore, attention_lse, group_votes, int8_logits, max_pool_positions,
+                             merge_attention, quantize_int8)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -512,11 +513,8 @@ class ATSKV(KVMethod):
             return None
         from kernels.decode_attention import rope   # here, not at import: Triton loads only for the fast path
         st = s["state"]
-        q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None]).float()          # (B, H, G, D)
-        D = q.shape[-1]
-        ub = torch.einsum("bhgd,bhnd->bhgn", q, st["pq"].float()) * st["ps"][:, :, None, :]
-        ub = ub.masked_fill(~st["pok"][:, :, None, :], float("-inf"))
-        vote = torch.softmax(ub * D ** -0.5, dim=-1).nan_to_num(0.0).sum(2).masked_fill(~st["pok"], -1.0)
+        q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
+        vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1]).masked_fill(~st["pok"], -1.0)
         idx = vote.topk(min(s["layer_args"]["recall_n"], vote.shape[-1]), dim=-1).indices
         bias = torch.where(st["pok"].gather(2, idx), 0.0, s["consts"]["hidden"]).to(s["bias"].dtype)
         return gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), bias

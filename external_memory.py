@@ -161,10 +161,7 @@ class PassiveStore:
         B, Hq, q, D = query.shape
         Hkv = self.k.shape[1]
         if self.kq is not None:  # q.k against the int8 keys on the device
-            qg = query.view(B, Hkv, Hq // Hkv, q, D).float()
-            # the scales multiply the N scores, not the N x D keys
-            ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.kq.float()) * self.kscale[..., 0][:, :, None, None, :]
-            ub = ub.masked_fill(~self.kvalid[:, :, None, None, :], float("-inf"))
+            ub = int8_logits(query.view(B, Hkv, Hq // Hkv, q, D), self.kq, self.kscale[..., 0], self.kvalid)
         elif self.page_size == 1:  # exact q.k where the keys live
             qg = query.view(B, Hkv, Hq // Hkv, q, D).to(self.k.device, torch.float32)
             ub = torch.einsum("bhgqd,bhnd->bhgqn", qg, self.k.float())
@@ -177,9 +174,7 @@ class PassiveStore:
         if per_query and self.page_size == 1:
             idx, qmask = own_choices(ub, n_pages)
             return self._fetch(idx.cpu(), dev, qmask.reshape(B, Hq, q, -1).to(dev))
-        # each query votes with a softmax over the pages (as SnapKV's window votes over tokens): a few queries with
-        # large bounds everywhere (sink-like heads) then cannot drown the query that looks for one page
-        page_score = torch.softmax(ub * D ** -0.5, dim=-1).sum(dim=(2, 3))
+        page_score = group_votes(ub, D)
         if span > 1 and self.page_size == 1:
             invalid = ~self.valid.to(page_score.device)
             page_score = pooled_by_position(page_score, self.pos, span).masked_fill(invalid, -1.0)
@@ -227,6 +222,20 @@ class PassiveStore:
         pend = 0 if self.pend is None else self.pend[0].nbytes + self.pend[1].nbytes
         int8 = 0 if self.kq is None else self.kq.nbytes + self.kscale.nbytes + self.kvalid.nbytes
         return pend + int8 + (0 if self.kmin is None else self.kmin.nbytes + self.kmax.nbytes)
+
+
+def int8_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """q (B, H_kv, G, q, D) against int8 keys kq (B, H_kv, N, D) with their scales (B, H_kv, N) -> q.k
+    (B, H_kv, G, q, N) float32, -inf where an entry is not valid. The scales multiply the N scores, not the keys."""
+    ub = torch.einsum("bhgqd,bhnd->bhgqn", q.float(), kq.float()) * scale[:, :, None, None, :]
+    return ub.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+
+
+def group_votes(ub: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q.k (B, H_kv, G, q, N) -> each candidate's votes (B, H_kv, N): every query's softmax over the candidates
+    (as SnapKV's window votes over tokens), summed over the queries and the group's heads. A few queries with large
+    scores everywhere (sink-like heads) then cannot drown the query that looks for one entry."""
+    return torch.softmax(ub * head_dim ** -0.5, dim=-1).nan_to_num(0.0).sum(dim=(2, 3))
 
 
 def own_choices(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch
 from kernels import greedy_kernels, skinny_gemm
 from kernels.decode_attention import decode_attention, decode_attention_lse, kernel_available, rope
 from cache_framework import protection, put
+from external_memory import merge_attention
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -268,9 +269,7 @@ def merged_with(out, lse, q, keys, values, bias, scaling: float):
     logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scaling + bias[:, :, None, :].float()
     lse2 = torch.logsumexp(logits, dim=-1)
     out2 = torch.matmul(torch.exp(logits - lse2[..., None]), values.float())
-    m = torch.maximum(lse, lse2)
-    w1, w2 = torch.exp(lse - m)[..., None], torch.exp(lse2 - m)[..., None]
-    return ((w1 * out.float() + w2 * out2) / (w1 + w2)).to(out.dtype)
+    return merge_attention(out.float(), lse[..., None], out2, lse2[..., None]).to(out.dtype)
 
 
 def top_mask(score: torch.Tensor, k) -> torch.Tensor:
