@@ -69,7 +69,9 @@ def run_cell(model, tok, args, cell: dict, samples, env: dict, limit, fault: str
             where = f" at {args.api_base_url}" if args.api_base_url else ""
             record["env"] = {"device": "api", "hardware": f"{cell['model']} via {api_client(args).provider} API{where}"}
         else:
-            record.update(summarize_cell(cell, run_samples(model, tok, cell, samples, limit, inject), limit))
+            per_sample = run_samples_saved(model, tok, cell, samples, limit, inject,
+                                           partial_path(results_path, cell), env.get("commit"))
+            record.update(summarize_cell(cell, per_sample, limit))
         record.setdefault("status", "ok")
     except Exception as e:
         record.update(status="error", error=error_line(e))
@@ -115,6 +117,25 @@ def run_samples(model, tok, cell: dict, samples, limit, inject: str | None = Non
     return real.run_real_samples(model, tok, cell["base_method"], cell["budget"], samples, cell["eval_mode"],
                                  cell["prefill_chunk"], max_prompt_tokens(cell, limit), cell["params"], fault=inject,
                                  fast=fast)
+
+
+def partial_path(results_path: Path, cell: dict) -> Path:
+    """Where a cell's finished samples wait until its record is written (`run_samples_saved`)."""
+    return results_path.parent / "partial" / f"{cell_key(cell)}.jsonl"
+
+
+def run_samples_saved(model, tok, cell: dict, samples, limit, inject, path: Path, commit) -> list[dict]:
+    """`run_samples` one sample at a time, each result appended to `path` as it finishes, so that a cell stopped
+    midway (a job's time limit, Ctrl-C) goes on from its next sample when the sweep is run again; results written
+    at another commit are not reused. The sweep deletes the file once the cell's record is written."""
+    done = {r["id"]: r["result"] for r in read_jsonl(path, warn=False) if r.get("commit") == commit}
+    out = []
+    for s in samples:
+        if s.id not in done:
+            (done[s.id],) = run_samples(model, tok, cell, [s], limit, inject)
+            append_jsonl(path, {"id": s.id, "commit": commit, "result": done[s.id]})
+        out.append(done[s.id])
+    return out
 
 
 def summarize_cell(cell: dict, per_sample: list[dict], limit) -> dict:

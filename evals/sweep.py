@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from evals.cells import (cell_name, cell_samples, interrupted_code, load_for_sweep, mark_unavailable, run_cell,
-                         skip_benchmark, stop_on_sigterm)
+from evals.cells import (cell_name, cell_samples, interrupted_code, load_for_sweep, mark_unavailable, partial_path,
+                         run_cell, skip_benchmark, stop_on_sigterm)
 from evals.records import cell_key, command_line, finished_keys, write_report
 from utils import UserError, append_jsonl
 
@@ -135,6 +135,7 @@ def run_serially(args, opts: dict, todo: list[dict], results_path: Path, unavail
                 continue
             append_jsonl(results_path, run_cell(model, tok, args, cell, samples, env, limit, fault, command_line(),
                                                 results_path))
+            partial_path(results_path, cell).unlink(missing_ok=True)   # its samples are in the record now
 
 
 def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:

@@ -211,6 +211,33 @@ def test_ctrl_c_or_sigterm_stops_with_the_finished_cells_and_a_report_and_resume
         assert "| full | 100% |" in (out / "results.md").read_text()
     done = cli("--output_dir", str(out), *TINY)
     assert done.returncode == 0 and len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
+    assert not list((out / "partial").glob("*.jsonl"))   # each cell's saved samples went into its record
+
+
+def test_a_cell_stopped_midway_goes_on_from_its_next_sample(tmp_path, monkeypatch):
+    """A cell's finished samples are saved as they finish: a rerun after a stop runs only the samples left, and
+    samples saved at another commit are run again."""
+    from types import SimpleNamespace
+    import evals.cells as cells
+    calls, stop_at = [], ["c"]
+
+    def one_sample(model, tok, cell, samples, limit, inject=None):
+        (s,) = samples
+        calls.append(s.id)
+        if s.id in stop_at:
+            stop_at.clear()   # once
+            raise RuntimeError("stopped while the third sample runs")
+        return [{"id": s.id, "score": 1.0}]
+    monkeypatch.setattr(cells, "run_samples", one_sample)
+    samples = [SimpleNamespace(id=i) for i in "abcd"]
+    path = tmp_path / "partial" / "cell.jsonl"
+    with pytest.raises(RuntimeError, match="stopped"):
+        cells.run_samples_saved(None, None, {}, samples, None, None, path, "c1")
+    out = cells.run_samples_saved(None, None, {}, samples, None, None, path, "c1")
+    assert calls == ["a", "b", "c", "c", "d"] and [r["id"] for r in out] == list("abcd")
+    calls.clear()
+    cells.run_samples_saved(None, None, {}, samples, None, None, path, "c2")
+    assert calls == list("abcd")
 
 
 def unusable_devices():
