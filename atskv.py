@@ -516,8 +516,7 @@ class ATSKV(KVMethod):
         q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
         vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1]).masked_fill(~st["pok"], -1.0)
         idx = vote.topk(min(s["layer_args"]["recall_n"], vote.shape[-1]), dim=-1).indices
-        bias = torch.where(st["pok"].gather(2, idx), 0.0, s["consts"]["hidden"]).to(s["bias"].dtype)
-        return gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), bias
+        return gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
 
     def slot_extra_nbytes(self, state, layer_args):
         if not self.external_memory:

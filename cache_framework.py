@@ -263,8 +263,8 @@ class KVMethod:
         return None
 
     def slot_extra_entries(self, s: dict):
-        """Entries outside the slots that this step's query attends to as well, (keys, values (B, H_kv, R, D), bias
-        (B, H_kv, R): 0 or HIDDEN), or None. The step merges the two attentions by their log-sum-exps (ATSKV: what
+        """Entries outside the slots that this step's query attends to as well, (keys, values (B, H_kv, R, D),
+        valid (B, H_kv, R) bool), or None. The step merges the two attentions by their log-sum-exps (ATSKV: what
         it recalls from its passive tier)."""
         return None
 

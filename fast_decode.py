@@ -27,8 +27,8 @@ import torch
 
 from kernels import greedy_kernels, skinny_gemm
 from kernels.decode_attention import decode_attention, decode_attention_lse, kernel_available, rope
-from cache_framework import protection, put
-from external_memory import merge_attention
+from cache_framework import protection, put, repeat_heads
+from external_memory import attention_lse, merge_attention
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -263,13 +263,15 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
 
 
-def merged_with(out, lse, q, keys, values, bias, scaling: float):
+def merged_with(out, lse, q, keys, values, valid, scaling: float):
     """The attention out (B, H_kv, G, D) over the slots, with its log-sum-exp lse (B, H_kv, G), merged with the
-    attention of the rotated queries q over further entries keys, values (B, H_kv, R, D) with bias (B, H_kv, R)."""
-    logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scaling + bias[:, :, None, :].float()
-    lse2 = torch.logsumexp(logits, dim=-1)
-    out2 = torch.matmul(torch.exp(logits - lse2[..., None]), values.float())
-    return merge_attention(out.float(), lse[..., None], out2, lse2[..., None]).to(out.dtype)
+    attention of the rotated queries q over further entries keys, values (B, H_kv, R, D), valid (B, H_kv, R): the
+    plain path's `attention_lse` and `merge_attention` in the slots' layout."""
+    B, H, G, D = q.shape
+    mask = repeat_heads(valid, G)[:, :, None, :]                      # (B, H_kv * G, 1, R)
+    out2, lse2 = attention_lse(q.reshape(B, H * G, 1, D), keys, values, mask, scaling)
+    merged = merge_attention(out.float().reshape(B, H * G, 1, D), lse.reshape(B, H * G, 1, 1), out2, lse2)
+    return merged.reshape(B, H, G, D).to(out.dtype)
 
 
 def top_mask(score: torch.Tensor, k) -> torch.Tensor:
