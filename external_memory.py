@@ -226,7 +226,12 @@ class PassiveStore:
 
 def int8_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """q (B, H_kv, G, q, D) against int8 keys kq (B, H_kv, N, D) with their scales (B, H_kv, N) -> q.k
-    (B, H_kv, G, q, N) float32, -inf where an entry is not valid. The scales multiply the N scores, not the keys."""
+    (B, H_kv, G, q, N) float32, -inf where an entry is not valid. The scales multiply the N scores, not the keys.
+    A few queries a KV head on CUDA go to a Triton kernel (kernels/recall_kernels.py), for which this is the
+    tensor form."""
+    from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
+    if recall_kernels.usable(q, kq):
+        return recall_kernels.int8_logits(q, kq, scale, valid)
     ub = torch.einsum("bhgqd,bhnd->bhgqn", q.float(), kq.float()) * scale[:, :, None, None, :]
     return ub.masked_fill(~valid[:, :, None, None, :], float("-inf"))
 

@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
       "change every step; recorded in each result's env")
     a("--kernels_off", default="", help="speed benchmark: comma list of the fast path's Triton kernels to switch "
       "off, to measure what each brings: attention (SDPA / matmul + softmax instead), gemm (F.linear), evict "
-      "(ATSKV's scoring and eviction in tensor form), greedy (the step's argmax and bookkeeping in tensor form); "
-      "recorded with each result")
+      "(ATSKV's scoring and eviction in tensor form), greedy (the step's argmax and bookkeeping in tensor form), recall (recall's "
+      "scores against the int8 passive keys by einsum); recorded with each result")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
       "pyramidkv, dynamic_kv, h2o, atskv; atskv's external memory with its defaults)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 22's quality table: synthetic needle, multi_key, multi_value and multi_question, question-agnostic, fp32,
-# NUM samples a cell (default 20), at CONTEXTS (default "8192 4096") and BUDGETS (default 0.25,0.1).
+# NUM samples a cell (default 20), at CONTEXTS (default "8192 4096") and BUDGETS (default 0.25,0.1); TASKS picks
+# some of the four tasks.
 # Each method x context x task x budget runs as its own process (JOBS at a time, THREADS CPU threads each; their
 # times are then not speed results) into OUT_DIR/parts/<n>;
 # a part resumes from its results.jsonl, so an interrupted call loses no finished sample. The parts are then joined
@@ -19,7 +20,7 @@ for ctx in ${CONTEXTS:-8192 4096}; do
   for m in "$@"; do
     budgets=$([ "$m" = full ] && echo 1.0 || echo "${BUDGETS:-0.25 0.1}")
     for b in $budgets; do
-      for task in needle multi_key multi_value multi_question; do
+      for task in ${TASKS:-needle multi_key multi_value multi_question}; do
         n=$((n + 1))
         ( OMP_NUM_THREADS=${THREADS:-2} python run_experiment.py --model_name "$model" --output_dir "$out/parts/$n" \
             --benchmarks synthetic --tasks $task --context_sizes "$ctx" --budgets "$b" --methods "$m" \

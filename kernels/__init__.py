@@ -4,7 +4,8 @@
   statistic added in the merge);
 - `skinny_gemm`: the decode step's matmuls for few rows;
 - `evict_kernels`: ATSKV's scoring of every slot and its threshold controller, in the evicting step;
-- `greedy_kernels`: the greedy token and the step's bookkeeping.
+- `greedy_kernels`: the greedy token and the step's bookkeeping;
+- `recall_kernels`: recall's scores against the int8 copies of the passive keys.
 
 Each has a tensor form that it falls back to, and `enabled(name)` says whether the kernel runs: Triton present (CUDA
 builds of torch ship it; CPU builds do not) and the kernel not switched off (`run_experiment.py --kernels_off`, to
@@ -15,7 +16,7 @@ try:
 except ImportError:   # CPU builds of torch come without Triton; every kernel has its tensor form
     triton = tl = None
 
-NAMES = ("attention", "gemm", "evict", "greedy")
+NAMES = ("attention", "gemm", "evict", "greedy", "recall")
 _switched_off: set[str] = set()
 
 

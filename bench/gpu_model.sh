@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On the GPU machine (../shared/gpu/README.md), once per warm machine: join the default model's pieces from $HOME/m
+# into $HOME/model, put a copy where the default alias finds it (the tests), then convert it and train the relevance
+# predictor once, so that parallel runs after it only load them.
+set -euo pipefail
+export PYTHONPATH=$HOME/site
+M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$M" ]; then
+  mkdir -p $HOME/model $HOME/.cache/atskv && cat $HOME/m/model.part.* > "$M"
+  cp "$M" $HOME/.cache/atskv/
+fi
+cd "$(dirname "$0")/.."
+python -c "import utils, relevance_predictor as rp; m, t = utils.load_model_and_tokenizer('$M'); rp.load_or_train(m, t)"

@@ -1,0 +1,44 @@
+"""Recall's int8 scoring kernel (recall_kernels): held to its tensor form (external_memory.int8_logits), on a CPU
+machine through Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
+import torch
+
+from external_memory import int8_logits, quantize_int8
+from kernels import recall_kernels
+from tests.triton_interpreter import needs_triton, run_interpreted
+
+
+def test_int8_scores_use_the_tensor_form_off_cuda():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 3, 1, 64, generator=g), torch.randn(2, 3, 50, 64, generator=g)
+    kq, scale = quantize_int8(k)
+    valid = torch.rand(2, 3, 50, generator=g) > 0.2
+    assert not recall_kernels.usable(q, kq)
+    want = torch.einsum("bhgqd,bhnd->bhgqn", q, kq.float() * scale).masked_fill(~valid[:, :, None, None], -torch.inf)
+    assert torch.allclose(int8_logits(q, kq, scale[..., 0], valid), want, atol=1e-4)
+
+
+INTERPRETED = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from external_memory import int8_logits, quantize_int8
+from kernels import recall_kernels as rk
+g = torch.Generator().manual_seed(0)
+# a decode step of the default model's group (3 query heads, 1 token), keys not a multiple of a block; 8 queries of
+# head size 128 (an 8B model's group); 16 queries (the most a program takes)
+for B, H, G, Q, N, D in ((2, 3, 3, 1, 150, 64), (1, 2, 4, 2, 70, 128), (1, 1, 4, 4, 33, 64)):
+    q, k = torch.randn(B, H, G, Q, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    kq, scale = quantize_int8(k)
+    valid = torch.rand(B, H, N, generator=g) > 0.25
+    got = rk._launch(q.bfloat16(), kq, scale[..., 0], valid)
+    want = int8_logits(q.bfloat16(), kq, scale[..., 0], valid)
+    assert got.shape == want.shape and got.dtype == torch.float32, (got.shape, want.shape)
+    assert torch.equal(torch.isinf(got), ~valid[:, :, None, None].expand_as(got)), (B, H, G, Q, N, D)
+    fin = torch.isfinite(want)
+    assert (got[fin] - want[fin]).abs().max() < 1e-3, (B, H, G, Q, N, D, (got[fin] - want[fin]).abs().max())
+print("ok")
+"""
+
+
+@needs_triton
+def test_int8_scores_kernel_matches_its_tensor_form_in_the_triton_interpreter():
+    run_interpreted(INTERPRETED)
