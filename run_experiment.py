@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="fast path: compile each layer's step with torch.compile (once per "
       "shape, then captured in the CUDA graph)")
     a("--speed_parts", default="timing", help="speed benchmark: comma list of timing (per method, context, batch "
-      "and path), max_batch (the largest decode batch that fits, at the largest context), answers (synthetic needle "
+      "and path), fast (timing without HF's plain loop), max_batch (the largest decode batch that fits, at the largest context), answers (synthetic needle "
       "samples at the smallest context through the plain loop and the fast path: identical answers?), profile (per "
       "method, context and batch: the kernels of one fast step and their time, by torch.profiler), plain (HF's plain "
       "decode loop alone, what model.generate(past_key_values=cache) runs: the mean step over whole eviction "

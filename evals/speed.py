@@ -138,7 +138,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
     on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
     each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
-    Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps; fast: the mean of `steps`
+    Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps, none when 0; fast: the mean of `steps`
     consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while
     decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
@@ -148,7 +148,10 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
     prefill_peak = _peak(dev)
     _peak_reset(dev)
-    plain_ms, tok, pos = plain_decode_ms(model, cache, logits.argmax(-1), context, plain_steps)
+    if plain_steps:
+        plain_ms, tok, pos = plain_decode_ms(model, cache, logits.argmax(-1), context, plain_steps)
+    else:   # the fast path alone (--speed_parts fast)
+        tok, pos = logits.argmax(-1), context
     base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
             "compile": compile, "dtype": _dtype_name(model), "weights_bytes": weights,
             "bandwidth_gbs": bandwidth_gbs, "prefill_s": prefill_s, "prefill_peak_bytes": prefill_peak}
@@ -157,7 +160,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
         floor = memory_floor_ms(weights, kv_read, bandwidth_gbs) if bandwidth_gbs else None
         return {**base, "path": path, "decode_ms": ms, "tok_s": 1000.0 * batch / ms, "kv_bytes_read": kv_read,
                 "decode_peak_bytes": peak, "floor_ms": floor, "x_floor": ms / floor if floor else None}
-    out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))]
+    out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))] if plain_steps else []
     every = getattr(getattr(cache, "method", None), "evict_every", 1)
     n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
     dec = StaticDecoder.from_cache(model, method, cache, pos, 2 * n + 4 * every + 16, compile=compile)
@@ -301,7 +304,7 @@ def check_fast_answers(model, tokenizer, method: str, budget, samples: list[Samp
             "dtype": _dtype_name(model)}
 
 
-SPEED_PARTS = ("timing", "plain", "max_batch", "answers", "profile")
+SPEED_PARTS = ("timing", "fast", "plain", "max_batch", "answers", "profile")
 
 
 def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_off) -> int:
@@ -375,12 +378,16 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
                 yield ({**common, "benchmark": benchmark, "method": label, "base_method": m, "params": params,
                         "budget": budget, **fields}, m, params, budget)
     try:
-        for size in sizes if "timing" in parts else []:
-            for batch in batches:
-                for spec, m, params, budget in cells("speed", context=size, batch=batch, steps=args.decode_steps):
-                    save(spec, lambda: measure_decode_speed(
-                        model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
-                        bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed))
+        for part in ("timing", "fast"):   # fast: the fast path's records alone, without HF's plain loop
+            only = {"paths": "fast"} if part == "fast" else {}
+            for size in sizes if part in parts else []:
+                for batch in batches:
+                    for spec, m, params, budget in cells("speed", context=size, batch=batch, steps=args.decode_steps,
+                                                         **only):
+                        save(spec, lambda: measure_decode_speed(
+                            model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
+                            bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed,
+                            plain_steps=0 if only else 10))
         for size in sizes if "plain" in parts else []:
             for batch in batches:
                 for spec, m, params, budget in cells("speed_plain", context=size, batch=batch, steps=args.decode_steps):

@@ -23,7 +23,7 @@ if triton is not None:
     def _int8_logits_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, out_ptr, N, M, D: tl.constexpr, MP: tl.constexpr,
                             BN: tl.constexpr):
         """out[row, m, n] = (q[row, m] . k[row, n]) * s[row, n] where ok[row, n], else -inf; q float32 (R, M, D),
-        k int8 (R, N, D), s float32 (R, N), ok uint8 (R, N), out float32 (R, M, N); one program per BN keys of a row."""
+        k int8 (R, N, D), s float32 (R, N), ok bool (R, N), out float32 (R, M, N); one program per BN keys of a row."""
         row = tl.program_id(1)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         m = tl.arange(0, MP)
@@ -48,7 +48,7 @@ if triton is not None:
         out = torch.empty((B, H, G, Q, N), dtype=torch.float32, device=q.device)
         wrap(_int8_logits_kernel)[(triton.cdiv(N, BN), B * H)](
             q.float().contiguous(), kq.contiguous(), scale.float().contiguous(),
-            valid.contiguous().view(torch.uint8), out, N, M, D=D, MP=MP, BN=BN, num_warps=4)
+            valid.contiguous(), out, N, M, D=D, MP=MP, BN=BN, num_warps=4)
         return out
 
     @triton_op("atskv::int8_logits", mutates_args=())
