@@ -345,6 +345,8 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
             recs = [{**spec, "status": "error", "error": "out of memory"}]
         for i, r in enumerate(recs):
             r.setdefault("compile", args.compile)
+            if "paths" in spec:   # --speed_parts fast: the fast path alone
+                r["paths"] = spec["paths"]
             if kernels_off:
                 r["kernels_off"] = kernels_off
             r.update(method=spec["method"], base_method=spec["base_method"], params=spec["params"])

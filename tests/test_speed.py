@@ -17,7 +17,7 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
 @pytest.mark.parametrize("args,message", [
     (["--methods", "rocket_kv"], "method 'rocket_kv' has no fast decode path (its decode attention is sparse"),
     (["--speed_parts", "timing,warp"],
-     "--speed_parts: unknown part(s) warp; accepted: timing, plain, max_batch, answers, profile"),
+     "--speed_parts: unknown part(s) warp; accepted: timing, fast, plain, max_batch, answers, profile"),
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
     (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict, greedy"),
@@ -63,6 +63,13 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     assert sorted(r["path"] for r in new) == ["fast", "hf_plain"] and all(r["kernels_off"] == ["evict"] for r in new)
     md = (tmp_path / "results.md").read_text()
     assert "| full (kernels off: evict) | 256 | 2 | fast path |" in md and "| full | 256 | 2 | fast path |" in md
+
+
+def test_fast_part_times_the_fast_path_without_hf_plain_loop(tmp_path, run_main):
+    code, err = run_main(*SPEED, "--methods", "full", "--speed_parts", "fast", "--output_dir", tmp_path)
+    assert code == 0, err[-5:]
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["paths"]) for r in recs] == [("fast", "fast")] and recs[0]["decode_ms"] > 0
 
 
 def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path, run_main):
