@@ -5,7 +5,7 @@ Why: in tensor form, `einsum(q.float(), kq.float())` first widens every int8 key
 written, then read again), so that selecting from the int8 summaries cost more memory traffic than attending to
 the bf16 keys they summarise. Here each program reads a block of int8 keys once, widens them in registers and
 writes only the few queries' scores. A decode step (a few queries per KV head) takes it; a prompt chunk (many
-queries) is a real GEMM and stays with torch. `external_memory.int8_logits` is its tensor form and the reference.
+queries) is a real GEMM and stays with torch. Under torch.compile, Inductor generates the fused reduction itself. `external_memory.int8_logits` is its tensor form and the reference.
 """
 from __future__ import annotations
 
@@ -65,4 +65,10 @@ def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
 
 
 def int8_logits(q, kq, scale, valid):
+    if torch.compiler.is_compiling():
+        # Inside torch.compile the same sum is left to Inductor, which fuses the widening into its own reduction
+        # kernel (each int8 key read once). The triton_op failed both compiled CUDA tests on the H100 (cause not
+        # seen, CHANGELOG.md), and in eager mode this form would write a (B, H, G, Q, N, D) float tensor.
+        ub = (q.float()[..., None, :] * kq[:, :, None, None].float()).sum(-1) * scale[:, :, None, None, :]
+        return ub.masked_fill(~valid[:, :, None, None, :], float("-inf"))
     return _int8_logits_op(q, kq, scale, valid)

@@ -137,7 +137,8 @@ def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("compile", [False, True])
 def test_int8_recall_scores_kernel_matches_the_tensor_form(compile):
-    """The default model's decode step at 64 x 8192, 10% (7373 passive entries a KV head), eager and compiled."""
+    """The default model's decode step at 64 x 8192, 10% (7373 passive entries a KV head): the Triton kernel
+    eagerly, Inductor's fused sum under torch.compile."""
     import kernels
     from external_memory import int8_logits, quantize_int8
     from kernels import recall_kernels

@@ -17,6 +17,19 @@ def test_int8_scores_use_the_tensor_form_off_cuda():
     assert torch.allclose(int8_logits(q, kq, scale[..., 0], valid), want, atol=1e-4)
 
 
+def test_int8_scores_under_torch_compile_are_inductors_fused_sum_of_the_same_values(monkeypatch):
+    """Where the kernel would be used, a compiled caller gets the sum in a form Inductor fuses (no triton_op)."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 3, 1, 64, generator=g).bfloat16(), torch.randn(2, 3, 300, 64, generator=g)
+    kq, scale = quantize_int8(k)
+    valid = torch.rand(2, 3, 300, generator=g) > 0.1
+    want = int8_logits(q, kq, scale[..., 0], valid)
+    monkeypatch.setattr(recall_kernels, "usable", lambda q, kq: True)
+    got = torch.compile(int8_logits, fullgraph=True)(q, kq, scale[..., 0], valid)
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)) and (got[fin] - want[fin]).abs().max() < 1e-4
+
+
 INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
