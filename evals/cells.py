@@ -83,11 +83,13 @@ def run_cell(model, tok, args, cell: dict, samples, env: dict, limit, fault: str
     return record
 
 
-def injected(fault: str, cell: dict) -> str | None:
+def injected(fault: str, cell: dict, part=None) -> str | None:
     """ATSKV_INJECT_FAULT, "<kind>:<substring of cell_name>", several separated by spaces (a testing hook): the
-    kind of fault this cell gets. Kind "kill" ends the process at once (a worker killed mid-sweep); the others are
-    raised inside the cell by the harness (oom, nan)."""
-    kinds = [f.split(":", 1)[0] for f in fault.split() if f.split(":", 1)[-1] in cell_name(cell)]
+    kind of fault this cell gets. Under --ray a part of a cell's samples is named with "#<index>" per sample, so
+    that "kill:snapkv|0.25|needle|128#1" hits only the part that starts with sample 1. Kind "kill" ends the process at
+    once (a worker killed mid-sweep); the others are raised inside the cell by the harness (oom, nan)."""
+    name = cell_name(cell) + "".join(f"#{k}" for k in (part or []))
+    kinds = [f.split(":", 1)[0] for f in fault.split() if f.split(":", 1)[-1] in name]
     kind = kinds[0] if kinds else None
     if kind == "kill":
         os._exit(137)
@@ -126,8 +128,9 @@ def partial_path(results_path: Path, cell: dict) -> Path:
 
 def run_samples_saved(model, tok, cell: dict, samples, limit, inject, path: Path, commit) -> list[dict]:
     """`run_samples` one sample at a time, each result appended to `path` as it finishes, so that a cell stopped
-    midway (a job's time limit, Ctrl-C) goes on from its next sample when the sweep is run again; results written
-    at another commit are not reused. The sweep deletes the file once the cell's record is written."""
+    midway (a job's time limit, Ctrl-C, an error in a later sample) goes on from its next sample when the sweep is
+    run again; results written at another commit are not reused. The sweep deletes the file once the cell's
+    finished record is written."""
     done = {r["id"]: r["result"] for r in read_jsonl(path, warn=False) if r.get("commit") == commit}
     out = []
     for s in samples:

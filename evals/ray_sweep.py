@@ -3,8 +3,9 @@ holding the model, on a local Ray cluster (all this machine's GPUs, or its CPUs 
 one (`ray start` on SLURM nodes). A cell runs in parts of its samples when there are few cells per worker, so that
 a few long cells do not leave the other workers idle; the driver summarizes the parts into the record a serial run
 writes. The driver is the only writer of results.jsonl: it appends (and fsyncs) each cell once all its parts are
-back, so resume, failed cells and Ctrl-C behave as in the serial sweep (evals/sweep.py); a cell's finished parts
-are lost if the run stops before the rest. A worker that dies (killed, out of host memory) costs the cell it was
+back, so resume, failed cells and Ctrl-C behave as in the serial sweep (evals/sweep.py). Until then it keeps each
+finished part's samples in the cell's partial file (as the serial sweep keeps each sample), so that a run stopped
+midway goes on from the samples not yet back; it deletes the file once the cell's record is written. A worker that dies (killed, out of host memory) costs the cell it was
 running, recorded as failed (a rerun retries it); a new worker takes its place."""
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import time
 from pathlib import Path
 
 from evals.cells import (cell_header, cell_name, cell_samples, error_line, injected, load_for_sweep, mark_unavailable,
-                         run_samples, stop_on_sigterm, summarize_cell)
-from evals.records import command_line
-from utils import UserError, append_jsonl
+                         partial_path, run_samples, stop_on_sigterm, summarize_cell)
+from evals.records import command_line, source_commit
+from utils import UserError, append_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ class CellWorker:
             samples = cell_samples(self.tok, self.args, cell, self.samples)
         except UserError as e:
             return "unavailable", str(e)
-        inject = injected(self.fault, cell)
+        inject = injected(self.fault, cell, part)
         set_seed(self.args.seed)
         out = {"env": self.env, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "timing_probe": speed.timing_probe(self.model.device)}
@@ -136,10 +137,17 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
     others = [worker_cls.remote(args, opts["sizes"], fault) for _ in range(n - 1)]
     started([first.prepare.remote(todo)] + [w.ready.remote() for w in others])
     idle = [first] + others
-    # a cell runs in parts of its samples, so that a few long cells do not leave the other workers idle
-    ranges = split_samples(args.num_samples, max(1, min(args.num_samples, -(-8 * n // len(todo)))))
-    queue = [(i, part) for i in range(len(todo)) for part in ranges]
-    parts: dict[int, dict] = {}     # cell index -> {part start: results} so far
+    # a cell runs in parts of its samples, so that a few long cells do not leave the other workers idle; the
+    # samples an earlier run brought back (the cell's partial file, this commit) are not run again
+    n_parts = max(1, min(args.num_samples, -(-8 * n // len(todo))))
+    commit = source_commit()
+    got = [saved_samples(partial_path(results_path, cell), commit, args.num_samples) for cell in todo]
+    queue, waiting = [], {}         # waiting: cell index -> parts still out
+    for i in range(len(todo)):
+        rest = [k for k in range(args.num_samples) if k not in got[i]]
+        parts_i = [[rest[k] for k in r] for r in split_samples(len(rest), min(n_parts, len(rest)))] if rest else []
+        queue += [(i, part) for part in parts_i]
+        waiting[i] = len(parts_i)
     closed: set[int] = set()        # cells recorded (finished or failed)
     running = {}
     with tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr) as bar:
@@ -147,8 +155,13 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
         def close(i, record):
             closed.add(i)
             append_jsonl(results_path, record)
+            if record["status"] == "ok":   # its samples are in the record now (a failed cell keeps them for a rerun)
+                partial_path(results_path, todo[i]).unlink(missing_ok=True)
             bar.set_postfix_str(cell_name(todo[i]))
             bar.update(1)
+        for i in range(len(todo)):   # every sample back in an earlier run
+            if not waiting[i] and got[i] and todo[i]["benchmark"] not in unavailable:
+                close(i, merged_record(todo[i], got[i], limit, command))
         try:
             while queue or running:
                 while idle and queue:
@@ -173,22 +186,28 @@ def _run(ray, args, opts, todo, results_path, unavailable, tqdm) -> None:
                           file=sys.stderr)
                     w = start_worker()
                 idle.append(w)
-                if i in closed:
+                if kind == "ok":   # saved even when the cell failed meanwhile: a rerun takes them up
+                    meta = {k: out[k] for k in ("env", "time", "timing_probe")} | {
+                        "wall_s": out["wall_s"] / max(1, len(out["per_sample"])), "part": part[0]}
+                    for k, result in zip(part, out["per_sample"]):
+                        got[i][k] = line = {"id": result.get("id"), "index": k, "commit": commit,
+                                            "result": result} | meta
+                        append_jsonl(partial_path(results_path, cell), line)
+                    waiting[i] -= 1
+                    if not waiting[i] and i not in closed:
+                        close(i, merged_record(cell, got[i], limit, command) if got[i] else
+                              cell_header(cell, command) | {"status": "error", "error": "no samples"})
+                elif i in closed:
                     continue
-                if kind == "unavailable":
+                elif kind == "unavailable":
                     if cell["benchmark"] not in unavailable:
                         mark_unavailable(results_path, cell["benchmark"], out, unavailable)
                     closed.add(i)
                     bar.update(1)
-                elif kind == "error":
+                else:
                     print(f"\n[atskv] cell {cell_name(cell)} failed: {out} (recorded; the sweep goes on)",
                           file=sys.stderr)
                     close(i, cell_header(cell, command) | {"status": "error", "error": out})
-                else:
-                    parts.setdefault(i, {})[part.start] = out
-                    if len(parts[i]) == len(ranges):
-                        done = parts.pop(i)
-                        close(i, merged_record(cell, [done[k] for k in sorted(done)], limit, command))
         finally:   # Ctrl-C, SIGTERM or an error in the driver: stop the workers; what came back is saved
             for w, _, _ in running.values():
                 ray.kill(w)
@@ -200,14 +219,21 @@ def split_samples(n: int, parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def merged_record(cell: dict, outs: list[dict], limit, command: str) -> dict:
-    """The cell's record from its parts, as the serial sweep writes it: the samples in order, summarized together;
-    env, time and timing probe from the first part; wall_s summed over the parts (its compute time), parts their
-    count."""
-    per_sample = [r for o in outs for r in o["per_sample"]]
-    return cell_header(cell, command, outs[0]["env"], outs[0]["timing_probe"], outs[0]["time"]) | \
-        summarize_cell(cell, per_sample, limit) | \
-        {"status": "ok", "wall_s": sum(o["wall_s"] for o in outs), "parts": len(outs)}
+def saved_samples(path: Path, commit, n: int) -> dict[int, dict]:
+    """The samples of a cell that came back before (its partial file, written at this commit): index -> line."""
+    return {r["index"]: r for r in read_jsonl(path, warn=False)
+            if r.get("commit") == commit and "part" in r and 0 <= r.get("index", -1) < n}
+
+
+def merged_record(cell: dict, got: dict[int, dict], limit, command: str) -> dict:
+    """The cell's record from its samples (index -> the line `_run` keeps of each), as the serial sweep writes it:
+    the samples in order, summarized together; env, time and timing probe from the first sample's part; wall_s
+    summed (its compute time); parts: how many parts ran."""
+    lines = [got[k] for k in sorted(got)]
+    first = lines[0]
+    return cell_header(cell, command, first["env"], first["timing_probe"], first["time"]) | \
+        summarize_cell(cell, [x["result"] for x in lines], limit) | \
+        {"status": "ok", "wall_s": sum(x["wall_s"] for x in lines), "parts": len({x["part"] for x in lines})}
 def with_absolute_paths(args):
     """A copy of args whose local paths (data, haystack, a model file or folder) do not depend on the working
     directory, which a worker on another node does not share."""

@@ -133,9 +133,10 @@ def run_serially(args, opts: dict, todo: list[dict], results_path: Path, unavail
             except UserError as e:  # e.g. the hub is unreachable: the rest of the sweep still runs
                 mark_unavailable(results_path, cell["benchmark"], str(e), unavailable)
                 continue
-            append_jsonl(results_path, run_cell(model, tok, args, cell, samples, env, limit, fault, command_line(),
-                                                results_path))
-            partial_path(results_path, cell).unlink(missing_ok=True)   # its samples are in the record now
+            record = run_cell(model, tok, args, cell, samples, env, limit, fault, command_line(), results_path)
+            append_jsonl(results_path, record)
+            if record["status"] == "ok":   # its samples are in the record now (a failed cell keeps them for a rerun)
+                partial_path(results_path, cell).unlink(missing_ok=True)
 
 
 def nothing_ran(opts: dict, cells: list[dict], unavailable: set[str] = frozenset()) -> int:

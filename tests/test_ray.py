@@ -45,11 +45,14 @@ def faulty_sweep(ray_cluster, tmp_path_factory):
         return code, err.getvalue()
     out = tmp_path_factory.mktemp("faulty")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATSKV_INJECT_FAULT", "kill:snapkv|0.25|needle oom:h2o|0.25|passkey")
+        # the worker dies in the part that starts with the cell's second sample: its first part may have finished
+        mp.setenv("ATSKV_INJECT_FAULT", "kill:snapkv|0.25|needle|128#1 oom:h2o|0.25|passkey")
         first = run("--output_dir", out, *CELLS, *RAY)
         first_records, first_md = records(out), (out / "results.md").read_text()
-    return {"first": first, "records": first_records, "md": first_md, "rerun": run("--output_dir", out, *CELLS, *RAY),
-            "out": out}
+    saved = {p.name: [json.loads(line)["index"] for line in p.read_text().splitlines()]
+             for p in (out / "partial").glob("*.jsonl")}
+    return {"first": first, "records": first_records, "md": first_md, "saved": saved,
+            "rerun": run("--output_dir", out, *CELLS, *RAY), "out": out}
 
 
 def test_a_ray_sweep_gives_the_serial_runs_cells_and_scores(faulty_sweep, tmp_path, run_main):
@@ -71,6 +74,15 @@ def test_a_killed_worker_loses_no_finished_cell_and_the_rerun_runs_only_the_rest
     code, err = faulty_sweep["rerun"]
     assert code == 0 and "8 cells, 6 already finished, 2 to run" in err, err[-500:]
     assert sorted(s for s, _, _ in outcomes(faulty_sweep["out"]).values()) == ["ok"] * 8
+
+
+def test_a_killed_workers_cell_keeps_its_finished_part_for_the_rerun(faulty_sweep):
+    """The killed cell's first part came back before its worker died: its sample waits in the cell's partial file,
+    the rerun runs only the other part (the merged record equals the serial run's: the test above), and once the
+    cell's record is written no partial file is left."""
+    killed = next(r for r in faulty_sweep["records"] if r["status"] == "error" and "WorkerDied" in r["error"])
+    assert faulty_sweep["saved"] == {f"{killed['cell']}.jsonl": [0]}
+    assert not list((faulty_sweep["out"] / "partial").glob("*.jsonl"))
 
 
 def test_a_cell_that_raises_is_recorded_failed_while_the_others_finish(faulty_sweep):
