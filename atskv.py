@@ -246,20 +246,27 @@ class ATSKV(KVMethod):
             new_h = pred.project_hidden(l, torch.cat([p[2] for p in pending], 1))
             layer.extras["h"][:, :, S - n:] = new_h[:, None].float()
         # every pending step's window over the keys it saw: its queries are new entries offset + q - w .. offset + q
+        # (one index tensor and one attention for all of them: a plain-path decode step is bound by kernel launches)
         rows, offset = [], 0
         for win, _, _, q in pending:
-            rows.append(torch.arange(offset + q - win.shape[2], offset + q, device=layer.device))
+            rows += range(offset + q - win.shape[2], offset + q)
             offset += q
         queries = torch.cat([p[0] for p in pending], 2)
         attn = window_attention(queries, layer.keys, layer.valid, n, scaling=self.scaling,
-                                window=queries.shape[2], q_new_idx=torch.cat(rows))
+                                window=queries.shape[2], q_new_idx=torch.tensor(rows, device=layer.device))
+        # each window's mean is added to the running statistic in turn, as the fast path adds each step's; a decode
+        # step's window (one query) needs only its group mean, taken for all of them at once (the same sums)
+        group_mean = attn.view(B, Hkv, -1, attn.shape[2], attn.shape[3]).mean(2) if len(pending) > 1 else None
         first = 0
-        for win, _, _, _ in pending:
+        for j, (win, _, _, _) in enumerate(pending):
             w = win.shape[2]
-            mean, mx, spread = A.window_stats(attn[:, :, first:first + w], Hkv)
+            if j == len(pending) - 1:   # the last window's statistics are the features, as when it came
+                mean, mx, spread = A.window_stats(attn[:, :, first:first + w], Hkv)
+            else:
+                mean = group_mean[:, :, first] if w == 1 else A.window_stats(attn[:, :, first:first + w], Hkv)[0]
             layer.extras["acc"] = layer.extras["acc"] + mean
             first += w
-        a = A.features(mean, mx, layer.extras["acc"], spread)     # the last step's window, as when it came
+        a = A.features(mean, mx, layer.extras["acc"], spread)
         tok = layer.extras["tok"].long()
         counts = self.counts.to(layer.device) if self.counts is not None else None
         freq = counts.gather(1, tok.flatten(1)).view(B, Hkv, S) if counts is not None else \

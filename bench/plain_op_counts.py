@@ -1,0 +1,42 @@
+"""Operators per plain-path decode step (HF's loop through the cache), per method: the top-level aten operators
+each step issues, counted by torch.profiler on the CPU. On a GPU nearly each is a kernel launch, and the plain
+loop at batch 1 is bound by launches (docs/guide.md), so this count is what ATSKV's plain-path overhead over the
+full cache comes down to there. Prints one line per method: the count of each step over one eviction cycle and
+their mean.
+    python bench/plain_op_counts.py [CONTEXT] [METHODS]
+    python bench/plain_op_counts.py 2048 full,atskv
+"""
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluation as ev  # noqa: E402
+from utils import load_model_and_tokenizer  # noqa: E402
+
+context = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+methods = sys.argv[2].split(",") if len(sys.argv) > 2 else ["full", "atskv"]
+model, tok = load_model_and_tokenizer("smollm2-135m")
+for m in methods:
+    with torch.no_grad():
+        cache, logits, _ = ev._prefill_random(model, tok, m, None if m == "full" else 0.1, context, 1, {}, 512, 0)
+        state = {"t": logits.argmax(-1), "pos": context}
+
+        def step():
+            p = torch.tensor([state["pos"]])
+            out = model(input_ids=state["t"][:, None], past_key_values=cache, use_cache=True, cache_position=p,
+                        position_ids=p[None])
+            state["t"] = out.logits[:, -1].argmax(-1)
+            state["pos"] += 1
+        for _ in range(3):
+            step()
+        counts = []
+        for _ in range(getattr(getattr(cache, "method", None), "evict_every", 1) if m != "full" else 1):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::")
+                              and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))))
+    print(f"{m} @ {context}, batch 1, 10%: top-level aten operators per step {counts}, "
+          f"mean {sum(counts) / len(counts):.0f}", flush=True)
