@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="fast path: compile each layer's step with torch.compile (once per "
       "shape, then captured in the CUDA graph)")
     a("--speed_parts", default="timing", help="speed benchmark: comma list of timing (per method, context, batch "
-      "and path), fast (timing without HF's plain loop), max_batch (the largest decode batch that fits, at the largest context), answers (synthetic needle "
+      "and path), fast (timing without HF's plain loop), max_batch (the largest decode batch that fits, at the "
+      "largest context), answers (synthetic needle "
       "samples at the smallest context through the plain loop and the fast path: identical answers?), profile (per "
       "method, context and batch: the kernels of one fast step and their time, by torch.profiler), plain (HF's plain "
       "decode loop alone, what model.generate(past_key_values=cache) runs: the mean step over whole eviction "
@@ -122,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
       "change every step; recorded in each result's env")
     a("--kernels_off", default="", help="speed benchmark: comma list of the fast path's Triton kernels to switch "
       "off, to measure what each brings: attention (SDPA / matmul + softmax instead), gemm (F.linear), evict "
-      "(ATSKV's scoring and eviction in tensor form), greedy (the step's argmax and bookkeeping in tensor form), recall (recall's "
-      "scores against the int8 passive keys by einsum); recorded with each result")
+      "(ATSKV's scoring and eviction in tensor form), greedy (the step's argmax and bookkeeping in tensor form), "
+      "recall (recall's scores against the int8 passive keys by einsum); recorded with each result")
     a("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the floor (default: measured)")
     a("--fast_decode", action="store_true", help="sweeps: decode with the fast path (full, sliding_window, snapkv, "
       "pyramidkv, dynamic_kv, h2o, atskv; atskv's external memory with its defaults)")

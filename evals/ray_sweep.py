@@ -5,8 +5,9 @@ a few long cells do not leave the other workers idle; the driver summarizes the 
 writes. The driver is the only writer of results.jsonl: it appends (and fsyncs) each cell once all its parts are
 back, so resume, failed cells and Ctrl-C behave as in the serial sweep (evals/sweep.py). Until then it keeps each
 finished part's samples in the cell's partial file (as the serial sweep keeps each sample), so that a run stopped
-midway goes on from the samples not yet back; it deletes the file once the cell's record is written. A worker that dies (killed, out of host memory) costs the cell it was
-running, recorded as failed (a rerun retries it); a new worker takes its place."""
+midway goes on from the samples not yet back; it deletes the file once the cell's finished record is written. A
+worker that dies (killed, out of host memory) costs the cell it was running, recorded as failed (a rerun retries
+it); a new worker takes its place."""
 from __future__ import annotations
 
 import os
@@ -234,6 +235,8 @@ def merged_record(cell: dict, got: dict[int, dict], limit, command: str) -> dict
     return cell_header(cell, command, first["env"], first["timing_probe"], first["time"]) | \
         summarize_cell(cell, [x["result"] for x in lines], limit) | \
         {"status": "ok", "wall_s": sum(x["wall_s"] for x in lines), "parts": len({x["part"] for x in lines})}
+
+
 def with_absolute_paths(args):
     """A copy of args whose local paths (data, haystack, a model file or folder) do not depend on the working
     directory, which a worker on another node does not share."""

@@ -138,9 +138,10 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
     on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
     each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
-    Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps, none when 0; fast: the mean of `steps`
-    consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device memory while
-    decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured bandwidth)."""
+    Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps, none when 0; fast: the mean
+    of `steps` consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device
+    memory while decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured
+    bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
     dev = model.device

@@ -5,7 +5,8 @@ Why: in tensor form, `einsum(q.float(), kq.float())` first widens every int8 key
 written, then read again), so that selecting from the int8 summaries cost more memory traffic than attending to
 the bf16 keys they summarise. Here each program reads a block of int8 keys once, widens them in registers and
 writes only the few queries' scores. A decode step (a few queries per KV head) takes it; a prompt chunk (many
-queries) is a real GEMM and stays with torch. Under torch.compile, Inductor generates the fused reduction itself. `external_memory.int8_logits` is its tensor form and the reference.
+queries) is a real GEMM and stays with torch. Under torch.compile, Inductor generates the fused reduction itself.
+`external_memory.int8_logits` is its tensor form and the reference.
 """
 from __future__ import annotations
 
