@@ -123,7 +123,7 @@ def test_sweep_writes_one_line_per_cell_and_a_report(tmp_path, run_main):
     assert code == 0 and len(_records(out)) == 3 and any("3 already finished, 0 to run" in ln for ln in lines)
 
 
-def test_resume_after_a_kill_runs_no_cell_twice_and_loses_none(tmp_path):
+def test_resume_after_a_kill_runs_no_cell_twice_and_loses_none(tmp_path, run_main):
     out = tmp_path / "o"
     args = [sys.executable, "run_experiment.py", "--output_dir", str(out), *TINY]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -132,8 +132,7 @@ def test_resume_after_a_kill_runs_no_cell_twice_and_loses_none(tmp_path):
     proc.wait()
     first = _records(out)
     assert 1 <= len(first) <= 3
-    done = cli("--output_dir", str(out), *TINY)
-    assert done.returncode == 0
+    assert run_main("--output_dir", out, *TINY)[0] == 0   # the rerun in this process (the killed run was not)
     recs = _records(out)
     cells = [r["cell"] for r in recs]
     assert len(cells) == len(set(cells)) == 3
@@ -196,7 +195,7 @@ def test_report_only_needs_no_model_and_rebuilds_results_md(tmp_path, run_main):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_with_the_finished_cells_and_a_report_and_resumes(tmp_path, sig, code):
+def test_ctrl_c_or_sigterm_stops_with_the_finished_cells_and_a_report_and_resumes(tmp_path, sig, code, run_main):
     """Ctrl-C, or a scheduler stopping the job (SIGTERM): every finished cell stays, whole, with a report of them,
     and the same command then runs only what is left."""
     out = tmp_path / "o"
@@ -209,8 +208,8 @@ def test_ctrl_c_or_sigterm_stops_with_the_finished_cells_and_a_report_and_resume
     if len(recs) < 3:  # interrupted inside the sweep (not after its last cell)
         assert proc.returncode == code and "interrupted" in err
         assert "| full | 100% |" in (out / "results.md").read_text()
-    done = cli("--output_dir", str(out), *TINY)
-    assert done.returncode == 0 and len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
+    assert run_main("--output_dir", out, *TINY)[0] == 0   # the rerun in this process (the stopped run was not)
+    assert len({r["cell"] for r in _records(out)}) == 3 == len(_records(out))
     assert not list((out / "partial").glob("*.jsonl"))   # each cell's saved samples went into its record
 
 
