@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluation as ev  # noqa: E402
+from evals.speed import PlainStep  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
@@ -22,14 +23,7 @@ model, tok = load_model_and_tokenizer("smollm2-135m")
 for m in methods:
     with torch.no_grad():
         cache, logits, _ = ev._prefill_random(model, tok, m, None if m == "full" else 0.1, context, 1, {}, 512, 0)
-        state = {"t": logits.argmax(-1), "pos": context}
-
-        def step():
-            p = torch.tensor([state["pos"]])
-            out = model(input_ids=state["t"][:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                        position_ids=p[None])
-            state["t"] = out.logits[:, -1].argmax(-1)
-            state["pos"] += 1
+        step = PlainStep(model, cache, logits.argmax(-1), context)
         for _ in range(3):
             step()
         counts = []

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluation as ev  # noqa: E402
+from evals.speed import PlainStep  # noqa: E402
 from utils import load_model_and_tokenizer  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -30,14 +31,7 @@ for spec in a.methods.split("|"):
     m, params = (spec.split("[")[0], json.loads(spec.split("[", 1)[1][:-1]) if "[" in spec else {})
     with torch.no_grad():
         cache, logits, _ = ev._prefill_random(model, tok, m, None if m == "full" else 0.1, a.context, 1, params, 512, 0)
-        state = {"t": logits.argmax(-1), "pos": a.context}
-
-        def step():
-            p = torch.tensor([state["pos"]], device=dev)
-            out = model(input_ids=state["t"][:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                        position_ids=p[None])
-            state["t"] = out.logits[:, -1].argmax(-1)
-            state["pos"] += 1
+        step = PlainStep(model, cache, logits.argmax(-1), a.context)
         for _ in range(4):
             step()
         torch.cuda.synchronize() if dev.type == "cuda" else None

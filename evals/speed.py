@@ -96,23 +96,30 @@ def _time_run(dev, fn, n: int) -> float:
     return 1000 * (time.perf_counter() - t) / n
 
 
+class PlainStep:
+    """One step of HF's plain decode loop through `cache` per call (one forward, the greedy token); `tok` (B,) and
+    `pos` are the next token and its position."""
+
+    def __init__(self, model, cache, tok, pos: int):
+        self.model, self.cache, self.tok, self.pos = model, cache, tok, pos
+
+    def __call__(self):
+        p = torch.tensor([self.pos], device=self.model.device)
+        out = self.model(input_ids=self.tok[:, None], past_key_values=self.cache, use_cache=True, cache_position=p,
+                         position_ids=p[None].expand(self.tok.shape[0], -1))
+        self.tok = out.logits[:, -1].argmax(-1)
+        self.pos += 1
+
+
 def plain_decode_ms(model, cache, tok, pos: int, steps: int, warm_up: int = 2):
     """HF's plain decode loop through `cache` (one forward per token, greedy): the mean milliseconds of a step over
     `steps` consecutive steps, rounded up to whole cycles of a method that evicts every few steps (evict_every), so
     that its evicting steps count as often as they come. Returns (ms, the next token, the next position)."""
-    dev, batch = model.device, tok.shape[0]
-
-    def step():
-        nonlocal tok, pos
-        p = torch.tensor([pos], device=dev)
-        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, cache_position=p,
-                    position_ids=p[None].expand(batch, -1))
-        tok = out.logits[:, -1].argmax(-1)
-        pos += 1
+    step = PlainStep(model, cache, tok, pos)
     for _ in range(warm_up):
         step()
     every = getattr(getattr(cache, "method", None), "evict_every", 1)
-    return _time_run(dev, step, -(-steps // every) * every), tok, pos
+    return _time_run(model.device, step, -(-steps // every) * every), step.tok, step.pos
 
 
 @torch.no_grad()
