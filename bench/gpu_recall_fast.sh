@@ -3,15 +3,20 @@
 # kernel, then the fast path's decode speed (--speed_parts fast: HF's plain loop with recall at batch 64 takes
 # minutes) at 8192 tokens x 64 and x 1, bf16, --compile, 10% active KV: full, atskv
 # (eviction only) and atskv with external memory (its passive tier on the device), then external memory with the
-# scoring kernel off (einsum). Logs and results go to $OUT (speed24.tgz).
+# scoring kernel off (einsum). Logs and results go to $OUT (speed24.tgz). PARTS="tests" or "speed" runs one half
+# (the tests can share the GPU with a quality sweep; the speed part needs it alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 bash bench/gpu_model.sh
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
 R=$HOME/speed24
-timeout ${TEST_LIMIT:-200} python -m pytest -q --tb=short -p no:warnings tests/test_gpu.py \
-  -k "params10 or params11 or int8" 2>&1 | tail -120 > $OUT/test_gpu_recall.log
+PARTS=${PARTS:-tests speed}
+if [[ $PARTS == *tests* ]]; then
+  timeout ${TEST_LIMIT:-200} python -m pytest -q --tb=short -p no:warnings tests/test_gpu.py \
+    -k "params10 or params11 or int8" 2>&1 | tail -150 > $OUT/test_gpu_recall.log
+fi
+[[ $PARTS == *speed* ]] || exit 0
 speed() { timeout ${SPEED_LIMIT:-400} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
   --context_sizes 8192 --model_name "$M" --output_dir $R "$@" 2>&1 | grep -v Warning | tail -30 >> $OUT/speed24.log; }
 speed --speed_parts fast --batch_sizes 64,1 \

@@ -5,7 +5,8 @@
 # Each method x context x task x budget runs as its own process (JOBS at a time, THREADS CPU threads each; their
 # times are then not speed results) into OUT_DIR/parts/<n>;
 # a part resumes from its results.jsonl, so an interrupted call loses no finished sample. The parts are then joined
-# into OUT_DIR/results.jsonl and reported (OUT_DIR/results.md).
+# into OUT_DIR/results.jsonl and reported (OUT_DIR/results.md). SKIP_DONE=FILE.jsonl skips the cells that FILE
+# already holds without an error (an earlier run's committed records), so that only the missing cells run.
 #   bash bench/recall_table.sh MODEL OUT_DIR SEED METHOD [METHOD ...]
 # GPU (../shared/gpu/README.md):
 #   bash bench/recall_table.sh $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf out 42 full 'atskv[external_memory=true]' kvpress:kvzip
@@ -15,6 +16,14 @@ model=$1; out=$2; seed=$3; shift 3
 mkdir -p "$out/parts"
 # load the model once (its conversion is cached) and the relevance predictor (trained once), before the parallel parts
 python -c "import utils, relevance_predictor as rp; m, t = utils.load_model_and_tokenizer('$model'); rp.load_or_train(m, t)"
+# one "method|context|budget|task" line per finished cell of SKIP_DONE
+done_cells=$([ -n "${SKIP_DONE:-}" ] && python -c '
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if not r.get("error"):
+        print("%s|%s|%s|%s" % (r["method"], r["context_size"], float(r.get("budget") or 1.0), r["task"]))
+' "$SKIP_DONE")
 n=0
 for ctx in ${CONTEXTS:-8192 4096}; do
   for m in "$@"; do
@@ -22,6 +31,7 @@ for ctx in ${CONTEXTS:-8192 4096}; do
     for b in $budgets; do
       for task in ${TASKS:-needle multi_key multi_value multi_question}; do
         n=$((n + 1))
+        if grep -qxF "$m|$ctx|$(python -c "print(float('$b'))")|$task" <<< "$done_cells"; then continue; fi
         ( OMP_NUM_THREADS=${THREADS:-2} python run_experiment.py --model_name "$model" --output_dir "$out/parts/$n" \
             --benchmarks synthetic --tasks $task --context_sizes "$ctx" --budgets "$b" --methods "$m" \
             --num_samples "${NUM:-20}" --seed "$seed" > "$out/parts/$n.log" 2>&1
