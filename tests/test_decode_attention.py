@@ -5,7 +5,7 @@ import torch
 
 from kernels import decode_attention as da
 from fast_decode import HIDDEN
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, register, run_interpreted
 
 
 def slots(B=2, H=3, G=3, N=300, D=64, hidden_share=0.3, seed=0):
@@ -77,6 +77,7 @@ for cfg in (da.kernel_config(1), da.kernel_config(64), da.kernel_config(64, 700)
         assert (acc - want).abs().max() < 1e-6, (cfg, B, N)
 print("ok")
 """
+register(INTERPRETED)
 
 
 @needs_triton

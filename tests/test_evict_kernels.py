@@ -4,7 +4,7 @@ CUDA in tests/test_gpu.py."""
 import torch
 
 from kernels import evict_kernels
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, register, run_interpreted
 
 
 def test_kernels_are_not_used_off_cuda():
@@ -105,14 +105,18 @@ INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
 from kernels import evict_kernels as ek
-ek.available = lambda x: True
-exec({cases!r})
-check("cpu")
-check_relevance("cpu")
+available, ek.available = ek.available, lambda x: True    # the scripts share a process: put it back afterwards
+try:
+    exec({cases!r})
+    check("cpu")
+    check_relevance("cpu")
+finally:
+    ek.available = available
 print("ok")
 """
+INTERPRETED = register(INTERPRETED.replace("{cases!r}", repr(CASES)))
 
 
 @needs_triton
 def test_eviction_kernels_score_and_decide_as_the_tensor_form_in_the_triton_interpreter():
-    run_interpreted(INTERPRETED.replace("{cases!r}", repr(CASES)))
+    run_interpreted(INTERPRETED)

@@ -3,7 +3,7 @@ interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
 import torch
 
 from fast_decode import greedy_update
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, register, run_interpreted
 
 
 def test_greedy_update_breaks_ties_by_the_lowest_index_and_wraps_the_ring_buffer():
@@ -36,6 +36,7 @@ for B, V, mode, every in ((3, 5000, None, 1), (70, 4100, "evict", 8), (5, 2048, 
     assert got[0][0] == 7
 print("ok")
 """
+register(INTERPRETED)
 
 
 @needs_triton

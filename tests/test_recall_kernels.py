@@ -4,7 +4,7 @@ import torch
 
 from external_memory import int8_logits, quantize_int8
 from kernels import recall_kernels
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, register, run_interpreted
 
 
 def test_int8_scores_use_the_tensor_form_off_cuda():
@@ -50,6 +50,7 @@ for B, H, G, Q, N, D in ((2, 3, 3, 1, 150, 64), (1, 2, 4, 2, 70, 128), (1, 1, 4,
     assert (got[fin] - want[fin]).abs().max() < 1e-3, (B, H, G, Q, N, D, (got[fin] - want[fin]).abs().max())
 print("ok")
 """
+register(INTERPRETED)
 
 
 @needs_triton

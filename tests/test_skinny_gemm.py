@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import skinny_gemm
-from tests.triton_interpreter import needs_triton, run_interpreted
+from tests.triton_interpreter import needs_triton, register, run_interpreted
 
 
 def test_linear_and_swiglu_fall_back_to_torch_off_cuda():
@@ -31,12 +31,16 @@ for M, K, N in ((64, 576, 960), (3, 100, 40), (17, 1536, 48)):   # full tiles; K
     assert (sg._launch(x, w[:N].contiguous(), False, r) - (r + F.linear(x, w[:N]))).abs().max() < 1e-4, (M, K, N)
     gate, up = F.linear(x, w).chunk(2, dim=-1)
     assert (sg._launch(x, w, True) - F.silu(gate) * up).abs().max() < 1e-4, (M, K, N)
-sg.CONFIG = dict(sg.CONFIG, block_m=16)                          # the rows in blocks of 16 over several programs
-for M in (64, 17):
-    x, w = torch.randn(M, 96, generator=g), torch.randn(48, 96, generator=g) / 10
-    assert (sg._launch(x, w, False) - F.linear(x, w)).abs().max() < 1e-4, M
+config, sg.CONFIG = sg.CONFIG, dict(sg.CONFIG, block_m=16)      # the rows in blocks of 16 over several programs
+try:
+    for M in (64, 17):
+        x, w = torch.randn(M, 96, generator=g), torch.randn(48, 96, generator=g) / 10
+        assert (sg._launch(x, w, False) - F.linear(x, w)).abs().max() < 1e-4, M
+finally:
+    sg.CONFIG = config                                           # the scripts share a process
 print("ok")
 """
+register(INTERPRETED)
 
 
 @needs_triton
