@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
-                             repeat_heads, window_attention)
-from external_memory import (PassiveStore, attention_lse, group_votes, int8_logits, max_pool_positions,
-                             merge_attention, quantize_int8)
+                             put_rows, repeat_heads, window_attention)
+from external_memory import (PassiveStore, attention_lse, group_votes, host_mapped, int8_logits,
+                             max_pool_positions, merge_attention, quantize_int8)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -94,6 +94,9 @@ class ATSKV(KVMethod):
                                       #   "exact": against every passive key where it lives (host); "pages": Quest
     page_size: int = 16               #   min/max page summaries on the device (measured worse here, see README)
     passive_limit: int | None = None  # entries per layer the passive store may hold (None: unlimited)
+    passive_device: bool = False      # the fast path's passive tier in device memory, for users who have the room
+                                      #   (False: pinned host memory, read over the bus; the plain path's store
+                                      #   is always on the host)
     promote: bool = False             # recalled entries compete for the active cache by the controller's rule
     consensus: bool = False           # one ranking for all layers and heads: each position's r averaged over the
                                       #   layers and heads that store it, applied after the forward's last layer
@@ -451,9 +454,10 @@ class ATSKV(KVMethod):
         if self.span > 1 or self.consensus:
             return "consensus and span > 1 are plain-path only: atskv without consensus, span 1"
         if self.external_memory and (self.recall_scoring != "int8" or self.promote or self.recall_every != 1
-                                     or self.recall_share > 0 or self.recall_span != 1):
+                                     or self.recall_share > 0 or self.recall_span != 1
+                                     or self.passive_limit is not None):
             return ("its external memory has a fast path with its defaults only (int8 scoring, recall every step, "
-                    "no promotion, read-time pinning or recall span)")
+                    "no promotion, read-time pinning, recall span or passive limit)")
         return None
 
     def slot_state(self, layer, max_steps):
@@ -471,31 +475,42 @@ class ATSKV(KVMethod):
         return {"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0}, per_layer
 
     def passive_tier(self, layer, room: int) -> dict:
-        """The layer's passive store as fixed-size device tensors for the fast path, with room for `room` more
-        entries and one last entry that the offload writes what it does not move to (never valid): keys and
-        values "pk", "pv" (B, H, cap, D), their int8 copies "pq" and scales "ps" (B, H, cap), "pos", "pok" (valid
-        and filled) and "pn" (B,): entries filled. The whole store on the device (the issue's passive_device
-        option): recall is then a gather; a host tier is the next step (docs/design-recall-fast-path.md)."""
-        store = self.passive.get(layer.layer_idx)
+        """The layer's passive tier for the fast path, indexed by position, with room for `room` positions after
+        the last one read and a last position that is never valid (writes that move nothing go there). The keys
+        and values "pk", "pv" (B, H, cap, D) of every position read so far, written through as each token arrives
+        so that an eviction only marks its entries: in pinned host memory that the step reads over the bus
+        (`host_mapped`), or on the device with passive_device (and off CUDA). On the device: their int8 copies "pq"
+        and scales "ps", and "pok" (B, H, cap): the position is in the passive store. The plain path's store is
+        taken over (and let go)."""
+        store = self.passive.pop(layer.layer_idx, None)
         B, H, _, D = layer.keys.shape
         dev, dt = layer.device, layer.keys.dtype
-        n = 0
+        parts = [(layer.keys, layer.values, layer.positions, layer.valid, None, None)]
         if store is not None:
             store.settle()
-            n = store.size_settled()
-        cap = n + room + 1
-        t = {"pk": torch.zeros((B, H, cap, D), dtype=dt, device=dev),
-             "pv": torch.zeros((B, H, cap, layer.values.shape[-1]), dtype=dt, device=dev),
-             "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
-             "ps": torch.zeros((B, H, cap), device=dev),
-             "ppos": torch.full((B, H, cap), -1, dtype=torch.long, device=dev),
-             "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev),
-             "pn": torch.full((B,), n, dtype=torch.long, device=dev)}
-        if n:
-            t["pk"][:, :, :n], t["pv"][:, :, :n] = store.k.to(dev, dt), store.v.to(dev, dt)
-            t["pq"][:, :, :n], t["ps"][:, :, :n] = store.kq, store.kscale[..., 0]
-            t["ppos"][:, :, :n], t["pok"][:, :, :n] = store.pos.to(dev), store.valid.to(dev)
+            if store.size_settled():
+                parts.append((store.k, store.v, store.pos, store.valid, store.kq, store.kscale))
+        cap = max(int(p[2].max()) for p in parts) + 1 + room + 1
+        if self.tier_on_device(dev):
+            pk, pv = (torch.zeros((B, H, cap, D), dtype=dt, device=dev) for _ in range(2))
+        else:
+            pk, pv = (host_mapped((B, H, cap, D), dt, dev) for _ in range(2))
+        t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
+             "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev)}
+        for k, v, pos, valid, kq, scale in parts:
+            valid = valid.to(dev)
+            where = torch.where(valid, pos.to(dev), cap - 1)
+            if kq is None:   # the active entries: quantised as an eviction would
+                kq, scale = quantize_int8(k)
+            for name, x in (("pk", k), ("pv", v), ("pq", kq), ("ps", scale[..., 0])):
+                put_rows(t[name], where, x.to(dev, t[name].dtype))
+            if store is not None and k is store.k:
+                put_rows(t["pok"], where, valid)
+        t["pok"][..., -1] = False
         return t
+
+    def tier_on_device(self, device) -> bool:
+        return self.passive_device or torch.device(device).type != "cuda"
 
     def slot_coefs(self) -> list[dict]:
         if getattr(self, "_slot_coefs", None) is None:
@@ -527,28 +542,39 @@ class ATSKV(KVMethod):
 
     def slot_extra_nbytes(self, state, layer_args):
         if not self.external_memory:
-            return 0, 0
-        held = sum(state[k].nbytes for k in ("pk", "pv", "pq", "ps", "ppos", "pok"))
+            return super().slot_extra_nbytes(state, layer_args)
         B, H, _, D = state["pk"].shape
+        summaries = sum(state[k].nbytes for k in ("pq", "ps", "pok"))
+        tier = state["pk"].nbytes + state["pv"].nbytes
         recalled = 2 * B * H * layer_args["recall_n"] * D * state["pk"].element_size()
-        return held, state["pq"].nbytes + state["ps"].nbytes + state["pok"].nbytes + recalled
+        if self.tier_on_device(state["pk"].device):
+            return {"device": summaries + tier, "host": 0, "device_read": summaries + recalled, "host_read": 0}
+        return {"device": summaries, "host": tier, "device_read": summaries, "host_read": recalled}
+
+    def slot_state_repeated(self, state, batch):
+        host = {k: state[k] for k in ("pk", "pv") if k in state and not self.tier_on_device(state[k].device)}
+        out = super().slot_state_repeated({k: v for k, v in state.items() if k not in host}, batch)
+        for k, t in host.items():   # a new host tier, filled on the device (the rows repeated)
+            out[k] = host_mapped((batch,) + t.shape[1:], t.dtype, t.device)
+            out[k].copy_(t.expand((batch,) + t.shape[1:]))
+        return out
+
+    def slot_write_through(self, s):
+        """The new token's key and value into the passive tier at its position (and its int8 key), so that its
+        eviction later only marks it."""
+        st, B, H = s["state"], s["k"].shape[0], s["k"].shape[1]
+        where = s["cur"][:, None, None].expand(B, H, 1)
+        kq, scale = quantize_int8(s["k"])
+        for name, x in (("pk", s["k"]), ("pv", s["v"]), ("pq", kq), ("ps", scale[..., 0])):
+            put(st[name], where, x)
 
     def slot_offload(self, s, before):
-        """The entries this step's eviction freed (present before, not now) move to the passive tier, after the
-        entries it holds (what `on_evict` does on the plain path)."""
-        st, present = s["state"], s["present"]
-        freed = before & ~present
-        cap = st["pok"].shape[-1]
-        dest = torch.where(freed, st["pn"][:, None, None] + torch.cumsum(freed.long(), -1) - 1, cap - 1)
-        D = s["keys"].shape[-1]
-        kq, scale = quantize_int8(s["keys"])
-        for name, src in (("pk", s["keys"]), ("pv", s["values"]), ("pq", kq)):
-            st[name].scatter_(2, dest[..., None].expand(-1, -1, -1, D), src)
-        st["ps"].scatter_(2, dest, scale[..., 0])
-        st["ppos"].scatter_(2, dest, s["pos"])
-        st["pok"].scatter_(2, dest, freed & s["valid"])
-        st["pok"][..., -1] = False   # the last entry took what was not moved
-        st["pn"] += freed[:, 0].sum(-1)
+        """The entries this step's eviction freed (present before, not now) join the passive tier: their positions
+        are marked (their keys and values are there already: `slot_write_through`)."""
+        st = s["state"]
+        freed = before & ~s["present"] & s["valid"]
+        put_rows(st["pok"], torch.where(freed, s["pos"], st["pok"].shape[-1] - 1), freed)
+        st["pok"][..., -1] = False   # the last position took what was not marked
 
     def slot_consts(self):
         return {"flags": self.predictor.token_flags, "gain": self.controller.gain, "fixed": self.controller.fixed}
@@ -573,6 +599,8 @@ class ATSKV(KVMethod):
         present, valid, pos, seen, co = s["present"], s["valid"], s["pos"], s["seen"], la["co"]
         B, H = s["k"].shape[:2]
         new_tok = s["tok"][:, None].expand(B, H)
+        if self.external_memory:
+            self.slot_write_through(s)
         hz = step_hidden_logit(co, s["h"])[:, None, None].expand(B, H, 1)
         put(st["z0"], slot, static_logit(co, c["flags"], hz, s["cur"][:, None, None].expand(B, H, 1),
                                          s["k"][:, :, None], s["v"][:, :, None], new_tok[..., None], c["n_sink"])[..., 0])

@@ -143,6 +143,14 @@ def put(t, slot, value):
     t.index_put_((b, h, slot[..., 0]), value)
 
 
+def put_rows(t, idx, value):
+    """t[b, h, idx[b, h, j]] = value[b, h, j] in place (an index_put_, as `put`), for idx (B, H, N)."""
+    B, H, N = idx.shape
+    b = torch.arange(B, device=t.device)[:, None, None].expand(B, H, N)
+    h = torch.arange(H, device=t.device)[None, :, None].expand(B, H, N)
+    t.index_put_((b, h, idx), value)
+
+
 def protection(present, pos, seen, n_sink: int, n_recent):
     """Entries never evicted: the first n_sink positions and the last n_recent seen (KVMethod.protected)."""
     return present & ((pos < n_sink) | (pos >= seen[:, None, None] - n_recent))
@@ -268,10 +276,15 @@ class KVMethod:
         it recalls from its passive tier)."""
         return None
 
-    def slot_extra_nbytes(self, state: dict, layer_args: dict) -> tuple[int, int]:
-        """Device bytes of a layer's state outside the slots, and the bytes of it a step reads (ATSKV: its passive
-        tier; a step reads its int8 keys and the entries it recalls)."""
-        return 0, 0
+    def slot_extra_nbytes(self, state: dict, layer_args: dict) -> dict:
+        """Bytes of a layer's state outside the slots: held on the device ("device") and in host memory ("host"),
+        and what a step reads of each ("device_read", "host_read"). ATSKV: its passive tier; a step reads its int8
+        keys on the device and the entries it recalls from where the tier keeps them."""
+        return {"device": 0, "host": 0, "device_read": 0, "host_read": 0}
+
+    def slot_state_repeated(self, state: dict, batch: int) -> dict:
+        """A layer's slot state with its rows repeated to `batch` (StaticDecoder.repeated, for memory searches)."""
+        return {k: v.clone() if k == "delta" else v.repeat(batch, *([1] * (v.dim() - 1))) for k, v in state.items()}
 
     def slot_scores(self, s: dict) -> torch.Tensor:
         """`score` over the slots (B, H_kv, N), the new entry in s["slot"] included."""

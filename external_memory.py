@@ -256,6 +256,22 @@ def own_choices(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     return idx, own.gather(-1, idx[:, :, None, None, :].expand(B, H, G, q, U))
 
 
+def host_mapped(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed tensor in pinned host memory, seen as a tensor of the CUDA `device` through unified addressing:
+    kernels read and write it over the bus, so that a captured decode step gathers from it with no copy and no
+    host sync. The view holds its host memory alive."""
+    host = torch.zeros(shape, dtype=dtype, pin_memory=True)
+    raw = host.view(-1).view(torch.uint8)
+
+    class Pinned:   # torch.as_tensor reads __cuda_array_interface__ and keeps this object while the view lives
+        __cuda_array_interface__ = {"shape": (raw.numel(),), "typestr": "|u1", "data": (raw.data_ptr(), False),
+                                    "version": 2}
+        owner = host
+    with torch.cuda.device(device):
+        view = torch.as_tensor(Pinned(), device=device)
+    return view.view(dtype).view(shape)
+
+
 def quantize_int8(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k (..., D) -> (int8 (..., D), float32 scale (..., 1)): symmetric, one scale per entry and head, k ~ q * scale."""
     scale = k.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0

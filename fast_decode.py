@@ -408,7 +408,7 @@ class StaticDecoder:
             n = copy.copy(sl)
             n.K, n.V, n.bias, n.pos, n.present, n.valid = map(rep, (sl.K, sl.V, sl.bias, sl.pos, sl.present,
                                                                     sl.valid))
-            n.state = {k: v.clone() if k == "delta" else rep(v) for k, v in sl.state.items()}
+            n.state = self.m.slot_state_repeated(sl.state, batch) if sl.state else {}
             new.slots.append(n)
         new.B, new.t = batch, self.t.clone()
         new.graphs, new.eager_runs, new.pool, new.logits_of = {}, {}, None, {}
@@ -421,13 +421,17 @@ class StaticDecoder:
     def kv_bytes(self) -> int:
         return sum(s.nbytes() for s in self.slots)
 
-    def extra_nbytes(self) -> tuple[int, int]:
-        """The methods' device state outside the slots, over the layers: (bytes held, bytes a step reads)."""
+    def extra_nbytes(self) -> dict:
+        """The methods' state outside the slots, over the layers: bytes held on the device and in host memory, and
+        the bytes of each a step reads (KVMethod.slot_extra_nbytes)."""
+        total = {"device": 0, "host": 0, "device_read": 0, "host_read": 0}
         if self.m is None or self.grow:
-            return 0, 0
-        pairs = [self.m.slot_extra_nbytes(sl.state, la) for sl, la in zip(self.slots, self._layer_args())
-                 if sl.budget is not None]
-        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+            return total
+        for sl, la in zip(self.slots, self._layer_args()):
+            if sl.budget is not None:
+                for k, v in self.m.slot_extra_nbytes(sl.state, la).items():
+                    total[k] += v
+        return total
 
     def _layer_args(self):
         """Per-layer constants as device tensors (so that compiled functions are not specialised per layer)."""

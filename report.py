@@ -652,14 +652,17 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                   "HF plain loop: one forward per step through the method's cache (mean of consecutive steps, whole "
                   "cycles of atskv's evict_every). Fast "
                   "path: static slots, one CUDA graph per step variant (mean of consecutive steps, whole cycles of "
-                  "atskv's evict_every). KV read: what the step's attention reads (the fast path reads every slot).",
+                  "atskv's evict_every). KV read: what the step's attention reads (the fast path reads every slot), "
+                  "with the summaries of a passive tier; host read: what a step reads from host memory (ATSKV's "
+                  "recalled entries from its pinned host tier), counted in the floor at the measured host-to-device "
+                  "bandwidth" + (f" ({r0['host_bandwidth_gbs']:.0f} GB/s)." if r0.get("host_bandwidth_gbs") else "."),
                   ""]
         def full_tok_s(path):   # the full cache's tokens/s per (context, batch) on one path
             return {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
                     and r["path"] == path and not r.get("kernels_off")}
         ref, fast_full = full_tok_s("hf_plain"), full_tok_s("fast")
         header = ["method", "context", "batch", "path", "prefill s", "decode ms/step", "tok/s", "floor ms",
-                  "x floor", "vs HF plain full", "vs fast full", "KV read MB", "peak GB"]
+                  "x floor", "vs HF plain full", "vs fast full", "KV read MB", "host read MB", "peak GB"]
         rows = []
         order = {"hf_plain": 0, "fast": 1, "fast_bare": 2}
         for r in sorted(cells, key=lambda r: (r["context"], r["batch"], r["method"] != "full", r["method"],
@@ -672,6 +675,7 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                          f"{r['tok_s'] / ref[k]:.1f}x" if k in ref else "-",
                          f"{r['tok_s'] / fast_full[k]:.2f}x" if k in fast_full else "-",
                          f"{r['kv_bytes_read'] / MB:.1f}",
+                         f"{r['host_bytes_read'] / MB:.2f}" if r.get("host_bytes_read") else "-",
                          f"{r['decode_peak_bytes'] / 1e9:.2f}" if r.get("decode_peak_bytes") else "-"])
         write_csv(out_dir / "tables" / "speed.csv", header, rows)
         lines += [md_table(header, rows), ""]
@@ -696,10 +700,15 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
     mb = [r for r in recs if r["benchmark"] == "speed_max_batch"]
     if mb:
         lines += ["Largest decode batch that fits in the device's memory (the decode state and two steps; prefill "
-                  "in micro-batches is not counted):", "",
-                  md_table(["method", "context", "largest batch", "KV per sequence MB", "device GB"],
-                           [[label(r), r["context"], f"{r['max_batch']}{'+' if r['limit_reached'] else ''}",
+                  "in micro-batches is not counted; a host tier may take 60% of the machine's memory: host-bound "
+                  "marks a batch that it limits):", "",
+                  md_table(["method", "context", "largest batch", "KV per sequence MB", "other device MB per sequence",
+                            "host MB per sequence", "device GB"],
+                           [[label(r), r["context"], f"{r['max_batch']}{'+' if r['limit_reached'] else ''}"
+                             + (" (host-bound)" if r.get("host_bound") else ""),
                              f"{r['kv_bytes_per_sequence'] / MB:.1f}",
+                             f"{r.get('extra_device_bytes_per_sequence', 0) / MB:.1f}",
+                             f"{r.get('host_bytes_per_sequence', 0) / MB:.1f}",
                              f"{r['device_memory_bytes'] / 1e9:.0f}" if r.get("device_memory_bytes") else "-"]
                             for r in sorted(mb, key=lambda r: (r["method"] != "full", label(r)))]), ""]
     prof = [r for r in recs if r["benchmark"] == "speed_profile"]

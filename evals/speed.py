@@ -30,6 +30,25 @@ def device_bandwidth_gbs(device) -> float:
     return 2 * src.nbytes * reps / (time.perf_counter() - t) / 1e9
 
 
+def host_bandwidth_gbs(device) -> float:
+    """Measured host-to-device copy bandwidth from pinned memory (GB/s): the floor's denominator for bytes a step
+    reads from host memory (ATSKV's passive tier). 0 off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0.0
+    src = torch.ones(1 << 26, pin_memory=True)   # 256 MiB of float32
+    dst = torch.empty(src.shape, device=device)
+    for _ in range(2):
+        dst.copy_(src, non_blocking=True)
+    _sync(device)
+    t = time.perf_counter()
+    reps = 8
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    _sync(device)
+    return src.nbytes * reps / (time.perf_counter() - t) / 1e9
+
+
 def _peak_reset(dev):
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -138,7 +157,8 @@ def measure_plain_decode(model, tokenizer, method: str, budget, context: int, ba
 @torch.no_grad()
 def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
                          plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
-                         params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
+                         params: dict | None = None, chunk: int = 512, seed: int = 0,
+                         host_bandwidth_gbs: float = 0.0) -> list[dict]:
     """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
     method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
@@ -148,7 +168,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps, none when 0; fast: the mean
     of `steps` consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device
     memory while decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured
-    bandwidth)."""
+    bandwidth, plus what a step reads from host memory at the measured host-to-device bandwidth)."""
     from fast_decode import StaticDecoder, memory_floor_ms
     from sparse_kv_cache import cache_nbytes
     dev = model.device
@@ -162,12 +182,16 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
         tok, pos = logits.argmax(-1), context
     base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
             "compile": compile, "dtype": _dtype_name(model), "weights_bytes": weights,
-            "bandwidth_gbs": bandwidth_gbs, "prefill_s": prefill_s, "prefill_peak_bytes": prefill_peak}
+            "bandwidth_gbs": bandwidth_gbs, "host_bandwidth_gbs": host_bandwidth_gbs, "prefill_s": prefill_s,
+            "prefill_peak_bytes": prefill_peak}
 
-    def rec(path, ms, kv_read, peak):
+    def rec(path, ms, kv_read, peak, host_read=0):
         floor = memory_floor_ms(weights, kv_read, bandwidth_gbs) if bandwidth_gbs else None
+        if floor is not None and host_read:
+            floor = floor + 1000.0 * host_read / (host_bandwidth_gbs * 1e9) if host_bandwidth_gbs else None
         return {**base, "path": path, "decode_ms": ms, "tok_s": 1000.0 * batch / ms, "kv_bytes_read": kv_read,
-                "decode_peak_bytes": peak, "floor_ms": floor, "x_floor": ms / floor if floor else None}
+                "host_bytes_read": host_read, "decode_peak_bytes": peak, "floor_ms": floor,
+                "x_floor": ms / floor if floor else None}
     out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))] if plain_steps else []
     every = getattr(getattr(cache, "method", None), "evict_every", 1)
     n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
@@ -179,9 +203,10 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     _peak_reset(dev)
     dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
     _sync(dev)
-    held, read = dec.extra_nbytes()   # e.g. ATSKV's passive tier: held on the device, partly read each step
-    out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes() + read, _peak(dev)))
-    out[-1]["extra_device_bytes"] = held
+    x = dec.extra_nbytes()   # e.g. ATSKV's passive tier: summaries on the device, keys and values on the host
+    out.append(rec("fast", _time_run(dev, dec.step, n), dec.kv_bytes() + x["device_read"], _peak(dev),
+                   x["host_read"]))
+    out[-1].update(extra_device_bytes=x["device"], extra_host_bytes=x["host"])
     def variant_ms():   # atskv with evict_every: each variant's step alone (the evicting one last, so that the
         # state is the one after an eviction again)
         vs = sorted(dec.variants(), key=lambda v: v.endswith("evict"))
@@ -237,10 +262,18 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
     return out
 
 
+def _host_room() -> int:
+    """60% of the machine's memory: what a pinned host tier may take (pinned pages cannot be swapped out)."""
+    import os
+    return int(0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 @torch.no_grad()
 def largest_decode_batch(model, tokenizer, method: str, budget, context: int, params: dict | None = None,
-                         start: int = 64, limit: int = 1 << 16, chunk: int = 512) -> dict:
-    """The largest batch whose decode state fits in the device's memory beside the weights: one random-token
+                         start: int = 64, limit: int = 1 << 16, chunk: int = 512,
+                         host_limit_bytes: int | None = None) -> dict:
+    """The largest batch whose decode state fits in the device's memory beside the weights (and whose host-memory
+    state, ATSKV's passive tier, fits in `host_limit_bytes`: default 60% of the machine's memory): one random-token
     context is prefilled (the plain path), its slot cache is repeated to batch B and two decode steps run; B doubles
     from `start` until memory runs out, then a bisection narrows it to within 3%. Prefill is not part of it (a
     serving system prefills in micro-batches)."""
@@ -253,7 +286,12 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     per_seq = one.kv_bytes()
     del cache
 
+    extra = one.extra_nbytes()
+    host_room = host_limit_bytes if host_limit_bytes is not None else _host_room()
+
     def fits(b: int) -> bool:
+        if b * extra["host"] > host_room:   # the pinned host tier would not fit beside the rest of the machine
+            return False
         dec = None
         try:
             dec = one.repeated(b)
@@ -282,6 +320,8 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return {"benchmark": "speed_max_batch", "method": method, "budget": budget, "context": context,
             "max_batch": lo, "limit_reached": hi is None, "kv_bytes_per_sequence": per_seq,
+            "extra_device_bytes_per_sequence": extra["device"], "host_bytes_per_sequence": extra["host"],
+            "host_limit_bytes": host_room, "host_bound": extra["host"] > 0 and (lo + 1) * extra["host"] > host_room,
             "device_memory_bytes": total, "dtype": _dtype_name(model)}
 
 
@@ -338,8 +378,10 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
         raise UserError(f"--speed_parts max_batch searches the device's memory: it needs a CUDA device, not "
                         f"{model.device}")
     bw = args.bandwidth_gbs or device_bandwidth_gbs(model.device)
+    host_bw = host_bandwidth_gbs(model.device)
     print(f"[atskv] speed benchmark on {env['hardware']} ({env['dtype']}), bandwidth {bw:.0f} GB/s "
-          f"{'(given)' if args.bandwidth_gbs else '(measured)'} -> {results_path}", file=sys.stderr)
+          f"{'(given)' if args.bandwidth_gbs else '(measured)'}, host to device {host_bw:.0f} GB/s -> "
+          f"{results_path}", file=sys.stderr)
 
     def save(spec: dict, fn) -> None:
         key = cell_key(spec)
@@ -397,7 +439,7 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
                         save(spec, lambda: measure_decode_speed(
                             model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
                             bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed,
-                            plain_steps=0 if only else 10))
+                            plain_steps=0 if only else 10, host_bandwidth_gbs=host_bw))
         for size in sizes if "plain" in parts else []:
             for batch in batches:
                 for spec, m, params, budget in cells("speed_plain", context=size, batch=batch, steps=args.decode_steps):

@@ -31,7 +31,8 @@ def prompt(cuda_model):
     ("full", False, {}, True), ("sliding_window", False, {}, True), ("h2o", False, {}, True), ("atskv", False, {}, True),
     ("full", True, {}, True), ("atskv", True, {}, True), ("atskv", False, {"evict_every": 4}, True),
     ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False),
-    ("atskv", False, {"external_memory": True}, True), ("atskv", True, {"external_memory": True}, True)])
+    ("atskv", False, {"external_memory": True}, True), ("atskv", True, {"external_memory": True}, True),
+    ("atskv", False, {"external_memory": True, "passive_device": True}, True)])
 def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(
         cuda_model, prompt, method, compile, params, kernel, plain_decode):
     """kernel: the Triton decode attention where Triton is there (False: the SDPA / matmul reference)."""
@@ -57,6 +58,18 @@ def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entri
     # On CPU the decisions are identical (tests/test_fast_decode.py). On CUDA ATSKV's relevance is a float computed
     # by differently shaped kernels in the two paths (summation order), so near-ties of r may break differently.
     assert same / total >= (0.97 if method == "atskv" else 1.0), same / total
+
+
+def test_a_host_mapped_tensor_lives_in_pinned_host_memory_and_cuda_kernels_read_and_write_it():
+    from external_memory import host_mapped
+    before = torch.cuda.memory_allocated()
+    t = host_mapped((2, 3, 1000, 64), torch.bfloat16, torch.device("cuda"))
+    assert t.device.type == "cuda" and torch.cuda.memory_allocated() == before   # no device memory taken
+    src = torch.randn(2, 3, 5, 64, device="cuda").bfloat16()
+    idx = torch.tensor([0, 7, 999, 500, 3], device="cuda")
+    t[:, :, idx] = src                                                          # written by a CUDA kernel
+    assert torch.equal(t[:, :, idx], src) and torch.equal(t.cpu()[:, :, idx.cpu()], src.cpu())
+    assert int(torch.count_nonzero(t)) == int(torch.count_nonzero(src))          # zeroed elsewhere
 
 
 @pytest.mark.parametrize("method", ["full", "atskv"])
