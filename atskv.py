@@ -83,8 +83,9 @@ class ATSKV(KVMethod):
     recall_window: int = 64           #   the forward's last this-many queries vote
     recall_shared: bool = False       #   one choice of spans for all the layer's KV heads (their votes summed)
     recall_tokens: float = 0.5        # per-step recall: tokens recalled per step, a fraction of the active budget,
-    recall_every: int = 1             #   every this many decode steps (0: never); without read-time recall the
-                                      #   question's forward recalls this way too
+    recall_every: int = 1             #   every this many decode steps, counted from the first after a forward of
+                                      #   several tokens; the steps between attend to what the last one recalled
+                                      #   (0: never); without read-time recall the question's forward recalls too
     recall_choice: str = "own"        # a forward of several tokens (a prompt chunk, the question): "own": each query
                                       #   of each head attends to its own top recall_tokens x budget passive entries
                                       #   (top-k sparse attention over the store); "shared": the last `window`
@@ -152,6 +153,8 @@ class ATSKV(KVMethod):
         self.counts = None
         self.passive: dict[int, PassiveStore] = {}
         self.steps = 0
+        self.since_forward = -1   # decode steps before the current one since the last forward of several tokens
+        self.held: dict = {}      # layer -> the last decode recall (Recalled), attended until the next one
         # bytes copied from the passive store to the device: by forwards of several tokens (read-time recall, or
         # per-step recall at a chunk) and by decode steps; decode_steps counts the one-token forwards
         self.recall_bytes = {"read": 0, "decode": 0, "decode_steps": 0}
@@ -337,12 +340,17 @@ class ATSKV(KVMethod):
         if layer.layer_idx == 0:
             self.steps += 1
             self.recall_bytes["decode_steps"] += layer.n_new == 1
+            self.since_forward = -1 if layer.n_new > 1 else self.since_forward + 1
         if store is not None and layer.n_new > 1 and self.recall_share > 0:
             keys, values, mask = self.recall_spans(layer, store, query, keys, values, mask, scaling)
             return super().attend(layer, module, query, keys, values, mask, scaling)
-        due = layer.n_new > 1 or (self.recall_every > 0 and self.steps % self.recall_every == 0)
+        due = layer.n_new > 1 or (self.recall_every > 0 and self.since_forward % self.recall_every == 0)
+        held = self.held.pop(layer.layer_idx, None)
         if store is None or (store.size == 0 and store.pend is None) or not due:
-            return super().attend(layer, module, query, keys, values, mask, scaling)
+            if held is None or layer.n_new > 1:
+                return super().attend(layer, module, query, keys, values, mask, scaling)
+            self.held[layer.layer_idx] = held   # a decode step between recalls: the last recall's entries again
+            return self._attend_with(held, query, keys, values, mask, scaling)
         n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
         own = self.recall_choice == "own" and layer.n_new > 1
         rec = store.recall(query if own else query[:, :, -self.window:], n_tok // store.page_size,
@@ -357,15 +365,22 @@ class ATSKV(KVMethod):
                                  torch.cat([rec.v.to(values.dtype), values], 2),
                                  torch.cat([rec.mask(Hq, q), active], -1), scaling)
         else:  # a decode step: the active cache's attention while the copy runs, merged with the recalled part's
-            o1, lse1 = attention_lse(query, keys, values, mask, scaling)
-            rec.wait()
+            out = self._attend_with(rec, query, keys, values, mask, scaling)
             self.recall_bytes["decode"] += rec.k.nbytes + rec.v.nbytes
-            o2, lse2 = attention_lse(query, rec.k, rec.v, rec.mask(Hq, q), scaling)
-            out = merge_attention(o1, lse1, o2, lse2).to(query.dtype)
+            if self.recall_every > 1 and not self.promote:
+                self.held[layer.layer_idx] = rec
         self.last_recall = rec.k.shape[2]
         if self.promote and store.k is not None and store.page_size == 1:
             self._promote(layer, store, rec)
         return out
+
+    @staticmethod
+    def _attend_with(rec, query, keys, values, mask, scaling):
+        """A decode step's attention over the active entries merged (log-sum-exp) with that over recalled ones."""
+        o1, lse1 = attention_lse(query, keys, values, mask, scaling)
+        rec.wait()
+        o2, lse2 = attention_lse(query, rec.k, rec.v, rec.mask(query.shape[1], query.shape[2]), scaling)
+        return merge_attention(o1, lse1, o2, lse2).to(query.dtype)
 
     def recall_slots(self, layer) -> int:
         """Entries a read-time recall pins: recall_share of the layer budget, leaving room for the sinks, the
@@ -453,11 +468,11 @@ class ATSKV(KVMethod):
     def fast_path_refusal(self):
         if self.span > 1 or self.consensus:
             return "consensus and span > 1 are plain-path only: atskv without consensus, span 1"
-        if self.external_memory and (self.recall_scoring != "int8" or self.promote or self.recall_every != 1
+        if self.external_memory and (self.recall_scoring != "int8" or self.promote or self.recall_every < 1
                                      or self.recall_share > 0 or self.recall_span != 1
                                      or self.passive_limit is not None):
-            return ("its external memory has a fast path with its defaults only (int8 scoring, recall every step, "
-                    "no promotion, read-time pinning, recall span or passive limit)")
+            return ("its external memory has a fast path with its defaults only (int8 scoring, recall at decode "
+                    "steps, no promotion, read-time pinning, recall span or passive limit)")
         return None
 
     def slot_state(self, layer, max_steps):
@@ -471,7 +486,9 @@ class ATSKV(KVMethod):
         # delta of shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
         per_layer = {"delta": torch.tensor([self.controller.delta[l]], dtype=torch.float64, device=layer.device)}
         if self.external_memory:
-            per_layer |= self.passive_tier(layer, layer.stored_length() + max_steps + 1)
+            per_layer |= self.passive_tier(layer, max_steps + 1)
+            if self.recall_every > 1:
+                per_layer |= self.held_buffers(layer)
         return {"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0}, per_layer
 
     def passive_tier(self, layer, room: int) -> dict:
@@ -509,6 +526,22 @@ class ATSKV(KVMethod):
         t["pok"][..., -1] = False
         return t
 
+    def held_buffers(self, layer) -> dict:
+        """recall_every > 1: the entries the last decode recall brought, attended until the next one: "rk", "rv"
+        (B, H, R, D) and "rok" (B, H, R) on the device, R = recall_n; filled from the plain path's last recall."""
+        B, H, _, D = layer.keys.shape
+        R = max(1, int(self.recall_tokens * self.cache.layer_budget(layer.layer_idx)))
+        dev, dt = layer.device, layer.keys.dtype
+        t = {"rk": torch.zeros((B, H, R, D), dtype=dt, device=dev), "rv": torch.zeros((B, H, R, D), dtype=dt,
+             device=dev), "rok": torch.zeros((B, H, R), dtype=torch.bool, device=dev)}
+        rec = self.held.pop(layer.layer_idx, None)
+        if rec is not None:
+            rec.wait()
+            n = min(R, rec.k.shape[2])
+            t["rk"][:, :, :n], t["rv"][:, :, :n], t["rok"][:, :, :n] = rec.k[:, :, :n], rec.v[:, :, :n], \
+                rec.valid[:, :, :n].to(dev)
+        return t
+
     def tier_on_device(self, device) -> bool:
         return self.passive_device or torch.device(device).type != "cuda"
 
@@ -530,26 +563,39 @@ class ATSKV(KVMethod):
     def slot_extra_entries(self, s):
         """Per-step recall (`attend` at a decode step): the query's group votes over the passive tier (a softmax
         over the entries per query head against their int8 keys, summed over the group) and the top recall_n
-        entries of each KV head are attended beside the slots."""
+        entries of each KV head are attended beside the slots. With recall_every > 1 they are kept ("rk", "rv",
+        "rok") and attended again on the steps until the next recall (s["recall"] False)."""
         if not self.external_memory:
             return None
         from kernels.decode_attention import rope   # here, not at import: Triton loads only for the fast path
         st = s["state"]
         q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
+        if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
+            return st["rk"], st["rv"], st["rok"]
         vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1]).masked_fill(~st["pok"], -1.0)
         idx = vote.topk(min(s["layer_args"]["recall_n"], vote.shape[-1]), dim=-1).indices
-        return gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
+        got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
+        if "rk" not in st:
+            return got
+        for name, x in zip(("rk", "rv", "rok"), got):
+            st[name].copy_(x)
+        return st["rk"], st["rv"], st["rok"]
 
     def slot_extra_nbytes(self, state, layer_args):
+        """Per step on average: a recall (every recall_every steps) reads the int8 keys and gathers the chosen
+        entries from the tier; with recall_every > 1 every step reads the kept entries."""
         if not self.external_memory:
             return super().slot_extra_nbytes(state, layer_args)
         B, H, _, D = state["pk"].shape
-        summaries = sum(state[k].nbytes for k in ("pq", "ps", "pok"))
+        k = self.recall_every
+        summaries = sum(state[n].nbytes for n in ("pq", "ps", "pok"))
         tier = state["pk"].nbytes + state["pv"].nbytes
         recalled = 2 * B * H * layer_args["recall_n"] * D * state["pk"].element_size()
-        if self.tier_on_device(state["pk"].device):
-            return {"device": summaries + tier, "host": 0, "device_read": summaries + recalled, "host_read": 0}
-        return {"device": summaries, "host": tier, "device_read": summaries, "host_read": recalled}
+        held = sum(state[n].nbytes for n in ("rk", "rv", "rok") if n in state)
+        on_device = self.tier_on_device(state["pk"].device)
+        return {"device": summaries + held + (tier if on_device else 0), "host": 0 if on_device else tier,
+                "device_read": (summaries + (recalled if on_device else 0)) // k + held,
+                "host_read": 0 if on_device else recalled // k}
 
     def slot_state_repeated(self, state, batch):
         host = {k: state[k] for k in ("pk", "pv") if k in state and not self.tier_on_device(state[k].device)}

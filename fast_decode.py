@@ -23,6 +23,8 @@ are refused with a clear error (use the plain path, with --device_map auto for t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels import greedy_kernels, skinny_gemm
@@ -213,14 +215,14 @@ def post_attention(x, attn, wo, ln, eps, wgu, wd):
     return skinny_gemm.linear(skinny_gemm.swiglu(h, wgu), wd, residual=x)
 
 
-def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, bias, pos, present,
-               valid, st: dict, la: dict, c: dict):
+def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok, counts, lw: dict, K, V, bias,
+               pos, present, valid, st: dict, la: dict, c: dict):
     """One decoder layer of a decode step with the method's per-step work: one torch.compile region, so that the
     element-wise work of the norms, RoPE, the slot write, the scoring and the bias refresh fuses into few kernels.
     kind: full (nothing evicted), grow (a compressed prompt; new entries fill free slots, nothing evicted), bare
     (frees the oldest entry: the step without the method's scoring; with evict_every, the oldest entries on its
     schedule) or method (the method's slot hooks, c["method"]); evict: whether this step is one of the method's
-    scheduled evictions (evict_every)."""
+    scheduled evictions (evict_every); recall: whether it is one of its scheduled recalls (ATSKV's recall_every)."""
     D = c["head_dim"]
     h, q, k, v = pre_attention(x, lw["ln1"], lw["eps1"], lw["wqkv"], lw["bqkv"], cos, sin, c["n_heads"], c["n_kv"],
                                D, lw["qk_norm"])
@@ -234,7 +236,7 @@ def layer_step(kind: str, evict: bool, x, cos, sin, cur, seen, tok, counts, lw: 
     m = c["method"]
     s = {"present": present, "valid": valid, "bias": bias, "pos": pos, "state": st, "layer_args": la, "consts": c,
          "slot": slot, "seen": seen, "cur": cur, "tok": tok, "counts": counts, "h": h, "q": q, "k": k, "v": v,
-         "cos": cos, "sin": sin, "keys": K, "values": V, "evict": evict}
+         "cos": cos, "sin": sin, "keys": K, "values": V, "evict": evict, "recall": recall}
     # the method's work before attention (ATSKV: the new entry's running statistic, which a step that does not
     # evict accumulates inside decode_attention); probs: the step's attention, for methods that score with it
     acc = m.slot_before_attention(s) if kind == "method" else None
@@ -345,6 +347,10 @@ class StaticDecoder:
         self.pool = None
         self.logits_of: dict[str, torch.Tensor] = {}
         self.every = getattr(method_obj, "evict_every", 1) if method_obj is not None else 1
+        # ATSKV's recall_every with external memory: recall on every this many steps, counted from recall_step0
+        self.recall_every = getattr(method_obj, "recall_every", 1) \
+            if getattr(method_obj, "external_memory", False) else 1
+        self.recall_step0 = 0
         self.counts = None             # token counts kept by the step (a method's slot_shared_state)
         self.decode_step0 = 0          # the plain cache's decode steps since its last prefill chunk (evict_every)
         # the step's start, each layer's step and its end: torch.compile'd with compile=True
@@ -391,6 +397,7 @@ class StaticDecoder:
         if m is not None and not grow:
             dec.counts = m.slot_shared_state().get("counts")
             dec.decode_step0 = cache.layers[0].decode_steps + 1
+            dec.recall_step0 = getattr(m, "since_forward", -1) + 1   # the plain path's recall schedule goes on
             dec.refresh_queues()
         if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
             for layer in cache.layers:
@@ -465,22 +472,32 @@ class StaticDecoder:
     def variant(self) -> str:
         """Which step runs next: 'step'; atskv with evict_every > 1: 'evict' on its schedule, else 'keep'. Without
         scoring: 'bare', or with evict_every > 1 'bare_evict' and 'bare_keep' on the same schedule."""
+        return self._variant_at(self.steps_done)
+
+    def _variant_at(self, t: int) -> str:
+        """The variant of the step after t steps of this decoder; "/hold" marks a step between two of the
+        method's scheduled recalls (ATSKV's recall_every > 1)."""
         if self.every == 1:
-            return "step" if self.score_on else "bare"
-        v = "evict" if (self.decode_step0 + self.steps_done) % self.every == 0 else "keep"
-        return v if self.score_on else "bare_" + v
+            v = "step" if self.score_on else "bare"
+        else:
+            v = "evict" if (self.decode_step0 + t) % self.every == 0 else "keep"
+            v = v if self.score_on else "bare_" + v
+        if self.score_on and self.recall_every > 1 and (self.recall_step0 + t) % self.recall_every:
+            v += "/hold"
+        return v
 
     def _step(self, variant: str) -> None:
         w = self.w
         x, cos, sin, seen = self.head(w.embed.weight, w.rotary, self.tok, self.cur,
                                  self.counts if self.score_on else None)
         c = self._consts()
+        base, _, hold = variant.partition("/")
         for lw, sl, la in zip(w.layers, self.slots, self._layer_args()):
             kind = "full" if sl.budget is None else "grow" if self.grow else \
-                "bare" if variant.startswith("bare") else "method"
-            x = self.fn(kind, not variant.endswith("keep"), x, cos, sin, self.cur, seen, self.tok, self.counts, lw,
-                        sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la, c)
-        queue_step = "evict" if variant.endswith("evict") else "keep" if variant.endswith("keep") else None
+                "bare" if base.startswith("bare") else "method"
+            x = self.fn(kind, not base.endswith("keep"), not hold, x, cos, sin, self.cur, seen, self.tok,
+                        self.counts, lw, sl.K, sl.V, sl.bias, sl.pos, sl.present, sl.valid, sl.state, la, c)
+        queue_step = "evict" if base.endswith("evict") else "keep" if base.endswith("keep") else None
         self.logits_of[variant] = self.tail(x, w.norm.weight, w.norm.variance_epsilon, w.lm_head.weight,
                                             w.lm_head.bias, self.tok, self.t, self.out, self.cur, self.qidx,
                                             queue_step, self.every)
@@ -530,9 +547,10 @@ class StaticDecoder:
         self.last_variant = variant
 
     def variants(self) -> list[str]:
-        if self.every == 1:
-            return ["step" if self.score_on else "bare"]
-        return ["evict", "keep"] if self.score_on else ["bare_evict", "bare_keep"]
+        """The variants the schedule runs (evicting ones first, those between recalls after the others)."""
+        period = math.lcm(self.every, self.recall_every)
+        return sorted({self._variant_at(t) for t in range(period)},
+                      key=lambda v: ("/hold" in v, not v.partition("/")[0].endswith("evict"), v))
 
     @torch.no_grad()
     def warm_up(self) -> int:

@@ -1,4 +1,6 @@
 """ATSKV: the controller, the predictor's persistence, budgets, positions and the external memory."""
+import copy
+
 import pytest
 import torch
 
@@ -205,6 +207,30 @@ def test_recall_attends_more_entries_than_the_active_cache_holds(model, tokenize
     ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
     assert cache.method.last_recall > 0
     assert all(n <= cache.layer_budget(i) for i, n in enumerate(cache.stored_lengths()))
+
+
+@torch.no_grad()
+def test_recall_every_k_recalls_on_every_kth_decode_step_and_attends_to_its_entries_in_between(model, tokenizer,
+                                                                                                  predictor):
+    """recall_every=3: the first decode step after the question recalls, then every third; the steps between copy
+    nothing and attend to what the last recall brought (a different output than without it)."""
+    cache, ci, qi = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True, recall_every=3)
+    m = cache.method
+    logits = ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
+    tok, copied = logits.argmax(-1).view(1, 1), []
+    for step in range(7):
+        before, held = m.recall_bytes["decode"], dict(m.held)
+        pos = torch.tensor([[len(ci) + len(qi) + step]])
+        alt = copy.deepcopy(cache)   # the same step without the held entries
+        alt.method.held = {}
+        without = model(tok, past_key_values=alt, position_ids=pos, use_cache=True).logits[:, -1]
+        out = model(tok, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+        copied.append(m.recall_bytes["decode"] > before)
+        if step % 3:   # between recalls: the same entries again, and they change the step's output
+            assert held and m.held.keys() == held.keys() and all(m.held[l] is held[l] for l in held)
+            assert not torch.allclose(without, out)
+        tok = out.argmax(-1).view(1, 1)
+    assert copied == [True, False, False, True, False, False, True]
 
 
 def test_int8_key_summaries_recall_what_exact_scoring_recalls(model, tokenizer, predictor):

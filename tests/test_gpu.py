@@ -32,7 +32,8 @@ def prompt(cuda_model):
     ("full", True, {}, True), ("atskv", True, {}, True), ("atskv", False, {"evict_every": 4}, True),
     ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False),
     ("atskv", False, {"external_memory": True}, True), ("atskv", True, {"external_memory": True}, True),
-    ("atskv", False, {"external_memory": True, "passive_device": True}, True)])
+    ("atskv", False, {"external_memory": True, "passive_device": True}, True),
+    ("atskv", True, {"external_memory": True, "recall_every": 4}, True)])
 def test_cuda_graph_fast_path_generates_the_same_tokens_and_keeps_the_same_entries(
         cuda_model, prompt, method, compile, params, kernel, plain_decode):
     """kernel: the Triton decode attention where Triton is there (False: the SDPA / matmul reference)."""
