@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              put_rows, repeat_heads, window_attention)
 from external_memory import (PassiveStore, attention_lse, group_votes, host_mapped, int8_logits,
-                             max_pool_positions, merge_attention, quantize_int8)
+                             max_pool_positions, merge_attention, quantize_int8, top_entries)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -469,10 +469,9 @@ class ATSKV(KVMethod):
         if self.span > 1 or self.consensus:
             return "consensus and span > 1 are plain-path only: atskv without consensus, span 1"
         if self.external_memory and (self.recall_scoring != "int8" or self.promote or self.recall_every < 1
-                                     or self.recall_share > 0 or self.recall_span != 1
-                                     or self.passive_limit is not None):
-            return ("its external memory has a fast path with its defaults only (int8 scoring, recall at decode "
-                    "steps, no promotion, read-time pinning, recall span or passive limit)")
+                                     or self.recall_share > 0 or self.passive_limit is not None):
+            return ("its external memory has a fast path with int8 scoring and recall at decode steps only (no "
+                    "promotion, read-time pinning or passive limit)")
         return None
 
     def slot_state(self, layer, max_steps):
@@ -572,8 +571,13 @@ class ATSKV(KVMethod):
         q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]
-        vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1]).masked_fill(~st["pok"], -1.0)
-        idx = vote.topk(min(s["layer_args"]["recall_n"], vote.shape[-1]), dim=-1).indices
+        vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1])   # 0 where no entry
+        n = min(s["layer_args"]["recall_n"], vote.shape[-1])
+        if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
+            vote = max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0)
+            idx = top_entries(vote, n)
+        else:
+            idx = vote.masked_fill(~st["pok"], -1.0).topk(n, dim=-1).indices
         got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
         if "rk" not in st:
             return got

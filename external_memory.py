@@ -179,7 +179,10 @@ class PassiveStore:
             invalid = ~self.valid.to(page_score.device)
             page_score = pooled_by_position(page_score, self.pos, span).masked_fill(invalid, -1.0)
         n_pages = min(n_pages, page_score.shape[-1])
-        pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
+        if span > 1 and self.page_size == 1:
+            pages = top_entries(page_score, n_pages, self.pos).sort(-1).values.cpu()
+        else:
+            pages = page_score.topk(n_pages, dim=-1).indices.sort(-1).values.cpu()
         P = self.page_size
         return self._fetch((pages[..., None] * P + torch.arange(P)).flatten(-2), dev)  # (B, Hkv, n_pages x P)
 
@@ -285,6 +288,16 @@ def pooled_by_position(score: torch.Tensor, pos: torch.Tensor, span: int) -> tor
     T = int(pos.max()) + 1
     dense = torch.zeros((B, H, T), dtype=score.dtype, device=score.device).scatter_(2, pos.to(score.device), score)
     return max_pool_positions(dense, span).gather(2, pos.to(score.device))
+
+
+def top_entries(score: torch.Tensor, k: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the k highest scores per row of (B, H, N), ties to the lower position (pos (B, H, N): the entries'
+    positions; None: the entries are in position order). Max-pooled votes tie on purpose (a peak's neighbours share
+    its value): this rule makes the plain store and the fast path's position-indexed tier choose the same ones."""
+    order = None if pos is None else pos.to(score.device).argsort(-1)
+    s = score if order is None else score.gather(-1, order)
+    idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+    return idx if order is None else order.gather(-1, idx)
 
 
 def max_pool_positions(dense: torch.Tensor, span: int) -> torch.Tensor:

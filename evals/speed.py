@@ -209,7 +209,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     out[-1].update(extra_device_bytes=x["device"], extra_host_bytes=x["host"])
     def variant_ms():   # atskv with evict_every: each variant's step alone (the evicting one last, so that the
         # state is the one after an eviction again)
-        vs = sorted(dec.variants(), key=lambda v: v.endswith("evict"))
+        vs = sorted(dec.variants(), key=lambda v: v.partition("/")[0].endswith("evict"))
         return {v: _time_run(dev, lambda: dec.run_variant(v), n) for v in vs} if len(vs) > 1 else None
     out[-1]["variant_ms"] = variant_ms()
     if dec.method != "full":

@@ -218,7 +218,7 @@ def test_recall_every_k_recalls_on_every_kth_decode_step_and_attends_to_its_entr
     m = cache.method
     logits = ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
     tok, copied = logits.argmax(-1).view(1, 1), []
-    for step in range(7):
+    for step in range(5):
         before, held = m.recall_bytes["decode"], dict(m.held)
         pos = torch.tensor([[len(ci) + len(qi) + step]])
         alt = copy.deepcopy(cache)   # the same step without the held entries
@@ -230,7 +230,7 @@ def test_recall_every_k_recalls_on_every_kth_decode_step_and_attends_to_its_entr
             assert held and m.held.keys() == held.keys() and all(m.held[l] is held[l] for l in held)
             assert not torch.allclose(without, out)
         tok = out.argmax(-1).view(1, 1)
-    assert copied == [True, False, False, True, False, False, True]
+    assert copied == [True, False, False, True, False]
 
 
 def test_int8_key_summaries_recall_what_exact_scoring_recalls(model, tokenizer, predictor):

@@ -258,14 +258,15 @@ def test_a_method_without_a_slot_step_is_refused_by_the_fast_path_with_its_reaso
         del METHODS["toy_score_only"]
 
 
-@pytest.mark.parametrize("recall_every", [1, 4])
+@pytest.mark.parametrize("schedule", [{}, {"recall_every": 4, "recall_span": 8}])
 def test_fast_path_with_external_memory_recalls_and_offloads_as_the_plain_path(model, tokenizer, prompt,
-                                                                               plain_decode, recall_every):
+                                                                               plain_decode, schedule):
     """atskv[external_memory=true] on the fast path: the same tokens as the plain path, the same entries active,
     and the same positions in the passive tier as in the plain path's store; with recall_every 4, the steps
-    between recalls attend to the last recall's entries on both paths."""
+    between recalls attend to the last recall's entries on both paths, and with recall_span 8 both choose the
+    same neighbours of the voted entries."""
     ids = prompt.expand(2, -1)
-    params = {"external_memory": True, "recall_every": recall_every}
+    params = {"external_memory": True, **schedule}
     plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
     want = plain_decode(model, plain, ids, N_STEPS)
     cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
