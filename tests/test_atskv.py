@@ -180,10 +180,10 @@ def test_atskv_positions_stay_right_across_chunks_and_decoding(model, tokenizer,
 
 def test_external_memory_keeps_active_bytes_flat_while_the_context_grows_8x(model, tokenizer, predictor):
     sizes = {}
-    for n in (300, 2400):
+    for n in (200, 1600):
         cache, ci, _ = _prefill(model, tokenizer, n, 64, chunk=256, external_memory=True)
         sizes[n] = (tier_bytes(cache), len(ci))
-    (small, n_small), (big, n_big) = sizes[300], sizes[2400]
+    (small, n_small), (big, n_big) = sizes[200], sizes[1600]
     assert n_big >= 7 * n_small
     assert big["active_kv_bytes"] == small["active_kv_bytes"]
     assert big["passive_bytes"] > 6 * small["passive_bytes"]
@@ -214,7 +214,7 @@ def test_recall_every_k_recalls_on_every_kth_decode_step_and_attends_to_its_entr
                                                                                                   predictor):
     """recall_every=3: the first decode step after the question recalls, then every third; the steps between copy
     nothing and attend to what the last recall brought (a different output than without it)."""
-    cache, ci, qi = _prefill(model, tokenizer, 600, 64, chunk=128, external_memory=True, recall_every=3)
+    cache, ci, qi = _prefill(model, tokenizer, 400, 64, chunk=128, external_memory=True, recall_every=3)
     m = cache.method
     logits = ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
     tok, copied = logits.argmax(-1).view(1, 1), []

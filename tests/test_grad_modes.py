@@ -24,7 +24,7 @@ def empty_predictor_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode", GRAD_MODES)
 def test_every_method_creates_its_cache_and_generates_under_the_callers_grad_mode_on_an_empty_predictor_cache(
         model, tokenizer, empty_predictor_cache, mode):
-    ids = tokenizer("The code is 4711. " + "The sky is blue. " * 60 + "What is the code?", return_tensors="pt")
+    ids = tokenizer("The code is 4711. " + "The sky is blue. " * 40 + "What is the code?", return_tensors="pt")
     n = ids.input_ids.shape[1]
     specs = [(m, {}) for m in KVCacheFactory.known_methods()] + [("atskv", {"external_memory": True})]
     with GRAD_MODES[mode]():
