@@ -507,10 +507,11 @@ class ATSKV(KVMethod):
             if store.size_settled():
                 parts.append((store.k, store.v, store.pos, store.valid, store.kq, store.kscale))
         cap = max(int(p[2].max()) for p in parts) + 1 + room + 1
+        shapes = ((B, H, cap, D), (B, H, cap, layer.values.shape[-1]))
         if self.tier_on_device(dev):
-            pk, pv = (torch.zeros((B, H, cap, D), dtype=dt, device=dev) for _ in range(2))
+            pk, pv = (torch.zeros(shape, dtype=dt, device=dev) for shape in shapes)
         else:
-            pk, pv = (host_mapped((B, H, cap, D), dt, dev) for _ in range(2))
+            pk, pv = (host_mapped(shape, dt, dev) for shape in shapes)
         t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
              "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev)}
         for k, v, pos, valid, kq, scale in parts:
@@ -531,8 +532,9 @@ class ATSKV(KVMethod):
         B, H, _, D = layer.keys.shape
         R = max(1, int(self.recall_tokens * self.cache.layer_budget(layer.layer_idx)))
         dev, dt = layer.device, layer.keys.dtype
-        t = {"rk": torch.zeros((B, H, R, D), dtype=dt, device=dev), "rv": torch.zeros((B, H, R, D), dtype=dt,
-             device=dev), "rok": torch.zeros((B, H, R), dtype=torch.bool, device=dev)}
+        t = {"rk": torch.zeros((B, H, R, D), dtype=dt, device=dev),
+             "rv": torch.zeros((B, H, R, layer.values.shape[-1]), dtype=dt, device=dev),
+             "rok": torch.zeros((B, H, R), dtype=torch.bool, device=dev)}
         rec = self.held.pop(layer.layer_idx, None)
         if rec is not None:
             rec.wait()
@@ -568,9 +570,9 @@ class ATSKV(KVMethod):
             return None
         from kernels.decode_attention import rope   # here, not at import: Triton loads only for the fast path
         st = s["state"]
-        q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]
+        q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
         vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1])   # 0 where no entry
         n = min(s["layer_args"]["recall_n"], vote.shape[-1])
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
@@ -590,11 +592,12 @@ class ATSKV(KVMethod):
         entries from the tier; with recall_every > 1 every step reads the kept entries."""
         if not self.external_memory:
             return super().slot_extra_nbytes(state, layer_args)
-        B, H, _, D = state["pk"].shape
+        B, H = state["pk"].shape[:2]
         k = self.recall_every
         summaries = sum(state[n].nbytes for n in ("pq", "ps", "pok"))
         tier = state["pk"].nbytes + state["pv"].nbytes
-        recalled = 2 * B * H * layer_args["recall_n"] * D * state["pk"].element_size()
+        per_entry = (state["pk"].shape[-1] + state["pv"].shape[-1]) * state["pk"].element_size()
+        recalled = B * H * layer_args["recall_n"] * per_entry
         held = sum(state[n].nbytes for n in ("rk", "rv", "rok") if n in state)
         on_device = self.tier_on_device(state["pk"].device)
         return {"device": summaries + held + (tier if on_device else 0), "host": 0 if on_device else tier,

@@ -135,16 +135,13 @@ def gather_entries(t: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None 
 
 
 def put(t, slot, value):
-    """t[b, h, slot[b, h]] = value[b, h] in place, for every row b and head h. An index_put_, which torch.compile
-    keeps in place (a scatter_ into a large buffer could become a copy of the whole buffer)."""
-    B, H = slot.shape[:2]
-    b = torch.arange(B, device=t.device)[:, None].expand(B, H)
-    h = torch.arange(H, device=t.device)[None].expand(B, H)
-    t.index_put_((b, h, slot[..., 0]), value)
+    """t[b, h, slot[b, h]] = value[b, h] in place, for every row b and head h (slot (B, H, 1))."""
+    put_rows(t, slot, value.unsqueeze(2))
 
 
 def put_rows(t, idx, value):
-    """t[b, h, idx[b, h, j]] = value[b, h, j] in place (an index_put_, as `put`), for idx (B, H, N)."""
+    """t[b, h, idx[b, h, j]] = value[b, h, j] in place, for idx (B, H, N). An index_put_, which torch.compile
+    keeps in place (a scatter_ into a large buffer could become a copy of the whole buffer)."""
     B, H, N = idx.shape
     b = torch.arange(B, device=t.device)[:, None, None].expand(B, H, N)
     h = torch.arange(H, device=t.device)[None, :, None].expand(B, H, N)
