@@ -501,11 +501,11 @@ class ATSKV(KVMethod):
         store = self.passive.pop(layer.layer_idx, None)
         B, H, _, D = layer.keys.shape
         dev, dt = layer.device, layer.keys.dtype
-        parts = [(layer.keys, layer.values, layer.positions, layer.valid, None, None)]
+        parts = [(layer.keys, layer.values, layer.positions, layer.valid, None, None, False)]   # active, stored
         if store is not None:
             store.settle()
             if store.size_settled():
-                parts.append((store.k, store.v, store.pos, store.valid, store.kq, store.kscale))
+                parts.append((store.k, store.v, store.pos, store.valid, store.kq, store.kscale, True))
         cap = max(int(p[2].max()) for p in parts) + 1 + room + 1
         shapes = ((B, H, cap, D), (B, H, cap, layer.values.shape[-1]))
         if self.tier_on_device(dev):
@@ -514,14 +514,14 @@ class ATSKV(KVMethod):
             pk, pv = (host_mapped(shape, dt, dev) for shape in shapes)
         t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
              "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev)}
-        for k, v, pos, valid, kq, scale in parts:
+        for k, v, pos, valid, kq, scale, stored in parts:
             valid = valid.to(dev)
             where = torch.where(valid, pos.to(dev), cap - 1)
             if kq is None:   # the active entries: quantised as an eviction would
                 kq, scale = quantize_int8(k)
             for name, x in (("pk", k), ("pv", v), ("pq", kq), ("ps", scale[..., 0])):
                 put_rows(t[name], where, x.to(dev, t[name].dtype))
-            if store is not None and k is store.k:
+            if stored:
                 put_rows(t["pok"], where, valid)
         t["pok"][..., -1] = False
         return t
@@ -542,6 +542,10 @@ class ATSKV(KVMethod):
             t["rk"][:, :, :n], t["rv"][:, :, :n], t["rok"][:, :, :n] = rec.k[:, :, :n], rec.v[:, :, :n], \
                 rec.valid[:, :, :n].to(dev)
         return t
+
+    def slot_recall_schedule(self):
+        """recall_every, counted on from the plain path's decode steps since its last forward of several tokens."""
+        return (self.recall_every, self.since_forward + 1) if self.external_memory else (1, 0)
 
     def tier_on_device(self, device) -> bool:
         return self.passive_device or torch.device(device).type != "cuda"

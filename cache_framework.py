@@ -279,6 +279,11 @@ class KVMethod:
         keys on the device and the entries it recalls from where the tier keeps them."""
         return {"device": 0, "host": 0, "device_read": 0, "host_read": 0}
 
+    def slot_recall_schedule(self) -> tuple[int, int]:
+        """(k, offset): the fast path's step recalls (s["recall"] True) where (offset + t) % k == 0 for its t-th step;
+        the others hold what the last recall brought. (1, 0): every step."""
+        return 1, 0
+
     def slot_state_repeated(self, state: dict, batch: int) -> dict:
         """A layer's slot state with its rows repeated to `batch` (StaticDecoder.repeated, for memory searches)."""
         return {k: v.clone() if k == "delta" else v.repeat(batch, *([1] * (v.dim() - 1))) for k, v in state.items()}

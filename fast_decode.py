@@ -347,10 +347,9 @@ class StaticDecoder:
         self.pool = None
         self.logits_of: dict[str, torch.Tensor] = {}
         self.every = getattr(method_obj, "evict_every", 1) if method_obj is not None else 1
-        # ATSKV's recall_every with external memory: recall on every this many steps, counted from recall_step0
-        self.recall_every = getattr(method_obj, "recall_every", 1) \
-            if getattr(method_obj, "external_memory", False) else 1
-        self.recall_step0 = 0
+        # the method's recall schedule (ATSKV's recall_every), which goes on from the plain path's
+        self.recall_every, self.recall_step0 = method_obj.slot_recall_schedule() \
+            if method_obj is not None and not self.grow else (1, 0)
         self.counts = None             # token counts kept by the step (a method's slot_shared_state)
         self.decode_step0 = 0          # the plain cache's decode steps since its last prefill chunk (evict_every)
         # the step's start, each layer's step and its end: torch.compile'd with compile=True
@@ -397,7 +396,6 @@ class StaticDecoder:
         if m is not None and not grow:
             dec.counts = m.slot_shared_state().get("counts")
             dec.decode_step0 = cache.layers[0].decode_steps + 1
-            dec.recall_step0 = getattr(m, "since_forward", -1) + 1   # the plain path's recall schedule goes on
             dec.refresh_queues()
         if m is not None:  # the decoder took the entries over: the plain cache (which the method refers to) lets go
             for layer in cache.layers:
