@@ -530,7 +530,7 @@ class ATSKV(KVMethod):
         """recall_every > 1: the entries the last decode recall brought, attended until the next one: "rk", "rv"
         (B, H, R, D) and "rok" (B, H, R) on the device, R = recall_n; filled from the plain path's last recall."""
         B, H, _, D = layer.keys.shape
-        R = max(1, int(self.recall_tokens * self.cache.layer_budget(layer.layer_idx)))
+        R = self.recall_n(layer.layer_idx)
         dev, dt = layer.device, layer.keys.dtype
         t = {"rk": torch.zeros((B, H, R, D), dtype=dt, device=dev),
              "rv": torch.zeros((B, H, R, layer.values.shape[-1]), dtype=dt, device=dev),
@@ -542,6 +542,10 @@ class ATSKV(KVMethod):
             t["rk"][:, :, :n], t["rv"][:, :, :n], t["rok"][:, :, :n] = rec.k[:, :, :n], rec.v[:, :, :n], \
                 rec.valid[:, :, :n].to(dev)
         return t
+
+    def recall_n(self, layer_idx: int) -> int:
+        """Entries a decode step recalls per KV head on the fast path: recall_tokens of the layer's budget."""
+        return max(1, int(self.recall_tokens * self.cache.layer_budget(layer_idx)))
 
     def slot_recall_schedule(self):
         """recall_every, counted on from the plain path's decode steps since its last forward of several tokens."""
@@ -562,7 +566,7 @@ class ATSKV(KVMethod):
         args = {"beta": torch.tensor(self.controller.beta[layer_idx], dtype=torch.float32, device=device),
                 "co": self.slot_coefs()[layer_idx]}
         if self.external_memory:   # entries recalled a step, as `attend` recalls them (an int: a fixed shape)
-            args["recall_n"] = max(1, int(self.recall_tokens * self.cache.layer_budget(layer_idx)))
+            args["recall_n"] = self.recall_n(layer_idx)
         return args
 
     def slot_extra_entries(self, s):
