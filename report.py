@@ -685,8 +685,9 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
             bare = by.get((m, c, n, "fast_bare"))
             if p == "fast" and bare:
                 vm = {**(r.get("variant_ms") or {}), **(bare.get("variant_ms") or {})}
-                pairs = [f"{vm[v]:.2f} / {vm['bare_' + v]:.2f}" if v in vm and "bare_" + v in vm else "-"
-                         for v in ("keep", "evict")]
+                # with recall_every > 1 the steps between recalls are "keep/hold" (they attend the held entries)
+                pairs = [f"{vm[m_v]:.2f} / {vm['bare_' + v]:.2f}" if m_v in vm and "bare_" + v in vm else "-"
+                         for v in ("keep", "evict") for m_v in [v if v in vm else v + "/hold"]]
                 share.append([label(r), c, n, f"{r['decode_ms']:.2f}", f"{bare['decode_ms']:.2f}",
                               f"{100 * (1 - bare['decode_ms'] / r['decode_ms']):.0f}%", *pairs])
         if share:
