@@ -622,7 +622,9 @@ class ATSKV(KVMethod):
 
     def slot_write_through(self, s):
         """The new token's key and value into the passive tier at its position (and its int8 key), so that its
-        eviction later only marks it."""
+        eviction later only marks it. Called before anything in the step reads the tier: torch.compile keeps an
+        index_put_ into a graph input in place only when nothing reads the input before it, and otherwise copies
+        the whole tier twice (in pinned host memory, over the bus) every step that recalls."""
         st, B, H = s["state"], s["k"].shape[0], s["k"].shape[1]
         where = s["cur"][:, None, None].expand(B, H, 1)
         kq, scale = quantize_int8(s["k"])
@@ -648,6 +650,8 @@ class ATSKV(KVMethod):
         (inside decode_attention)."""
         acc, slot = s["state"]["acc"], s["slot"]
         put(acc, slot, torch.zeros(slot.shape[:2], dtype=acc.dtype, device=acc.device))
+        if self.external_memory:   # before the recall reads the tier: see slot_write_through
+            self.slot_write_through(s)
         return None if s["evict"] else acc
 
     def slot_step(self, s):
@@ -660,8 +664,6 @@ class ATSKV(KVMethod):
         present, valid, pos, seen, co = s["present"], s["valid"], s["pos"], s["seen"], la["co"]
         B, H = s["k"].shape[:2]
         new_tok = s["tok"][:, None].expand(B, H)
-        if self.external_memory:
-            self.slot_write_through(s)
         hz = step_hidden_logit(co, s["h"])[:, None, None].expand(B, H, 1)
         put(st["z0"], slot, static_logit(co, c["flags"], hz, s["cur"][:, None, None].expand(B, H, 1),
                                          s["k"][:, :, None], s["v"][:, :, None], new_tok[..., None], c["n_sink"])[..., 0])

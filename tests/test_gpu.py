@@ -73,6 +73,27 @@ def test_a_host_mapped_tensor_lives_in_pinned_host_memory_and_cuda_kernels_read_
     assert int(torch.count_nonzero(t)) == int(torch.count_nonzero(src))          # zeroed elsewhere
 
 
+@pytest.mark.parametrize("passive_device", [False, True])
+def test_a_compiled_recall_step_writes_the_passive_tier_in_place(cuda_model, prompt, passive_device):
+    """The step writes its token into the tier and reads the tier to recall. torch.compile keeps the write in place
+    only when nothing reads the tier before it; otherwise each recall step copies the whole tier (out of place,
+    then back) through a device buffer of its size."""
+    model, tok = cuda_model
+    cache = KVCacheFactory.create("atskv", model, budget=128, tokenizer=tok, external_memory=True,
+                                  passive_device=passive_device)
+    logits = ev.forward_chunked(model, cache, prompt, chunk=256)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], 20000, compile=True, use_graph=False)
+    dec.tok.copy_(logits.argmax(-1))
+    dec.step()                                   # compiles
+    layer_tier = dec.slots[0].state["pk"].nbytes  # room for 20000 more positions: ~30 MB a layer
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    dec.step()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < layer_tier / 2
+
+
 @pytest.mark.parametrize("method", ["full", "atskv"])
 def test_compiled_step_matches_the_uncompiled_step_to_float_tolerance(cuda_model, prompt, method):
     """torch.compile fuses the element-wise work, which changes float summation order (so a greedy near-tie may
