@@ -247,7 +247,7 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
     else:   # entries outside the slots too (ATSKV's recall): two attentions merged by their log-sum-exps
         attn, probs, lse = decode_attention_lse(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos,
                                                 sin=sin)
-        attn = merged_with(attn, lse, rope(q, cos[:, :, None], sin[:, :, None]), *extra, lw["scaling"])
+        attn = merged_with(attn, lse, q, cos, sin, *extra, lw["scaling"], c["kernel"])
     s["probs"] = probs
     refreshed = False   # whether the method's step refreshed the bias and the queue itself
     if kind == "bare":
@@ -265,11 +265,21 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
 
 
-def merged_with(out, lse, q, keys, values, valid, scaling: float):
+def merged_with(out, lse, q, cos, sin, keys, values, valid, scaling: float, use_kernel: bool):
     """The attention out (B, H_kv, G, D) over the slots, with its log-sum-exp lse (B, H_kv, G), merged with the
-    attention of the rotated queries q over further entries keys, values (B, H_kv, R, D), valid (B, H_kv, R): the
-    plain path's `attention_lse` and `merge_attention` in the slots' layout."""
+    attention of the queries q (not rotated yet; cos, sin (B, 1, D)) over further entries keys, values
+    (B, H_kv, R, D), valid (B, H_kv, R). With the kernels, the further entries go through the same decode kernels
+    (a bias hides the invalid ones), which read each KV head's entries once for its whole group; else the plain
+    path's `attention_lse` and `merge_attention` in the slots' layout (so that fp32 on the CPU decides as the plain
+    path does)."""
     B, H, G, D = q.shape
+    if use_kernel and kernel_available(q.device):
+        bias = torch.where(valid, 0.0, HIDDEN)                        # float32: exp(HIDDEN - lse) is exactly 0
+        out2, _, lse2 = decode_attention_lse(q, keys, values, bias, scaling, cos=cos, sin=sin)
+        m = torch.maximum(lse, lse2)
+        w1, w2 = torch.exp(lse - m)[..., None], torch.exp(lse2 - m)[..., None]
+        return ((w1 * out.float() + w2 * out2.float()) / (w1 + w2)).to(out.dtype)
+    q = rope(q, cos[:, :, None], sin[:, :, None])
     mask = repeat_heads(valid, G)[:, :, None, :]                      # (B, H_kv * G, 1, R)
     out2, lse2 = attention_lse(q.reshape(B, H * G, 1, D), keys, values, mask, scaling)
     merged = merge_attention(out.float().reshape(B, H * G, 1, D), lse.reshape(B, H * G, 1, 1), out2, lse2)

@@ -239,10 +239,11 @@ if triton is not None:
     @triton_op("atskv::decode_attention_acc", mutates_args=("acc",))
     def _decode_attention_acc_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor,
                                  scaling: float, acc: torch.Tensor, cos: torch.Tensor | None = None,
-                                 sin: torch.Tensor | None = None) -> torch.Tensor:
+                                 sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The same with the group's mean probability added to the running statistic acc in place (the merge
-        kernel does it: no probabilities leave the kernels)."""
-        return launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc)[0]
+        kernel does it: no probabilities leave the kernels). Returns the output and the log-sum-exp."""
+        out, _, lse = launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc)
+        return out, lse
 
 
 
@@ -274,7 +275,7 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
             q = rope(q, cos[:, :, None], sin[:, :, None])
         out, probs = decode_attention_reference(q, K, V, bias, scaling, want)
     elif acc is not None and not want_probs:   # the statistic summed in the merge kernel
-        return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin), None
+        return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin)[0], None
     else:
         out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin)
         probs = torch.exp(s - lse[..., None]) if want else None
@@ -288,6 +289,9 @@ def decode_attention_lse(q, K, V, bias, scaling: float, want_probs: bool = False
     """`decode_attention`, plus each query's log-sum-exp (B, H_kv, G) float32, so that an attention over further
     entries (a method's `slot_extra_entries`) merges with it exactly. The probabilities (and acc's statistic) stay
     those of the slots alone."""
+    if use_kernel and kernel_available(q.device) and acc is not None and not want_probs:   # as decode_attention
+        out, lse = _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin)
+        return out, None, lse
     if not (use_kernel and kernel_available(q.device)):
         if cos is not None:
             q = rope(q, cos[:, :, None], sin[:, :, None])

@@ -72,9 +72,11 @@ for cfg in (da.kernel_config(1), da.kernel_config(64), da.kernel_config(64, 700)
         assert (o - ro).abs().max() < 1e-5, (cfg, B, N)
         acc = torch.rand(B, 3, N)                                 # the running statistic, in the merge kernel
         want = acc + rp.mean(2)
-        o, _, _ = da.launch(q, K, V, bias, 0.125, False, cfg=cfg, acc=acc)
+        o, _, lse = da.launch(q, K, V, bias, 0.125, False, cfg=cfg, acc=acc)
         assert (o - da.decode_attention_reference(q, K, V, bias, 0.125)[0]).abs().max() < 1e-5, (cfg, B, N)
         assert (acc - want).abs().max() < 1e-6, (cfg, B, N)
+        ref_lse = torch.logsumexp(torch.matmul(q, K.transpose(-1, -2)) * 0.125 + bias[:, :, None], -1)
+        assert (lse - ref_lse).abs().max() < 1e-4, (cfg, B, N)   # merged with a recall's attention by it
 print("ok")
 """
 register(INTERPRETED)

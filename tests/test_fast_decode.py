@@ -9,6 +9,7 @@ from atskv import controller_keep, hidden_logit, logit_coefs, step_hidden_logit
 from cache_framework import METHODS, KVMethod, put, register_method
 from fast_decode import StaticDecoder, check_fast_method, first_free_slot, free_queue, lean_weights, step_head
 from sparse_kv_cache import KVCacheFactory, ThresholdController
+from tests.triton_interpreter import needs_triton, register, run_interpreted
 from utils import UserError
 
 N_STEPS = 12
@@ -282,3 +283,33 @@ def test_fast_path_with_external_memory_recalls_and_offloads_as_the_plain_path(m
         store.settle()
         tier = [[torch.nonzero(m).flatten().tolist() for m in mb] for mb in sl.state["pok"]]   # indexed by position
         assert tier == kept_positions(store.pos), f"layer {l}"
+
+
+MERGED_INTERPRETED = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+import fast_decode as fd
+from kernels import decode_attention as da
+torch.manual_seed(0)
+B, H, G, D, N, R = 2, 3, 3, 64, 100, 40
+q, K, V = torch.randn(B, H, G, D), torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+cos, sin = torch.randn(B, 1, D), torch.randn(B, 1, D)
+bias = torch.where(torch.rand(B, H, N) < 0.8, 0.0, fd.HIDDEN)
+keys, values = torch.randn(B, H, R, D), torch.randn(B, H, R, D)
+valid = torch.rand(B, H, R) < 0.7
+valid[1, 2] = False                                   # a head with no recalled entry: the slots' attention alone
+out, _, lse = da.decode_attention_lse(q, K, V, bias, 0.125, use_kernel=False, cos=cos, sin=sin)
+want = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125, False)
+fd.kernel_available = da.kernel_available = lambda device: True   # the kernels' branch, interpreted on the CPU
+got = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125, True)
+assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+print("ok")
+"""
+register(MERGED_INTERPRETED)
+
+
+@needs_triton
+def test_recalled_entries_attended_by_the_decode_kernels_merge_as_the_plain_paths_attention_does():
+    """The fast path attends recalled entries with the slots' decode kernels (no copy of them per query head); the
+    result equals the plain path's attention_lse + merge_attention, in the Triton interpreter."""
+    run_interpreted(MERGED_INTERPRETED)
