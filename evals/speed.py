@@ -306,6 +306,12 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+                # torch caches freed pinned host memory (a host tier) for reuse: without this each larger trial
+                # pinned its tier beside the cached ones until the machine ran out of memory
+                empty_host = getattr(torch.accelerator, "empty_host_cache", None) or \
+                    getattr(torch._C, "_host_emptyCache", None)
+                if empty_host is not None:
+                    empty_host()
     lo, hi = 0, None
     b = start
     while b <= limit:
