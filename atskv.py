@@ -547,6 +547,9 @@ class ATSKV(KVMethod):
         """Entries a decode step recalls per KV head on the fast path: recall_tokens of the layer's budget."""
         return max(1, int(self.recall_tokens * self.cache.layer_budget(layer_idx)))
 
+    def slot_evict_every(self) -> int:
+        return self.evict_every
+
     def slot_recall_schedule(self):
         """recall_every, counted on from the plain path's decode steps since its last forward of several tokens."""
         return (self.recall_every, self.since_forward + 1) if self.external_memory else (1, 0)

@@ -279,6 +279,11 @@ class KVMethod:
         keys on the device and the entries it recalls from where the tier keeps them."""
         return {"device": 0, "host": 0, "device_read": 0, "host_read": 0}
 
+    def slot_evict_every(self) -> int:
+        """The fast path's step scores and evicts every this many steps (ATSKV's evict_every); the steps between
+        only add their entry. Also the plain loop's cycle that a speed measurement covers whole."""
+        return 1
+
     def slot_recall_schedule(self) -> tuple[int, int]:
         """(k, offset): the fast path's step recalls (s["recall"] True) where (offset + t) % k == 0 for its t-th step;
         the others hold what the last recall brought. (1, 0): every step."""

@@ -356,7 +356,7 @@ class StaticDecoder:
         self.eager_runs: dict[str, int] = {}
         self.pool = None
         self.logits_of: dict[str, torch.Tensor] = {}
-        self.every = getattr(method_obj, "evict_every", 1) if method_obj is not None else 1
+        self.every = method_obj.slot_evict_every() if method_obj is not None else 1
         # the method's recall schedule (ATSKV's recall_every), which goes on from the plain path's
         self.recall_every, self.recall_step0 = method_obj.slot_recall_schedule() \
             if method_obj is not None and not self.grow else (1, 0)

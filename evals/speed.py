@@ -2,6 +2,7 @@
 fits, profiles of a step, and a check that the fast path answers as the plain loop does."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -130,6 +131,15 @@ class PlainStep:
         self.pos += 1
 
 
+def step_cycle(cache) -> int:
+    """Steps after which a method's decode schedule repeats (ATSKV: evict_every and recall_every): a mean over whole
+    cycles counts its evicting and recalling steps as often as they come."""
+    m = getattr(cache, "method", None)
+    if not hasattr(m, "slot_evict_every"):
+        return 1
+    return math.lcm(m.slot_evict_every(), m.slot_recall_schedule()[0])
+
+
 def plain_decode_ms(model, cache, tok, pos: int, steps: int, warm_up: int = 2):
     """HF's plain decode loop through `cache` (one forward per token, greedy): the mean milliseconds of a step over
     `steps` consecutive steps, rounded up to whole cycles of a method that evicts every few steps (evict_every), so
@@ -137,7 +147,7 @@ def plain_decode_ms(model, cache, tok, pos: int, steps: int, warm_up: int = 2):
     step = PlainStep(model, cache, tok, pos)
     for _ in range(warm_up):
         step()
-    every = getattr(getattr(cache, "method", None), "evict_every", 1)
+    every = step_cycle(cache)
     return _time_run(model.device, step, -(-steps // every) * every), step.tok, step.pos
 
 
@@ -193,7 +203,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
                 "host_bytes_read": host_read, "decode_peak_bytes": peak, "floor_ms": floor,
                 "x_floor": ms / floor if floor else None}
     out = [rec("hf_plain", plain_ms, cache_nbytes(cache), _peak(dev))] if plain_steps else []
-    every = getattr(getattr(cache, "method", None), "evict_every", 1)
+    every = step_cycle(cache)
     n = -(-steps // every) * every   # whole eviction cycles: a mean over them counts the evicting steps fairly
     dec = StaticDecoder.from_cache(model, method, cache, pos, 2 * n + 4 * every + 16, compile=compile)
     cache = None
