@@ -7,6 +7,8 @@
 # a part resumes from its results.jsonl, so an interrupted call loses no finished sample. The parts are then joined
 # into OUT_DIR/results.jsonl and reported (OUT_DIR/results.md). SKIP_DONE=FILE.jsonl skips the cells that FILE
 # already holds without an error (an earlier run's committed records), so that only the missing cells run.
+# EXTRA: further run_experiment options for every part, e.g. EXTRA=--fast_decode (issue 24: the same table decoded
+# on the fast path; its cells are keyed apart, so do not pass SKIP_DONE a plain run's records with it).
 #   bash bench/recall_table.sh MODEL OUT_DIR SEED METHOD [METHOD ...]
 # GPU (../shared/gpu/README.md):
 #   bash bench/recall_table.sh $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf out 42 full 'atskv[external_memory=true]' kvpress:kvzip
@@ -34,7 +36,7 @@ for ctx in ${CONTEXTS:-8192 4096}; do
         if grep -qxF "$m|$ctx|$(python -c "print(float('$b'))")|$task" <<< "$done_cells"; then continue; fi
         ( OMP_NUM_THREADS=${THREADS:-2} python run_experiment.py --model_name "$model" --output_dir "$out/parts/$n" \
             --benchmarks synthetic --tasks $task --context_sizes "$ctx" --budgets "$b" --methods "$m" \
-            --num_samples "${NUM:-20}" --seed "$seed" > "$out/parts/$n.log" 2>&1
+            --num_samples "${NUM:-20}" --seed "$seed" ${EXTRA:-} > "$out/parts/$n.log" 2>&1
           echo "part $n ($m @ $ctx, $b, $task): exit $?" ) &
         while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-11}" ]; do sleep 2; done
       done
