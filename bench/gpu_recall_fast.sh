@@ -3,9 +3,11 @@
 # kernel, then the fast path's decode speed (--speed_parts fast: HF's plain loop with recall at batch 64 takes
 # minutes) at 8192 tokens, bf16, --compile, 10% active KV: full, atskv (eviction only) and atskv with external
 # memory recalling every 64 steps with a span of 16 (the steps between attend to the last recall's entries), its
-# passive tier in host memory and on the device. PARTS picks what runs, in this order (each part resumes from
+# passive tier in host memory and on the device. PARTS lists the parts to run (default speed64; each resumes from
 # $HOME/speed24/results.jsonl while the machine stays warm; every part fits one call):
-#   tests      the CUDA tests (-v: each test's name as it ends; TEST_LIMIT seconds)
+#   tests_a    the CUDA tests of recall eager, compiled, on the device tier, the int8 kernel and the host view
+#   tests_b    the compiled tests of held recall and of the tier written in place (each compiles its steps: the
+#              two halves took over 420 s together on the H200; -v: each test's name as it ends; TEST_LIMIT s)
 #   speed64    batch 64: full, atskv, recall every 64 steps (host tier, device tier)
 #   speed1     batch 1: the same
 #   profile    batch 64: each step variant's kernels, recall every 64 steps (both tiers)
@@ -19,7 +21,7 @@ export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 bash bench/gpu_model.sh > /dev/null 2>&1
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
 R=$HOME/speed24
-PARTS=${PARTS:-tests speed64 speed1}
+PARTS=${PARTS:-speed64}
 E='atskv[external_memory=true;evict_every=64'
 S='recall_every=64;recall_span=16'
 HOST="$E;$S]" DEVICE="$E;$S;passive_device=true]"
@@ -29,16 +31,17 @@ speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed
 for part in $PARTS; do
   echo "== $part $(date +%T)" >> $OUT/speed24.log
   case $part in
-    tests) timeout ${TEST_LIMIT:-560} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py \
-             -k "params10 or params11 or params12 or params13 or int8 or host_mapped or in_place" 2>&1 \
-             | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -150 > $OUT/test_gpu_recall.log ;;
+    tests_a|tests_b)
+      [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped" || K="params13 or in_place"
+      timeout ${TEST_LIMIT:-560} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py -k "$K" 2>&1 \
+        | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -150 >> $OUT/test_gpu_recall.log ;;
     speed64) speed --speed_parts fast --batch_sizes 64 --methods "full,atskv[evict_every=64],$HOST,$DEVICE" ;;
     speed1) speed --speed_parts fast --batch_sizes 1 --methods "full,atskv[evict_every=64],$HOST,$DEVICE" ;;
     profile) speed --speed_parts profile --batch_sizes 64 --methods "$HOST,$DEVICE" ;;
     max_batch) speed --speed_parts max_batch --methods "full,$HOST,$DEVICE" ;;
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
-    *) echo "unknown part $part (tests, speed64, speed1, profile, max_batch, every)" >&2; exit 2 ;;
+    *) echo "unknown part $part (tests_a, tests_b, speed64, speed1, profile, max_batch, every)" >&2; exit 2 ;;
   esac
 done
 tar czf $OUT/speed24.tgz -C $HOME speed24 2>/dev/null
