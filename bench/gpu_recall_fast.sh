@@ -6,8 +6,8 @@
 # passive tier in host memory and on the device. PARTS lists the parts to run (default speed64; each resumes from
 # $HOME/speed24/results.jsonl while the machine stays warm; every part fits one call):
 #   tests_a    the CUDA tests of recall eager, compiled, on the device tier, the int8 kernel and the host view
-#   tests_b    the compiled tests of held recall and of the tier written in place (each compiles its steps: the
-#              two halves took over 420 s together on the H200; -v: each test's name as it ends; TEST_LIMIT s)
+#   tests_b    the compiled tests of held recall and of the tier written in place (each compiles its steps; all
+#              in one call, the first run passed three tests in 420 s; -v: each test's name as it ends; TEST_LIMIT s)
 #   speed64    batch 64: full, atskv, recall every 64 steps (host tier, device tier)
 #   speed1     batch 1: the same
 #   profile    batch 64: each step variant's kernels, recall every 64 steps (both tiers)
