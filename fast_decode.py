@@ -244,10 +244,13 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
     extra = m.slot_extra_entries(s) if kind == "method" else None
     if extra is None:
         attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos, sin=sin)
-    else:   # entries outside the slots too (ATSKV's recall): two attentions merged by their log-sum-exps
-        attn, probs, lse = decode_attention_lse(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos,
-                                                sin=sin)
-        attn = merged_with(attn, lse, q, cos, sin, *extra, lw["scaling"], c["kernel"])
+    elif c["kernel"] and kernel_available(q.device):   # entries outside the slots too (ATSKV's recall): further
+        ek, ev, ok = extra                              # splits of the decode kernels, a bias hiding invalid ones
+        attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, True, acc=acc, cos=cos, sin=sin,
+                                       extra=(ek, ev, torch.where(ok, 0.0, HIDDEN)))
+    else:   # two attentions merged by their log-sum-exps, as the plain path computes them
+        attn, probs, lse = decode_attention_lse(q, K, V, bias, lw["scaling"], want, acc=acc, cos=cos, sin=sin)
+        attn = merged_with(attn, lse, q, cos, sin, *extra, lw["scaling"])
     s["probs"] = probs
     refreshed = False   # whether the method's step refreshed the bias and the queue itself
     if kind == "bare":
@@ -265,20 +268,12 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
 
 
-def merged_with(out, lse, q, cos, sin, keys, values, valid, scaling: float, use_kernel: bool):
+def merged_with(out, lse, q, cos, sin, keys, values, valid, scaling: float):
     """The attention out (B, H_kv, G, D) over the slots, with its log-sum-exp lse (B, H_kv, G), merged with the
     attention of the queries q (not rotated yet; cos, sin (B, 1, D)) over further entries keys, values
-    (B, H_kv, R, D), valid (B, H_kv, R). With the kernels, the further entries go through the same decode kernels
-    (a bias hides the invalid ones), which read each KV head's entries once for its whole group; else the plain
-    path's `attention_lse` and `merge_attention` in the slots' layout (so that fp32 on the CPU decides as the plain
-    path does)."""
+    (B, H_kv, R, D), valid (B, H_kv, R): the plain path's `attention_lse` and `merge_attention` in the slots' layout
+    (so that fp32 on the CPU decides as the plain path does; with the kernels the decode kernels attend both)."""
     B, H, G, D = q.shape
-    if use_kernel and kernel_available(q.device):
-        bias = torch.where(valid, 0.0, HIDDEN)                        # float32: exp(HIDDEN - lse) is exactly 0
-        out2, _, lse2 = decode_attention_lse(q, keys, values, bias, scaling, cos=cos, sin=sin)
-        m = torch.maximum(lse, lse2)
-        w1, w2 = torch.exp(lse - m)[..., None], torch.exp(lse2 - m)[..., None]
-        return ((w1 * out.float() + w2 * out2.float()) / (w1 + w2)).to(out.dtype)
     q = rope(q, cos[:, :, None], sin[:, :, None])
     mask = repeat_heads(valid, G)[:, :, None, :]                      # (B, H_kv * G, 1, R)
     out2, lse2 = attention_lse(q.reshape(B, H * G, 1, D), keys, values, mask, scaling)

@@ -74,11 +74,13 @@ if triton is not None:
     def _decode_kernel(q_ptr, k_ptr, v_ptr, b_ptr, o_ptr, s_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, cos_ptr, sin_ptr,
                        N, scaling, chunk, n_splits, H, stride_qb, stride_cb,
                        stride_kb, stride_kn, stride_vb, stride_vn, stride_bb, stride_bn,
+                       k2_ptr, v2_ptr, b2_ptr, N2, chunk2, n_splits1,
+                       stride_k2b, stride_k2n, stride_v2b, stride_v2n, stride_b2b, stride_b2n,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                        SPLIT: tl.constexpr, WANT_S: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
-                       ROPE: tl.constexpr):
+                       ROPE: tl.constexpr, EXTRA: tl.constexpr):
         bh = tl.program_id(0)            # (batch row, KV head), flattened
-        sp = tl.program_id(1)            # which split of the slots
+        sp = tl.program_id(1)            # which split of the slots (EXTRA: splits n_splits1 on are the extra entries)
         rows = tl.arange(0, G_PAD)
         dims = tl.arange(0, D)
         row_ok = rows < G
@@ -97,11 +99,21 @@ if triton is not None:
         kb = k_ptr + bh * stride_kb
         vb = v_ptr + bh * stride_vb
         bb = b_ptr + bh * stride_bb
-        for i in range(0, chunk, BLOCK):
+        n_end, length, skn, svn, sbn = N, chunk, stride_kn, stride_vn, stride_bn
+        slots = True                     # a split of the slots (else of the extra entries: no logits stored)
+        if EXTRA:
+            if sp >= n_splits1:
+                start = (sp - n_splits1) * chunk2
+                kb = k2_ptr + bh * stride_k2b
+                vb = v2_ptr + bh * stride_v2b
+                bb = b2_ptr + bh * stride_b2b
+                n_end, length, skn, svn, sbn = N2, chunk2, stride_k2n, stride_v2n, stride_b2n
+                slots = False
+        for i in range(0, length, BLOCK):
             n = start + i + tl.arange(0, BLOCK)
-            n_ok = n < N
-            k = tl.load(kb + n[:, None] * stride_kn + dims[None, :], mask=n_ok[:, None], other=0.0)
-            bias = tl.load(bb + n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            n_ok = n < n_end
+            k = tl.load(kb + n[:, None] * skn + dims[None, :], mask=n_ok[:, None], other=0.0)
+            bias = tl.load(bb + n * sbn, mask=n_ok, other=0.0).to(tl.float32)
             if not DOT:    # CUDA cores, G_PAD = G rounded up to a power of two
                 s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
             elif IEEE:
@@ -111,12 +123,13 @@ if triton is not None:
             s = (s * scaling + bias[None, :]).to(tl.float32)   # under Inductor a float argument is float64
             s = tl.where(n_ok[None, :], s, float("-inf"))
             if WANT_S:
-                tl.store(s_ptr + bh * G * N + rows[:, None] * N + n[None, :], s, mask=row_ok[:, None] & n_ok[None, :])
+                tl.store(s_ptr + bh * G * N + rows[:, None] * N + n[None, :], s,
+                         mask=row_ok[:, None] & n_ok[None, :] & slots)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vb + n[:, None] * stride_vn + dims[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(vb + n[:, None] * svn + dims[None, :], mask=n_ok[:, None], other=0.0)
             if not DOT:
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
             elif IEEE:
@@ -137,15 +150,17 @@ if triton is not None:
                 tl.store(lse_ptr + bh * G + rows, m_i + tl.log(l_i), mask=row_ok)
 
     @triton.jit
-    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N,
+    def _merge_kernel(o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, s_ptr, acc_ptr, n_splits, N, n_splits1,
                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
                       SPLIT: tl.constexpr, WANT_S: tl.constexpr, ACC: tl.constexpr, ACC_BLOCK: tl.constexpr,
-                      R: tl.constexpr):
+                      R: tl.constexpr, EXTRA: tl.constexpr):
         """Program (bh, c). SPLIT: merges the splits' partial outputs by log-sum-exp (program c = 0 writes the
         output and the log-sum-exp). ACC: adds the group's mean probability exp(s - lse) over slots
         [c * ACC_BLOCK, (c + 1) * ACC_BLOCK) to the running statistic acc (B * H_kv, N), in place. R: the G rows
         padded to a power of two only (the decode kernel's G_PAD rows pad to 16 for tl.dot; the rows beyond R would
-        be masked work: an (R, ACC_BLOCK) tile is a quarter of a (16, ACC_BLOCK) one)."""
+        be masked work: an (R, ACC_BLOCK) tile is a quarter of a (16, ACC_BLOCK) one). EXTRA: the splits from
+        n_splits1 on attended extra entries; the output merges every split, the log-sum-exp (and with it acc) only
+        the slots' splits."""
         bh = tl.program_id(0)
         c = tl.program_id(1)
         rows = tl.arange(0, R)
@@ -161,6 +176,10 @@ if triton is not None:
             w = tl.where(sp_ok[:, None], tl.exp(m - m_all[None, :]), 0.0)   # (S_PAD, R)
             l_all = tl.sum(w * l, 0)
             lse = m_all + tl.log(l_all)
+            if EXTRA:   # the slots' own log-sum-exp
+                own = sps < n_splits1
+                m1 = tl.max(tl.where(own[:, None], m, float("-inf")), 0)
+                lse = m1 + tl.log(tl.sum(tl.where(own[:, None], tl.exp(m - m1[None, :]) * l, 0.0), 0))
             if c == 0:
                 po = tl.load(po_ptr + (base[:, None, None] * G + rows[None, :, None]) * D + dims[None, None, :],
                              mask=sp_ok[:, None, None] & row_ok[None, :, None], other=0.0)   # (S_PAD, R, D)
@@ -182,16 +201,20 @@ if triton is not None:
 
 
 def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg: dict | None = None, cos=None,
-           sin=None, acc=None):
+           sin=None, acc=None, extra=None):
     """Run the Triton kernels (`wrap`: torch's wrap_triton inside a triton_op; cfg: kernel_config's by default).
     Returns the output (B, H_kv, G, D), the scaled logits (B, H_kv, G, N) and their log-sum-exp (B, H_kv, G) in
     float32; without want_lse (and acc) the last two are unused placeholders of shape (1,). cos, sin (B, D): q is
     rotated (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection). acc
     (B, H_kv, N) float32: the group's mean probability is added to it in place, in the kernel that merges the
-    splits (a kernel of its own, when there is one split)."""
+    splits (a kernel of its own, when there is one split). extra (K2, V2, bias2) (B, H_kv, N2, D): further entries
+    attended beside the slots in further splits of the same kernel (ATSKV's recalled entries); the output is the
+    attention over both, the logits, the log-sum-exp and acc those of the slots alone."""
     B, H, G, D = q.shape
     N = K.shape[2]
-    for t in (K, V, bias) + (() if acc is None else (acc,)):   # (batch, head) rows flattened into one index
+    K2, V2, b2 = extra if extra is not None else (K, V, bias)
+    b2 = b2.to(bias.dtype)   # one pointer type for the bias of both kinds of split
+    for t in (K, V, bias, K2, V2, b2) + (() if acc is None else (acc,)):   # (batch, head) rows into one index
         assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "slots must be contiguous in the last dim"
     if q.stride(3) != 1 or q.stride(2) != D or q.stride(1) != G * D:
         q = q.contiguous()
@@ -203,7 +226,9 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     s = torch.empty((B, H, G, N) if want_lse else (1,), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, G) if want_lse else (1,), dtype=torch.float32, device=q.device)
     cfg = cfg or kernel_config(B * H, N)
-    splits, chunk = split_plan(B * H, N, cfg["block_n"])
+    splits1, chunk = split_plan(B * H, N, cfg["block_n"])
+    splits2, chunk2 = split_plan(B * H, K2.shape[2], cfg["block_n"]) if extra is not None else (0, 0)
+    splits = splits1 + splits2
     G_PAD = max(16 if cfg["dot"] else 1, triton.next_power_of_2(G))   # tl.dot needs 16 rows
     po = torch.empty((B * H * splits, G, D) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     pm = torch.empty((B * H * splits, G_PAD) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
@@ -212,16 +237,18 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, cos if rope else q,
                                           sin if rope else q, N, scaling, chunk, splits, H, q.stride(0),
                                           D, K.stride(1), K.stride(2), V.stride(1), V.stride(2), bias.stride(1),
-                                          bias.stride(2),
+                                          bias.stride(2), K2, V2, b2, K2.shape[2], chunk2, splits1, K2.stride(1),
+                                          K2.stride(2), V2.stride(1), V2.stride(2), b2.stride(1), b2.stride(2),
                                           G=G, G_PAD=G_PAD, D=D, BLOCK=cfg["block_n"], SPLIT=splits > 1,
                                           WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], ROPE=rope,
+                                          EXTRA=extra is not None,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 or acc is not None:
         acc_block = min(ACC_CHUNK, triton.next_power_of_2(N))
         wrap(_merge_kernel)[(B * H, triton.cdiv(N, acc_block) if acc is not None else 1)](
-            out, lse, po, pm, pl, s, s if acc is None else acc, splits, N, G=G, G_PAD=G_PAD, D=D,
+            out, lse, po, pm, pl, s, s if acc is None else acc, splits, N, splits1, G=G, G_PAD=G_PAD, D=D,
             S_PAD=triton.next_power_of_2(splits), SPLIT=splits > 1, WANT_S=want_lse, ACC=acc is not None,
-            ACC_BLOCK=acc_block, R=triton.next_power_of_2(G))
+            ACC_BLOCK=acc_block, R=triton.next_power_of_2(G), EXTRA=extra is not None)
     return out, s, lse
 
 
@@ -232,18 +259,21 @@ if triton is not None:
     # like any other kernel. Registered at import: Dynamo refuses to trace the registration itself.
     @triton_op("atskv::decode_attention", mutates_args=())
     def _decode_attention_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor, scaling: float,
-                             want_lse: bool, cos: torch.Tensor | None = None,
-                             sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launch(q, K, V, bias, scaling, want_lse, wrap_triton, cos=cos, sin=sin)
+                             want_lse: bool, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                             K2: torch.Tensor | None = None, V2: torch.Tensor | None = None,
+                             b2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launch(q, K, V, bias, scaling, want_lse, wrap_triton, cos=cos, sin=sin,
+                      extra=None if K2 is None else (K2, V2, b2))
 
     @triton_op("atskv::decode_attention_acc", mutates_args=("acc",))
     def _decode_attention_acc_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor,
                                  scaling: float, acc: torch.Tensor, cos: torch.Tensor | None = None,
-                                 sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 sin: torch.Tensor | None = None, K2: torch.Tensor | None = None,
+                                 V2: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
         """The same with the group's mean probability added to the running statistic acc in place (the merge
-        kernel does it: no probabilities leave the kernels). Returns the output and the log-sum-exp."""
-        out, _, lse = launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc)
-        return out, lse
+        kernel does it: no probabilities leave the kernels)."""
+        return launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc,
+                      extra=None if K2 is None else (K2, V2, b2))[0]
 
 
 
@@ -259,7 +289,7 @@ def rope(q, cos, sin):
 
 
 def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True, acc=None,
-                     cos=None, sin=None):
+                     cos=None, sin=None, extra=None):
     """Decode attention over the slots: the Triton kernels on CUDA when Triton is there (and use_kernel), else the
     reference. Returns (out (B, H_kv, G, D), probabilities (B, H_kv, G, N) float32 or None).
     acc (B, H_kv, N) float32: the probabilities' mean over each KV group's query heads is added to it in place
@@ -268,40 +298,46 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     64 x 8192, 10%; CHANGELOG.md): 7.54 against 7.87 ms with PyTorch adding it (eager layers); summing it
     in the attention kernel itself (one split, a second pass over the logits) was slower, 1.70 against 1.64 ms.
     cos, sin (B, 1, D): q is not rotated yet; the kernel rotates it as it loads it (which spares the step a
-    kernel), the reference first."""
+    kernel), the reference first. extra (K2, V2, bias2) (B, H_kv, R, D): further entries attended beside the slots
+    (ATSKV's recalled ones), in further splits of the same kernels; the probabilities (and acc) stay the slots'
+    alone, normalised over the slots."""
     want = want_probs or acc is not None
+    x = () if extra is None else tuple(extra)
     if not (use_kernel and kernel_available(q.device)):
         if cos is not None:
             q = rope(q, cos[:, :, None], sin[:, :, None])
-        out, probs = decode_attention_reference(q, K, V, bias, scaling, want)
+        out, probs = decode_attention_reference(q, K, V, bias, scaling, want) if extra is None else \
+            _reference_with_extra(q, K, V, bias, scaling, *x)
     elif acc is not None and not want_probs:   # the statistic summed in the merge kernel
-        return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin)[0], None
+        return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin, *x), None
     else:
-        out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin)
+        out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin, *x)
         probs = torch.exp(s - lse[..., None]) if want else None
     if acc is not None:
         acc += probs.mean(2)
     return out, probs if want_probs else None
 
 
-def decode_attention_lse(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True, acc=None,
-                         cos=None, sin=None):
-    """`decode_attention`, plus each query's log-sum-exp (B, H_kv, G) float32, so that an attention over further
-    entries (a method's `slot_extra_entries`) merges with it exactly. The probabilities (and acc's statistic) stay
-    those of the slots alone."""
-    if use_kernel and kernel_available(q.device) and acc is not None and not want_probs:   # as decode_attention
-        out, lse = _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin)
-        return out, None, lse
-    if not (use_kernel and kernel_available(q.device)):
-        if cos is not None:
-            q = rope(q, cos[:, :, None], sin[:, :, None])
-        logits = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
-        lse = torch.logsumexp(logits, dim=-1)
-        probs = torch.exp(logits - lse[..., None])
-        out = torch.matmul(probs.to(V.dtype), V)
-    else:
-        out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), True, cos, sin)
-        probs = torch.exp(s - lse[..., None])
+def _reference_with_extra(q, K, V, bias, scaling, K2, V2, b2):
+    """The attention over the slots and the extra entries together, and the slots' own probabilities."""
+    s1 = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
+    s2 = torch.matmul(q, K2.transpose(-1, -2)).float() * scaling + b2[:, :, None, :].float()
+    p = torch.softmax(torch.cat([s1, s2], -1), dim=-1)
+    out = torch.matmul(p.to(V.dtype), torch.cat([V, V2], 2))
+    return out, torch.softmax(s1, dim=-1)
+
+
+def decode_attention_lse(q, K, V, bias, scaling: float, want_probs: bool = False, acc=None, cos=None, sin=None):
+    """The reference decode attention (matmuls, on any device), plus each query's log-sum-exp (B, H_kv, G) float32,
+    so that an attention over further entries merges with it as the plain path merges its recall
+    (`fast_decode.merged_with`); the kernels attend such entries themselves (`decode_attention(extra=...)`). The
+    probabilities (and acc's statistic) are those of the slots alone."""
+    if cos is not None:
+        q = rope(q, cos[:, :, None], sin[:, :, None])
+    logits = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse[..., None])
+    out = torch.matmul(probs.to(V.dtype), V)
     if acc is not None:
         acc += probs.mean(2)
     return out, (probs if want_probs else None), lse

@@ -77,6 +77,19 @@ for cfg in (da.kernel_config(1), da.kernel_config(64), da.kernel_config(64, 700)
         assert (acc - want).abs().max() < 1e-6, (cfg, B, N)
         ref_lse = torch.logsumexp(torch.matmul(q, K.transpose(-1, -2)) * 0.125 + bias[:, :, None], -1)
         assert (lse - ref_lse).abs().max() < 1e-4, (cfg, B, N)   # merged with a recall's attention by it
+        # extra entries (ATSKV's recalled ones) in further splits: the output over both, the probabilities and acc
+        # the slots' own; one KV head with no valid extra entry
+        K2, V2 = torch.randn(B, 3, N // 3, 64), torch.randn(B, 3, N // 3, 64)
+        b2 = torch.where(torch.rand(B, 3, N // 3) < 0.7, 0.0, -30000.0)
+        b2[0, 1] = -30000.0
+        ro, rp = da._reference_with_extra(q, K, V, bias, 0.125, K2, V2, b2)
+        o, s, lse = da.launch(q, K, V, bias, 0.125, True, cfg=cfg, extra=(K2, V2, b2))
+        assert (o - ro).abs().max() < 1e-5, (cfg, B, N)
+        assert (torch.exp(s - lse[..., None]) - rp).abs().max() < 1e-6, (cfg, B, N)
+        acc = torch.rand(B, 3, N)
+        want = acc + rp.mean(2)
+        o, _, _ = da.launch(q, K, V, bias, 0.125, False, cfg=cfg, acc=acc, extra=(K2, V2, b2))
+        assert (o - ro).abs().max() < 1e-5 and (acc - want).abs().max() < 1e-6, (cfg, B, N)
 print("ok")
 """
 register(INTERPRETED)
@@ -85,3 +98,33 @@ register(INTERPRETED)
 @needs_triton
 def test_triton_kernels_match_the_reference_in_the_triton_interpreter():
     run_interpreted(INTERPRETED)
+
+
+def compile_for_hopper(fn, constexprs: dict, ones=()):
+    """Compile a Triton kernel for an sm_90 target on this machine (no GPU needed: Triton's ptxas ships with it);
+    `ones`: integer arguments the launcher would specialise to the constant 1."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig, cx = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in ones:
+            sig[p.name], cx[(i,)] = "constexpr", constexprs.get(p.name, 1)
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*bf16" if p.name in ("q_ptr", "k_ptr", "v_ptr", "b_ptr", "k2_ptr", "v2_ptr", "b2_ptr",
+                                                "o_ptr", "cos_ptr", "sin_ptr") else "*fp32"
+        else:
+            sig[p.name] = "fp32" if p.name == "scaling" else "i32"
+    return triton.compile(ASTSource(fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
+
+
+@needs_triton
+@pytest.mark.parametrize("extra,ones", [(False, ()), (True, ()), (True, ("N2", "chunk2"))],
+                         ids=["slots", "extra_entries", "one_extra_entry"])
+def test_the_kernels_compile_for_a_hopper_gpu(extra, ones):
+    """The interpreter runs no compiler: a kernel whose branches yield mismatched types (a size the launcher
+    specialises to 1 in one branch only) fails on a GPU alone. Compiled here for sm_90, as the launcher would."""
+    compile_for_hopper(da._decode_kernel, dict(G=3, G_PAD=16, D=64, BLOCK=64, SPLIT=True, WANT_S=True, IEEE=False,
+                                               DOT=True, ROPE=True, EXTRA=extra), ones)
+    compile_for_hopper(da._merge_kernel, dict(G=3, G_PAD=16, D=64, S_PAD=4, SPLIT=True, WANT_S=True, ACC=True,
+                                              ACC_BLOCK=256, R=4, EXTRA=extra))

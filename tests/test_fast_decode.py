@@ -298,10 +298,11 @@ bias = torch.where(torch.rand(B, H, N) < 0.8, 0.0, fd.HIDDEN)
 keys, values = torch.randn(B, H, R, D), torch.randn(B, H, R, D)
 valid = torch.rand(B, H, R) < 0.7
 valid[1, 2] = False                                   # a head with no recalled entry: the slots' attention alone
-out, _, lse = da.decode_attention_lse(q, K, V, bias, 0.125, use_kernel=False, cos=cos, sin=sin)
-want = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125, False)
-fd.kernel_available = da.kernel_available = lambda device: True   # the kernels' branch, interpreted on the CPU
-got = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125, True)
+out, _, lse = da.decode_attention_lse(q, K, V, bias, 0.125, cos=cos, sin=sin)
+want = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125)     # the plain path's two attentions
+da.kernel_available = lambda device: True             # the kernels, interpreted on the CPU
+got, _ = da.decode_attention(q, K, V, bias, 0.125, cos=cos, sin=sin,
+                             extra=(keys, values, torch.where(valid, 0.0, fd.HIDDEN)))
 assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
 print("ok")
 """
@@ -309,7 +310,7 @@ register(MERGED_INTERPRETED)
 
 
 @needs_triton
-def test_recalled_entries_attended_by_the_decode_kernels_merge_as_the_plain_paths_attention_does():
-    """The fast path attends recalled entries with the slots' decode kernels (no copy of them per query head); the
-    result equals the plain path's attention_lse + merge_attention, in the Triton interpreter."""
+def test_recalled_entries_attended_in_the_decode_kernels_give_the_plain_paths_merged_attention():
+    """The fast path attends recalled entries in further splits of the slots' decode kernels; the result equals the
+    plain path's attention_lse + merge_attention, in the Triton interpreter."""
     run_interpreted(MERGED_INTERPRETED)
