@@ -2,7 +2,7 @@
 # Issue 24 on the GPU (after bench/gpu_model.sh): the CUDA tests of recall on the fast path and of the int8 scoring
 # kernel, then the fast path's decode speed (--speed_parts fast: HF's plain loop with recall at batch 64 takes
 # minutes) at 8192 tokens, bf16, --compile, 10% active KV: full, atskv (eviction only) and atskv with external
-# memory recalling every 64 steps with a span of 16 (the steps between attend to the last recall's entries), its
+# memory recalling every 64 steps with a span of 32 (the steps between attend to the last recall's entries), its
 # passive tier in host memory and on the device. PARTS lists the parts to run (default speed64; each resumes from
 # $HOME/speed24/results.jsonl while the machine stays warm; every part fits one call):
 #   tests_a    the CUDA tests of recall eager, compiled, on the device tier, the int8 kernel and the host view
@@ -23,7 +23,7 @@ M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
 R=$HOME/speed24
 PARTS=${PARTS:-speed64}
 E='atskv[external_memory=true;evict_every=64'
-S='recall_every=64;recall_span=16'
+S='recall_every=64;recall_span=32'
 HOST="$E;$S]" DEVICE="$E;$S;passive_device=true]"
 speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
   --context_sizes 8192 --model_name "$M" --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
