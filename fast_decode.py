@@ -28,7 +28,7 @@ import math
 import torch
 
 from kernels import greedy_kernels, skinny_gemm
-from kernels.decode_attention import decode_attention, decode_attention_lse, kernel_available, rope
+from kernels.decode_attention import HIDDEN, decode_attention, decode_attention_lse, kernel_available, rope
 from cache_framework import protection, put, repeat_heads
 from external_memory import attention_lse, merge_attention
 from relevance_predictor import HandcraftedFeatureExtractor
@@ -39,8 +39,6 @@ from utils import UserError
 FAST_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
 # Free slots are hidden by a per-slot bias added to the scaled logits (decode_attention): 0 for a stored entry,
-# HIDDEN for a free (or padding) slot: exp() of it is 0.
-HIDDEN = -30000.0
 
 
 def fast_methods() -> list[str]:
@@ -245,9 +243,8 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
     if extra is None:
         attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos, sin=sin)
     elif c["kernel"] and kernel_available(q.device):   # entries outside the slots too (ATSKV's recall): further
-        ek, ev, ok = extra                              # splits of the decode kernels, a bias hiding invalid ones
         attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, True, acc=acc, cos=cos, sin=sin,
-                                       extra=(ek, ev, torch.where(ok, 0.0, HIDDEN)))
+                                       extra=extra)     # splits of the decode kernels
     else:   # two attentions merged by their log-sum-exps, as the plain path computes them
         attn, probs, lse = decode_attention_lse(q, K, V, bias, lw["scaling"], want, acc=acc, cos=cos, sin=sin)
         attn = merged_with(attn, lse, q, cos, sin, *extra, lw["scaling"])

@@ -37,6 +37,8 @@ CONFIGS = {"dot": {"block_n": 128, "num_warps": 4, "num_stages": 3},
 # (1024 slots, two splits of 512) the step that does not evict took 4.364 against 4.427 ms (eager layers in a CUDA
 # graph, random weights, two rounds; .gpu sweep of block, warps, stages and splits; CHANGELOG.md, 707ed9d).
 SHORT_SLOTS = 2048
+HIDDEN = -30000.0       # the bias of a free (or padding) slot and of an invalid extra entry: exp() of it is 0, and
+                        # unlike -inf a row or split with nothing valid gives no NaN
 DOT_MIN_PROGRAMS = 32   # batch x KV heads from which the tensor-core kernel is used (measured at 3 and 192 only)
 TARGET_PROGRAMS = 264   # split the slots until there are about this many programs (two per SM of an H200) ...
 MIN_SPLIT = 128         # ... each with at least this many slots
@@ -78,7 +80,7 @@ if triton is not None:
                        stride_k2b, stride_k2n, stride_v2b, stride_v2n, stride_b2b, stride_b2n,
                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                        SPLIT: tl.constexpr, WANT_S: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
-                       ROPE: tl.constexpr, EXTRA: tl.constexpr):
+                       ROPE: tl.constexpr, EXTRA: tl.constexpr, HID: tl.constexpr):
         bh = tl.program_id(0)            # (batch row, KV head), flattened
         sp = tl.program_id(1)            # which split of the slots (EXTRA: splits n_splits1 on are the extra entries)
         rows = tl.arange(0, G_PAD)
@@ -99,21 +101,25 @@ if triton is not None:
         kb = k_ptr + bh * stride_kb
         vb = v_ptr + bh * stride_vb
         bb = b_ptr + bh * stride_bb
-        n_end, length, skn, svn, sbn = N, chunk, stride_kn, stride_vn, stride_bn
+        okb = b2_ptr + bh * stride_b2b   # EXTRA: the extra entries' validity (uint8), made a bias here
+        n_end, length, skn, svn = N, chunk, stride_kn, stride_vn
         slots = True                     # a split of the slots (else of the extra entries: no logits stored)
         if EXTRA:
             if sp >= n_splits1:
                 start = (sp - n_splits1) * chunk2
                 kb = k2_ptr + bh * stride_k2b
                 vb = v2_ptr + bh * stride_v2b
-                bb = b2_ptr + bh * stride_b2b
-                n_end, length, skn, svn, sbn = N2, chunk2, stride_k2n, stride_v2n, stride_b2n
+                n_end, length, skn, svn = N2, chunk2, stride_k2n, stride_v2n
                 slots = False
         for i in range(0, length, BLOCK):
             n = start + i + tl.arange(0, BLOCK)
             n_ok = n < n_end
             k = tl.load(kb + n[:, None] * skn + dims[None, :], mask=n_ok[:, None], other=0.0)
-            bias = tl.load(bb + n * sbn, mask=n_ok, other=0.0).to(tl.float32)
+            if slots:
+                bias = tl.load(bb + n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            else:
+                ok = tl.load(okb + n * stride_b2n, mask=n_ok, other=0)
+                bias = tl.where(ok != 0, 0.0, HID).to(tl.float32)
             if not DOT:    # CUDA cores, G_PAD = G rounded up to a power of two
                 s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
             elif IEEE:
@@ -207,14 +213,16 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     float32; without want_lse (and acc) the last two are unused placeholders of shape (1,). cos, sin (B, D): q is
     rotated (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection). acc
     (B, H_kv, N) float32: the group's mean probability is added to it in place, in the kernel that merges the
-    splits (a kernel of its own, when there is one split). extra (K2, V2, bias2) (B, H_kv, N2, D): further entries
-    attended beside the slots in further splits of the same kernel (ATSKV's recalled entries); the output is the
-    attention over both, the logits, the log-sum-exp and acc those of the slots alone."""
+    splits (a kernel of its own, when there is one split). extra (K2, V2, valid2) (B, H_kv, N2, D) and
+    (B, H_kv, N2) bool: further entries attended beside the slots in further splits of the same kernel (ATSKV's
+    recalled entries); the output is the attention over both, the logits, the log-sum-exp and acc those of the
+    slots alone."""
     B, H, G, D = q.shape
     N = K.shape[2]
-    K2, V2, b2 = extra if extra is not None else (K, V, bias)
-    b2 = b2.to(bias.dtype)   # one pointer type for the bias of both kinds of split
-    for t in (K, V, bias, K2, V2, b2) + (() if acc is None else (acc,)):   # (batch, head) rows into one index
+    K2, V2, ok2 = extra if extra is not None else (K, V, bias)   # (unused placeholders without extra entries)
+    if extra is not None:
+        ok2 = ok2.view(torch.uint8)   # a bool's bytes, read as 0 / 1
+    for t in (K, V, bias, K2, V2, ok2) + (() if acc is None else (acc,)):   # (batch, head) rows into one index
         assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "slots must be contiguous in the last dim"
     if q.stride(3) != 1 or q.stride(2) != D or q.stride(1) != G * D:
         q = q.contiguous()
@@ -237,11 +245,11 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, cos if rope else q,
                                           sin if rope else q, N, scaling, chunk, splits, H, q.stride(0),
                                           D, K.stride(1), K.stride(2), V.stride(1), V.stride(2), bias.stride(1),
-                                          bias.stride(2), K2, V2, b2, K2.shape[2], chunk2, splits1, K2.stride(1),
-                                          K2.stride(2), V2.stride(1), V2.stride(2), b2.stride(1), b2.stride(2),
+                                          bias.stride(2), K2, V2, ok2, K2.shape[2], chunk2, splits1, K2.stride(1),
+                                          K2.stride(2), V2.stride(1), V2.stride(2), ok2.stride(1), ok2.stride(2),
                                           G=G, G_PAD=G_PAD, D=D, BLOCK=cfg["block_n"], SPLIT=splits > 1,
                                           WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], ROPE=rope,
-                                          EXTRA=extra is not None,
+                                          EXTRA=extra is not None, HID=HIDDEN,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 or acc is not None:
         acc_block = min(ACC_CHUNK, triton.next_power_of_2(N))
@@ -261,19 +269,19 @@ if triton is not None:
     def _decode_attention_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor, scaling: float,
                              want_lse: bool, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                              K2: torch.Tensor | None = None, V2: torch.Tensor | None = None,
-                             b2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             ok2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch(q, K, V, bias, scaling, want_lse, wrap_triton, cos=cos, sin=sin,
-                      extra=None if K2 is None else (K2, V2, b2))
+                      extra=None if K2 is None else (K2, V2, ok2))
 
     @triton_op("atskv::decode_attention_acc", mutates_args=("acc",))
     def _decode_attention_acc_op(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, bias: torch.Tensor,
                                  scaling: float, acc: torch.Tensor, cos: torch.Tensor | None = None,
                                  sin: torch.Tensor | None = None, K2: torch.Tensor | None = None,
-                                 V2: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+                                 V2: torch.Tensor | None = None, ok2: torch.Tensor | None = None) -> torch.Tensor:
         """The same with the group's mean probability added to the running statistic acc in place (the merge
         kernel does it: no probabilities leave the kernels)."""
         return launch(q, K, V, bias, scaling, False, wrap_triton, cos=cos, sin=sin, acc=acc,
-                      extra=None if K2 is None else (K2, V2, b2))[0]
+                      extra=None if K2 is None else (K2, V2, ok2))[0]
 
 
 
@@ -298,9 +306,9 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     64 x 8192, 10%; CHANGELOG.md): 7.54 against 7.87 ms with PyTorch adding it (eager layers); summing it
     in the attention kernel itself (one split, a second pass over the logits) was slower, 1.70 against 1.64 ms.
     cos, sin (B, 1, D): q is not rotated yet; the kernel rotates it as it loads it (which spares the step a
-    kernel), the reference first. extra (K2, V2, bias2) (B, H_kv, R, D): further entries attended beside the slots
-    (ATSKV's recalled ones), in further splits of the same kernels; the probabilities (and acc) stay the slots'
-    alone, normalised over the slots."""
+    kernel), the reference first. extra (K2, V2, valid2) (B, H_kv, R, D) and (B, H_kv, R) bool: further entries
+    attended beside the slots (ATSKV's recalled ones), in further splits of the same kernels; the probabilities (and
+    acc) stay the slots' alone, normalised over the slots."""
     want = want_probs or acc is not None
     x = () if extra is None else tuple(extra)
     if not (use_kernel and kernel_available(q.device)):
@@ -318,10 +326,10 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     return out, probs if want_probs else None
 
 
-def _reference_with_extra(q, K, V, bias, scaling, K2, V2, b2):
-    """The attention over the slots and the extra entries together, and the slots' own probabilities."""
+def _reference_with_extra(q, K, V, bias, scaling, K2, V2, ok2):
+    """The attention over the slots and the valid extra entries together, and the slots' own probabilities."""
     s1 = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
-    s2 = torch.matmul(q, K2.transpose(-1, -2)).float() * scaling + b2[:, :, None, :].float()
+    s2 = torch.matmul(q, K2.transpose(-1, -2)).float() * scaling + torch.where(ok2, 0.0, HIDDEN)[:, :, None, :]
     p = torch.softmax(torch.cat([s1, s2], -1), dim=-1)
     out = torch.matmul(p.to(V.dtype), torch.cat([V, V2], 2))
     return out, torch.softmax(s1, dim=-1)
