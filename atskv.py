@@ -634,6 +634,20 @@ class ATSKV(KVMethod):
         for name, x in (("pk", s["k"]), ("pv", s["v"]), ("pq", kq), ("ps", scale[..., 0])):
             put(st[name], where, x)
 
+    def slot_write_back(self, s):
+        """evict_every > 1, at an evicting step: the entries written since the last eviction (the slots its free
+        queue listed, this step's among them) into the passive tier at their positions, before this step's
+        eviction can free them; the steps between write nothing there. Called, as slot_write_through, before
+        anything in the step reads the tier."""
+        st = s["state"]
+        slots = st["queue"]                                      # (B, H, evict_every)
+        ok = s["present"].gather(2, slots) & s["valid"].gather(2, slots)   # a slot no step has filled yet: skipped
+        where = torch.where(ok, s["pos"].gather(2, slots), st["pk"].shape[2] - 1)
+        k = gather_entries(s["keys"], slots)
+        kq, scale = quantize_int8(k)
+        for name, x in (("pk", k), ("pv", gather_entries(s["values"], slots)), ("pq", kq), ("ps", scale[..., 0])):
+            put_rows(st[name], where, x)
+
     def slot_offload(self, s, before):
         """The entries this step's eviction freed (present before, not now) join the passive tier: their positions
         are marked (their keys and values are there already: `slot_write_through`)."""
@@ -654,7 +668,10 @@ class ATSKV(KVMethod):
         acc, slot = s["state"]["acc"], s["slot"]
         put(acc, slot, torch.zeros(slot.shape[:2], dtype=acc.dtype, device=acc.device))
         if self.external_memory:   # before the recall reads the tier: see slot_write_through
-            self.slot_write_through(s)
+            if "queue" not in s["state"]:
+                self.slot_write_through(s)
+            elif s["evict"]:
+                self.slot_write_back(s)
         return None if s["evict"] else acc
 
     def slot_step(self, s):

@@ -313,3 +313,32 @@ def test_recalled_entries_attended_in_the_decode_kernels_give_the_plain_paths_me
     """The fast path attends recalled entries in further splits of the slots' decode kernels; the result equals the
     plain path's attention_lse + merge_attention, in the Triton interpreter."""
     run_interpreted(MERGED_INTERPRETED)
+
+
+def test_fast_paths_passive_tier_holds_the_plain_stores_keys_and_values_for_decoded_entries_evicted(
+        model, tokenizer, prompt, plain_decode):
+    """evict_every 4: the steps between evictions write nothing to the tier; an evicting step writes back what was
+    decoded since the last one. After 28 steps at a budget of 32 (16 recent tokens protected), decoded entries
+    have been evicted: the tier holds, at every stored position, the plain store's key and value (those of
+    decoded entries to float tolerance: the fast step projects them itself)."""
+    ids = prompt
+    params = {"external_memory": True, "evict_every": 4}
+    plain = KVCacheFactory.create("atskv", model, budget=32, tokenizer=tokenizer, **params)
+    want = plain_decode(model, plain, ids, 28)
+    cache = KVCacheFactory.create("atskv", model, budget=32, tokenizer=tokenizer, **params)
+    logits = ev.forward_chunked(model, cache, ids, chunk=128)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], 28)
+    assert torch.equal(dec.generate(logits.argmax(-1), 29), want)
+    decoded_evicted = 0
+    for l, sl in enumerate(dec.slots):
+        store = plain.method.passive[l]
+        store.settle()
+        for h in range(store.pos.shape[1]):   # batch row 0, each KV head
+            ok = store.valid[0, h]
+            pos = store.pos[0, h][ok]
+            assert torch.equal(sl.state["pok"][0, h].nonzero().flatten(), pos.sort().values), (l, h)
+            # decoded entries' keys come from the fast step's own projections: equal to float tolerance
+            assert torch.allclose(sl.state["pk"][0, h, pos], store.k[0, h][ok], atol=1e-4), (l, h)
+            assert torch.allclose(sl.state["pv"][0, h, pos], store.v[0, h][ok], atol=1e-4), (l, h)
+            decoded_evicted += int((pos >= ids.shape[1]).sum())
+    assert decoded_evicted > 0
