@@ -39,6 +39,7 @@ from utils import UserError
 FAST_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
 # Free slots are hidden by a per-slot bias added to the scaled logits (decode_attention): 0 for a stored entry,
+# HIDDEN (defined beside the kernels, which use it too) for a free (or padding) slot.
 
 
 def fast_methods() -> list[str]:
