@@ -14,7 +14,7 @@ def empty_predictor_cache(tmp_path, monkeypatch):
     """A fresh $ATSKV_CACHE (no trained predictor), short calibration text, 512-token training contexts and 30
     training steps instead of 300, so that training takes seconds: the grad mode matters from the first step."""
     monkeypatch.setenv("ATSKV_CACHE", str(tmp_path))
-    text = " ".join(f"Item {i} costs {i * 7 % 100} coins at the market, said the clerk." for i in range(180))
+    text = " ".join(f"Item {i} costs {i * 7 % 100} coins at the market, said the clerk." for i in range(110))
     monkeypatch.setattr(rp, "cached_calibration_texts", lambda *a, **k: [text])
     train = rp.train_predictor
     monkeypatch.setattr(rp, "train_predictor", lambda *a, **k: train(*a, **k, steps=30, context_tokens=512))
