@@ -303,6 +303,13 @@ want = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125)     # t
 da.kernel_available = lambda device: True             # the kernels, interpreted on the CPU
 got, _ = da.decode_attention(q, K, V, bias, 0.125, cos=cos, sin=sin, extra=(keys, values, valid))
 assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+# a step that evicts wants the slots' probabilities; one that does not adds them to the running statistic
+_, probs, _ = da.decode_attention_lse(q, K, V, bias, 0.125, want_probs=True, cos=cos, sin=sin)
+got, p = da.decode_attention(q, K, V, bias, 0.125, True, cos=cos, sin=sin, extra=(keys, values, valid))
+assert (got - want).abs().max() < 1e-5 and (p - probs).abs().max() < 1e-6
+acc = torch.zeros(B, H, N)
+got, _ = da.decode_attention(q, K, V, bias, 0.125, acc=acc, cos=cos, sin=sin, extra=(keys, values, valid))
+assert (got - want).abs().max() < 1e-5 and (acc - probs.mean(2)).abs().max() < 1e-6
 print("ok")
 """
 register(MERGED_INTERPRETED)
@@ -311,7 +318,8 @@ register(MERGED_INTERPRETED)
 @needs_triton
 def test_recalled_entries_attended_in_the_decode_kernels_give_the_plain_paths_merged_attention():
     """The fast path attends recalled entries in further splits of the slots' decode kernels; the result equals the
-    plain path's attention_lse + merge_attention, in the Triton interpreter."""
+    plain path's attention_lse + merge_attention, and the probabilities (or the running statistic) stay the slots'
+    own, in the Triton interpreter."""
     run_interpreted(MERGED_INTERPRETED)
 
 
