@@ -628,11 +628,8 @@ class ATSKV(KVMethod):
         eviction later only marks it. Called before anything in the step reads the tier: torch.compile keeps an
         index_put_ into a graph input in place only when nothing reads the input before it, and otherwise copies
         the whole tier twice (in pinned host memory, over the bus) every step that recalls."""
-        st, B, H = s["state"], s["k"].shape[0], s["k"].shape[1]
-        where = s["cur"][:, None, None].expand(B, H, 1)
-        kq, scale = quantize_int8(s["k"])
-        for name, x in (("pk", s["k"]), ("pv", s["v"]), ("pq", kq), ("ps", scale[..., 0])):
-            put(st[name], where, x)
+        B, H = s["k"].shape[:2]
+        tier_put(s["state"], s["cur"][:, None, None].expand(B, H, 1), s["k"][:, :, None], s["v"][:, :, None])
 
     def slot_write_back(self, s):
         """evict_every > 1, at an evicting step: the entries written since the last eviction (the slots its free
@@ -643,10 +640,7 @@ class ATSKV(KVMethod):
         slots = st["queue"]                                      # (B, H, evict_every)
         ok = s["present"].gather(2, slots) & s["valid"].gather(2, slots)   # a slot no step has filled yet: skipped
         where = torch.where(ok, s["pos"].gather(2, slots), st["pk"].shape[2] - 1)
-        k = gather_entries(s["keys"], slots)
-        kq, scale = quantize_int8(k)
-        for name, x in (("pk", k), ("pv", gather_entries(s["values"], slots)), ("pq", kq), ("ps", scale[..., 0])):
-            put_rows(st[name], where, x)
+        tier_put(st, where, gather_entries(s["keys"], slots), gather_entries(s["values"], slots))
 
     def slot_offload(self, s, before):
         """The entries this step's eviction freed (present before, not now) join the passive tier: their positions
@@ -723,6 +717,14 @@ METHODS["atskv"] = ATSKV
 
 
 # -- the fast path's tensor forms ------------------------------------------------------------------------------------
+
+def tier_put(st: dict, where, k, v) -> None:
+    """Keys and values k, v (B, H, n, D) into the passive tier's "pk", "pv" at positions where (B, H, n), and their
+    int8 copies into "pq", "ps" (ATSKV.passive_tier)."""
+    kq, scale = quantize_int8(k)
+    for name, x in (("pk", k), ("pv", v), ("pq", kq), ("ps", scale[..., 0])):
+        put_rows(st[name], where, x)
+
 
 def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
     """`ThresholdController.select` in tensor form over slots (no host sync, static shapes, one sort).
