@@ -28,9 +28,8 @@ import math
 import torch
 
 from kernels import greedy_kernels, skinny_gemm
-from kernels.decode_attention import HIDDEN, decode_attention, decode_attention_lse, kernel_available, rope
-from cache_framework import protection, put, repeat_heads
-from external_memory import attention_lse, merge_attention
+from kernels.decode_attention import HIDDEN, decode_attention, kernel_available, rope
+from cache_framework import protection, put
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError
 
@@ -241,14 +240,9 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
     acc = m.slot_before_attention(s) if kind == "method" else None
     want = kind == "method" and m.slot_wants_probs(evict)
     extra = m.slot_extra_entries(s) if kind == "method" else None
-    if extra is None:
-        attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos, sin=sin)
-    elif c["kernel"] and kernel_available(q.device):   # entries outside the slots too (ATSKV's recall): further
-        attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, True, acc=acc, cos=cos, sin=sin,
-                                       extra=extra)     # splits of the decode kernels
-    else:   # two attentions merged by their log-sum-exps, as the plain path computes them
-        attn, probs, lse = decode_attention_lse(q, K, V, bias, lw["scaling"], want, acc=acc, cos=cos, sin=sin)
-        attn = merged_with(attn, lse, q, cos, sin, *extra, lw["scaling"])
+    # extra: entries outside the slots too (ATSKV's recall), attended in further splits of the decode kernels
+    attn, probs = decode_attention(q, K, V, bias, lw["scaling"], want, c["kernel"], acc=acc, cos=cos, sin=sin,
+                                   extra=extra)
     s["probs"] = probs
     refreshed = False   # whether the method's step refreshed the bias and the queue itself
     if kind == "bare":
@@ -264,19 +258,6 @@ def layer_step(kind: str, evict: bool, recall: bool, x, cos, sin, cur, seen, tok
         if "queue" in st:
             st["queue"].copy_(free_queue(present, st["queue"].shape[-1]))
     return post_attention(x, attn.reshape(x.shape[0], -1), lw["wo"], lw["ln2"], lw["eps2"], lw["wgu"], lw["wd"])
-
-
-def merged_with(out, lse, q, cos, sin, keys, values, valid, scaling: float):
-    """The attention out (B, H_kv, G, D) over the slots, with its log-sum-exp lse (B, H_kv, G), merged with the
-    attention of the queries q (not rotated yet; cos, sin (B, 1, D)) over further entries keys, values
-    (B, H_kv, R, D), valid (B, H_kv, R): the plain path's `attention_lse` and `merge_attention` in the slots' layout
-    (so that fp32 on the CPU decides as the plain path does; with the kernels the decode kernels attend both)."""
-    B, H, G, D = q.shape
-    q = rope(q, cos[:, :, None], sin[:, :, None])
-    mask = repeat_heads(valid, G)[:, :, None, :]                      # (B, H_kv * G, 1, R)
-    out2, lse2 = attention_lse(q.reshape(B, H * G, 1, D), keys, values, mask, scaling)
-    merged = merge_attention(out.float().reshape(B, H * G, 1, D), lse.reshape(B, H * G, 1, 1), out2, lse2)
-    return merged.reshape(B, H, G, D).to(out.dtype)
 
 
 def top_mask(score: torch.Tensor, k) -> torch.Tensor:

@@ -327,25 +327,17 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
 
 
 def _reference_with_extra(q, K, V, bias, scaling, K2, V2, ok2):
-    """The attention over the slots and the valid extra entries together, and the slots' own probabilities."""
-    s1 = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
-    s2 = torch.matmul(q, K2.transpose(-1, -2)).float() * scaling + torch.where(ok2, 0.0, HIDDEN)[:, :, None, :]
-    p = torch.softmax(torch.cat([s1, s2], -1), dim=-1)
-    out = torch.matmul(p.to(V.dtype), torch.cat([V, V2], 2))
-    return out, torch.softmax(s1, dim=-1)
-
-
-def decode_attention_lse(q, K, V, bias, scaling: float, want_probs: bool = False, acc=None, cos=None, sin=None):
-    """The reference decode attention (matmuls, on any device), plus each query's log-sum-exp (B, H_kv, G) float32,
-    so that an attention over further entries merges with it as the plain path merges its recall
-    (`fast_decode.merged_with`); the kernels attend such entries themselves (`decode_attention(extra=...)`). The
-    probabilities (and acc's statistic) are those of the slots alone."""
-    if cos is not None:
-        q = rope(q, cos[:, :, None], sin[:, :, None])
+    """q rotated: the slots' attention and the valid extra entries' merged by their log-sum-exps, as the plain path
+    merges its recall (`external_memory.attention_lse`, `merge_attention`: on the CPU the fast path then decides as
+    the plain path does in fp32), and the slots' own probabilities."""
+    from cache_framework import repeat_heads
+    from external_memory import attention_lse, merge_attention
+    B, H, G, D = q.shape
     logits = torch.matmul(q, K.transpose(-1, -2)).float() * scaling + bias[:, :, None, :].float()
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[..., None])
     out = torch.matmul(probs.to(V.dtype), V)
-    if acc is not None:
-        acc += probs.mean(2)
-    return out, (probs if want_probs else None), lse
+    mask = repeat_heads(ok2, G)[:, :, None, :]                      # (B, H_kv * G, 1, R)
+    out2, lse2 = attention_lse(q.reshape(B, H * G, 1, D), K2, V2, mask, scaling)
+    merged = merge_attention(out.float().reshape(B, H * G, 1, D), lse.reshape(B, H * G, 1, 1), out2, lse2)
+    return merged.reshape(B, H, G, D).to(out.dtype), probs

@@ -298,13 +298,12 @@ bias = torch.where(torch.rand(B, H, N) < 0.8, 0.0, fd.HIDDEN)
 keys, values = torch.randn(B, H, R, D), torch.randn(B, H, R, D)
 valid = torch.rand(B, H, R) < 0.7
 valid[1, 2] = False                                   # a head with no recalled entry: the slots' attention alone
-out, _, lse = da.decode_attention_lse(q, K, V, bias, 0.125, cos=cos, sin=sin)
-want = fd.merged_with(out, lse, q, cos, sin, keys, values, valid, 0.125)     # the plain path's two attentions
+# the reference: the plain path's two attentions merged by their log-sum-exps (what the CPU runs)
+want, probs = da.decode_attention(q, K, V, bias, 0.125, True, False, cos=cos, sin=sin, extra=(keys, values, valid))
 da.kernel_available = lambda device: True             # the kernels, interpreted on the CPU
 got, _ = da.decode_attention(q, K, V, bias, 0.125, cos=cos, sin=sin, extra=(keys, values, valid))
 assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
 # a step that evicts wants the slots' probabilities; one that does not adds them to the running statistic
-_, probs, _ = da.decode_attention_lse(q, K, V, bias, 0.125, want_probs=True, cos=cos, sin=sin)
 got, p = da.decode_attention(q, K, V, bias, 0.125, True, cos=cos, sin=sin, extra=(keys, values, valid))
 assert (got - want).abs().max() < 1e-5 and (p - probs).abs().max() < 1e-6
 acc = torch.zeros(B, H, N)
