@@ -514,13 +514,10 @@ class ATSKV(KVMethod):
             pk, pv = (host_mapped(shape, dt, dev) for shape in shapes)
         t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
              "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev)}
-        for k, v, pos, valid, kq, scale, stored in parts:
+        for k, v, pos, valid, kq, scale, stored in parts:   # the active entries quantised as an eviction would
             valid = valid.to(dev)
             where = torch.where(valid, pos.to(dev), cap - 1)
-            if kq is None:   # the active entries: quantised as an eviction would
-                kq, scale = quantize_int8(k)
-            for name, x in (("pk", k), ("pv", v), ("pq", kq), ("ps", scale[..., 0])):
-                put_rows(t[name], where, x.to(dev, t[name].dtype))
+            tier_put(t, where, k, v, kq, scale)
             if stored:
                 put_rows(t["pok"], where, valid)
         t["pok"][..., -1] = False
@@ -718,12 +715,13 @@ METHODS["atskv"] = ATSKV
 
 # -- the fast path's tensor forms ------------------------------------------------------------------------------------
 
-def tier_put(st: dict, where, k, v) -> None:
+def tier_put(st: dict, where, k, v, kq=None, scale=None) -> None:
     """Keys and values k, v (B, H, n, D) into the passive tier's "pk", "pv" at positions where (B, H, n), and their
-    int8 copies into "pq", "ps" (ATSKV.passive_tier)."""
-    kq, scale = quantize_int8(k)
+    int8 copies (quantize_int8's, made here unless given) into "pq", "ps" (ATSKV.passive_tier)."""
+    if kq is None:
+        kq, scale = quantize_int8(k)
     for name, x in (("pk", k), ("pv", v), ("pq", kq), ("ps", scale[..., 0])):
-        put_rows(st[name], where, x)
+        put_rows(st[name], where, x.to(st[name].device, st[name].dtype))   # (a no-op within a step)
 
 
 def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):
