@@ -5,7 +5,8 @@
 # memory recalling every 64 steps with a span of 32 (the steps between attend to the last recall's entries), its
 # passive tier in host memory and on the device. PARTS lists the parts to run (default speed64; each resumes from
 # $HOME/speed24/results.jsonl while the machine stays warm; every part fits one call):
-#   tests_a    the CUDA tests of recall eager, compiled, on the device tier, the int8 kernel and the host view
+#   tests_a    the CUDA tests of recall eager, compiled, on the device tier, the int8 kernel, the host view and the
+#              decode kernel with extra (recalled) entries
 #   tests_b    the compiled tests of held recall and of the tier written in place (each compiles its steps; all
 #              in one call, the first run passed three tests in 420 s; -v: each test's name as it ends; TEST_LIMIT s)
 #   speed64    batch 64: full, atskv, recall every 64 steps (host tier, device tier)
@@ -32,7 +33,7 @@ for part in $PARTS; do
   echo "== $part $(date +%T)" >> $OUT/speed24.log
   case $part in
     tests_a|tests_b)
-      [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped" || K="params13 or in_place"
+      [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped or extra_entries" || K="params13 or in_place"
       timeout ${TEST_LIMIT:-560} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py -k "$K" 2>&1 \
         | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -150 >> $OUT/test_gpu_recall.log ;;
     speed64) speed --speed_parts fast --batch_sizes 64 --methods "full,atskv[evict_every=64],$HOST,$DEVICE" ;;

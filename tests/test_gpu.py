@@ -153,6 +153,33 @@ def test_triton_decode_attention_matches_the_reference(dtype, batch, n_slots):
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,n_slots,n_extra", [(64, 832, 96), (1, 4100, 512)])
+def test_triton_decode_attention_with_extra_entries_matches_the_reference(dtype, batch, n_slots, n_extra):
+    """ATSKV's recalled entries attended as further splits of the same kernels: the output over slots and valid
+    extra entries, the probabilities and the running statistic the slots' alone (eager and compiled, as the
+    fast path's step calls it); one KV head of one row with no valid extra entry."""
+    torch.manual_seed(0)
+    H, G, D = 3, 3, 64
+    q = torch.randn(batch, H, G, D, device="cuda").to(dtype)
+    K, V = (torch.randn(batch, H, n_slots, D, device="cuda").to(dtype) for _ in range(2))
+    K2, V2 = (torch.randn(batch, H, n_extra, D, device="cuda").to(dtype) for _ in range(2))
+    ok2 = torch.rand(batch, H, n_extra, device="cuda") < 0.7
+    ok2[0, 1] = False
+    bias = torch.where(torch.rand(batch, H, n_slots, device="cuda") < 0.2, HIDDEN, 0.0).to(dtype)
+    tol, ptol = (2e-2, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
+    ro, rp = da._reference_with_extra(q, K, V, bias, 0.125, K2, V2, ok2)
+    for fn in (da.decode_attention, torch.compile(da.decode_attention, fullgraph=True)):
+        o, p = fn(q, K, V, bias, 0.125, True, extra=(K2, V2, ok2))
+        assert (o.float() - ro.float()).abs().max() < tol and (p - rp).abs().max() < ptol
+        acc = torch.rand(batch, H, n_slots, device="cuda")
+        want = acc + rp.mean(2)
+        o, p = fn(q, K, V, bias, 0.125, False, acc=acc, extra=(K2, V2, ok2))
+        assert p is None and (o.float() - ro.float()).abs().max() < tol
+        assert (acc - want).abs().max() < ptol
+
+
+@pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("rows", [64, 1])
 def test_skinny_gemm_kernels_match_torch_in_bf16(rows):
     from kernels import skinny_gemm
