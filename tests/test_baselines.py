@@ -251,6 +251,27 @@ def test_sliding_window_keeps_the_same_entries_as_kvpress_streamingllmpress(mode
         assert [set(p.tolist()) for p in ours.layers[l].positions[0]] == heads, l
 
 
+def test_pyramidkv_keeps_a_nested_top_k_of_kvpress_pyramidkvpress_scores(model, needle_ids):
+    """Set to kvpress's scoring (window 64, kernel 5, average pooling), in one prefill pass: each layer and head keeps
+    the top entries of the same scores. The per-layer counts differ by design: ours follow the official integer
+    progression with the window on top (KVCache-Factory), kvpress rounds a float progression that counts the window
+    in. So one kept set contains the other, and each holds its own formula's count."""
+    import kvpress
+    L, B = needle_ids.shape[1], 214
+    press = kvpress.PyramidKVPress(compression_ratio=1 - (B - 64) / L, window_size=64, kernel_size=5)
+    ref = kvpress_kept_positions(model, needle_ids, press)
+    ours = KVCacheFactory.create("pyramidkv", model, budget=B, window=64, kernel=5, pool="avg", context_length=L)
+    ev.forward_chunked(model, ours, needle_ids, L)
+    counts = {len(ours.layers[0].positions[0, 0]), len(ours.layers[-1].positions[0, 0])}
+    assert len(counts) == 2                                   # a pyramid, not a uniform budget
+    for l, heads in enumerate(ref):
+        want_ref = press.get_layer_budget(model.model.layers[l].self_attn, L)
+        for h, kept in enumerate(heads):
+            mine = set(ours.layers[l].positions[0, h].tolist())
+            assert len(mine) == ours.layer_budget(l) and len(kept) == want_ref, (l, h)
+            assert mine <= kept or kept <= mine, (l, h)
+
+
 def test_knorm_keeps_the_same_entries_as_kvpress_knormpress(model, needle_ids):
     """The lowest key norms, in one prefill pass as kvpress compresses. (Chunked, the keys of layers after the first
     depend on what earlier chunks kept, so there is no one-pass reference to hold it to.)"""
