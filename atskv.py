@@ -44,12 +44,13 @@ class ThresholdController:
             cand = r.masked_fill(~free, float("nan")).flatten(0, 1).float()
             tau = self.beta[layer_idx] * torch.nanquantile(cand, q, dim=-1).view(r.shape[0], r.shape[1], 1)
         keep = protected | (r > tau)
-        n_keep = int(keep.sum(-1).max())
-        k = max(1, min(budget, n_keep))
+        counts = keep.sum(-1).float()
+        n_keep, kept_mean = torch.stack([counts.max(), counts.mean()]).tolist()   # one wait for the device, not two
+        k = max(1, min(budget, int(n_keep)))
         # protected first, then the kept by r; a row that kept fewer than k is topped up with its most relevant others
         score = torch.where(keep, r.float(), r.float() - 4.0).masked_fill(protected, float("inf"))
         idx = score.topk(k, dim=-1).indices.sort(-1).values
-        kept_frac = float(keep.sum(-1).float().mean()) / S
+        kept_frac = kept_mean / S
         if self.fixed is None:  # raise q when keeping too much, lower it when keeping too little
             self.delta[layer_idx] = min(1.0, max(-1.0, self.delta[layer_idx] + self.gain * (kept_frac - target)))
         self.history.append((layer_idx, min(kept_frac, k / S), target))
@@ -201,6 +202,17 @@ class ATSKV(KVMethod):
             copies[str(device)] = copy.deepcopy(self.predictor).to(device)
         return copies[str(device)]
 
+    def _rows_on(self, rows: tuple, device) -> torch.Tensor:
+        """The pending windows' query rows as a device tensor, made once per pattern and device: a host-to-device
+        copy of a fresh tensor waits for the device, at every evicting step of every layer."""
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        key = (rows, str(device))
+        if key not in cache:
+            if len(cache) >= 64:   # prompt chunks of many lengths: keep it small
+                cache.clear()
+            cache[key] = torch.tensor(rows, device=device)
+        return cache[key]
+
     def observe(self, layer, query, scaling):
         """Remember what this update brings (its queries' window, token ids and hidden states), and score the layer
         when it is due to evict (`scoring_due`): between evictions a decode step adds no scoring work, and the
@@ -259,7 +271,7 @@ class ATSKV(KVMethod):
             offset += q
         queries = torch.cat([p[0] for p in pending], 2)
         attn = window_attention(queries, layer.keys, layer.valid, n, scaling=self.scaling,
-                                window=queries.shape[2], q_new_idx=torch.tensor(rows, device=layer.device))
+                                window=queries.shape[2], q_new_idx=self._rows_on(tuple(rows), layer.device))
         # each window's mean is added to the running statistic in turn, as the fast path adds each step's; a decode
         # step's window (one query) needs only its group mean, taken for all of them at once (the same sums)
         group_mean = attn.view(B, Hkv, -1, attn.shape[2], attn.shape[3]).mean(2) if len(pending) > 1 else None
