@@ -353,12 +353,12 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         B, H, q, _ = key_states.shape
         self.cache.on_update(self.layer_idx, q)
-        pos = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device)
+        pos = self.cache.counting(self.device, self.cumulative_length + q)[self.cumulative_length:]
         self.keys = torch.cat([self.keys, key_states], dim=2)
         self.values = torch.cat([self.values, value_states], dim=2)
         self.positions = torch.cat([self.positions, pos.expand(B, H, q)], dim=2)
         was_all_valid = self._all_valid
-        self.valid = torch.cat([self.valid, torch.ones((B, H, q), dtype=torch.bool, device=self.device)], dim=2)
+        self.valid = torch.cat([self.valid, self.cache.trues(self.device, q).expand(B, H, q)], dim=2)
         self._all_valid = was_all_valid          # appending valid entries changes nothing about padding
         if not self.method.pads_own_extras:
             self.pad_extras()
@@ -487,6 +487,22 @@ class CompressedCache(Cache):
             (int(budget) if not isinstance(budget, float) else None))
         super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
         method.bind(self)
+
+    def counting(self, device, n: int) -> torch.Tensor:
+        """0 .. n - 1 on the device, kept between calls: appending positions slices it where an arange would cost
+        a kernel launch per layer and step (the plain path's decode step is bound by launches on a GPU)."""
+        return self._constant("arange", device, n, lambda m: torch.arange(m, device=device))
+
+    def trues(self, device, n: int) -> torch.Tensor:
+        """n True values on the device, kept between calls (the validity of appended entries)."""
+        return self._constant("trues", device, n, lambda m: torch.ones(m, dtype=torch.bool, device=device))
+
+    def _constant(self, name: str, device, n: int, make) -> torch.Tensor:
+        consts = self.__dict__.setdefault("_consts", {})
+        t = consts.get((name, str(device)))
+        if t is None or t.shape[0] < n:
+            t = consts[(name, str(device))] = make(max(n, 4096, 2 * (0 if t is None else t.shape[0])))
+        return t[:n]
 
     def on_update(self, layer_idx: int, q_len: int) -> None:
         if self.context_length is None and layer_idx == 0:
