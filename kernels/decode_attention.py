@@ -214,13 +214,13 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     rotated (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection). acc
     (B, H_kv, N) float32: the group's mean probability is added to it in place, in the kernel that merges the
     splits (a kernel of its own, when there is one split). extra (K2, V2, valid2) (B, H_kv, N2, D) and
-    (B, H_kv, N2) bool: further entries attended beside the slots in further splits of the same kernel (ATSKV's
-    recalled entries); the output is the attention over both, the logits, the log-sum-exp and acc those of the
-    slots alone."""
+    (B, H_kv, N2) bool or uint8: further entries attended beside the slots in further splits of the same kernel
+    (ATSKV's recalled entries); the output is the attention over both, the logits, the log-sum-exp and acc those
+    of the slots alone."""
     B, H, G, D = q.shape
     N = K.shape[2]
     K2, V2, ok2 = extra if extra is not None else (K, V, bias)   # (unused placeholders without extra entries)
-    if extra is not None:
+    if extra is not None and ok2.dtype == torch.bool:
         ok2 = ok2.view(torch.uint8)   # a bool's bytes, read as 0 / 1
     for t in (K, V, bias, K2, V2, ok2) + (() if acc is None else (acc,)):   # (batch, head) rows into one index
         assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "slots must be contiguous in the last dim"
@@ -316,9 +316,11 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
             q = rope(q, cos[:, :, None], sin[:, :, None])
         out, probs = decode_attention_reference(q, K, V, bias, scaling, want) if extra is None else \
             _reference_with_extra(q, K, V, bias, scaling, *x)
-    elif acc is not None and not want_probs:   # the statistic summed in the merge kernel
-        return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin, *x), None
     else:
+        if x and x[2].dtype == torch.bool:   # the ops take the validity as uint8: under torch.compile an op may not
+            x = x[:2] + (x[2].to(torch.uint8),)   # view its own input as another dtype (it failed on the H100)
+        if acc is not None and not want_probs:   # the statistic summed in the merge kernel
+            return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin, *x), None
         out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin, *x)
         probs = torch.exp(s - lse[..., None]) if want else None
     if acc is not None:
