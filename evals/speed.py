@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 
 import torch
 
@@ -409,6 +410,11 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             recs = [{**spec, "status": "error", "error": "out of memory"}]
+        except Exception as e:   # recorded as failed (a rerun tries it again); the other cells still run
+            traceback.print_exc()
+            line = (str(e).strip().splitlines() or [""])[0][:300]
+            recs = [{**spec, "status": "error", "error": f"{type(e).__name__}: {line}"}]
+            print(f"[atskv] {spec['method']} failed: {recs[0]['error']}", file=sys.stderr)
         for i, r in enumerate(recs):
             r.setdefault("compile", args.compile)
             if "paths" in spec:   # --speed_parts fast: the fast path alone

@@ -102,3 +102,20 @@ def test_plain_part_alone_times_methods_the_fast_path_refuses(tmp_path, run_main
     assert rec["status"] == "ok" and rec["method"] == method and rec["decode_ms"] > 0
     code, err = run_main(*args, "--speed_parts", "plain,timing")
     assert code == 2 and "external memory" in err[-1], err[-1]
+
+
+def test_a_speed_cell_that_raises_is_recorded_as_failed_and_the_others_still_run(tmp_path, run_main, monkeypatch):
+    import evals.speed as sp
+    real = sp.measure_decode_speed
+
+    def broken_for_atskv(model, tok, method, *args, **kwargs):
+        if method == "atskv":
+            raise RuntimeError("compiled step failed\nsecond line")
+        return real(model, tok, method, *args, **kwargs)
+    monkeypatch.setattr(sp, "measure_decode_speed", broken_for_atskv)
+    code, err = run_main(*SPEED, "--speed_parts", "fast", "--methods", f"{ATSKV},full", "--output_dir", tmp_path)
+    assert code == 0, err[-5:]
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["status"]) for r in recs] == [(ATSKV, "error"), ("full", "ok")]
+    assert recs[0]["error"] == "RuntimeError: compiled step failed"
+    assert "## Failed cells" in (tmp_path / "results.md").read_text()
