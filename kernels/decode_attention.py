@@ -317,8 +317,8 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
         out, probs = decode_attention_reference(q, K, V, bias, scaling, want) if extra is None else \
             _reference_with_extra(q, K, V, bias, scaling, *x)
     else:
-        if x and x[2].dtype == torch.bool:   # the ops take the validity as uint8: under torch.compile an op may not
-            x = x[:2] + (x[2].to(torch.uint8),)   # view its own input as another dtype (it failed on the H100)
+        if x and x[2].dtype == torch.bool:   # the ops take the validity as uint8: Inductor refuses an op that views
+            x = x[:2] + (x[2].to(torch.uint8),)   # its own input as another dtype
         if acc is not None and not want_probs:   # the statistic summed in the merge kernel
             return _decode_attention_acc_op(q, K, V, bias, float(scaling), acc, cos, sin, *x), None
         out, s, lse = _decode_attention_op(q, K, V, bias, float(scaling), want, cos, sin, *x)
