@@ -13,7 +13,9 @@ python run_experiment.py --train_predictor --model_name $M 2>&1 | tail -1
 common="--model_name $M --context_sizes 8192 ${EXTRA:-}"
 for run in ${RUNS:-serial ray}; do
   opts=$([ $run != serial ] && echo "--ray --gpus_per_cell 0.25 --cpus_per_cell ${CPUS_PER_CELL:-4}")
-  [ $run = ray_mps ] && { nvidia-cuda-mps-control -d || { echo "ray_mps: no MPS daemon" | tee -a $OUT/ray_vs_serial.log; continue; }; }
+  if [ $run = ray_mps ] && ! nvidia-cuda-mps-control -d; then
+    echo "ray_mps: no MPS daemon" | tee -a $OUT/ray_vs_serial.log; continue
+  fi
   t0=$(date +%s%N)
   python run_experiment.py $common --output_dir $R/$run $opts > $R/$run.log 2>&1
   rc=$?
