@@ -251,7 +251,10 @@ class DynamicKV(DecodePolicy, KVMethod):
     def on_layer_done(self, cache, layer_idx):
         layer = cache.layers[layer_idx]
         last = layer_idx == cache.num_layers - 1
-        if layer.n_new <= 1 or not ((layer_idx + 1) % self.update_every == 0 or last) or cache.fits():
+        # a prompt chunk allocates; so does a one-token update while the layers still hold their temporary budgets
+        # (a prompt whose longer chunks fitted the budget and whose last tokens came one at a time)
+        if (layer.n_new <= 1 and layer_idx not in self.pending) or \
+                not ((layer_idx + 1) % self.update_every == 0 or last) or cache.fits():
             return
         budget = cache.budget_tokens
         base = max(1, budget - self.win(budget))
