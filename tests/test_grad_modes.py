@@ -11,10 +11,10 @@ GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 @pytest.fixture
 def empty_predictor_cache(tmp_path, monkeypatch):
-    """A fresh $ATSKV_CACHE (no trained predictor), short calibration text, 512-token training contexts and 30
+    """A fresh $ATSKV_CACHE (no trained predictor), short calibration text (two 512-token training contexts), 30
     training steps instead of 300, so that training takes seconds: the grad mode matters from the first step."""
     monkeypatch.setenv("ATSKV_CACHE", str(tmp_path))
-    text = " ".join(f"Item {i} costs {i * 7 % 100} coins at the market, said the clerk." for i in range(110))
+    text = " ".join(f"Item {i} costs {i * 7 % 100} coins at the market, said the clerk." for i in range(70))
     monkeypatch.setattr(rp, "cached_calibration_texts", lambda *a, **k: [text])
     train = rp.train_predictor
     monkeypatch.setattr(rp, "train_predictor", lambda *a, **k: train(*a, **k, steps=30, context_tokens=512))
