@@ -698,6 +698,9 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                       md_table(["method", "context", "batch", "fast ms", "without scoring ms", "share",
                                 "step without eviction ms", "evicting step ms"], share), ""]
         lines += [f"![decode speed]({speed_figure(cells, out_dir / 'figures')})", ""]
+        by_context = speed_context_figure(cells, out_dir / "figures")
+        if by_context:
+            lines += [f"![decode speed against context]({by_context})", ""]
     mb = [r for r in recs if r["benchmark"] == "speed_max_batch"]
     if mb:
         lines += ["Largest decode batch that fits in the device's memory (the decode state and two steps; prefill "
@@ -763,6 +766,42 @@ def speed_figure(cells: list[dict], fig_dir: Path) -> str:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     path = fig_dir / "speed_decode.png"
+    save_fig(fig, path)
+    plt.close(fig)
+    return f"figures/{path.name}"
+
+
+def speed_context_figure(cells: list[dict], fig_dir: Path) -> str | None:
+    """Fast-path decode ms per step against context, one panel per batch timed at two contexts or more: each
+    method solid, its memory floor thin dashed. None when no batch has two contexts."""
+    fast = [r for r in cells if r["path"] == "fast"]
+    batches = sorted(n for n in {r["batch"] for r in fast} if len({r["context"] for r in fast if r["batch"] == n}) > 1)
+    if not batches:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
+    labels = sorted({label(r) for r in fast})
+    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    for ax, n in zip(axes[0], batches):
+        for lab in labels:
+            rs = sorted((r for r in fast if r["batch"] == n and label(r) == lab), key=lambda r: r["context"])
+            if not rs:
+                continue
+            ax.plot([r["context"] for r in rs], [r["decode_ms"] for r in rs], "-", marker="o", color=colors[lab],
+                    label=lab)
+            if all(r.get("floor_ms") for r in rs):
+                ax.plot([r["context"] for r in rs], [r["floor_ms"] for r in rs], "--", lw=0.8, color=colors[lab],
+                        alpha=0.6, label=f"{lab}, memory floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode ms per step (fast path)")
+        ax.set_title(f"batch {n}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    path = fig_dir / "speed_decode_context.png"
     save_fig(fig, path)
     plt.close(fig)
     return f"figures/{path.name}"

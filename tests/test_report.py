@@ -106,3 +106,27 @@ def test_a_row_missing_a_task_is_compared_with_the_full_cache_on_the_tasks_it_ha
                           task_rec("atskv", 0.1, 100, "needle")])
     # the full cache scores 100 on needle: the row's 100 there is 100% of it, not 100 / 60
     assert "| atskv | 10% | 100.0 (1 of 2 tasks) | 100.0 [57-100] | 5 | 100% |" in md
+
+
+def speed_record(method, budget, context, batch, decode_ms, floor_ms):
+    return {"cell": f"{method}-{budget}-{context}-{batch}", "status": "ok", "benchmark": "speed", "path": "fast",
+            "method": method, "base_method": method, "params": {}, "budget": budget, "context": context,
+            "batch": batch, "decode_ms": decode_ms, "floor_ms": floor_ms, "x_floor": decode_ms / floor_ms,
+            "tok_s": 1000 * batch / decode_ms, "prefill_s": 1.0, "kv_bytes_read": 1e6, "dtype": "bfloat16",
+            "compile": True, "bandwidth_gbs": 4300.0, "steps": 32, "model": "llama-3.1-8b (random weights)",
+            "env": {"hardware": "gpu box", "device": "cuda", "dtype": "bfloat16", "commit": "abc1234567"}}
+
+
+def test_speed_runs_at_several_contexts_get_a_figure_of_decode_time_against_context(tmp_path):
+    recs = [speed_record(m, b, c, 16, ms * c / 8192, fl * c / 8192) for c in (8192, 16384, 32768)
+            for m, b, ms, fl in (("full", None, 20.0, 16.0), ("atskv", 0.1, 6.0, 5.0))]
+    md = build(tmp_path, recs + [speed_record("full", None, 8192, 64, 50.0, 40.0)])   # batch 64: one context only
+    assert "![decode speed against context](figures/speed_decode_context.png)" in md
+    assert (tmp_path / "figures" / "speed_decode_context.png").stat().st_size > 0
+
+
+def test_speed_runs_at_one_context_get_no_figure_against_context(tmp_path):
+    md = build(tmp_path, [speed_record(m, b, 8192, n, 10.0, 8.0) for n in (16, 64)
+                          for m, b in (("full", None), ("atskv", 0.1))])
+    assert "decode speed against context" not in md
+    assert not (tmp_path / "figures" / "speed_decode_context.png").exists()
