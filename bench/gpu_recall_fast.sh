@@ -16,18 +16,25 @@
 #   every      batch 64: recall every step (both tiers), and the scoring kernel off (einsum)
 # Logs and results go to $OUT (speed24.log, speed24.tgz). Run it alone on the machine: beside a quality sweep's 11
 # processes the compiled tests did not finish in 400 s.
+# WEIGHTS=random: the speed parts time random weights of the default model's shape (`--model_config smollm2-135m`;
+# a step's time does not depend on the weights' values), so that no model file has to be carried; the tests
+# still need the model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
-bash bench/gpu_model.sh > /dev/null 2>&1
-M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "${WEIGHTS:-}" = random ]; then
+  MODEL=(--model_config smollm2-135m)
+else
+  bash bench/gpu_model.sh > /dev/null 2>&1
+  MODEL=(--model_name $HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf)
+fi
 R=$HOME/speed24
 PARTS=${PARTS:-speed64}
 E='atskv[external_memory=true;evict_every=64'
 S='recall_every=64;recall_span=32'
 HOST="$E;$S]" DEVICE="$E;$S;passive_device=true]"
 speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
-  --context_sizes 8192 --model_name "$M" --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
+  --context_sizes 8192 "${MODEL[@]}" --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
   | tail -30 >> $OUT/speed24.log; }
 for part in $PARTS; do
   echo "== $part $(date +%T)" >> $OUT/speed24.log

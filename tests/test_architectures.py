@@ -75,7 +75,8 @@ def test_an_architecture_the_fast_path_does_not_implement_is_refused_naming_the_
 
 
 # parameters of the published models (their model cards), billions
-PUBLISHED_SIZE = {"llama-3.1-8b": 8.03, "qwen3-8b": 8.19, "qwen2.5-7b": 7.62, "mistral-7b": 7.25}
+PUBLISHED_SIZE = {"llama-3.1-8b": 8.03, "qwen3-8b": 8.19, "qwen2.5-7b": 7.62, "mistral-7b": 7.25,
+                  "smollm2-135m": 0.1345}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_SIZE))
@@ -88,6 +89,15 @@ def test_each_shipped_model_config_builds_its_published_architecture_and_size(na
     assert type(model).__name__ in FAST_MODELS
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_SIZE[name], rel=0.01)
     check_fast_model(model)   # no sliding window, an architecture the fast path implements
+
+
+def test_the_smollm2_config_has_the_default_models_shape(model):
+    from utils import model_config
+    shipped, default = model_config("smollm2-135m"), model.config
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
+                  "rms_norm_eps", "rope_parameters"):
+        assert getattr(shipped, field) == pytest.approx(getattr(default, field)), field
 
 
 def test_speed_benchmark_times_random_weights_of_a_config_file_and_names_them(tmp_path, run_main):
