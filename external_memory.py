@@ -36,7 +36,8 @@ class PassiveStore:
         self.pend_extras: dict[str, torch.Tensor] = {}
         self.chunks: list[tuple] = []                    # offloads in flight: (host tensors, extras, done event)
         self._buf: dict[str, torch.Tensor] = {}          # host buffers with spare capacity; k, v, ... are views
-        self.size = 0
+        self.size = 0                                    # entries held, tombstones included
+        self.dead = 0                                    # tombstones per row: entries promoted out (remove_recalled)
 
     def add(self, k, v, pos, valid, extras: dict | None = None):
         """Append evicted entries. Entries wait in a small device-side buffer until a whole page has formed (so
@@ -206,16 +207,30 @@ class PassiveStore:
         return Recalled(k, v, valid, self.pend, done, qmask)
 
     def remove_recalled(self) -> None:
-        """Take the entries of the last recall out of the store (they were promoted into the active cache)."""
-        keep = torch.ones(self.valid.shape, dtype=torch.bool).scatter_(2, self.last_idx, False)
-        n = int(keep[0, 0].sum())
-        take = lambda t: t[keep.to(t.device)].view(t.shape[0], t.shape[1], n, *t.shape[3:])  # noqa: E731
+        """Take the entries of the last recall out of the store (they were promoted into the active cache): they
+        become tombstones, invalid from now on, so that a promoting step costs O(recalled), not a copy of the whole
+        store; once tombstones make up half of the store it is compacted (amortised O(1) an entry)."""
+        idx = self.last_idx
+        self.valid.scatter_(2, idx, False)
+        if self.kvalid is not None:
+            self.kvalid.scatter_(2, idx.to(self.kvalid.device), False)
+        self.dead += idx.shape[2]   # distinct entries, as many in every row
+        if 2 * self.dead > self.size:
+            self.compact()
+
+    def compact(self) -> None:
+        """Drop the tombstones (and entries that were never valid), keeping the stored order; a row with fewer
+        valid entries than another keeps some invalid ones, so that every row holds as many."""
+        valid = self.valid
+        n = max(1, int(valid.sum(-1).max()))
+        keep = (~valid).to(torch.int8).argsort(dim=-1, stable=True)[..., :n].sort(-1).values   # valid first, in order
+        take = lambda t: gather_entries(t, keep.to(t.device))  # noqa: E731
         self.k, self.v, self.pos, self.valid = take(self.k), take(self.v), take(self.pos), take(self.valid)
         if self.kq is not None:
             self.kq, self.kscale, self.kvalid = take(self.kq), take(self.kscale), take(self.kvalid)
         self.extras = {name: take(t) for name, t in self.extras.items()}
         self._buf = {}
-        self.size = n
+        self.size, self.dead = n, 0
 
     def nbytes(self) -> int:
         held = [(self.k, self.v)] + [(h[0], h[1]) for h, _, _ in self.chunks]
@@ -286,7 +301,9 @@ def pooled_by_position(score: torch.Tensor, pos: torch.Tensor, span: int) -> tor
     within span // 2 positions of it (a max-pool in position space, where positions with no entry count 0)."""
     B, H, _ = score.shape
     T = int(pos.max()) + 1
-    dense = torch.zeros((B, H, T), dtype=score.dtype, device=score.device).scatter_(2, pos.to(score.device), score)
+    # amax: a position held twice (a promoted entry's tombstone, voting 0, and the entry evicted again) keeps its vote
+    dense = torch.zeros((B, H, T), dtype=score.dtype, device=score.device).scatter_reduce_(
+        2, pos.to(score.device), score, reduce="amax")
     return max_pool_positions(dense, span).gather(2, pos.to(score.device))
 
 

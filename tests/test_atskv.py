@@ -289,13 +289,51 @@ def test_promotion_moves_recalled_entries_into_the_active_cache_within_budget_an
         assert layer.stored_length() <= cache.layer_budget(l)
         store = cache.method.passive[l]
         store.settle()
-        for h in range(layer.positions.shape[1]):
-            held = torch.cat([layer.positions[0, h], store.pos[0, h]] if store.pos is not None else
-                             [layer.positions[0, h]]).sort().values
+        for h in range(layer.positions.shape[1]):   # the store's promoted entries are tombstones (not valid)
+            passive = [store.pos[0, h][store.valid[0, h]]] if store.pos is not None else []
+            held = torch.cat([layer.positions[0, h], *passive]).sort().values
             assert held.tolist() == list(range(seen))  # every token in exactly one tier
         old = set(before[l][0, 0].tolist())
         moved += sum(1 for p in layer.positions[0, 0].tolist() if p not in old and p < len(ci))
     assert moved > 0  # some evicted context entries won their way back into the active cache
+
+
+def _store_of(N, B=2, Hkv=2, D=8, seed=0, **kw):
+    from external_memory import PassiveStore
+    g = torch.Generator().manual_seed(seed)
+    store = PassiveStore(page_size=1, **kw)
+    store.add(torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g),
+              torch.arange(N).expand(B, Hkv, N).clone(), torch.ones(B, Hkv, N, dtype=torch.bool))
+    return store, torch.randn(B, Hkv * 3, 1, D, generator=g)
+
+
+@pytest.mark.parametrize("int8_keys", [False, True])
+def test_promoted_entries_never_come_back_from_the_store_and_the_others_still_do(int8_keys):
+    store, query = _store_of(40, int8_keys=int8_keys)
+    first = store.recall(query, 6).wait()
+    promoted = store.last_positions.clone()
+    store.remove_recalled()
+    assert store.dead == 6 and store.size == 40   # tombstones until they are half of the store
+    second = store.recall(query, 6).wait()
+    for b in range(2):
+        for h in range(2):
+            assert not set(store.last_positions[b, h].tolist()) & set(promoted[b, h].tolist())
+    assert first.valid.all() and second.valid.all()
+
+
+def test_a_store_half_of_tombstones_is_compacted_to_its_live_entries_in_stored_order():
+    store, query = _store_of(40)
+    removed = [[set() for _ in range(2)] for _ in range(2)]
+    for _ in range(4):   # 4 x 6 = 24 > 20 tombstones: compacted at the fourth
+        store.recall(query, 6)
+        for b in range(2):
+            for h in range(2):
+                removed[b][h] |= set(store.last_positions[b, h].tolist())
+        store.remove_recalled()
+    assert store.size == 16 and store.dead == 0 and store.valid.all()
+    for b in range(2):
+        for h in range(2):
+            assert store.pos[b, h].tolist() == sorted(set(range(40)) - removed[b][h])
 
 
 def test_own_recall_gives_each_query_of_each_head_exactly_its_top_entries():
