@@ -377,6 +377,8 @@ def _train_predictor(model, tokenizer, corpus_file, seed, chunk, horizon, window
     contexts = [all_ids[i:i + context_tokens] for i in range(0, len(all_ids) - context_tokens + 1, context_tokens)]
     if len(contexts) < 2:
         raise ValueError(f"calibration text too short: {len(all_ids)} tokens, need {2 * context_tokens}")
+    if target == "future" and context_tokens < chunk + horizon:   # no chunk end would have `horizon` tokens after it
+        raise ValueError(f"context_tokens {context_tokens}: at least chunk + horizon = {chunk + horizon}")
     rep_ids = None if target == "future" else \
         torch.tensor([tokenizer(REPEAT_REQUEST, add_special_tokens=False).input_ids])
     per_ctx = [build_training_rows(model, torch.tensor([c]), flags, chunk, horizon, window, repeat_ids=rep_ids)
