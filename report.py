@@ -738,70 +738,50 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
 def speed_figure(cells: list[dict], fig_dir: Path) -> str:
     """Decode ms per step against batch, one panel per context: solid = fast path, dotted = HF plain loop, thin
     dashed = the memory floor of the fast path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    contexts = sorted({r["context"] for r in cells})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4.2), squeeze=False)
-    labels = sorted({label(r) for r in cells})
-    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
-    style = {"hf_plain": ":", "fast": "-", "fast_bare": "-."}
-    for ax, c in zip(axes[0], contexts):
-        for lab in labels:
-            for path in ("hf_plain", "fast", "fast_bare"):
-                rs = sorted((r for r in cells if r["context"] == c and label(r) == lab and r["path"] == path),
-                            key=lambda r: r["batch"])
-                if not rs:
-                    continue
-                ax.plot([r["batch"] for r in rs], [r["decode_ms"] for r in rs], style[path], marker="o",
-                        color=colors[lab], label=f"{lab}, {SPEED_PATHS[path]}")
-                if path == "fast" and all(r.get("floor_ms") for r in rs):
-                    ax.plot([r["batch"] for r in rs], [r["floor_ms"] for r in rs], "--", lw=0.8,
-                            color=colors[lab], alpha=0.6, label=f"{lab}, memory floor")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("decode ms per step")
-        ax.set_title(f"context {c}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    path = fig_dir / "speed_decode.png"
-    save_fig(fig, path)
-    plt.close(fig)
-    return f"figures/{path.name}"
+    return speed_panels(cells, "context", "batch", fig_dir / "speed_decode.png")
 
 
 def speed_context_figure(cells: list[dict], fig_dir: Path) -> str | None:
-    """Fast-path decode ms per step against context, one panel per batch timed at two contexts or more: each
-    method solid, its memory floor thin dashed. None when no batch has two contexts."""
+    """Fast-path decode ms per step against context, one panel per batch timed at two contexts or more (thin
+    dashed: the memory floor). None when no batch has two contexts."""
     fast = [r for r in cells if r["path"] == "fast"]
-    batches = sorted(n for n in {r["batch"] for r in fast} if len({r["context"] for r in fast if r["batch"] == n}) > 1)
-    if not batches:
+    several = {n for n in {r["batch"] for r in fast} if len({r["context"] for r in fast if r["batch"] == n}) > 1}
+    if not several:
         return None
+    return speed_panels([r for r in fast if r["batch"] in several], "batch", "context",
+                        fig_dir / "speed_decode_context.png")
+
+
+def speed_panels(cells: list[dict], panel: str, x: str, path: Path) -> str:
+    """Decode ms per step against `x` (batch or context, log 2), one panel per value of `panel`, a line per method
+    and path (solid fast path, dotted HF plain loop) and the fast path's memory floor thin dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
-    labels = sorted({label(r) for r in fast})
+    panels = sorted({r[panel] for r in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    labels = sorted({label(r) for r in cells})
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
-    for ax, n in zip(axes[0], batches):
+    style = {"hf_plain": ":", "fast": "-", "fast_bare": "-."}
+    for ax, p in zip(axes[0], panels):
         for lab in labels:
-            rs = sorted((r for r in fast if r["batch"] == n and label(r) == lab), key=lambda r: r["context"])
-            if not rs:
-                continue
-            ax.plot([r["context"] for r in rs], [r["decode_ms"] for r in rs], "-", marker="o", color=colors[lab],
-                    label=lab)
-            if all(r.get("floor_ms") for r in rs):
-                ax.plot([r["context"] for r in rs], [r["floor_ms"] for r in rs], "--", lw=0.8, color=colors[lab],
-                        alpha=0.6, label=f"{lab}, memory floor")
+            for way in ("hf_plain", "fast", "fast_bare"):
+                rs = sorted((r for r in cells if r[panel] == p and label(r) == lab and r["path"] == way),
+                            key=lambda r: r[x])
+                if not rs:
+                    continue
+                ax.plot([r[x] for r in rs], [r["decode_ms"] for r in rs], style[way], marker="o",
+                        color=colors[lab], label=f"{lab}, {SPEED_PATHS[way]}")
+                if way == "fast" and all(r.get("floor_ms") for r in rs):
+                    ax.plot([r[x] for r in rs], [r["floor_ms"] for r in rs], "--", lw=0.8,
+                            color=colors[lab], alpha=0.6, label=f"{lab}, memory floor")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode ms per step (fast path)")
-        ax.set_title(f"batch {n}")
+        ax.set_xlabel({"batch": "batch size", "context": "context (tokens)"}[x])
+        ax.set_ylabel("decode ms per step")
+        ax.set_title(f"{panel} {p}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    path = fig_dir / "speed_decode_context.png"
     save_fig(fig, path)
     plt.close(fig)
     return f"figures/{path.name}"
