@@ -16,6 +16,7 @@
 #   every      batch 64: recall every step (both tiers), and the scoring kernel off (einsum)
 # Logs and results go to $OUT (speed24.log, speed24.tgz). Run it alone on the machine: beside a quality sweep's 11
 # processes the compiled tests did not finish in 400 s.
+# SETTINGS="full device" (a subset of full, evict, host, device) times only those settings, in that order.
 # WEIGHTS=random: the speed parts time random weights of the default model's shape (`--model_config smollm2-135m`;
 # a step's time does not depend on the weights' values), so that no model file has to be carried; the tests
 # still need the model.
@@ -33,6 +34,10 @@ PARTS=${PARTS:-speed64}
 E='atskv[external_memory=true;evict_every=64'
 S='recall_every=64;recall_span=32'
 HOST="$E;$S]" DEVICE="$E;$S;passive_device=true]"
+# SETTINGS: which of full, evict (eviction only), host and device (the two tiers) the speed parts time, in order
+declare -A SETTING=([full]=full [evict]='atskv[evict_every=64]' [host]="$HOST" [device]="$DEVICE")
+pick() { local out=; for s in ${SETTINGS:-$*}; do case " $* " in *" $s "*) out="$out,${SETTING[$s]}";; esac; done
+  echo "${out#,}"; }
 speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
   --context_sizes 8192 "${MODEL[@]}" --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
   | tail -30 >> $OUT/speed24.log; }
@@ -43,10 +48,10 @@ for part in $PARTS; do
       [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped or extra_entries" || K="params13 or in_place"
       timeout ${TEST_LIMIT:-560} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py -k "$K" 2>&1 \
         | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -150 >> $OUT/test_gpu_recall.log ;;
-    speed64) speed --speed_parts fast --batch_sizes 64 --methods "full,atskv[evict_every=64],$HOST,$DEVICE" ;;
-    speed1) speed --speed_parts fast --batch_sizes 1 --methods "full,atskv[evict_every=64],$HOST,$DEVICE" ;;
-    profile) speed --speed_parts profile --batch_sizes 64 --methods "$HOST,$DEVICE" ;;
-    max_batch) speed --speed_parts max_batch --methods "full,$HOST,$DEVICE" ;;
+    speed64) speed --speed_parts fast --batch_sizes 64 --methods "$(pick full evict host device)" ;;
+    speed1) speed --speed_parts fast --batch_sizes 1 --methods "$(pick full evict host device)" ;;
+    profile) speed --speed_parts profile --batch_sizes 64 --methods "$(pick host device)" ;;
+    max_batch) speed --speed_parts max_batch --methods "$(pick full host device)" ;;
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
     *) echo "unknown part $part (tests_a, tests_b, speed64, speed1, profile, max_batch, every)" >&2; exit 2 ;;
