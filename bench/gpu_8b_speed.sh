@@ -19,7 +19,7 @@ R=$HOME/speed26
 METHODS='full,atskv[evict_every=64]'
 speed() { local part=$1; shift
   timeout ${PART_LIMIT:-560} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
-    --output_dir $R/$part "$@" 2>&1 | grep -v -e Warning -e warn | tail -30 >> $OUT/speed26.log; }
+    --max_seq_len 32768 --output_dir $R/$part "$@" 2>&1 | grep -v -e Warning -e warn | tail -30 >> $OUT/speed26.log; }
 for part in ${PARTS:-llama8k}; do
   echo "== $part $(date +%T)" >> $OUT/speed26.log
   case $part in
@@ -34,8 +34,8 @@ for part in ${PARTS:-llama8k}; do
     max32k) speed $part --model_config llama-3.1-8b --speed_parts max_batch --context_sizes 32768 \
               --methods "$METHODS" ;;
     prefill) mkdir -p $R/prefill && timeout ${PART_LIMIT:-560} python run_experiment.py --benchmark prefill_overhead \
-               --model_config llama-3.1-8b --use_fp16 --context_sizes 32768 --output_dir $R/prefill 2>&1 \
-               | tail -3 >> $OUT/speed26.log ;;
+               --model_config llama-3.1-8b --use_fp16 --max_seq_len 32768 --context_sizes 32768 \
+               --output_dir $R/prefill 2>&1 | tail -3 >> $OUT/speed26.log ;;
     *) echo "unknown part $part (llama32k, llama8k, qwen8k, context, max32k, prefill)" >&2; exit 2 ;;
   esac
 done
