@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model_name", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded default), a hub id, a local "
       "directory or a .gguf file")
     a("--model_config", default=None, help="speed and memory runs at real model sizes without weights: random "
-      "weights of a published configuration (llama-3.1-8b, qwen3-8b, qwen2.5-7b, mistral-7b; model_configs/) or of a "
-      "config.json path; --benchmark speed or prefill_overhead only")
+      "weights of a published configuration (llama-3.1-8b, qwen3-8b, qwen2.5-7b, mistral-7b, smollm2-135m: the "
+      "default model's shape; model_configs/) or of a config.json path; --benchmark speed or prefill_overhead only")
     a("--max_seq_len", type=int, default=None, help="largest prompt length in tokens (default: the model's limit)")
     a("--use_fp16", action="store_true", help="half precision (bf16 where supported) on CUDA; CPU stays fp32")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
