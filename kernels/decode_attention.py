@@ -214,14 +214,13 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     rotated (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection). acc
     (B, H_kv, N) float32: the group's mean probability is added to it in place, in the kernel that merges the
     splits (a kernel of its own, when there is one split). extra (K2, V2, valid2) (B, H_kv, N2, D) and
-    (B, H_kv, N2) bool or uint8: further entries attended beside the slots in further splits of the same kernel
+    (B, H_kv, N2) uint8 (0 / 1; `decode_attention` converts a bool validity before the op): further entries attended beside the slots in further splits of the same kernel
     (ATSKV's recalled entries); the output is the attention over both, the logits, the log-sum-exp and acc those
     of the slots alone."""
     B, H, G, D = q.shape
     N = K.shape[2]
     K2, V2, ok2 = extra if extra is not None else (K, V, bias)   # (unused placeholders without extra entries)
-    if extra is not None and ok2.dtype == torch.bool:
-        ok2 = ok2.view(torch.uint8)   # a bool's bytes, read as 0 / 1
+    assert extra is None or ok2.dtype == torch.uint8, "the extra entries' validity is uint8"
     for t in (K, V, bias, K2, V2, ok2) + (() if acc is None else (acc,)):   # (batch, head) rows into one index
         assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "slots must be contiguous in the last dim"
     if q.stride(3) != 1 or q.stride(2) != D or q.stride(1) != G * D:

@@ -83,12 +83,12 @@ for cfg in (da.kernel_config(1), da.kernel_config(64), da.kernel_config(64, 700)
         ok2 = torch.rand(B, 3, N // 3) < 0.7
         ok2[0, 1] = False
         ro, rp = da._reference_with_extra(q, K, V, bias, 0.125, K2, V2, ok2)
-        o, s, lse = da.launch(q, K, V, bias, 0.125, True, cfg=cfg, extra=(K2, V2, ok2))
+        o, s, lse = da.launch(q, K, V, bias, 0.125, True, cfg=cfg, extra=(K2, V2, ok2.to(torch.uint8)))
         assert (o - ro).abs().max() < 1e-5, (cfg, B, N)
         assert (torch.exp(s - lse[..., None]) - rp).abs().max() < 1e-6, (cfg, B, N)
         acc = torch.rand(B, 3, N)
         want = acc + rp.mean(2)
-        o, _, _ = da.launch(q, K, V, bias, 0.125, False, cfg=cfg, acc=acc, extra=(K2, V2, ok2))
+        o, _, _ = da.launch(q, K, V, bias, 0.125, False, cfg=cfg, acc=acc, extra=(K2, V2, ok2.to(torch.uint8)))
         assert (o - ro).abs().max() < 1e-5 and (acc - want).abs().max() < 1e-6, (cfg, B, N)
 print("ok")
 """
