@@ -121,11 +121,9 @@ class PassiveStore:
         P = self.page_size
         if self.limit is not None and self.k.shape[2] > self.limit:  # drop the oldest pages beyond the limit
             drop = ((self.k.shape[2] - self.limit + P - 1) // P) * P
-            self._keep(slice(drop, None))
+            self._keep(lambda t: t[:, :, drop:])
             if self.kmin is not None:
                 self.kmin, self.kmax = self.kmin[:, :, drop // P:], self.kmax[:, :, drop // P:]
-            if self.kq is not None:
-                self.kq, self.kscale, self.kvalid = (t[:, :, drop:] for t in (self.kq, self.kscale, self.kvalid))
         self.size = self.k.shape[2]
 
     def size_settled(self) -> int:
@@ -137,9 +135,12 @@ class PassiveStore:
         state["_buf"] = {}  # the views are copied, not the spare capacity behind them
         return state
 
-    def _keep(self, sel):
-        self.k, self.v, self.pos, self.valid = (t[:, :, sel] for t in (self.k, self.v, self.pos, self.valid))
-        self.extras = {n: t[:, :, sel] for n, t in self.extras.items()}
+    def _keep(self, take):
+        """Apply `take` (per-entry tensor -> the entries kept) to every per-entry field, the int8 keys included."""
+        self.k, self.v, self.pos, self.valid = (take(t) for t in (self.k, self.v, self.pos, self.valid))
+        if self.kq is not None:
+            self.kq, self.kscale, self.kvalid = (take(t) for t in (self.kq, self.kscale, self.kvalid))
+        self.extras = {n: take(t) for n, t in self.extras.items()}
         self._buf = {}  # compacted: the next settle starts new buffers
 
     def recall(self, query: torch.Tensor, n_pages: int, span: int = 1, per_query: bool = False) -> "Recalled":
@@ -224,12 +225,7 @@ class PassiveStore:
         valid = self.valid
         n = max(1, int(valid.sum(-1).max()))
         keep = (~valid).to(torch.int8).argsort(dim=-1, stable=True)[..., :n].sort(-1).values   # valid first, in order
-        take = lambda t: gather_entries(t, keep.to(t.device))  # noqa: E731
-        self.k, self.v, self.pos, self.valid = take(self.k), take(self.v), take(self.pos), take(self.valid)
-        if self.kq is not None:
-            self.kq, self.kscale, self.kvalid = take(self.kq), take(self.kscale), take(self.kvalid)
-        self.extras = {name: take(t) for name, t in self.extras.items()}
-        self._buf = {}
+        self._keep(lambda t: gather_entries(t, keep.to(t.device)))
         self.size, self.dead = n, 0
 
     def nbytes(self) -> int:

@@ -214,9 +214,9 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     rotated (RoPE) as it is loaded; its batch rows may be strided (a view of the fused q/k/v projection). acc
     (B, H_kv, N) float32: the group's mean probability is added to it in place, in the kernel that merges the
     splits (a kernel of its own, when there is one split). extra (K2, V2, valid2) (B, H_kv, N2, D) and
-    (B, H_kv, N2) uint8 (0 / 1; `decode_attention` converts a bool validity before the op): further entries attended beside the slots in further splits of the same kernel
-    (ATSKV's recalled entries); the output is the attention over both, the logits, the log-sum-exp and acc those
-    of the slots alone."""
+    (B, H_kv, N2) uint8 (0 / 1; `decode_attention` converts a bool validity before the op): further entries
+    attended beside the slots in further splits of the same kernel (ATSKV's recalled entries); the output is the
+    attention over both, the logits, the log-sum-exp and acc those of the slots alone."""
     B, H, G, D = q.shape
     N = K.shape[2]
     K2, V2, ok2 = extra if extra is not None else (K, V, bias)   # (unused placeholders without extra entries)
