@@ -607,7 +607,11 @@ def compiled_step():
     if not _COMPILED:
         from torch import _dynamo
         _dynamo.config.cache_size_limit = max(64, _dynamo.config.cache_size_limit)  # a recompile per slot count
-        _COMPILED["step"] = tuple(torch.compile(f, fullgraph=True) for f in (step_head, layer_step, step_tail))
+        # dynamic=False: a graph per shape, as a CUDA graph is. Automatic dynamic shapes (after a second slot
+        # count in the process) made a step's kernels depend on what ran before it, and Inductor failed on the
+        # kernels' written tensors of batch 1 with a dynamic slot count (pytorch/pytorch#181735, torch 2.11)
+        _COMPILED["step"] = tuple(torch.compile(f, fullgraph=True, dynamic=False)
+                                  for f in (step_head, layer_step, step_tail))
     return _COMPILED["step"]
 
 
