@@ -323,7 +323,7 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
                     getattr(torch._C, "_host_emptyCache", None)
                 if empty_host is not None:
                     empty_host()
-    lo, hi = 0, None
+    lo, hi = 0, None   # hi: the smallest batch refused (host memory is the bound when its host tier did not fit)
     b = start
     while b <= limit:
         if fits(b):
@@ -338,7 +338,7 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     return {"benchmark": "speed_max_batch", "method": method, "budget": budget, "context": context,
             "max_batch": lo, "limit_reached": hi is None, "kv_bytes_per_sequence": per_seq,
             "extra_device_bytes_per_sequence": extra["device"], "host_bytes_per_sequence": extra["host"],
-            "host_limit_bytes": host_room, "host_bound": extra["host"] > 0 and (lo + 1) * extra["host"] > host_room,
+            "host_limit_bytes": host_room, "host_bound": hi is not None and hi * extra["host"] > host_room,
             "device_memory_bytes": total, "dtype": _dtype_name(model)}
 
 
