@@ -537,13 +537,14 @@ class ATSKV(KVMethod):
 
     def held_buffers(self, layer) -> dict:
         """recall_every > 1: the entries the last decode recall brought, attended until the next one: "rk", "rv"
-        (B, H, R, D) and "rok" (B, H, R) on the device, R = recall_n; filled from the plain path's last recall."""
+        (B, H, R, D) and "rok" (B, H, R) uint8 on the device, R = recall_n; filled from the plain path's last recall.
+        uint8, the decode kernels' validity: as a bool each step between recalls converted it (a kernel a layer)."""
         B, H, _, D = layer.keys.shape
         R = self.recall_n(layer.layer_idx)
         dev, dt = layer.device, layer.keys.dtype
         t = {"rk": torch.zeros((B, H, R, D), dtype=dt, device=dev),
              "rv": torch.zeros((B, H, R, layer.values.shape[-1]), dtype=dt, device=dev),
-             "rok": torch.zeros((B, H, R), dtype=torch.bool, device=dev)}
+             "rok": torch.zeros((B, H, R), dtype=torch.uint8, device=dev)}
         rec = self.held.pop(layer.layer_idx, None)
         if rec is not None:
             rec.wait()
@@ -604,7 +605,7 @@ class ATSKV(KVMethod):
         if "rk" not in st:
             return got
         for name, x in zip(("rk", "rv", "rok"), got):
-            st[name].copy_(x)
+            st[name].copy_(x)   # (the validity as 0 / 1)
         return st["rk"], st["rv"], st["rok"]
 
     def slot_extra_nbytes(self, state, layer_args):

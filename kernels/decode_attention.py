@@ -305,16 +305,17 @@ def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, us
     64 x 8192, 10%; CHANGELOG.md): 7.54 against 7.87 ms with PyTorch adding it (eager layers); summing it
     in the attention kernel itself (one split, a second pass over the logits) was slower, 1.70 against 1.64 ms.
     cos, sin (B, 1, D): q is not rotated yet; the kernel rotates it as it loads it (which spares the step a
-    kernel), the reference first. extra (K2, V2, valid2) (B, H_kv, R, D) and (B, H_kv, R) bool: further entries
-    attended beside the slots (ATSKV's recalled ones), in further splits of the same kernels; the probabilities (and
-    acc) stay the slots' alone, normalised over the slots."""
+    kernel), the reference first. extra (K2, V2, valid2) (B, H_kv, R, D) and (B, H_kv, R) bool or uint8 (0 / 1; the
+    kernels take uint8, and a bool costs a conversion): further entries attended beside the slots (ATSKV's recalled
+    ones), in further splits of the same kernels; the probabilities (and acc) stay the slots' alone, normalised
+    over the slots."""
     want = want_probs or acc is not None
     x = () if extra is None else tuple(extra)
     if not (use_kernel and kernel_available(q.device)):
         if cos is not None:
             q = rope(q, cos[:, :, None], sin[:, :, None])
         out, probs = decode_attention_reference(q, K, V, bias, scaling, want) if extra is None else \
-            _reference_with_extra(q, K, V, bias, scaling, *x)
+            _reference_with_extra(q, K, V, bias, scaling, *x[:2], x[2].bool())
     else:
         if x and x[2].dtype == torch.bool:   # the ops take the validity as uint8: Inductor refuses an op that views
             x = x[:2] + (x[2].to(torch.uint8),)   # its own input as another dtype
