@@ -538,7 +538,8 @@ class ATSKV(KVMethod):
     def held_buffers(self, layer) -> dict:
         """recall_every > 1: the entries the last decode recall brought, attended until the next one: "rk", "rv"
         (B, H, R, D) and "rok" (B, H, R) uint8 on the device, R = recall_n; filled from the plain path's last recall.
-        uint8, the decode kernels' validity: as a bool each step between recalls converted it (a kernel a layer)."""
+        uint8 is the decode kernels' form: a bool would be converted at every step between recalls (a kernel a
+        layer)."""
         B, H, _, D = layer.keys.shape
         R = self.recall_n(layer.layer_idx)
         dev, dt = layer.device, layer.keys.dtype
