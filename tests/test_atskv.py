@@ -298,13 +298,14 @@ def test_promotion_moves_recalled_entries_into_the_active_cache_within_budget_an
     assert moved > 0  # some evicted context entries won their way back into the active cache
 
 
-def _store_of(N, B=2, Hkv=2, D=8, seed=0, **kw):
+def _store_of(N, B=2, Hkv=2, D=8, q=1, seed=0, **kw):
+    """A store of N random entries per (row, KV head), every one valid, and a query (B, Hkv * 3, q, D)."""
     from external_memory import PassiveStore
     g = torch.Generator().manual_seed(seed)
     store = PassiveStore(page_size=1, **kw)
     store.add(torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g),
               torch.arange(N).expand(B, Hkv, N).clone(), torch.ones(B, Hkv, N, dtype=torch.bool))
-    return store, torch.randn(B, Hkv * 3, 1, D, generator=g)
+    return store, torch.randn(B, Hkv * 3, q, D, generator=g)
 
 
 @pytest.mark.parametrize("int8_keys", [False, True])
@@ -339,15 +340,10 @@ def test_a_store_half_of_tombstones_is_compacted_to_its_live_entries_in_stored_o
 def test_own_recall_gives_each_query_of_each_head_exactly_its_top_entries():
     """recall_choice="own" (a forward of several tokens): every query of every query head attends to the n passive
     entries with its largest q.k, and to no other recalled entry."""
-    from external_memory import PassiveStore
-    g = torch.Generator().manual_seed(0)
-    B, Hkv, G, q, N, D, n = 2, 2, 3, 5, 40, 8, 6
-    store = PassiveStore(page_size=1)
-    k = torch.randn(B, Hkv, N, D, generator=g)
-    store.add(k, torch.randn(B, Hkv, N, D, generator=g), torch.arange(N).expand(B, Hkv, N), torch.ones(B, Hkv, N,
-                                                                                                     dtype=torch.bool))
-    query = torch.randn(B, Hkv * G, q, D, generator=g)
+    B, Hkv, G, q, N, n = 2, 2, 3, 5, 40, 6
+    store, query = _store_of(N, B, Hkv, q=q)
     rec = store.recall(query, n, per_query=True).wait()
+    k = store.k
     attended = rec.mask(Hkv * G, q)                                        # (B, H_q, q, U) over the recalled
     for b in range(B):
         for h in range(Hkv * G):
