@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Issue 22's quality table on the GPU in calls of at most LIMIT seconds (default 520): the model is joined from the
-# pieces in $HOME/m (../shared/gpu/README.md) the first time, then bench/recall_table.sh runs into $HOME/NAME,
-# resuming what an earlier call on the same (still warm) machine finished, and is stopped at LIMIT (each part keeps
-# its finished samples). The parts found so far are joined, reported, and packed into $OUT/NAME.tgz.
+# Issue 22's quality table on the GPU in calls of at most LIMIT seconds (default 520): bench/gpu_model.sh joins the
+# model from the pieces in $HOME/m (../shared/gpu/README.md) the first time, then bench/recall_table.sh runs into
+# $HOME/NAME, resuming what an earlier call on the same (still warm) machine finished, and is stopped at LIMIT (each
+# part keeps its finished samples). The parts found so far are joined, reported, and packed into $OUT/NAME.tgz.
 #   NAME=seed42 SEED=42 bash bench/gpu_recall_table.sh full 'atskv[external_memory=true]' kvpress:kvzip
 # CONTEXTS, BUDGETS, NUM, JOBS and THREADS pass through to bench/recall_table.sh.
 set -uo pipefail
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$M" ]; then
-  mkdir -p $HOME/model && cat $HOME/m/model.part.* > "$M"
-fi
+bash "$(dirname "$0")/gpu_model.sh" > /dev/null 2>&1 \
+  || { echo "bench/gpu_model.sh failed: are the model's pieces in $HOME/m?" >&2; exit 2; }
 out=$HOME/${NAME:?NAME names the run}
 export JOBS=${JOBS:-11} THREADS=${THREADS:-1}
 timeout ${LIMIT:-520} bash bench/recall_table.sh "$M" "$out" "${SEED:?}" "$@" > "$out.log" 2>&1
