@@ -87,6 +87,9 @@ class ATSKV(KVMethod):
     recall_every: int = 1             #   every this many decode steps, counted from the first after a forward of
                                       #   several tokens; the steps between attend to what the last one recalled
                                       #   (0: never); without read-time recall the question's forward recalls too
+    recall_step_tokens: float | None = None  # a decode step's recall only: this fraction of the budget (None:
+                                      #   recall_tokens): a few entries chosen afresh each step instead of a held
+                                      #   schedule's big recall (docs/design-recall-fast-path.md)
     recall_choice: str = "own"        # a forward of several tokens (a prompt chunk, the question): "own": each query
                                       #   of each head attends to its own top recall_tokens x budget passive entries
                                       #   (top-k sparse attention over the store); "shared": the last `window`
@@ -127,6 +130,9 @@ class ATSKV(KVMethod):
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "recall_every" else 1):
                 lo = 0 if name == "recall_every" else 1
                 raise UserError(f"{name} {v!r}: accepted are integers >= {lo}")
+        step = self.recall_step_tokens
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1):
+            raise UserError(f"recall_step_tokens {step!r}: accepted are None and fractions in (0, 1]")
         if self.recall_choice not in ("own", "shared"):
             raise UserError(f"recall_choice {self.recall_choice!r}: accepted are 'own' and 'shared'")
         if not 0.0 < self.retrieval_share < 1.0:
@@ -363,7 +369,7 @@ class ATSKV(KVMethod):
                 return super().attend(layer, module, query, keys, values, mask, scaling)
             self.held[layer.layer_idx] = held   # a decode step between recalls: the last recall's entries again
             return self._attend_with(held, query, keys, values, mask, scaling)
-        n_tok = max(store.page_size, int(self.recall_tokens * (layer.budget() or keys.shape[2])))
+        n_tok = max(store.page_size, int(self.recall_fraction(layer.n_new) * (layer.budget() or keys.shape[2])))
         own = self.recall_choice == "own" and layer.n_new > 1
         rec = store.recall(query if own else query[:, :, -self.window:], n_tok // store.page_size,
                            self.recall_span, per_query=own)                 # the copy starts (side stream)
@@ -385,6 +391,11 @@ class ATSKV(KVMethod):
         if self.promote and store.k is not None and store.page_size == 1:
             self._promote(layer, store, rec)
         return out
+
+    def recall_fraction(self, n_new: int) -> float:
+        """Entries a recall brings per KV head, a fraction of the layer budget: recall_step_tokens at a decode step
+        (when set), else recall_tokens."""
+        return self.recall_step_tokens if n_new == 1 and self.recall_step_tokens is not None else self.recall_tokens
 
     @staticmethod
     def _attend_with(rec, query, keys, values, mask, scaling):
@@ -555,8 +566,8 @@ class ATSKV(KVMethod):
         return t
 
     def recall_n(self, layer_idx: int) -> int:
-        """Entries a decode step recalls per KV head on the fast path: recall_tokens of the layer's budget."""
-        return max(1, int(self.recall_tokens * self.cache.layer_budget(layer_idx)))
+        """Entries a decode step recalls per KV head on the fast path: `recall_fraction` of the layer's budget."""
+        return max(1, int(self.recall_fraction(1) * self.cache.layer_budget(layer_idx)))
 
     def slot_evict_every(self) -> int:
         return self.evict_every

@@ -16,7 +16,8 @@
 #   every      batch 64: recall every step (both tiers), and the scoring kernel off (einsum)
 # Logs and results go to $OUT (speed24.log, speed24.tgz). Run it alone on the machine: beside a quality sweep's 11
 # processes the compiled tests did not finish in 400 s.
-# SETTINGS="full device" (a subset of full, evict, host, device) times only those settings, in that order.
+# SETTINGS="full device" (any of full, evict, host, device, host1, device1) times only those settings, in order;
+# host1 / device1: recall every step, 2% of the budget a step (the setting the CPU probe kept the facts with).
 # WEIGHTS=random: the speed parts time random weights of the default model's shape (`--model_config smollm2-135m`;
 # a step's time does not depend on the weights' values), so that no model file has to be carried; the tests
 # still need the model.
@@ -34,9 +35,14 @@ PARTS=${PARTS:-speed64}
 E='atskv[external_memory=true;evict_every=64'
 S='recall_every=64;recall_span=32'
 HOST="$E;$S]" DEVICE="$E;$S;passive_device=true]"
-# SETTINGS: which of full, evict (eviction only), host and device (the two tiers) the speed parts time, in order
-declare -A SETTING=([full]=full [evict]='atskv[evict_every=64]' [host]="$HOST" [device]="$DEVICE")
-pick() { local out=; for s in ${SETTINGS:-$*}; do case " $* " in *" $s "*) out="$out,${SETTING[$s]}";; esac; done
+# recall every step, a few entries a step (2% of the budget): host1 and device1
+SMALL='recall_step_tokens=0.02'
+# SETTINGS: which of full, evict (eviction only), host, device (the two tiers), host1 and device1 the speed parts
+# time, in order (without SETTINGS each part times its own list)
+declare -A SETTING=([full]=full [evict]='atskv[evict_every=64]' [host]="$HOST" [device]="$DEVICE"
+                    [host1]="$E;$SMALL]" [device1]="$E;$SMALL;passive_device=true]")
+pick() { local out=; for s in ${SETTINGS:-$*}; do
+    if [ -n "${SETTING[$s]:-}" ]; then out="$out,${SETTING[$s]}"; else echo "unknown setting $s" >&2; fi; done
   echo "${out#,}"; }
 speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
   --context_sizes 8192 "${MODEL[@]}" --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \

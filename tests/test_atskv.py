@@ -151,7 +151,8 @@ def test_retrieval_layers_keep_the_whole_context_where_their_share_allows_and_th
 @pytest.mark.parametrize("params,match", [({"retrieval_layers": -1}, "retrieval_layers -1"),
                                           ({"retrieval_layers": 30}, "retrieval_layers 30: accepted are 0 to 29"),
                                           ({"retrieval_layers": 2, "retrieval_share": 1.5}, "retrieval_share 1.5"),
-                                          ({"recall_choice": "all"}, "recall_choice 'all': accepted are 'own' and")])
+                                          ({"recall_choice": "all"}, "recall_choice 'all': accepted are 'own' and"),
+                                          ({"recall_step_tokens": 0}, "recall_step_tokens 0: accepted are None and")])
 def test_bad_retrieval_parameters_are_refused(model, tokenizer, predictor, params, match):
     from utils import UserError
     with pytest.raises(UserError, match=match):
@@ -207,6 +208,23 @@ def test_recall_attends_more_entries_than_the_active_cache_holds(model, tokenize
     ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
     assert cache.method.last_recall > 0
     assert all(n <= cache.layer_budget(i) for i, n in enumerate(cache.stored_lengths()))
+
+
+@torch.no_grad()
+def test_a_decode_step_recalls_recall_step_tokens_of_the_budget_and_the_question_recall_tokens(model, tokenizer,
+                                                                                                predictor):
+    """recall_step_tokens 0.1: each decode step brings a tenth of the layer's budget per KV head; the question's
+    forward (each query its own top recall_tokens x budget entries, 0.5 by default) brings at least half of it."""
+    cache, ci, qi = _prefill(model, tokenizer, 400, 64, chunk=128, external_memory=True, recall_step_tokens=0.1)
+    m = cache.method
+    budget = cache.layer_budget(len(cache.layers) - 1)   # m.last_recall: the last layer's
+    logits = ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))
+    assert m.last_recall >= int(0.5 * budget) > int(0.1 * budget) > 0
+    for step in range(2):
+        pos = torch.tensor([[len(ci) + len(qi) + step]])
+        logits = model(logits.argmax(-1).view(1, 1), past_key_values=cache, position_ids=pos,
+                       use_cache=True).logits[:, -1]
+        assert m.last_recall == int(0.1 * budget)
 
 
 @torch.no_grad()
