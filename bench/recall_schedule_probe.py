@@ -11,7 +11,8 @@ per sample instead of once per setting.
 
 VARIANT: name=recall_every,recall_span,recall_tokens[,recall_step_tokens]. One line a sample and variant goes to
 --out (the run resumes from it); the end prints each variant's mean score and its answers. needle, multi_key and
-multi_value only; --num_samples counts from the first sample, --first skips some of them."""
+multi_value only; --num_samples counts from the first sample, --first skips some of them.
+    python bench/recall_schedule_probe.py --table FILE.jsonl [...]     # the answers, a column per variant"""
 import argparse
 import copy
 import json
@@ -34,9 +35,25 @@ def parse_variant(text: str) -> tuple[str, dict]:
                          "[,recall_step_tokens] (e.g. sched=64,32,0.5)") from None
 
 
+def table(paths: list[str]) -> None:
+    """A markdown table of the --out files' answers: a row per sample, a column per variant (in order of first
+    appearance), each answer marked right or wrong."""
+    rows = [json.loads(line) for p in paths for line in open(p)]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print("| sample | answer | " + " | ".join(variants) + " |")
+    print("|---" * (len(variants) + 2) + "|")
+    for sid in dict.fromkeys(r["id"] for r in rows):
+        got = {r["variant"]: r for r in rows if r["id"] == sid}
+        answer = next(iter(got.values()))["answers"][0]
+        cells = [f"{got[v]['prediction'].strip()!r} {'right' if got[v]['score'] == 1 else 'wrong'}" if v in got
+                 else "" for v in variants]
+        print(f"| {sid} | {answer} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variants", nargs="+")
+    ap.add_argument("variants", nargs="+", help="VARIANTs; with --table: --out files to tabulate")
+    ap.add_argument("--table", action="store_true", help="print a table of the --out files given, run nothing")
     ap.add_argument("--task", default="multi_key", choices=["needle", "multi_key", "multi_value"])
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--budget", type=float, default=0.25)
@@ -44,8 +61,12 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=0, help="skip the samples before this index")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--model_name", default="smollm2-135m")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     args = ap.parse_args()
+    if args.table:
+        return table(args.variants)
+    if not args.out:
+        raise SystemExit("--out FILE.jsonl is needed (the answers go there)")
     variants = [parse_variant(v) for v in args.variants]
 
     import torch
