@@ -97,6 +97,9 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         dec = StaticDecoder.from_cache(model, method_of(cache), cache, pos, max_new_tokens, compile=compile)
         cache = None  # the decoder took the entries over
         peak_bytes = bytes_after_context = dec.kv_bytes()
+        # the method's state beside the slots: on the device (int8 keys, held entries, a device tier), on the host
+        extra = dec.extra_nbytes()
+        fast_tiers = {"active_kv_bytes": peak_bytes, "summary_bytes": extra["device"], "passive_bytes": extra["host"]}
         for tok in dec.generate(logits[0].argmax(), max_new_tokens)[0].tolist():  # then the plain loop's stop rules
             if tok in stops:
                 break
@@ -125,8 +128,7 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
     return {
         **({"press_masks": press_masks} if press is not None else {}),
         **recall_record(recalled_before_question, recalled_before_decoding, recall_counters(cache)),
-        **(tier_bytes(cache) if cache is not None else
-           {"active_kv_bytes": peak_bytes, "summary_bytes": 0, "passive_bytes": 0}),
+        **(tier_bytes(cache) if cache is not None else fast_tiers),
         "prediction": tokenizer.decode(generated, skip_special_tokens=True),
         "n_generated": len(generated),
         "prefill_s": t1 - t0,
@@ -216,7 +218,7 @@ def run_synthetic_samples(model, tokenizer, method: str, budget, samples: list[S
     per_sample = []
     for s in samples:
         if s.task == "multi_question":
-            r = run_multi_question(model, tokenizer, s, method, budget, params, mode, chunk)
+            r = run_multi_question(model, tokenizer, s, method, budget, params, mode, chunk, fast)
             per_sample.append(r)
             continue
         ctx_ids, q_ids = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
@@ -234,9 +236,11 @@ def run_synthetic_samples(model, tokenizer, method: str, budget, samples: list[S
 
 
 @torch.no_grad()
-def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params, mode: str, chunk: int) -> dict:
+def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params, mode: str, chunk: int,
+                       fast: bool = False) -> dict:
     """Compress one context once, then ask its questions in turn, each from a copy of the compressed cache (as
-    kvpress's pipeline answers several questions from one compressed context). Score: the fraction answered."""
+    kvpress's pipeline answers several questions from one compressed context). Score: the fraction answered.
+    `fast`: each answer decoded on the static-shape path (`run_generation`)."""
     import copy
     from sparse_kv_cache import cache_nbytes, tier_bytes
     questions = s.meta["questions"]
@@ -258,7 +262,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         c = copy.deepcopy(cache)
         sub = Sample(s.id, "needle", "", q, prefix, answers)
         r = run_generation(model, tokenizer, c, ctx_ids, q_ids, MAX_NEW_TOKENS["needle"], "question_agnostic",
-                           chunk, None, stop_when=answer_complete(sub), prefilled=True)
+                           chunk, None, stop_when=answer_complete(sub), prefilled=True, fast=fast)
         scores.append(score_synthetic(sub, r["prediction"]))
         preds.append(r["prediction"])
         decode.append(r["decode_ms_per_token"])

@@ -7,6 +7,7 @@ import torch
 import evaluation as ev
 from atskv import controller_keep, hidden_logit, logit_coefs, step_hidden_logit
 from cache_framework import METHODS, KVMethod, put, register_method
+from evals.harness import run_synthetic_samples
 from fast_decode import StaticDecoder, check_fast_method, first_free_slot, free_queue, lean_weights, step_head
 from sparse_kv_cache import KVCacheFactory, ThresholdController
 from tests.triton_interpreter import needs_triton, register, run_interpreted
@@ -350,3 +351,22 @@ def test_fast_paths_passive_tier_holds_the_plain_stores_keys_and_values_for_deco
             assert torch.allclose(sl.state["pv"][0, h, pos], store.v[0, h][ok], atol=1e-4), (l, h)
             decoded_evicted += int((pos >= ids.shape[1]).sum())
     assert decoded_evicted > 0
+
+
+def test_a_fast_decode_cell_decodes_each_question_of_multi_question_on_the_fast_path_as_the_plain_path_does(
+        model, tokenizer, monkeypatch):
+    """--fast_decode: every answer of a cell, the several questions of a multi_question sample included, is decoded
+    by a StaticDecoder, gives the plain path's answer, and records the method's state beside the slots (here the
+    passive tier and its int8 keys: off CUDA the tier lives on the device)."""
+    samples = [ev.make_synthetic_sample(tokenizer, task, 600, 0.5, 0) for task in ("needle", "multi_question")]
+    params = {"external_memory": True}
+    plain = run_synthetic_samples(model, tokenizer, "atskv", 0.25, samples, "question_agnostic", 128, params)
+    built = []
+    from_cache = StaticDecoder.from_cache
+    monkeypatch.setattr(StaticDecoder, "from_cache",
+                        classmethod(lambda cls, *a, **k: built.append(a[1]) or from_cache(*a, **k)))
+    fast = run_synthetic_samples(model, tokenizer, "atskv", 0.25, samples, "question_agnostic", 128, params,
+                                    fast=True)
+    assert len(built) == 1 + len(samples[1].meta["questions"])
+    assert [r["prediction"] for r in fast] == [r["prediction"] for r in plain]
+    assert fast[0]["summary_bytes"] > fast[0]["active_kv_bytes"] > 0
