@@ -11,4 +11,6 @@ fi
 # the tests load the default alias, which looks for the GGUF in its cache (without it they fail at setup)
 [ -f $HOME/.cache/atskv/$(basename "$M") ] || { mkdir -p $HOME/.cache/atskv && cp "$M" $HOME/.cache/atskv/; }
 cd "$(dirname "$0")/.."
+# PRELOAD=0: join and copy only (bench/recall_table.sh loads the model and the predictor itself)
+[ "${PRELOAD:-1}" = 0 ] && exit 0
 python -c "import utils, relevance_predictor as rp; m, t = utils.load_model_and_tokenizer('$M'); rp.load_or_train(m, t)"

@@ -8,7 +8,7 @@
 set -uo pipefail
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
-bash "$(dirname "$0")/gpu_model.sh" > /dev/null 2>&1 \
+PRELOAD=0 bash "$(dirname "$0")/gpu_model.sh" > /dev/null 2>&1 \
   || { echo "bench/gpu_model.sh failed: are the model's pieces in $HOME/m?" >&2; exit 2; }
 out=$HOME/${NAME:?NAME names the run}
 export JOBS=${JOBS:-11} THREADS=${THREADS:-1}
