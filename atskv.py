@@ -130,6 +130,9 @@ class ATSKV(KVMethod):
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "recall_every" else 1):
                 lo = 0 if name == "recall_every" else 1
                 raise UserError(f"{name} {v!r}: accepted are integers >= {lo}")
+        tokens = self.recall_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not tokens > 0:
+            raise UserError(f"recall_tokens {tokens!r}: accepted are fractions of the budget > 0")
         step = self.recall_step_tokens
         if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1):
             raise UserError(f"recall_step_tokens {step!r}: accepted are None and fractions in (0, 1]")
