@@ -132,7 +132,15 @@ def timing_marks(ok: list[dict]) -> dict[str, str]:
 TIMING_NOTE = ("Times are this run's, on its hardware: prefill seconds per sample and decode milliseconds per "
                "generated token, plain decode loop at batch 1. † a CPU-speed probe just before the cell ran more "
                "than 30% away from the run's median (the machine was busier or freer): compare with care. "
-               "‡ measured on other hardware than most cells.")
+               "‡ measured on other hardware than most cells. § decoded on the fast path (`--fast_decode`): the "
+               "time includes the decoder's set-up (its CUDA graph capture) and every one of max_new_tokens steps "
+               "(the fast path does not stop early), so it is not the plain loop's time; `--benchmark speed` "
+               "times the fast path.")
+
+
+def fast_mark(rs: list[dict]) -> str:
+    """'§' where any of the records was decoded on the fast path (TIMING_NOTE)."""
+    return "§" if any(r.get("fast_decode") for r in rs) else ""
 
 
 def synthetic_tables(ok: list[dict]):
@@ -176,7 +184,7 @@ def synthetic_tables(ok: list[dict]):
         recalled = [recalled_at(rs, big)] if recalls else []
         rows.append([m, fmt_budget(b)] + per_size + [f"{mean:.1f} [{lo:.0f}-{hi:.0f}]", len(sc), ret, dev,
                                                      f"{host:.1f}" if host else "-"] + recalled +
-                    [f"{pre:.2f}{mark}", f"{dec:.1f}{mark}"])
+                    [f"{pre:.2f}{mark}", f"{dec:.1f}{mark}{fast_mark(rs)}"])
     return header, rows
 
 
@@ -409,7 +417,7 @@ def real_table(ok: list[dict]):
         kv = sum(r["kv_bytes"] for r in rs) / len(rs) / MB
         ms = sum(r["decode_ms_per_token"] for r in rs) / len(rs)
         rows.append([m, fmt_budget(b), size] + [f"{d[t]:.1f}" if t in d else "-" for t in tasks] +
-                    [f"{avg:.1f}", ret, f"{kv:.1f}", f"{ms:.1f}"])
+                    [f"{avg:.1f}", ret, f"{kv:.1f}", f"{ms:.1f}{fast_mark(rs)}"])
     return header, rows
 
 

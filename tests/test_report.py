@@ -61,6 +61,14 @@ def test_each_cells_times_are_in_the_table_and_cells_timed_under_other_condition
     assert "† a CPU-speed probe" in md
 
 
+def test_decode_times_of_cells_decoded_on_the_fast_path_are_marked_as_such(tmp_path):
+    fast = record("atskv", 0.1, 20, prefill=2.0, decode=9.0) | {"fast_decode": True}
+    md = build(tmp_path, [record("full", None, 100, prefill=2.0, decode=60.0), fast])
+    assert "| 2.00 | 60.0 |" in md                     # the plain loop: unmarked
+    assert "| 2.00 | 9.0§ |" in md                     # the prefill is the plain path's in both
+    assert "§ decoded on the fast path" in md
+
+
 def test_results_md_states_the_models_source_hardware_commit_intervals_and_the_floor(tmp_path):
     md = build(tmp_path, [record("full", None, 100), record("sliding_window", 0.1, 20)])
     assert "- model: smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF, run in float32)" in md
