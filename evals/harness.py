@@ -256,7 +256,7 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     masks = {"press_masks": masked(press, cache, len(ctx_ids))} if press is not None else {}
     tiers = tier_bytes(cache)
     kv = cache_nbytes(cache)
-    scores, preds, decode, recalls = [], [], [], []
+    scores, preds, decode, recalls, fast_tiers = [], [], [], [], []
     for q, prefix, answers in questions:
         _, q_ids = encode_prompt(tokenizer, s.context, q, prefix)
         c = copy.deepcopy(cache)
@@ -268,7 +268,11 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         decode.append(r["decode_ms_per_token"])
         recalls.append({k: r[k] for k in ("recall_bytes_prefill", "recall_bytes_question", "recall_bytes_per_step")
                         if k in r})
+        fast_tiers.append({k: r[k] for k in ("active_kv_bytes", "summary_bytes", "passive_bytes", "kv_bytes")})
     recalled = {k: sum(x[k] for x in recalls) / len(recalls) for k in recalls[0]}
+    if fast:   # the decoder's tiers (its slots, its state beside them), as a single question's fast cell records
+        tiers = {k: sum(x[k] for x in fast_tiers) / len(fast_tiers) for k in fast_tiers[0]}
+        kv = tiers.pop("kv_bytes")
     return {**tiers, **recalled, **masks, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
             "prefill_s": prefill_s, "decode_ms_per_token": sum(decode) / len(decode), "kv_bytes": kv,
             "kv_bytes_peak": kv, "context_tokens": len(ctx_ids), "question_tokens": 0, "id": s.id,
