@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              put_rows, repeat_heads, window_attention)
-from external_memory import (PassiveStore, attention_lse, group_votes, host_mapped, int8_logits,
+from external_memory import (PassiveStore, attention_lse, group_votes, host_mapped, int8_logits, sparq_logits,
                              max_pool_positions, merge_attention, quantize_int8, top_entries)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError
@@ -90,6 +90,9 @@ class ATSKV(KVMethod):
     recall_step_tokens: float | None = None  # a decode step's recall only: this fraction of the budget (None:
                                       #   recall_tokens): a few entries chosen afresh each step instead of a held
                                       #   schedule's big recall (docs/design-recall-fast-path.md)
+    recall_dims: int = 0              # a decode step's int8 scoring on this many of the head's dimensions (SparQ's
+                                      #   r largest |q| components, `sparq_logits`): D / r times fewer key bytes
+                                      #   scanned; 0: all of them
     recall_choice: str = "own"        # a forward of several tokens (a prompt chunk, the question): "own": each query
                                       #   of each head attends to its own top recall_tokens x budget passive entries
                                       #   (top-k sparse attention over the store); "shared": the last `window`
@@ -125,10 +128,10 @@ class ATSKV(KVMethod):
             raise UserError(f"retrieval_layers {self.retrieval_layers!r}: accepted are integers >= 0")
         if not 0.0 <= self.recall_share < 1.0:
             raise UserError(f"recall_share {self.recall_share!r}: accepted are fractions in [0, 1)")
-        for name in ("recall_span", "recall_window", "recall_every"):
+        for name in ("recall_span", "recall_window", "recall_every", "recall_dims"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "recall_every" else 1):
-                lo = 0 if name == "recall_every" else 1
+            lo = 0 if name in ("recall_every", "recall_dims") else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise UserError(f"{name} {v!r}: accepted are integers >= {lo}")
         tokens = self.recall_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not tokens > 0:
@@ -375,7 +378,8 @@ class ATSKV(KVMethod):
         n_tok = max(store.page_size, int(self.recall_fraction(layer.n_new) * (layer.budget() or keys.shape[2])))
         own = self.recall_choice == "own" and layer.n_new > 1
         rec = store.recall(query if own else query[:, :, -self.window:], n_tok // store.page_size,
-                           self.recall_span, per_query=own)                 # the copy starts (side stream)
+                           self.recall_span, per_query=own,
+                           dims=self.recall_dims if layer.n_new == 1 else 0)   # the copy starts (side stream)
         B, Hq, q, _ = query.shape
         if layer.n_new > 1:  # a forward of several tokens: one attention over the recalled and the active entries
             rec.wait()
@@ -522,8 +526,9 @@ class ATSKV(KVMethod):
         and values "pk", "pv" (B, H, cap, D) of every position read so far, written through as each token arrives
         so that an eviction only marks its entries: in pinned host memory that the step reads over the bus
         (`host_mapped`), or on the device with passive_device (and off CUDA). On the device: their int8 copies "pq"
-        and scales "ps", and "pok" (B, H, cap): the position is in the passive store. The plain path's store is
-        taken over (and let go)."""
+        (B, H, D, cap: dimension by dimension, so that a scan of a few dimensions reads a few rows) and scales "ps",
+        and "pok" (B, H, cap): the position is in the passive store. The plain path's store is taken over (and let
+        go)."""
         store = self.passive.pop(layer.layer_idx, None)
         B, H, _, D = layer.keys.shape
         dev, dt = layer.device, layer.keys.dtype
@@ -538,7 +543,7 @@ class ATSKV(KVMethod):
             pk, pv = (torch.zeros(shape, dtype=dt, device=dev) for shape in shapes)
         else:
             pk, pv = (host_mapped(shape, dt, dev) for shape in shapes)
-        t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, cap, D), dtype=torch.int8, device=dev),
+        t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, D, cap), dtype=torch.int8, device=dev),
              "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev)}
         for k, v, pos, valid, kq, scale, stored in parts:   # the active entries quantised as an eviction would
             valid = valid.to(dev)
@@ -609,7 +614,10 @@ class ATSKV(KVMethod):
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]
         q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
-        vote = group_votes(int8_logits(q, st["pq"], st["ps"], st["pok"]), q.shape[-1])   # 0 where no entry
+        kq, r = st["pq"].transpose(2, 3), self.recall_dims   # the (B, H, N, D) view of the dimension-major tier
+        logits = sparq_logits(q, kq, st["ps"], st["pok"], r) if 0 < r < q.shape[-1] else \
+            int8_logits(q, kq, st["ps"], st["pok"])
+        vote = group_votes(logits, q.shape[-1])   # 0 where no entry
         n = min(s["layer_args"]["recall_n"], vote.shape[-1])
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
             vote = max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0)
@@ -630,6 +638,8 @@ class ATSKV(KVMethod):
             return super().slot_extra_nbytes(state, layer_args)
         B, H = state["pk"].shape[:2]
         k = self.recall_every
+        r, D = self.recall_dims, state["pq"].shape[2]
+        scanned = state["pq"].nbytes * (r if 0 < r < D else D) // D   # the dimensions a step reads
         summaries = sum(state[n].nbytes for n in ("pq", "ps", "pok"))
         tier = state["pk"].nbytes + state["pv"].nbytes
         per_entry = (state["pk"].shape[-1] + state["pv"].shape[-1]) * state["pk"].element_size()
@@ -637,7 +647,7 @@ class ATSKV(KVMethod):
         held = sum(state[n].nbytes for n in ("rk", "rv", "rok") if n in state)
         on_device = self.tier_on_device(state["pk"].device)
         return {"device": summaries + held + (tier if on_device else 0), "host": 0 if on_device else tier,
-                "device_read": (summaries + (recalled if on_device else 0)) // k + held,
+                "device_read": (summaries - state["pq"].nbytes + scanned + (recalled if on_device else 0)) // k + held,
                 "host_read": 0 if on_device else recalled // k}
 
     def slot_state_repeated(self, state, batch):
@@ -748,8 +758,13 @@ def tier_put(st: dict, where, k, v, kq=None, scale=None) -> None:
     int8 copies (quantize_int8's, made here unless given) into "pq", "ps" (ATSKV.passive_tier)."""
     if kq is None:
         kq, scale = quantize_int8(k)
-    for name, x in (("pk", k), ("pv", v), ("pq", kq), ("ps", scale[..., 0])):
+    for name, x in (("pk", k), ("pv", v), ("ps", scale[..., 0])):
         put_rows(st[name], where, x.to(st[name].device, st[name].dtype))   # (a no-op within a step)
+    pq = st["pq"]   # (B, H, D, cap): dimension by dimension, so that a scan of r dimensions reads r rows
+    B, H, D, _ = pq.shape
+    ar = lambda n, dim: torch.arange(n, device=pq.device).view([-1 if i == dim else 1 for i in range(4)])  # noqa: E731
+    pq.index_put_((ar(B, 0), ar(H, 1), ar(D, 2), where.to(pq.device)[:, :, None]),
+                  kq.to(pq.device).transpose(2, 3))
 
 
 def controller_keep(r, protected, present, budget: int, beta: float, delta, gain: float, fixed: float | None):

@@ -143,7 +143,8 @@ class PassiveStore:
         self.extras = {n: take(t) for n, t in self.extras.items()}
         self._buf = {}  # compacted: the next settle starts new buffers
 
-    def recall(self, query: torch.Tensor, n_pages: int, span: int = 1, per_query: bool = False) -> "Recalled":
+    def recall(self, query: torch.Tensor, n_pages: int, span: int = 1, per_query: bool = False,
+               dims: int = 0) -> "Recalled":
         """query (B, H_q, q, D) -> the recalled entries (B, H_kv, n, D), on their way to the device
         (`Recalled.wait()` before use).
 
@@ -154,7 +155,8 @@ class PassiveStore:
         Own choice (per_query True, exact and int8 scoring): every query of every query head takes its own top
         n_pages entries by q.k, the union comes back, and each query attends only to its own choice
         (`Recalled.qmask`): top-k sparse attention over the store, for a forward of many tokens (a prompt chunk)
-        whose queries look for different things."""
+        whose queries look for different things.
+        dims (int8 scoring, shared choice): score on that many of the D dimensions (`sparq_logits`); 0: all."""
         self.settle()
         dev = query.device
         if self.k is None:
@@ -162,7 +164,9 @@ class PassiveStore:
             return Recalled(self.pend[0], self.pend[1], self.pend[3], None, None)
         B, Hq, q, D = query.shape
         Hkv = self.k.shape[1]
-        if self.kq is not None:  # q.k against the int8 keys on the device
+        if self.kq is not None and 0 < dims < D and not per_query:   # on a few of the dimensions (SparQ)
+            ub = sparq_logits(query.view(B, Hkv, Hq // Hkv, q, D), self.kq, self.kscale[..., 0], self.kvalid, dims)
+        elif self.kq is not None:  # q.k against the int8 keys on the device
             ub = int8_logits(query.view(B, Hkv, Hq // Hkv, q, D), self.kq, self.kscale[..., 0], self.kvalid)
         elif self.page_size == 1:  # exact q.k where the keys live
             qg = query.view(B, Hkv, Hq // Hkv, q, D).to(self.k.device, torch.float32)
@@ -248,6 +252,23 @@ def int8_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: t
         return recall_kernels.int8_logits(q, kq, scale, valid)
     ub = torch.einsum("bhgqd,bhnd->bhgqn", q.float(), kq.float()) * scale[:, :, None, None, :]
     return ub.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+
+
+def sparq_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+                 r: int) -> torch.Tensor:
+    """`int8_logits` from r of the D dimensions: SparQ's first step (Ribar et al., "SparQ Attention: Bandwidth-
+    Efficient LLM Inference", ICML 2024): the r components of largest |q| (here summed over the KV head's group of
+    queries, which share the keys: our adaptation to GQA), and the scores scaled by sqrt(|q|_1 / |q_r|_1), SparQ's
+    softmax temperature correction (so that `group_votes`' D^-0.5 gives its 1 / sqrt(D |q_r|_1 / |q|_1)).
+    Reading r of D int8 key components cuts the scan's bytes by D / r where the keys lie dimension by dimension:
+    kq may be any (B, H_kv, N, D) view, e.g. the transpose of the fast path's (B, H_kv, D, N) tier."""
+    B, H, G, Q, D = q.shape
+    dims = q.float().abs().sum(dim=(2, 3)).topk(r, dim=-1).indices                  # (B, H, r)
+    qr = q.gather(-1, dims[:, :, None, None, :].expand(B, H, G, Q, r))
+    kr = kq.transpose(2, 3).gather(2, dims[..., None].expand(B, H, r, kq.shape[2])).transpose(2, 3)
+    l1 = lambda x: x.float().abs().sum(-1, keepdim=True)  # noqa: E731
+    correction = (l1(q) / l1(qr).clamp_min(1e-30)).sqrt()
+    return int8_logits(qr, kr, scale, valid) * correction
 
 
 def group_votes(ub: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -21,17 +21,19 @@ TILE = 16384         # q x key products a program holds in registers: BLOCK_N ke
 
 if triton is not None:
     @triton.jit
-    def _int8_logits_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, out_ptr, N, M, D: tl.constexpr, MP: tl.constexpr,
-                            BN: tl.constexpr):
+    def _int8_logits_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, out_ptr, N, M, k_row, k_n, k_d, D: tl.constexpr,
+                            MP: tl.constexpr, BN: tl.constexpr):
         """out[row, m, n] = (q[row, m] . k[row, n]) * s[row, n] where ok[row, n], else -inf; q float32 (R, M, D),
-        k int8 (R, N, D), s float32 (R, N), ok bool (R, N), out float32 (R, M, N); one program per BN keys of a row."""
+        k int8 (R, N, D) at strides k_row, k_n, k_d (entry-major, or dimension-major as the fast path's tier),
+        s float32 (R, N), ok bool (R, N), out float32 (R, M, N); one program per BN keys of a row."""
         row = tl.program_id(1)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         m = tl.arange(0, MP)
         d = tl.arange(0, D)
         n_ok, m_ok = n < N, m < M
         q = tl.load(q_ptr + row * M * D + m[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0)
-        k = tl.load(k_ptr + row * N * D + n[:, None] * D + d[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        k = tl.load(k_ptr + row * k_row + n[:, None] * k_n + d[None, :] * k_d, mask=n_ok[:, None], other=0)
+        k = k.to(tl.float32)
         dot = tl.sum(q[:, None, :] * k[None, :, :], axis=2)                    # (MP, BN)
         s = tl.load(s_ptr + row * N + n, mask=n_ok, other=0.0)
         ok = tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0
@@ -47,9 +49,11 @@ if triton is not None:
         MP = max(2, triton.next_power_of_2(M))
         BN = max(16, min(64, TILE // (MP * D)))
         out = torch.empty((B, H, G, Q, N), dtype=torch.float32, device=q.device)
+        if kq.stride(0) != H * kq.stride(1) or kq.stride(1) != N * D:   # rows (b, h) not evenly spaced: a copy
+            kq = kq.contiguous()
         wrap(_int8_logits_kernel)[(triton.cdiv(N, BN), B * H)](
-            q.float().contiguous(), kq.contiguous(), scale.float().contiguous(),
-            valid.contiguous(), out, N, M, D=D, MP=MP, BN=BN, num_warps=4)
+            q.float().contiguous(), kq, scale.float().contiguous(), valid.contiguous(), out, N, M,
+            kq.stride(1), kq.stride(2), kq.stride(3), D=D, MP=MP, BN=BN, num_warps=4)
         return out
 
     @triton_op("atskv::int8_logits", mutates_args=())

@@ -48,6 +48,9 @@ for B, H, G, Q, N, D in ((2, 3, 3, 1, 150, 64), (1, 2, 4, 2, 70, 128), (1, 1, 4,
     assert torch.equal(torch.isinf(got), ~valid[:, :, None, None].expand_as(got)), (B, H, G, Q, N, D)
     fin = torch.isfinite(want)
     assert (got[fin] - want[fin]).abs().max() < 1e-3, (B, H, G, Q, N, D, (got[fin] - want[fin]).abs().max())
+    # the keys dimension by dimension (the fast path's tier, (B, H, D, N)), given as their (B, H, N, D) view
+    by_dim = kq.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(rk._launch(q.bfloat16(), by_dim, scale[..., 0], valid), got), (B, H, G, Q, N, D)
 print("ok")
 """
 register(INTERPRETED)
