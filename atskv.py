@@ -146,6 +146,10 @@ class ATSKV(KVMethod):
 
     def attach_model(self, model, tokenizer=None):
         from relevance_predictor import load_or_train
+        cfg = model.config
+        head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if self.recall_dims > head:
+            raise UserError(f"recall_dims {self.recall_dims}: accepted are 0 (all) to {head} (the model's head size)")
         pred = load_or_train(model, tokenizer, variant=self.variant)
         if self.random_predictor:
             import copy

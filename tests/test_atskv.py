@@ -153,7 +153,9 @@ def test_retrieval_layers_keep_the_whole_context_where_their_share_allows_and_th
                                           ({"retrieval_layers": 2, "retrieval_share": 1.5}, "retrieval_share 1.5"),
                                           ({"recall_choice": "all"}, "recall_choice 'all': accepted are 'own' and"),
                                           ({"recall_step_tokens": 0}, "recall_step_tokens 0: accepted are None and"),
-                                          ({"recall_tokens": -0.5}, "recall_tokens -0.5: accepted are fractions")])
+                                          ({"recall_tokens": -0.5}, "recall_tokens -0.5: accepted are fractions"),
+                                          ({"recall_dims": -1}, "recall_dims -1: accepted are integers >= 0"),
+                                          ({"recall_dims": 65}, r"recall_dims 65: accepted are 0 \(all\) to 64")])
 def test_bad_retrieval_parameters_are_refused(model, tokenizer, predictor, params, match):
     from utils import UserError
     with pytest.raises(UserError, match=match):

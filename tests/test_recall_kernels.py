@@ -2,7 +2,7 @@
 machine through Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
 import torch
 
-from external_memory import int8_logits, quantize_int8
+from external_memory import int8_logits, quantize_int8, sparq_logits
 from kernels import recall_kernels
 from tests.triton_interpreter import needs_triton, register, run_interpreted
 
@@ -28,6 +28,34 @@ def test_int8_scores_under_torch_compile_are_inductors_fused_sum_of_the_same_val
     got = torch.compile(int8_logits, fullgraph=True)(q, kq, scale[..., 0], valid)
     fin = torch.isfinite(want)
     assert torch.equal(fin, torch.isfinite(got)) and (got[fin] - want[fin]).abs().max() < 1e-4
+
+
+def test_sparq_scores_use_the_groups_largest_query_components_with_the_temperature_correction():
+    """r = 2 of 8 dimensions: the two with the largest |q| summed over the group's heads (dims 3 and 6 here, though
+    one head alone would pick dim 0), q.k over those, times sqrt(|q|_1 / |q_r|_1) per query head."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.full((1, 1, 2, 1, 8), 0.1)
+    q[..., 3], q[..., 6] = 1.0, -0.8
+    q[0, 0, 0, 0, 0] = 1.5           # head 0's own largest, but 1.5 + 0.1 < 2 x 1.0 and < 2 x 0.8
+    kq, scale = quantize_int8(torch.randn(1, 1, 20, 8, generator=g))
+    valid = torch.rand(1, 1, 20, generator=g) > 0.2
+    qr = q[..., [3, 6]]
+    temp = (q.abs().sum(-1, keepdim=True) / qr.abs().sum(-1, keepdim=True)).sqrt()
+    want = int8_logits(qr, kq[..., [3, 6]], scale[..., 0], valid) * temp
+    got = sparq_logits(q, kq, scale[..., 0], valid, 2)
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)) and torch.allclose(got[fin], want[fin], atol=1e-5)
+
+
+def test_sparq_scores_read_a_dimension_major_tier_as_an_entry_major_store():
+    """The fast path keeps its int8 keys (B, H, D, N); their (B, H, N, D) view scores as the plain store's keys."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 3, 1, 64, generator=g), torch.randn(2, 3, 90, 64, generator=g)
+    kq, scale = quantize_int8(k)
+    valid = torch.rand(2, 3, 90, generator=g) > 0.2
+    by_dim = kq.transpose(2, 3).contiguous().transpose(2, 3)
+    want = sparq_logits(q, kq, scale[..., 0], valid, 16)
+    assert torch.equal(sparq_logits(q, by_dim, scale[..., 0], valid, 16), want)
 
 
 INTERPRETED = r"""
