@@ -1,15 +1,16 @@
 """Decode-time recall settings compared on one prefill (issue 24): each sample's context is prefilled once with
 `atskv[external_memory=true;evict_every=64]` (the fast path's eviction schedule), then its question is read and
 answered from a copy of that cache once per VARIANT, each setting the method's recall fields (recall_every,
-recall_span, recall_tokens, recall_step_tokens). These fields act only from the question on (read-time recall
-chooses per query, without the span; recall_tokens sets how many entries the question's queries choose too), so
-every variant answers from the same compressed context, and a prefill, the slow part at 8K on a CPU, is paid once
+recall_span, recall_tokens, recall_step_tokens, recall_dims). These fields act only from the question on
+(read-time recall chooses per query, without the span; recall_tokens sets how many entries the question's queries
+choose too), so every variant answers from the same compressed context, and a prefill, the slow part at 8K on a CPU, is paid once
 per sample instead of once per setting.
 
     python bench/recall_schedule_probe.py --task multi_key --context 8192 --budget 0.25 --num_samples 4 \
         --out /tmp/probe.jsonl every=1,1,0.5 sched=64,32,0.5 step=1,1,0.5,0.02
 
-VARIANT: name=recall_every,recall_span,recall_tokens[,recall_step_tokens]. One line a sample and variant goes to
+VARIANT: name=recall_every,recall_span,recall_tokens[,recall_step_tokens[,recall_dims]] (an empty
+recall_step_tokens: unset, e.g. every_r16=1,1,0.5,,16). One line a sample and variant goes to
 --out (the run resumes from it); the end prints each variant's mean score and its answers. needle, multi_key and
 multi_value only; --num_samples counts from the first sample, --first skips some of them.
     python bench/recall_schedule_probe.py --table FILE.jsonl [...]     # the answers, a column per variant"""
@@ -25,14 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, spec = text.partition("=")
     try:
-        every, span, tokens, *step = spec.split(",")
+        every, span, tokens, *rest = spec.split(",")
         fields = {"recall_every": int(every), "recall_span": int(span), "recall_tokens": float(tokens)}
-        if len(step) > 1:
+        if len(rest) > 2:
             raise ValueError
-        return name, fields | ({"recall_step_tokens": float(step[0])} if step else {})
+        if rest and rest[0]:
+            fields["recall_step_tokens"] = float(rest[0])
+        if len(rest) == 2:
+            fields["recall_dims"] = int(rest[1])
+        return name, fields
     except ValueError:
         raise SystemExit(f"variant {text!r}: accepted is name=recall_every,recall_span,recall_tokens"
-                         "[,recall_step_tokens] (e.g. sched=64,32,0.5)") from None
+                         "[,recall_step_tokens[,recall_dims]] (e.g. sched=64,32,0.5)") from None
 
 
 def table(paths: list[str]) -> None:
