@@ -93,6 +93,9 @@ class ATSKV(KVMethod):
     recall_dims: int = 0              # a decode step's int8 scoring on this many of the head's dimensions (SparQ's
                                       #   r largest |q| components, `sparq_logits`): D / r times fewer key bytes
                                       #   scanned; 0: all of them
+    recall_layers: int = 0            # decode steps recall only in this many layers, those with the strongest
+                                      #   induction heads (`decode_recall_layers`); prompt chunks and the question
+                                      #   recall in every layer; 0: every layer
     recall_choice: str = "own"        # a forward of several tokens (a prompt chunk, the question): "own": each query
                                       #   of each head attends to its own top recall_tokens x budget passive entries
                                       #   (top-k sparse attention over the store); "shared": the last `window`
@@ -128,9 +131,9 @@ class ATSKV(KVMethod):
             raise UserError(f"retrieval_layers {self.retrieval_layers!r}: accepted are integers >= 0")
         if not 0.0 <= self.recall_share < 1.0:
             raise UserError(f"recall_share {self.recall_share!r}: accepted are fractions in [0, 1)")
-        for name in ("recall_span", "recall_window", "recall_every", "recall_dims"):
+        for name in ("recall_span", "recall_window", "recall_every", "recall_dims", "recall_layers"):
             v = getattr(self, name)
-            lo = 0 if name in ("recall_every", "recall_dims") else 1
+            lo = 0 if name in ("recall_every", "recall_dims", "recall_layers") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise UserError(f"{name} {v!r}: accepted are integers >= {lo}")
         tokens = self.recall_tokens
@@ -166,6 +169,9 @@ class ATSKV(KVMethod):
             from relevance_predictor import induction_scores
             scores = induction_scores(model).mean(1)
             self.retrieval = set(scores.topk(self.retrieval_layers).indices.tolist())
+        if self.recall_layers > pred.n_layers:
+            raise UserError(f"recall_layers {self.recall_layers}: accepted are 0 (all) to {pred.n_layers}")
+        self.decode_recall = decode_recall_layers(model, self.recall_layers)
         self.controller = ThresholdController(pred.n_layers, fixed_threshold=self.fixed_threshold)
         self.counts = None
         self.passive: dict[int, PassiveStore] = {}
@@ -372,7 +378,8 @@ class ATSKV(KVMethod):
         if store is not None and layer.n_new > 1 and self.recall_share > 0:
             keys, values, mask = self.recall_spans(layer, store, query, keys, values, mask, scaling)
             return super().attend(layer, module, query, keys, values, mask, scaling)
-        due = layer.n_new > 1 or (self.recall_every > 0 and self.since_forward % self.recall_every == 0)
+        due = layer.n_new > 1 or (self.recall_every > 0 and self.since_forward % self.recall_every == 0
+                                  and layer.layer_idx in self.decode_recall)
         held = self.held.pop(layer.layer_idx, None)
         if store is None or (store.size == 0 and store.pend is None) or not due:
             if held is None or layer.n_new > 1:
@@ -520,7 +527,7 @@ class ATSKV(KVMethod):
         per_layer = {"delta": torch.tensor([self.controller.delta[l]], dtype=torch.float64, device=layer.device)}
         if self.external_memory:
             per_layer |= self.passive_tier(layer, max_steps + 1)
-            if self.recall_every > 1:
+            if self.recall_every > 1 and self.recall_n(l):
                 per_layer |= self.held_buffers(layer)
         return {"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0}, per_layer
 
@@ -578,7 +585,10 @@ class ATSKV(KVMethod):
         return t
 
     def recall_n(self, layer_idx: int) -> int:
-        """Entries a decode step recalls per KV head on the fast path: `recall_fraction` of the layer's budget."""
+        """Entries a decode step recalls per KV head on the fast path: `recall_fraction` of the layer's budget (0 in
+        a layer that does not recall at decode steps, `recall_layers`)."""
+        if layer_idx not in self.decode_recall:
+            return 0
         return max(1, int(self.recall_fraction(1) * self.cache.layer_budget(layer_idx)))
 
     def slot_evict_every(self) -> int:
@@ -611,7 +621,7 @@ class ATSKV(KVMethod):
         over the entries per query head against their int8 keys, summed over the group) and the top recall_n
         entries of each KV head are attended beside the slots. With recall_every > 1 they are kept ("rk", "rv",
         "rok") and attended again on the steps until the next recall (s["recall"] False)."""
-        if not self.external_memory:
+        if not self.external_memory or s["layer_args"]["recall_n"] == 0:
             return None
         from kernels.decode_attention import rope   # here, not at import: Triton loads only for the fast path
         st = s["state"]
@@ -643,15 +653,17 @@ class ATSKV(KVMethod):
         B, H = state["pk"].shape[:2]
         k = self.recall_every
         r, D = self.recall_dims, state["pq"].shape[2]
-        scanned = state["pq"].nbytes * (r if 0 < r < D else D) // D   # the dimensions a step reads
         summaries = sum(state[n].nbytes for n in ("pq", "ps", "pok"))
+        # a recall reads the int8 keys' scanned dimensions, the scales and the validity; nothing in a layer that
+        # does not recall at decode steps (recall_layers)
+        scanned = summaries - state["pq"].nbytes * (D - (r if 0 < r < D else D)) // D if layer_args["recall_n"] else 0
         tier = state["pk"].nbytes + state["pv"].nbytes
         per_entry = (state["pk"].shape[-1] + state["pv"].shape[-1]) * state["pk"].element_size()
         recalled = B * H * layer_args["recall_n"] * per_entry
         held = sum(state[n].nbytes for n in ("rk", "rv", "rok") if n in state)
         on_device = self.tier_on_device(state["pk"].device)
         return {"device": summaries + held + (tier if on_device else 0), "host": 0 if on_device else tier,
-                "device_read": (summaries - state["pq"].nbytes + scanned + (recalled if on_device else 0)) // k + held,
+                "device_read": (scanned + (recalled if on_device else 0)) // k + held,
                 "host_read": 0 if on_device else recalled // k}
 
     def slot_state_repeated(self, state, batch):
@@ -753,6 +765,18 @@ class ATSKV(KVMethod):
 
 
 METHODS["atskv"] = ATSKV
+
+
+def decode_recall_layers(model, k: int) -> set[int]:
+    """The layers whose decode steps recall (`recall_layers`): the k with the strongest induction heads (a layer's
+    score is its KV heads' mean, `relevance_predictor.induction_scores`, as `retrieval_layers` picks them); every
+    layer when k is 0. Retrieval from context is the work of a few such heads (RazorAttention, Tang et al. 2024;
+    DuoAttention, Xiao et al. 2024), so recalling only there trades few answers for most of the recall's cost."""
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    if k == 0 or k >= n:
+        return set(range(n))
+    from relevance_predictor import induction_scores
+    return set(induction_scores(model).mean(1).topk(k).indices.tolist())
 
 
 # -- the fast path's tensor forms ------------------------------------------------------------------------------------

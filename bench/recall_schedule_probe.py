@@ -1,7 +1,7 @@
 """Decode-time recall settings compared on one prefill (issue 24): each sample's context is prefilled once with
 `atskv[external_memory=true;evict_every=64]` (the fast path's eviction schedule), then its question is read and
 answered from a copy of that cache once per VARIANT, each setting the method's recall fields (recall_every,
-recall_span, recall_tokens, recall_step_tokens, recall_dims). These fields act only from the question on
+recall_span, recall_tokens, recall_step_tokens, recall_dims, recall_layers). These fields act only from the question on
 (read-time recall chooses per query, without the span; recall_tokens sets how many entries the question's queries
 choose too), so every variant answers from the same compressed context, and a prefill, the slow part at 8K on a CPU, is paid once
 per sample instead of once per setting.
@@ -9,8 +9,8 @@ per sample instead of once per setting.
     python bench/recall_schedule_probe.py --task multi_key --context 8192 --budget 0.25 --num_samples 4 \
         --out /tmp/probe.jsonl every=1,1,0.5 sched=64,32,0.5 step=1,1,0.5,0.02
 
-VARIANT: name=recall_every,recall_span,recall_tokens[,recall_step_tokens[,recall_dims]] (an empty
-recall_step_tokens: unset, e.g. every_r16=1,1,0.5,,16). One line a sample and variant goes to
+VARIANT: name=recall_every,recall_span,recall_tokens[,recall_step_tokens[,recall_dims[,recall_layers]]] (an
+empty field: unset, e.g. every_r16=1,1,0.5,,16). One line a sample and variant goes to
 --out (the run resumes from it); the end prints each variant's mean score and its answers. needle, multi_key and
 multi_value only; --num_samples counts from the first sample, --first skips some of them.
     python bench/recall_schedule_probe.py --table FILE.jsonl [...]     # the answers, a column per variant"""
@@ -28,16 +28,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
     try:
         every, span, tokens, *rest = spec.split(",")
         fields = {"recall_every": int(every), "recall_span": int(span), "recall_tokens": float(tokens)}
-        if len(rest) > 2:
+        if len(rest) > 3:
             raise ValueError
-        if rest and rest[0]:
-            fields["recall_step_tokens"] = float(rest[0])
-        if len(rest) == 2:
-            fields["recall_dims"] = int(rest[1])
+        for field, kind, text in zip(("recall_step_tokens", "recall_dims", "recall_layers"), (float, int, int), rest):
+            if text:
+                fields[field] = kind(text)
         return name, fields
     except ValueError:
         raise SystemExit(f"variant {text!r}: accepted is name=recall_every,recall_span,recall_tokens"
-                         "[,recall_step_tokens[,recall_dims]] (e.g. sched=64,32,0.5)") from None
+                         "[,recall_step_tokens[,recall_dims[,recall_layers]]] (e.g. sched=64,32,0.5)") from None
 
 
 def table(paths: list[str]) -> None:
@@ -78,6 +77,7 @@ def main() -> None:
     import utils
     from evals.harness import (MAX_NEW_TOKENS, encode_prompt, forward_chunked, make_cache, run_generation)
     from evals.synthetic import answer_complete, score_synthetic, synthetic_samples
+    from atskv import decode_recall_layers
     done = set()
     out = Path(args.out)
     if out.exists():
@@ -100,6 +100,7 @@ def main() -> None:
             c = copy.deepcopy(cache)
             for field, value in fields.items():
                 setattr(c.method, field, value)
+            c.method.decode_recall = decode_recall_layers(model, c.method.recall_layers)
             r = run_generation(model, tok, c, ctx_ids, q_ids, n_new, "question_agnostic", 512,
                                stop_when=answer_complete(s), prefilled=True)
             line = {"id": s.id, "variant": name, **fields, "prediction": r["prediction"],

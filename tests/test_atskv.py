@@ -155,7 +155,8 @@ def test_retrieval_layers_keep_the_whole_context_where_their_share_allows_and_th
                                           ({"recall_step_tokens": 0}, "recall_step_tokens 0: accepted are None and"),
                                           ({"recall_tokens": -0.5}, "recall_tokens -0.5: accepted are fractions"),
                                           ({"recall_dims": -1}, "recall_dims -1: accepted are integers >= 0"),
-                                          ({"recall_dims": 65}, r"recall_dims 65: accepted are 0 \(all\) to 64")])
+                                          ({"recall_dims": 65}, r"recall_dims 65: accepted are 0 \(all\) to 64"),
+                                          ({"recall_layers": 31}, r"recall_layers 31: accepted are 0 \(all\) to 30")])
 def test_bad_retrieval_parameters_are_refused(model, tokenizer, predictor, params, match):
     from utils import UserError
     with pytest.raises(UserError, match=match):
@@ -252,6 +253,32 @@ def test_recall_every_k_recalls_on_every_kth_decode_step_and_attends_to_its_entr
             assert not torch.allclose(without, out)
         tok = out.argmax(-1).view(1, 1)
     assert copied == [True, False, False, True, False]
+
+
+@torch.no_grad()
+def test_recall_layers_recall_at_decode_steps_only_in_the_layers_with_the_strongest_induction_heads(
+        model, tokenizer, predictor, monkeypatch):
+    """recall_layers 4: the question's forward recalls in every layer, a decode step only in the 4 layers whose KV
+    heads copy from context most (induction_scores), and those 4 recall at every decode step."""
+    from external_memory import PassiveStore
+    calls = []
+    recall = PassiveStore.recall
+    monkeypatch.setattr(PassiveStore, "recall", lambda self, query, *a, **k: calls.append((self, query.shape[2]))
+                        or recall(self, query, *a, **k))
+    cache, ci, qi = _prefill(model, tokenizer, 400, 64, chunk=128, external_memory=True, recall_layers=4)
+    m = cache.method
+    want = set(rp.induction_scores(model).mean(1).topk(4).indices.tolist())
+    assert m.decode_recall == want
+    layer_of = {id(store): l for l, store in m.passive.items()}
+    calls.clear()
+    logits = ev.forward_chunked(model, cache, torch.tensor([qi]), 64, start=len(ci))   # the question: every layer
+    assert {layer_of[id(st)] for st, _ in calls} == set(m.passive) and len(m.passive) == 30
+    for step in range(3):                                                              # a decode step: those 4
+        calls.clear()
+        pos = torch.tensor([[len(ci) + len(qi) + step]])
+        logits = model(logits.argmax(-1).view(1, 1), past_key_values=cache, position_ids=pos,
+                       use_cache=True).logits[:, -1]
+        assert sorted(layer_of[id(st)] for st, _ in calls) == sorted(want), step
 
 
 def test_int8_key_summaries_recall_what_exact_scoring_recalls(model, tokenizer, predictor):
