@@ -261,16 +261,15 @@ def test_a_method_without_a_slot_step_is_refused_by_the_fast_path_with_its_reaso
 
 
 @pytest.mark.parametrize("schedule", [{}, {"recall_every": 4, "recall_span": 8, "recall_step_tokens": 0.25},
-                                      {"recall_dims": 16, "recall_step_tokens": 0.25},
-                                      {"recall_layers": 4, "recall_step_tokens": 0.25}])
+                                      {"recall_dims": 16, "recall_layers": 4, "recall_step_tokens": 0.25}])
 def test_fast_path_with_external_memory_recalls_and_offloads_as_the_plain_path(model, tokenizer, prompt,
                                                                                plain_decode, schedule):
     """atskv[external_memory=true] on the fast path: the same tokens as the plain path, the same entries active,
     and the same positions in the passive tier as in the plain path's store; with recall_every 4, the steps
     between recalls attend to the last recall's entries on both paths, and with recall_span 8 both choose the
     same neighbours of the voted entries (recall_step_tokens: a quarter of the budget at a decode step, where a
-    prompt chunk recalls half); with recall_dims 16 both score a decode step on the same 16 of 64 dimensions, and
-    with recall_layers 4 both recall at decode steps in the same 4 layers only."""
+    prompt chunk recalls half); with recall_dims 16 and recall_layers 4 both score a decode step on the same 16 of
+    64 dimensions, in the same 4 layers only."""
     ids = prompt.expand(2, -1)
     params = {"external_memory": True, **schedule}
     plain = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, **params)
