@@ -518,17 +518,19 @@ class ATSKV(KVMethod):
     def slot_state(self, layer, max_steps):
         """The running attention statistic, the token ids, the write-time logit z0 of every entry (its static
         features and hidden state, `static_logit`) and the controller's delta; with external memory, the passive
-        tier (`passive_tier`)."""
+        tier (`passive_tier`) of each layer that recalls at decode steps."""
         l, pred = layer.layer_idx, self.predictor
         co = self.slot_coefs()[l]
         z0 = static_logit(co, pred.token_flags, hidden_logit(co, layer.extras["h"]), layer.positions, layer.keys,
                           layer.values, layer.extras["tok"].long(), self.n_sink)
         # delta of shape (1,), not 0-dim: torch.compile loses an in-place write into a 0-dim CPU tensor
         per_layer = {"delta": torch.tensor([self.controller.delta[l]], dtype=torch.float64, device=layer.device)}
-        if self.external_memory:
+        if self.external_memory and self.recall_n(l):
             per_layer |= self.passive_tier(layer, max_steps + 1)
-            if self.recall_every > 1 and self.recall_n(l):
+            if self.recall_every > 1:
                 per_layer |= self.held_buffers(layer)
+        elif self.external_memory:   # no recall here at decode steps (recall_layers): what it evicts is dropped
+            self.passive.pop(l, None)
         return {"acc": layer.extras["acc"].float(), "tok": layer.extras["tok"].long(), "z0": z0}, per_layer
 
     def passive_tier(self, layer, room: int) -> dict:
@@ -648,15 +650,14 @@ class ATSKV(KVMethod):
     def slot_extra_nbytes(self, state, layer_args):
         """Per step on average: a recall (every recall_every steps) reads the int8 keys and gathers the chosen
         entries from the tier; with recall_every > 1 every step reads the kept entries."""
-        if not self.external_memory:
+        if "pk" not in state:   # no tier (no external memory, or no recall in this layer at decode steps)
             return super().slot_extra_nbytes(state, layer_args)
         B, H = state["pk"].shape[:2]
         k = self.recall_every
         r, D = self.recall_dims, state["pq"].shape[2]
         summaries = sum(state[n].nbytes for n in ("pq", "ps", "pok"))
-        # a recall reads the int8 keys' scanned dimensions, the scales and the validity; nothing in a layer that
-        # does not recall at decode steps (recall_layers)
-        scanned = summaries - state["pq"].nbytes * (D - (r if 0 < r < D else D)) // D if layer_args["recall_n"] else 0
+        # a recall reads the int8 keys' scanned dimensions, the scales and the validity
+        scanned = summaries - state["pq"].nbytes * (D - (r if 0 < r < D else D)) // D
         tier = state["pk"].nbytes + state["pv"].nbytes
         per_entry = (state["pk"].shape[-1] + state["pv"].shape[-1]) * state["pk"].element_size()
         recalled = B * H * layer_args["recall_n"] * per_entry
@@ -712,7 +713,7 @@ class ATSKV(KVMethod):
         (inside decode_attention)."""
         acc, slot = s["state"]["acc"], s["slot"]
         put(acc, slot, torch.zeros(slot.shape[:2], dtype=acc.dtype, device=acc.device))
-        if self.external_memory:   # before the recall reads the tier: see slot_write_through
+        if "pk" in s["state"]:   # the passive tier, before the recall reads it: see slot_write_through
             if "queue" not in s["state"]:
                 self.slot_write_through(s)
             elif s["evict"]:
@@ -738,7 +739,7 @@ class ATSKV(KVMethod):
         over = (present[0, 0].sum() > la["keep"]) & (seen[0] > c["budget_tokens"])
         prot = protection(present, pos, seen, c["n_sink"], la["n_recent"])
         probs, acc, counts = s["probs"], st["acc"], s["counts"]
-        before = present.clone() if self.external_memory else None
+        before = present.clone() if "pk" in st else None   # the freed entries go to the passive tier
         if evict_kernels.available(present):   # the scoring, the decision, the bias and the queue in three kernels
             r = evict_kernels.relevance(probs, acc, st["z0"], pos, st["tok"], counts, valid, seen, co["dyn"])
             evict_kernels.controller_evict(r, prot, present, valid, s["bias"], st.get("queue"), la["keep"], la["beta"],
