@@ -19,7 +19,8 @@
 # SETTINGS="full device" (any of full, evict, host, device, host1, device1) times only those settings, in order;
 # host1 / device1: recall every step, 2% of the budget a step (the setting the CPU probe kept the facts with);
 # host1r / device1r: the same scored on 16 of the 64 key dimensions (recall_dims=16, SparQ's selection);
-# host1l / device1l: and only in the 6 layers with the strongest induction heads (recall_layers=6).
+# host1l / device1l: and only in the 6 layers with the strongest induction heads (recall_layers=6); host1m /
+# device1m: in 12.
 # WEIGHTS=random: the speed parts time random weights of the default model's shape (`--model_config smollm2-135m`;
 # a step's time does not depend on the weights' values), so that no model file has to be carried; the tests
 # still need the model.
@@ -45,7 +46,9 @@ declare -A SETTING=([full]=full [evict]='atskv[evict_every=64]' [host]="$HOST" [
                     [host1]="$E;$SMALL]" [device1]="$E;$SMALL;passive_device=true]"
                     [host1r]="$E;$SMALL;recall_dims=16]" [device1r]="$E;$SMALL;recall_dims=16;passive_device=true]"
                     [host1l]="$E;$SMALL;recall_dims=16;recall_layers=6]"
-                    [device1l]="$E;$SMALL;recall_dims=16;recall_layers=6;passive_device=true]")
+                    [device1l]="$E;$SMALL;recall_dims=16;recall_layers=6;passive_device=true]"
+                    [host1m]="$E;$SMALL;recall_dims=16;recall_layers=12]"
+                    [device1m]="$E;$SMALL;recall_dims=16;recall_layers=12;passive_device=true]")
 pick() { local out=; for s in ${SETTINGS:-$*}; do
     if [ -n "${SETTING[$s]:-}" ]; then out="$out,${SETTING[$s]}"; else echo "unknown setting $s" >&2; fi; done
   echo "${out#,}"; }
