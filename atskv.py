@@ -166,9 +166,7 @@ class ATSKV(KVMethod):
         if self.retrieval_layers:
             if self.retrieval_layers >= pred.n_layers:
                 raise UserError(f"retrieval_layers {self.retrieval_layers}: accepted are 0 to {pred.n_layers - 1}")
-            from relevance_predictor import induction_scores
-            scores = induction_scores(model).mean(1)
-            self.retrieval = set(scores.topk(self.retrieval_layers).indices.tolist())
+            self.retrieval = induction_layers(model, self.retrieval_layers)
         if self.recall_layers > pred.n_layers:
             raise UserError(f"recall_layers {self.recall_layers}: accepted are 0 (all) to {pred.n_layers}")
         self.decode_recall = decode_recall_layers(model, self.recall_layers)
@@ -768,16 +766,20 @@ class ATSKV(KVMethod):
 METHODS["atskv"] = ATSKV
 
 
-def decode_recall_layers(model, k: int) -> set[int]:
-    """The layers whose decode steps recall (`recall_layers`): the k with the strongest induction heads (a layer's
-    score is its KV heads' mean, `relevance_predictor.induction_scores`, as `retrieval_layers` picks them); every
-    layer when k is 0. Retrieval from context is the work of a few such heads (RazorAttention, Tang et al. 2024;
-    DuoAttention, Xiao et al. 2024), so recalling only there trades few answers for most of the recall's cost."""
-    n = model.config.get_text_config(decoder=True).num_hidden_layers
-    if k == 0 or k >= n:
-        return set(range(n))
+def induction_layers(model, k: int) -> set[int]:
+    """The k layers with the strongest induction heads, a layer's score its KV heads' mean
+    (`relevance_predictor.induction_scores`, measured once per model)."""
     from relevance_predictor import induction_scores
     return set(induction_scores(model).mean(1).topk(k).indices.tolist())
+
+
+def decode_recall_layers(model, k: int) -> set[int]:
+    """The layers whose decode steps recall (`recall_layers`): the k `induction_layers`, as `retrieval_layers` picks
+    them; every layer when k is 0. Retrieval from context is the work of a few such heads (RazorAttention, Tang et
+    al. 2024; DuoAttention, Xiao et al. 2024), so recalling only there would save most of the recall's cost (on
+    the default model it loses answers: results/recall-step-cheap-cpu)."""
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    return set(range(n)) if k == 0 or k >= n else induction_layers(model, k)
 
 
 # -- the fast path's tensor forms ------------------------------------------------------------------------------------

@@ -1,17 +1,17 @@
 """Decode-time recall settings compared on one prefill (issue 24): each sample's context is prefilled once with
 `atskv[external_memory=true;evict_every=64]` (the fast path's eviction schedule), then its question is read and
 answered from a copy of that cache once per VARIANT, each setting the method's recall fields (recall_every,
-recall_span, recall_tokens, recall_step_tokens, recall_dims, recall_layers). These fields act only from the question on
-(read-time recall chooses per query, without the span; recall_tokens sets how many entries the question's queries
-choose too), so every variant answers from the same compressed context, and a prefill, the slow part at 8K on a CPU, is paid once
-per sample instead of once per setting.
+recall_span, recall_tokens, recall_step_tokens, recall_dims, recall_layers). These fields act only from the
+question on (read-time recall chooses per query, without the span; recall_tokens sets how many entries the
+question's queries choose too), so every variant answers from the same compressed context, and a prefill, the slow
+part at 8K on a CPU, is paid once per sample instead of once per setting.
 
     python bench/recall_schedule_probe.py --task multi_key --context 8192 --budget 0.25 --num_samples 4 \
         --out /tmp/probe.jsonl every=1,1,0.5 sched=64,32,0.5 step=1,1,0.5,0.02
 
 VARIANT: name=recall_every,recall_span,recall_tokens[,recall_step_tokens[,recall_dims[,recall_layers]]] (an
-empty field: unset, e.g. every_r16=1,1,0.5,,16). One line a sample and variant goes to
---out (the run resumes from it); the end prints each variant's mean score and its answers. needle, multi_key and
+empty field: unset, e.g. every_r16=1,1,0.5,,16). One line a sample and variant goes to --out (the run resumes
+from it); the end prints each variant's mean score and its answers. needle, multi_key and
 multi_value only; --num_samples counts from the first sample, --first skips some of them.
     python bench/recall_schedule_probe.py --table FILE.jsonl [...]     # the answers, a column per variant"""
 import argparse
