@@ -12,7 +12,7 @@ from cache_framework import (METHODS, KVMethod, current_hidden, current_input_id
 from external_memory import (PassiveStore, attention_lse, group_votes, host_mapped, int8_logits, sparq_logits,
                              max_pool_positions, merge_attention, quantize_int8, top_entries)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
-from utils import UserError
+from utils import UserError, head_size
 
 
 class ThresholdController:
@@ -149,8 +149,7 @@ class ATSKV(KVMethod):
 
     def attach_model(self, model, tokenizer=None):
         from relevance_predictor import load_or_train
-        cfg = model.config
-        head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head = head_size(model.config.get_text_config(decoder=True))
         if self.recall_dims > head:
             raise UserError(f"recall_dims {self.recall_dims}: accepted are 0 (all) to {head} (the model's head size)")
         pred = load_or_train(model, tokenizer, variant=self.variant)

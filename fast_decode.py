@@ -31,7 +31,7 @@ from kernels import greedy_kernels, skinny_gemm
 from kernels.decode_attention import HIDDEN, decode_attention, kernel_available, rope
 from cache_framework import protection, put
 from relevance_predictor import HandcraftedFeatureExtractor
-from utils import UserError
+from utils import UserError, head_size
 
 # the decoder layers the lean step re-implements: RMSNorm, RoPE (Llama-3's scaling included: the model's own rotary
 # embedding computes cos and sin), GQA with optional q/k/v biases (Qwen2) and per-head q/k norms (Qwen3), SwiGLU
@@ -104,7 +104,7 @@ class LeanWeights:
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         cfg = model.config.get_text_config(decoder=True)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_size(cfg)
         self.embed, self.rotary, self.norm, self.lm_head = base.embed_tokens, base.rotary_emb, base.norm, \
             model.get_output_embeddings()
         self.layers = []

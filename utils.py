@@ -416,9 +416,14 @@ def read_jsonl(path, warn=True) -> list[dict]:
     return out
 
 
+def head_size(cfg) -> int:
+    """An attention head's size: the config's head_dim where it gives one (Qwen3, Llama-3 variants), else
+    hidden_size / heads."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def kv_bytes_per_token(model) -> int:
     """Bytes of K and V for one token across all layers at the model's dtype."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_size(cfg) * elem
