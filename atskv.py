@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              put_rows, repeat_heads, window_attention)
-from external_memory import (PassiveStore, attention_lse, group_votes, host_mapped, int8_logits, sparq_logits,
-                             max_pool_positions, merge_attention, quantize_int8, top_entries)
+from external_memory import (PassiveStore, attention_lse, host_mapped, max_pool_positions, merge_attention,
+                             quantize_int8, step_votes, top_entries)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError, head_size
 
@@ -627,16 +627,13 @@ class ATSKV(KVMethod):
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]
         q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
-        kq, r = st["pq"].transpose(2, 3), self.recall_dims   # the (B, H, N, D) view of the dimension-major tier
-        logits = sparq_logits(q, kq, st["ps"], st["pok"], r) if 0 < r < q.shape[-1] else \
-            int8_logits(q, kq, st["ps"], st["pok"])
-        vote = group_votes(logits, q.shape[-1])   # 0 where no entry
+        vote = step_votes(q, st["pq"], st["ps"], st["pok"], self.recall_dims)   # -1 where no entry
         n = min(s["layer_args"]["recall_n"], vote.shape[-1])
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
             vote = max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0)
             idx = top_entries(vote, n)
         else:
-            idx = vote.masked_fill(~st["pok"], -1.0).topk(n, dim=-1).indices
+            idx = vote.topk(n, dim=-1).indices
         got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
         if "rk" not in st:
             return got

@@ -263,12 +263,27 @@ def sparq_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: 
     Reading r of D int8 key components cuts the scan's bytes by D / r where the keys lie dimension by dimension:
     kq may be any (B, H_kv, N, D) view, e.g. the transpose of the fast path's (B, H_kv, D, N) tier."""
     B, H, G, Q, D = q.shape
-    dims = q.float().abs().sum(dim=(2, 3)).topk(r, dim=-1).indices                  # (B, H, r)
+    # (B, H, r); a stable sort: of equal sums the lower dimension, as the fast path's kernel picks them
+    dims = q.float().abs().sum(dim=(2, 3)).sort(dim=-1, descending=True, stable=True).indices[..., :r]
     qr = q.gather(-1, dims[:, :, None, None, :].expand(B, H, G, Q, r))
     kr = kq.transpose(2, 3).gather(2, dims[..., None].expand(B, H, r, kq.shape[2])).transpose(2, 3)
     l1 = lambda x: x.float().abs().sum(-1, keepdim=True)  # noqa: E731
     correction = (l1(q) / l1(qr).clamp_min(1e-30)).sqrt()
     return int8_logits(qr, kr, scale, valid) * correction
+
+
+def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int) -> torch.Tensor:
+    """A decode step's `group_votes` over the fast path's passive tier, -1 where an entry is not valid (so that a
+    top-k never chooses it): q (B, H_kv, G, 1, D) against the dimension-major int8 keys pq (B, H_kv, D, N), scored
+    on r dimensions (`sparq_logits`; 0 or D: all, `int8_logits`). On CUDA two Triton kernels compute it
+    (kernels/recall_kernels.py: the scores and each block's softmax statistics, then the votes), in place of the
+    dozen that torch.compile makes of this tensor form, their reference."""
+    from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
+    if recall_kernels.votes_usable(q, pq):
+        return recall_kernels.step_votes(q, pq, scale, valid, r)
+    kq = pq.transpose(2, 3)
+    logits = sparq_logits(q, kq, scale, valid, r) if 0 < r < q.shape[-1] else int8_logits(q, kq, scale, valid)
+    return group_votes(logits, q.shape[-1]).masked_fill(~valid, -1.0)
 
 
 def group_votes(ub: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -40,6 +40,64 @@ if triton is not None:
         out = tl.where(ok[None, :], dot * s[None, :], float("-inf"))
         tl.store(out_ptr + row * M * N + m[:, None] * N + n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _step_logits_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, l_ptr, m_ptr, z_ptr, N, NB, r, temp, k_row, k_d, k_n,
+                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                            SPARQ: tl.constexpr):
+        """A decode step's scaled logits l[row, g, n] = q[row, g] . k[row, n] * s[row, n] * c[row, g] * temp
+        (-inf where not ok) of one block of BN entries, and the block's softmax statistics per query head: its
+        maximum m and sum of exp(l - m) z. With SPARQ only the r dimensions of largest |q| summed over the group
+        are read (the others masked off, so their bytes are not fetched) and c is SparQ's correction
+        sqrt(|q|_1 / |q_r|_1), else c = 1. k int8 at strides k_row, k_d, k_n (the fast path's tier: (B, H, D, N))."""
+        blk, row = tl.program_id(0), tl.program_id(1)
+        g, d = tl.arange(0, GP), tl.arange(0, D)
+        g_ok = g < G
+        q = tl.load(q_ptr + row * G * D + g[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
+        if SPARQ:   # a dimension is read when fewer than r dimensions beat it (larger sum, or equal and lower index)
+            a = tl.sum(tl.abs(q), 0)
+            e = tl.arange(0, D)
+            beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (e[None, :] < e[:, None]))
+            read = tl.sum(beats.to(tl.int32), 1) < r
+            qr = tl.where(read[None, :], q, 0.0)
+            c = tl.sqrt(tl.sum(tl.abs(q), 1) / tl.maximum(tl.sum(tl.abs(qr), 1), 1e-30))
+        else:
+            read = d < D
+            qr = q
+            c = tl.full((GP,), 1.0, tl.float32)
+        n = blk * BN + tl.arange(0, BN)
+        n_ok = n < N
+        k = tl.load(k_ptr + row * k_row + d[:, None] * k_d + n[None, :] * k_n, mask=read[:, None] & n_ok[None, :],
+                    other=0).to(tl.float32)
+        dot = tl.sum(qr[:, :, None] * k[None, :, :], axis=1)                       # (GP, BN)
+        s = tl.load(s_ptr + row * N + n, mask=n_ok, other=0.0)
+        ok = (tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0) & n_ok
+        l = tl.where(ok[None, :] & g_ok[:, None], dot * s[None, :] * (c * temp)[:, None], float("-inf"))
+        tl.store(l_ptr + (row * G + g[:, None]) * N + n[None, :], l, mask=g_ok[:, None] & n_ok[None, :])
+        m = tl.max(l, 1)
+        z = tl.sum(tl.where(l > float("-inf"), tl.exp(l - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0), 1)
+        tl.store(m_ptr + (row * NB + blk) * GP + g, m)
+        tl.store(z_ptr + (row * NB + blk) * GP + g, z)
+
+    @triton.jit
+    def _step_votes_kernel(l_ptr, m_ptr, z_ptr, ok_ptr, out_ptr, N, NB, G: tl.constexpr, GP: tl.constexpr,
+                           NBP: tl.constexpr, BN: tl.constexpr):
+        """The group's votes over one block of entries: each query head's softmax over all N entries (from the
+        blocks' statistics), summed over the heads; -1 where an entry is not ok (what topk must not choose)."""
+        blk, row = tl.program_id(0), tl.program_id(1)
+        g, b = tl.arange(0, GP), tl.arange(0, NBP)
+        mb = tl.load(m_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=float("-inf"))
+        zb = tl.load(z_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=0.0)
+        m = tl.max(mb, 0)                                                          # (GP,)
+        m0 = tl.where(m > float("-inf"), m, 0.0)
+        z = tl.sum(tl.where(mb > float("-inf"), zb * tl.exp(mb - m0[None, :]), 0.0), 0)
+        n = blk * BN + tl.arange(0, BN)
+        n_ok = n < N
+        l = tl.load(l_ptr + (row * G + g[:, None]) * N + n[None, :], mask=(g[:, None] < G) & n_ok[None, :],
+                    other=float("-inf"))
+        p = tl.where(l > float("-inf"), tl.exp(l - m0[:, None]) / tl.maximum(z, 1e-30)[:, None], 0.0)
+        ok = tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0
+        tl.store(out_ptr + row * N + n, tl.where(ok, tl.sum(p, 0), -1.0), mask=n_ok)
+
     from torch.library import triton_op, wrap_triton
 
     def _launch(q, kq, scale, valid, wrap=lambda k: k):
@@ -61,6 +119,34 @@ if triton is not None:
         return _launch(q, kq, scale, valid, wrap_triton)
 
 
+    def _launch_votes(q, pq, scale, valid, r: int, wrap=lambda k: k):
+        """q (B, H, G, 1, D) against the dimension-major int8 tier pq (B, H, D, N), scale (B, H, N) float32, valid
+        (B, H, N) uint8 -> the votes (B, H, N) float32, -1 where not valid: two kernels, the scaled logits and
+        each block's softmax statistics, then the votes."""
+        B, H, G, _, D = q.shape
+        N = pq.shape[3]
+        GP = max(2, triton.next_power_of_2(G))
+        BN = max(16, min(128, TILE // (GP * D)))
+        NB = triton.cdiv(N, BN)
+        logits = torch.empty((B, H, G, N), dtype=torch.float32, device=q.device)
+        m = torch.empty((B, H, NB, GP), dtype=torch.float32, device=q.device)
+        z = torch.empty_like(m)
+        out = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        if pq.stride(0) != H * pq.stride(1):   # rows (b, h) not evenly spaced: a copy
+            pq = pq.contiguous()
+        wrap(_step_logits_kernel)[(NB, B * H)](
+            q.float().contiguous(), pq, scale.float().contiguous(), valid.contiguous(), logits, m, z, N, NB, r, D ** -0.5,
+            pq.stride(1), pq.stride(2), pq.stride(3), G=G, GP=GP, D=D, BN=BN, SPARQ=0 < r < D, num_warps=4)
+        wrap(_step_votes_kernel)[(NB, B * H)](logits, m, z, valid.contiguous(), out, N, NB, G=G, GP=GP,
+                                             NBP=triton.next_power_of_2(NB), BN=BN, num_warps=4)
+        return out
+
+    @triton_op("atskv::step_votes", mutates_args=())
+    def _step_votes_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+                       r: int) -> torch.Tensor:
+        return _launch_votes(q, pq, scale, valid, r, wrap_triton)
+
+
 def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
     """Whether the kernel takes these scores: CUDA, Triton, at most MAX_QUERIES queries a KV head, a head size that
     is a power of two (one tile of it)."""
@@ -77,3 +163,15 @@ def int8_logits(q, kq, scale, valid):
         ub = (q.float()[..., None, :] * kq[:, :, None, None].float()).sum(-1) * scale[:, :, None, None, :]
         return ub.masked_fill(~valid[:, :, None, None, :], float("-inf"))
     return _int8_logits_op(q, kq, scale, valid)
+
+
+def votes_usable(q: torch.Tensor, pq: torch.Tensor) -> bool:
+    """Whether the step's votes kernels take this: CUDA, Triton, one query per query head (a decode step), at most
+    MAX_QUERIES of them a KV head, a head size that is a power of two."""
+    G, Q, D = q.shape[2:]
+    return kernels.enabled("recall") and q.is_cuda and pq.dtype == torch.int8 and Q == 1 and G <= MAX_QUERIES \
+        and D & (D - 1) == 0 and D >= 16
+
+
+def step_votes(q, pq, scale, valid, r: int):
+    return _step_votes_op(q, pq, scale, valid.to(torch.uint8), r)

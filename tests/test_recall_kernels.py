@@ -2,7 +2,7 @@
 machine through Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
 import torch
 
-from external_memory import int8_logits, quantize_int8, sparq_logits
+from external_memory import group_votes, int8_logits, quantize_int8, sparq_logits, step_votes
 from kernels import recall_kernels
 from tests.triton_interpreter import needs_triton, register, run_interpreted
 
@@ -36,7 +36,7 @@ def test_sparq_scores_use_the_groups_largest_query_components_with_the_temperatu
     g = torch.Generator().manual_seed(2)
     q = torch.full((1, 1, 2, 1, 8), 0.1)
     q[..., 3], q[..., 6] = 1.0, -0.8
-    q[0, 0, 0, 0, 0] = 1.5           # head 0's own largest, but 1.5 + 0.1 < 2 x 1.0 and < 2 x 0.8
+    q[0, 0, 0, 0, 0] = 1.4           # head 0's own largest, but 1.4 + 0.1 < 2 x 1.0 and < 2 x 0.8
     kq, scale = quantize_int8(torch.randn(1, 1, 20, 8, generator=g))
     valid = torch.rand(1, 1, 20, generator=g) > 0.2
     qr = q[..., [3, 6]]
@@ -87,3 +87,47 @@ register(INTERPRETED)
 @needs_triton
 def test_int8_scores_kernel_matches_its_tensor_form_in_the_triton_interpreter():
     run_interpreted(INTERPRETED)
+
+
+VOTES_INTERPRETED = r"""
+import sys, torch
+sys.path.insert(0, {root!r})
+from external_memory import quantize_int8, step_votes
+from kernels import recall_kernels as rk
+g = torch.Generator().manual_seed(1)
+# the default model's group on 16 of 64 dimensions and on all of them, over several blocks and a partial one; an
+# 8B model's head size; a row with no valid entry (its votes all -1)
+for B, H, G, N, D, r in ((2, 3, 3, 700, 64, 16), (2, 3, 3, 150, 64, 0), (1, 2, 4, 300, 128, 32), (1, 2, 3, 40, 64, 8)):
+    q, k = torch.randn(B, H, G, 1, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    kq, scale = quantize_int8(k)
+    pq = kq.transpose(2, 3).contiguous()                      # the fast path's dimension-major tier
+    valid = torch.rand(B, H, N, generator=g) > 0.25
+    valid[0, 1] = False
+    want = step_votes(q.bfloat16(), pq, scale[..., 0], valid, r)     # the tensor form (no CUDA here)
+    got = rk._launch_votes(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r)
+    assert got.shape == want.shape and got.dtype == torch.float32, (got.shape, want.shape)
+    assert torch.equal(got == -1, ~valid) and torch.equal(want == -1, ~valid), (B, H, G, N, D, r)
+    assert (got - want).abs().max() < 1e-5, (B, H, G, N, D, r, (got - want).abs().max())
+    assert torch.allclose(got[valid].view(-1).sum(), torch.tensor(float(G * (valid.any(-1).sum()))), atol=1e-3)
+print("ok")
+"""
+register(VOTES_INTERPRETED)
+
+
+@needs_triton
+def test_step_votes_kernels_match_their_tensor_form_in_the_triton_interpreter():
+    """The decode step's votes (scores on SparQ's dimensions or all, each head's softmax, the group's sum) from the
+    two kernels as from `external_memory.step_votes`' tensor form: each valid row's votes sum to G."""
+    run_interpreted(VOTES_INTERPRETED)
+
+
+def test_step_votes_are_the_group_votes_of_the_sparq_scores_with_invalid_entries_at_minus_one():
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 3, 3, 1, 64, generator=g), torch.randn(2, 3, 90, 64, generator=g)
+    kq, scale = quantize_int8(k)
+    valid = torch.rand(2, 3, 90, generator=g) > 0.2
+    pq = kq.transpose(2, 3).contiguous()
+    for r, logits in ((16, sparq_logits(q, kq, scale[..., 0], valid, 16)), (0, int8_logits(q, kq, scale[..., 0], valid))):
+        want = group_votes(logits, 64).masked_fill(~valid, -1.0)
+        got = step_votes(q, pq, scale[..., 0], valid, r)
+        assert torch.equal(got == -1, ~valid) and torch.allclose(got, want, atol=1e-6)
