@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
                              put_rows, repeat_heads, window_attention)
 from external_memory import (PassiveStore, attention_lse, host_mapped, max_pool_positions, merge_attention,
-                             quantize_int8, step_votes, top_entries)
+                             quantize_int8, step_recall, step_votes, top_entries)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
 from utils import UserError, head_size
 
@@ -627,13 +627,12 @@ class ATSKV(KVMethod):
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]
         q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
-        vote = step_votes(q, st["pq"], st["ps"], st["pok"], self.recall_dims)   # -1 where no entry
-        n = min(s["layer_args"]["recall_n"], vote.shape[-1])
+        n = min(s["layer_args"]["recall_n"], st["pok"].shape[-1])
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
-            vote = max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0)
-            idx = top_entries(vote, n)
+            vote = step_votes(q, st["pq"], st["ps"], st["pok"], self.recall_dims)   # -1 where no entry
+            idx = top_entries(max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0), n)
         else:
-            idx = vote.topk(n, dim=-1).indices
+            idx = step_recall(q, st["pq"], st["ps"], st["pok"], self.recall_dims, n)
         got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
         if "rk" not in st:
             return got

@@ -286,6 +286,17 @@ def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: to
     return group_votes(logits, q.shape[-1]).masked_fill(~valid, -1.0)
 
 
+def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int,
+                n: int) -> torch.Tensor:
+    """The n entries a decode step recalls: the indices (B, H_kv, n) of the n largest `step_votes`, best first. On
+    CUDA three Triton kernels (the votes' two, each block's best kept as sortable keys, then the best of those;
+    of equal votes the lower index), in place of torch.topk's dozen over the whole tier."""
+    from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
+    if recall_kernels.votes_usable(q, pq):
+        return recall_kernels.step_recall(q, pq, scale, valid, r, n)
+    return step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
+
+
 def group_votes(ub: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q.k (B, H_kv, G, q, N) -> each candidate's votes (B, H_kv, N): every query's softmax over the candidates
     (as SnapKV's window votes over tokens), summed over the queries and the group's heads. A few queries with large

@@ -16,6 +16,7 @@ import kernels
 from kernels import tl, triton
 
 MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a program holds; more: torch's einsum
+VOTE_BLOCK = 512     # entries a program of a decode step's recall scores, then votes on (and picks its best of)
 TILE = 16384         # q x key products a program holds in registers: BLOCK_N keys = TILE / (queries x head size)
 
 
@@ -41,37 +42,41 @@ if triton is not None:
         tl.store(out_ptr + row * M * N + m[:, None] * N + n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _step_logits_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, l_ptr, m_ptr, z_ptr, N, NB, r, temp, k_row, k_d, k_n,
-                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                            SPARQ: tl.constexpr):
-        """A decode step's scaled logits l[row, g, n] = q[row, g] . k[row, n] * s[row, n] * c[row, g] * temp
-        (-inf where not ok) of one block of BN entries, and the block's softmax statistics per query head: its
-        maximum m and sum of exp(l - m) z. With SPARQ only the r dimensions of largest |q| summed over the group
-        are read (the others masked off, so their bytes are not fetched) and c is SparQ's correction
-        sqrt(|q|_1 / |q_r|_1), else c = 1. k int8 at strides k_row, k_d, k_n (the fast path's tier: (B, H, D, N))."""
+    def _step_scores_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, l_ptr, m_ptr, z_ptr, N, NB, temp, k_row, k_d, k_n,
+                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                            BN: tl.constexpr, SPARQ: tl.constexpr):
+        """A decode step's scaled logits l[row, g, n] = q[row, g] . k[row, n] * s[row, n] * c[row, g] * temp (-inf
+        where not ok) over one block of BN entries, and the block's softmax statistics per query head: its maximum
+        m and its sum of exp(l - m) z. With SPARQ only the R dimensions of largest |q| summed over the group are
+        read, in that order (SparQ's first step), and c is SparQ's correction sqrt(|q|_1 / |q_R|_1); else all D
+        in order and c = 1. k int8 at strides k_row, k_d, k_n (the fast path's tier: (B, H, D, N)): one dimension
+        of BN entries is one contiguous load."""
         blk, row = tl.program_id(0), tl.program_id(1)
         g, d = tl.arange(0, GP), tl.arange(0, D)
         g_ok = g < G
         q = tl.load(q_ptr + row * G * D + g[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
-        if SPARQ:   # a dimension is read when fewer than r dimensions beat it (larger sum, or equal and lower index)
+        if SPARQ:   # a dimension's rank: how many beat it (a larger sum, or an equal one at a lower index)
             a = tl.sum(tl.abs(q), 0)
             e = tl.arange(0, D)
             beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (e[None, :] < e[:, None]))
-            read = tl.sum(beats.to(tl.int32), 1) < r
-            qr = tl.where(read[None, :], q, 0.0)
+            rank = tl.sum(beats.to(tl.int32), 1)
+            qr = tl.where(rank[None, :] < R, q, 0.0)
             c = tl.sqrt(tl.sum(tl.abs(q), 1) / tl.maximum(tl.sum(tl.abs(qr), 1), 1e-30))
         else:
-            read = d < D
-            qr = q
+            rank = d
             c = tl.full((GP,), 1.0, tl.float32)
         n = blk * BN + tl.arange(0, BN)
         n_ok = n < N
-        k = tl.load(k_ptr + row * k_row + d[:, None] * k_d + n[None, :] * k_n, mask=read[:, None] & n_ok[None, :],
-                    other=0).to(tl.float32)
-        dot = tl.sum(qr[:, :, None] * k[None, :, :], axis=1)                       # (GP, BN)
+        keys = k_ptr + row.to(tl.int64) * k_row + n * k_n
+        acc = tl.zeros((GP, BN), dtype=tl.float32)
+        for j in range(R):
+            dim = tl.sum(tl.where(rank == j, d, 0))
+            qc = tl.sum(tl.where(d[None, :] == dim, q, 0.0), 1)                     # (GP,)
+            kd = tl.load(keys + dim * k_d, mask=n_ok, other=0).to(tl.float32)        # (BN,)
+            acc += qc[:, None] * kd[None, :]
         s = tl.load(s_ptr + row * N + n, mask=n_ok, other=0.0)
         ok = (tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0) & n_ok
-        l = tl.where(ok[None, :] & g_ok[:, None], dot * s[None, :] * (c * temp)[:, None], float("-inf"))
+        l = tl.where(ok[None, :] & g_ok[:, None], acc * s[None, :] * (c * temp)[:, None], float("-inf"))
         tl.store(l_ptr + (row * G + g[:, None]) * N + n[None, :], l, mask=g_ok[:, None] & n_ok[None, :])
         m = tl.max(l, 1)
         z = tl.sum(tl.where(l > float("-inf"), tl.exp(l - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0), 1)
@@ -80,14 +85,15 @@ if triton is not None:
 
     @triton.jit
     def _step_votes_kernel(l_ptr, m_ptr, z_ptr, ok_ptr, out_ptr, N, NB, G: tl.constexpr, GP: tl.constexpr,
-                           NBP: tl.constexpr, BN: tl.constexpr):
+                           NBP: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr):
         """The group's votes over one block of entries: each query head's softmax over all N entries (from the
-        blocks' statistics), summed over the heads; -1 where an entry is not ok (what topk must not choose)."""
+        blocks' statistics), summed over the heads; -1 where an entry is not ok. NC = 0: the votes into out (B, H,
+        N); NC > 0: the block's NC best as sortable keys (`_vote_keys`) into out (B, H, NB, NC), best first."""
         blk, row = tl.program_id(0), tl.program_id(1)
         g, b = tl.arange(0, GP), tl.arange(0, NBP)
         mb = tl.load(m_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=float("-inf"))
         zb = tl.load(z_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=0.0)
-        m = tl.max(mb, 0)                                                          # (GP,)
+        m = tl.max(mb, 0)                                                            # (GP,)
         m0 = tl.where(m > float("-inf"), m, 0.0)
         z = tl.sum(tl.where(mb > float("-inf"), zb * tl.exp(mb - m0[None, :]), 0.0), 0)
         n = blk * BN + tl.arange(0, BN)
@@ -96,7 +102,32 @@ if triton is not None:
                     other=float("-inf"))
         p = tl.where(l > float("-inf"), tl.exp(l - m0[:, None]) / tl.maximum(z, 1e-30)[:, None], 0.0)
         ok = tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0
-        tl.store(out_ptr + row * N + n, tl.where(ok, tl.sum(p, 0), -1.0), mask=n_ok)
+        vote = tl.where(ok, tl.sum(p, 0), -1.0)
+        if NC == 0:
+            tl.store(out_ptr + row * N + n, vote, mask=n_ok)
+        else:
+            best = tl.sort(_vote_keys(vote, n, n_ok), descending=True)
+            i = tl.arange(0, BN)
+            tl.store(out_ptr + (row * NB + blk) * NC + i, best, mask=i < NC)
+
+    @triton.jit
+    def _vote_keys(vote, n, n_ok):
+        """Votes and their entries' indices as int64 keys that order as (vote, then the lower index): the float's
+        bits made monotonic as a signed integer, above 2^32 - 1 - index; entries beyond N order last."""
+        bits = vote.to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        packed = key * 4294967296 + (4294967296 - 1 - n.to(tl.int64))
+        return tl.where(n_ok, packed, -9223372036854775807)
+
+    @triton.jit
+    def _top_keys_kernel(c_ptr, idx_ptr, NCAND, n_top, CP: tl.constexpr):
+        """A row's n_top best of its blocks' candidate keys -> their entries' indices (B, H, n_top), best first."""
+        row = tl.program_id(0)
+        i = tl.arange(0, CP)
+        c = tl.load(c_ptr + row * NCAND + i, mask=i < NCAND, other=-9223372036854775807)
+        best = tl.sort(c, descending=True)
+        low = best - (best >> 32) * 4294967296                                     # the index's part
+        tl.store(idx_ptr + row * n_top + i, 4294967296 - 1 - low, mask=i < n_top)
 
     from torch.library import triton_op, wrap_triton
 
@@ -119,32 +150,46 @@ if triton is not None:
         return _launch(q, kq, scale, valid, wrap_triton)
 
 
-    def _launch_votes(q, pq, scale, valid, r: int, wrap=lambda k: k):
+    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k):
         """q (B, H, G, 1, D) against the dimension-major int8 tier pq (B, H, D, N), scale (B, H, N) float32, valid
-        (B, H, N) uint8 -> the votes (B, H, N) float32, -1 where not valid: two kernels, the scaled logits and
-        each block's softmax statistics, then the votes."""
+        (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
+        (B, H, n_top) of the n_top best, best first (of equal votes the lower index): each block's next power of
+        two >= n_top best, then the best of those. Two kernels, or three with n_top."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
-        GP = max(2, triton.next_power_of_2(G))
-        BN = max(16, min(128, TILE // (GP * D)))
+        GP, BN = max(2, triton.next_power_of_2(G)), VOTE_BLOCK
         NB = triton.cdiv(N, BN)
         logits = torch.empty((B, H, G, N), dtype=torch.float32, device=q.device)
         m = torch.empty((B, H, NB, GP), dtype=torch.float32, device=q.device)
         z = torch.empty_like(m)
-        out = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         if pq.stride(0) != H * pq.stride(1):   # rows (b, h) not evenly spaced: a copy
             pq = pq.contiguous()
-        wrap(_step_logits_kernel)[(NB, B * H)](
-            q.float().contiguous(), pq, scale.float().contiguous(), valid.contiguous(), logits, m, z, N, NB, r, D ** -0.5,
-            pq.stride(1), pq.stride(2), pq.stride(3), G=G, GP=GP, D=D, BN=BN, SPARQ=0 < r < D, num_warps=4)
+        sparq = 0 < r < D
+        wrap(_step_scores_kernel)[(NB, B * H)](
+            q.float().contiguous(), pq, scale.float().contiguous(), valid.contiguous(), logits, m, z, N, NB,
+            D ** -0.5, pq.stride(1), pq.stride(2), pq.stride(3), G=G, GP=GP, D=D, R=r if sparq else D, BN=BN,
+            SPARQ=sparq, num_warps=4)
+        NC = min(BN, triton.next_power_of_2(n_top)) if n_top else 0
+        out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
+                          device=q.device)
         wrap(_step_votes_kernel)[(NB, B * H)](logits, m, z, valid.contiguous(), out, N, NB, G=G, GP=GP,
-                                             NBP=triton.next_power_of_2(NB), BN=BN, num_warps=4)
-        return out
+                                             NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, num_warps=4)
+        if not NC:
+            return out
+        idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)
+        wrap(_top_keys_kernel)[(B * H,)](out, idx, NB * NC, n_top, CP=max(2, triton.next_power_of_2(NB * NC)),
+                                         num_warps=4)
+        return idx
 
     @triton_op("atskv::step_votes", mutates_args=())
     def _step_votes_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
                        r: int) -> torch.Tensor:
-        return _launch_votes(q, pq, scale, valid, r, wrap_triton)
+        return _launch_step(q, pq, scale, valid, r, 0, wrap_triton)
+
+    @triton_op("atskv::step_recall", mutates_args=())
+    def _step_recall_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int,
+                        n_top: int) -> torch.Tensor:
+        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton)
 
 
 def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
@@ -175,3 +220,7 @@ def votes_usable(q: torch.Tensor, pq: torch.Tensor) -> bool:
 
 def step_votes(q, pq, scale, valid, r: int):
     return _step_votes_op(q, pq, scale, valid.to(torch.uint8), r)
+
+
+def step_recall(q, pq, scale, valid, r: int, n: int):
+    return _step_recall_op(q, pq, scale, valid.to(torch.uint8), r, n)

@@ -226,11 +226,11 @@ def test_int8_recall_scores_kernel_matches_the_tensor_form(compile):
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("r", [16, 0])
-def test_step_votes_kernels_match_the_tensor_form(compile, r):
+def test_step_recall_kernels_match_the_tensor_form(compile, r):
     """The default model's decode step at 64 x 8192, 10% (7373 passive entries a KV head), on SparQ's 16 dimensions
-    and on all 64: the two kernels, eagerly and as the op inside a compiled graph, against the tensor form."""
+    and on all 64: the kernels, eagerly and as ops inside a compiled graph, against the tensor form."""
     import kernels
-    from external_memory import quantize_int8, step_votes
+    from external_memory import quantize_int8, step_recall, step_votes
     from kernels import recall_kernels
     torch.manual_seed(0)
     q, k = torch.randn(64, 3, 3, 1, 64, device="cuda").bfloat16(), torch.randn(64, 3, 7373, 64, device="cuda")
@@ -247,6 +247,13 @@ def test_step_votes_kernels_match_the_tensor_form(compile, r):
         kernels.switch_off([])
     assert torch.equal(got == -1, ~valid)
     assert (got - want).abs().max() < 1e-4
+    # the 16 recalled: the kernels' three (top-16 of each block of votes, then of those) choose the tensor form's
+    # topk up to float rounding (their votes the same)
+    pick = torch.compile(step_recall, fullgraph=True) if compile else step_recall
+    idx = pick(q, pq, scale[..., 0], valid, r, 16)
+    top = want.topk(16, dim=-1)
+    assert idx.shape == top.indices.shape
+    assert (want.gather(-1, idx) - top.values).abs().max() < 1e-4
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")

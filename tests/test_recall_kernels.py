@@ -92,32 +92,40 @@ def test_int8_scores_kernel_matches_its_tensor_form_in_the_triton_interpreter():
 VOTES_INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-from external_memory import quantize_int8, step_votes
+from external_memory import quantize_int8, step_recall, step_votes
 from kernels import recall_kernels as rk
 g = torch.Generator().manual_seed(1)
 # the default model's group on 16 of 64 dimensions and on all of them, over several blocks and a partial one; an
-# 8B model's head size; a row with no valid entry (its votes all -1)
-for B, H, G, N, D, r in ((2, 3, 3, 700, 64, 16), (2, 3, 3, 150, 64, 0), (1, 2, 4, 300, 128, 32), (1, 2, 3, 40, 64, 8)):
+# 8B model's head size; more entries to recall than a block holds; a row with no valid entry (its votes all -1)
+for B, H, G, N, D, r, n in ((2, 3, 3, 1300, 64, 16, 16), (2, 3, 3, 150, 64, 0, 5), (1, 2, 4, 600, 128, 32, 40),
+                            (1, 2, 3, 1100, 64, 8, 700)):
     q, k = torch.randn(B, H, G, 1, D, generator=g), torch.randn(B, H, N, D, generator=g)
     kq, scale = quantize_int8(k)
     pq = kq.transpose(2, 3).contiguous()                      # the fast path's dimension-major tier
     valid = torch.rand(B, H, N, generator=g) > 0.25
     valid[0, 1] = False
     want = step_votes(q.bfloat16(), pq, scale[..., 0], valid, r)     # the tensor form (no CUDA here)
-    got = rk._launch_votes(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r)
+    got = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, 0)
     assert got.shape == want.shape and got.dtype == torch.float32, (got.shape, want.shape)
     assert torch.equal(got == -1, ~valid) and torch.equal(want == -1, ~valid), (B, H, G, N, D, r)
     assert (got - want).abs().max() < 1e-5, (B, H, G, N, D, r, (got - want).abs().max())
-    assert torch.allclose(got[valid].view(-1).sum(), torch.tensor(float(G * (valid.any(-1).sum()))), atol=1e-3)
+    assert torch.allclose(got[valid].sum(), torch.tensor(float(G * valid.any(-1).sum())), atol=1e-3)
+    # the n best: the kernels' votes sorted (best first, of equal votes the lower index: the invalid row's -1s)
+    idx = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n)
+    assert idx.shape == (B, H, n) and idx.dtype == torch.int64, idx.shape
+    assert torch.equal(idx, got.sort(dim=-1, descending=True, stable=True).indices[..., :n]), (B, H, G, N, D, r, n)
+    chosen = want.gather(-1, step_recall(q.bfloat16(), pq, scale[..., 0], valid, r, n))
+    assert torch.allclose(chosen.sort(-1).values, want.gather(-1, idx).sort(-1).values, atol=1e-5)
 print("ok")
 """
 register(VOTES_INTERPRETED)
 
 
 @needs_triton
-def test_step_votes_kernels_match_their_tensor_form_in_the_triton_interpreter():
+def test_step_recall_kernels_match_their_tensor_form_in_the_triton_interpreter():
     """The decode step's votes (scores on SparQ's dimensions or all, each head's softmax, the group's sum) from the
-    two kernels as from `external_memory.step_votes`' tensor form: each valid row's votes sum to G."""
+    kernels as from `external_memory.step_votes`' tensor form (each valid row's votes sum to G), and the n entries
+    recalled: the n best votes."""
     run_interpreted(VOTES_INTERPRETED)
 
 
