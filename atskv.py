@@ -631,9 +631,9 @@ class ATSKV(KVMethod):
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
             vote = step_votes(q, st["pq"], st["ps"], st["pok"], self.recall_dims)   # -1 where no entry
             idx = top_entries(max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0), n)
+            got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
         else:
-            idx = step_recall(q, st["pq"], st["ps"], st["pok"], self.recall_dims, n)
-        got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
+            got = step_recall(q, st["pq"], st["ps"], st["pok"], self.recall_dims, n, st["pk"], st["pv"])[1:]
         if "rk" not in st:
             return got
         for name, x in zip(("rk", "rv", "rok"), got):

@@ -286,15 +286,18 @@ def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: to
     return group_votes(logits, q.shape[-1]).masked_fill(~valid, -1.0)
 
 
-def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int,
-                n: int) -> torch.Tensor:
-    """The n entries a decode step recalls: the indices (B, H_kv, n) of the n largest `step_votes`, best first. On
-    CUDA three Triton kernels (the votes' two, each block's best kept as sortable keys, then the best of those;
-    of equal votes the lower index), in place of torch.topk's dozen over the whole tier."""
+def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int, n: int,
+                k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """The n entries a decode step recalls from the fast path's tier (keys and values k, v (B, H_kv, N, D) beside
+    their int8 copies pq): those of the n largest `step_votes` -> (indices (B, H_kv, n), best first; keys and values
+    (B, H_kv, n, D); validity (B, H_kv, n), bool or uint8). On CUDA three Triton kernels (the votes' two, keeping
+    each block's best as sortable keys; then the best of those, gathered; of equal votes the lower index), in
+    place of torch.topk's dozen kernels over the whole tier and three gathers."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq):
-        return recall_kernels.step_recall(q, pq, scale, valid, r, n)
-    return step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
+        return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v)
+    idx = step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
+    return idx, gather_entries(k, idx), gather_entries(v, idx), valid.gather(2, idx)
 
 
 def group_votes(ub: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -120,14 +120,30 @@ if triton is not None:
         return tl.where(n_ok, packed, -9223372036854775807)
 
     @triton.jit
-    def _top_keys_kernel(c_ptr, idx_ptr, NCAND, n_top, CP: tl.constexpr):
-        """A row's n_top best of its blocks' candidate keys -> their entries' indices (B, H, n_top), best first."""
+    def _top_keys_kernel(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, NCAND, n_top, N, k_row,
+                         k_n, v_row, v_n, CP: tl.constexpr, D: tl.constexpr, NP: tl.constexpr):
+        """A row's n_top best of its blocks' candidate keys -> their entries' indices (B, H, n_top), best first,
+        and those entries: keys and values (B, H, n_top, D) gathered from k, v (B, H, N, D) at strides k_row, k_n
+        (the tier, in device or pinned host memory) and their validity (uint8), NP entries at a time."""
         row = tl.program_id(0)
         i = tl.arange(0, CP)
         c = tl.load(c_ptr + row * NCAND + i, mask=i < NCAND, other=-9223372036854775807)
         best = tl.sort(c, descending=True)
         low = best - (best >> 32) * 4294967296                                     # the index's part
         tl.store(idx_ptr + row * n_top + i, 4294967296 - 1 - low, mask=i < n_top)
+        tl.debug_barrier()   # the indices are read back below by other threads of this program
+        d = tl.arange(0, D)
+        r64 = row.to(tl.int64)
+        for c0 in range(0, n_top, NP):
+            j = c0 + tl.arange(0, NP)
+            j_ok = j < n_top
+            e = tl.load(idx_ptr + row * n_top + j, mask=j_ok, other=0)
+            out = (row * n_top + j[:, None]) * D + d[None, :]
+            kv = tl.load(k_ptr + r64 * k_row + e[:, None] * k_n + d[None, :], mask=j_ok[:, None], other=0.0)
+            tl.store(rk_ptr + out, kv, mask=j_ok[:, None])
+            kv = tl.load(v_ptr + r64 * v_row + e[:, None] * v_n + d[None, :], mask=j_ok[:, None], other=0.0)
+            tl.store(rv_ptr + out, kv, mask=j_ok[:, None])
+            tl.store(rok_ptr + row * n_top + j, tl.load(ok_ptr + row * N + e, mask=j_ok, other=0), mask=j_ok)
 
     from torch.library import triton_op, wrap_triton
 
@@ -150,11 +166,12 @@ if triton is not None:
         return _launch(q, kq, scale, valid, wrap_triton)
 
 
-    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k):
+    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k, k=None, v=None):
         """q (B, H, G, 1, D) against the dimension-major int8 tier pq (B, H, D, N), scale (B, H, N) float32, valid
         (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
-        (B, H, n_top) of the n_top best, best first (of equal votes the lower index): each block's next power of
-        two >= n_top best, then the best of those. Two kernels, or three with n_top."""
+        (B, H, n_top) of the n_top best, best first (of equal votes the lower index: each block's next power of
+        two >= n_top best, then the best of those), and those entries of the tier's keys and values k, v (B, H, N,
+        D) with their validity (uint8). Two kernels, or three with n_top."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
         GP, BN = max(2, triton.next_power_of_2(G)), VOTE_BLOCK
@@ -177,9 +194,16 @@ if triton is not None:
         if not NC:
             return out
         idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)
-        wrap(_top_keys_kernel)[(B * H,)](out, idx, NB * NC, n_top, CP=max(2, triton.next_power_of_2(NB * NC)),
+        rk = torch.empty((B, H, n_top, k.shape[-1]), dtype=k.dtype, device=q.device)
+        rv = torch.empty((B, H, n_top, v.shape[-1]), dtype=v.dtype, device=q.device)
+        rok = torch.empty((B, H, n_top), dtype=torch.uint8, device=q.device)
+        for t in (k, v):
+            assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "the tier's rows evenly spaced"
+        wrap(_top_keys_kernel)[(B * H,)](out, idx, k, v, valid, rk, rv, rok, NB * NC, n_top, N, k.stride(1),
+                                         k.stride(2), v.stride(1), v.stride(2),
+                                         CP=max(2, triton.next_power_of_2(NB * NC)), D=k.shape[-1], NP=32,
                                          num_warps=4)
-        return idx
+        return idx, rk, rv, rok
 
     @triton_op("atskv::step_votes", mutates_args=())
     def _step_votes_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
@@ -188,8 +212,9 @@ if triton is not None:
 
     @triton_op("atskv::step_recall", mutates_args=())
     def _step_recall_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int,
-                        n_top: int) -> torch.Tensor:
-        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton)
+                        n_top: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor, torch.Tensor]:
+        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton, k, v)
 
 
 def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
@@ -222,5 +247,5 @@ def step_votes(q, pq, scale, valid, r: int):
     return _step_votes_op(q, pq, scale, valid.to(torch.uint8), r)
 
 
-def step_recall(q, pq, scale, valid, r: int, n: int):
-    return _step_recall_op(q, pq, scale, valid.to(torch.uint8), r, n)
+def step_recall(q, pq, scale, valid, r: int, n: int, k, v):
+    return _step_recall_op(q, pq, scale, valid.to(torch.uint8), r, n, k, v)

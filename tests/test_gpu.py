@@ -248,12 +248,16 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
     assert torch.equal(got == -1, ~valid)
     assert (got - want).abs().max() < 1e-4
     # the 16 recalled: the kernels' three (top-16 of each block of votes, then of those) choose the tensor form's
-    # topk up to float rounding (their votes the same)
+    # topk up to float rounding (their votes the same), and gather those entries from the tier
     pick = torch.compile(step_recall, fullgraph=True) if compile else step_recall
-    idx = pick(q, pq, scale[..., 0], valid, r, 16)
+    kt, vt = k.bfloat16(), torch.randn(64, 3, 7373, 64, device="cuda").bfloat16()
+    idx, rk, rv, rok = pick(q, pq, scale[..., 0], valid, r, 16, kt, vt)
     top = want.topk(16, dim=-1)
     assert idx.shape == top.indices.shape
     assert (want.gather(-1, idx) - top.values).abs().max() < 1e-4
+    e = idx[..., None].expand(-1, -1, -1, 64)
+    assert torch.equal(rk, kt.gather(2, e)) and torch.equal(rv, vt.gather(2, e))
+    assert torch.equal(rok.bool(), valid.gather(2, idx))
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")

@@ -112,11 +112,17 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 600, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
     assert (got - want).abs().max() < 1e-5, (B, H, G, N, D, r, (got - want).abs().max())
     assert torch.allclose(got[valid].sum(), torch.tensor(float(G * valid.any(-1).sum())), atol=1e-3)
     # the n best: the kernels' votes sorted (best first, of equal votes the lower index: the invalid row's -1s)
-    idx = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n)
+    # and those entries of the tier, gathered
+    kt, vt = k.bfloat16(), torch.randn(B, H, N, D, generator=g).bfloat16()
+    idx, rk_, rv_, rok = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)
     assert idx.shape == (B, H, n) and idx.dtype == torch.int64, idx.shape
     assert torch.equal(idx, got.sort(dim=-1, descending=True, stable=True).indices[..., :n]), (B, H, G, N, D, r, n)
-    chosen = want.gather(-1, step_recall(q.bfloat16(), pq, scale[..., 0], valid, r, n))
-    assert torch.allclose(chosen.sort(-1).values, want.gather(-1, idx).sort(-1).values, atol=1e-5)
+    e = idx[..., None].expand(B, H, n, D)
+    assert torch.equal(rk_, kt.gather(2, e)) and torch.equal(rv_, vt.gather(2, e))
+    assert rok.dtype == torch.uint8 and torch.equal(rok.bool(), valid.gather(2, idx))
+    tensor_form = step_recall(q.bfloat16(), pq, scale[..., 0], valid, r, n, kt, vt)
+    assert torch.allclose(want.gather(-1, tensor_form[0]).sort(-1).values, want.gather(-1, idx).sort(-1).values,
+                          atol=1e-5)
 print("ok")
 """
 register(VOTES_INTERPRETED)
