@@ -663,7 +663,10 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
                   "atskv's evict_every). KV read: what the step's attention reads (the fast path reads every slot), "
                   "with the summaries of a passive tier; host read: what a step reads from host memory (ATSKV's "
                   "recalled entries from its pinned host tier), counted in the floor at the measured host-to-device "
-                  "bandwidth" + (f" ({r0['host_bandwidth_gbs']:.0f} GB/s)." if r0.get("host_bandwidth_gbs") else "."),
+                  "bandwidth" + (f" ({r0['host_bandwidth_gbs']:.0f} GB/s)." if r0.get("host_bandwidth_gbs") else ".")
+                  + (" Prefill (1 row): the fast path timed alone, one context prefilled and its decoder's state "
+                     "repeated to the batch." if any(r.get("prefill_rows", r["batch"]) < r["batch"] for r in cells)
+                     else ""),
                   ""]
         def full_tok_s(path):   # the full cache's tokens/s per (context, batch) on one path
             return {(r["context"], r["batch"]): r["tok_s"] for r in cells if r["method"] == "full"
@@ -676,7 +679,9 @@ def speed_section(recs: list[dict], out_dir: Path) -> list[str]:
         for r in sorted(cells, key=lambda r: (r["context"], r["batch"], r["method"] != "full", r["method"],
                                                budget_order(r["budget"]), order[r["path"]])):
             k = (r["context"], r["batch"])
-            rows.append([label(r), r["context"], r["batch"], SPEED_PATHS[r["path"]], f"{r['prefill_s']:.2f}",
+            one_row = r.get("prefill_rows", r["batch"]) < r["batch"]   # one context, its state repeated
+            rows.append([label(r), r["context"], r["batch"], SPEED_PATHS[r["path"]],
+                         f"{r['prefill_s']:.2f}" + (" (1 row)" if one_row else ""),
                          f"{r['decode_ms']:.2f}", f"{r['tok_s']:.0f}",
                          f"{r['floor_ms']:.2f}" if r.get("floor_ms") else "-",
                          f"{r['x_floor']:.1f}" if r.get("x_floor") else "-",

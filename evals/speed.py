@@ -176,6 +176,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
     on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
     each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
+    Without the plain loop (plain_steps 0) one context is prefilled and the decoder's state repeated to the batch.
     Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps, none when 0; fast: the mean
     of `steps` consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device
     memory while decoding, the KV bytes read per step and the memory floor (weights + KV read once at the measured
@@ -184,7 +185,12 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     from sparse_kv_cache import cache_nbytes
     dev = model.device
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    # The fast path alone: one context prefilled, then the decoder's state repeated to the batch (each row holds the
+    # same context; a step's work and bytes do not depend on the values). The plain path's batch-64 prefill of
+    # ATSKV with external memory took most of a GPU call's minutes (CHANGELOG.md).
+    one_row = not plain_steps and batch > 1
+    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, 1 if one_row else batch,
+                                               params, chunk, seed)
     prefill_peak = _peak(dev)
     _peak_reset(dev)
     if plain_steps:
@@ -194,7 +200,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     base = {"benchmark": "speed", "method": method, "budget": budget, "context": context, "batch": batch,
             "compile": compile, "dtype": _dtype_name(model), "weights_bytes": weights,
             "bandwidth_gbs": bandwidth_gbs, "host_bandwidth_gbs": host_bandwidth_gbs, "prefill_s": prefill_s,
-            "prefill_peak_bytes": prefill_peak}
+            "prefill_peak_bytes": prefill_peak, "prefill_rows": 1 if one_row else batch}
 
     def rec(path, ms, kv_read, peak, host_read=0):
         floor = memory_floor_ms(weights, kv_read, bandwidth_gbs) if bandwidth_gbs else None
@@ -211,6 +217,8 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     base["attn_kernel"] = dec.attn_kernel   # the Triton decode attention (else SDPA)
     dec.tok.copy_(tok)
     dec.t.zero_()
+    if one_row:
+        dec = dec.repeated(batch)
     _peak_reset(dev)
     dec.warm_up()  # warm-up steps (and compilation), then each variant of the step captured
     _sync(dev)
@@ -237,15 +245,17 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
                         seed: int = 0) -> list[dict]:
     """Where a fast decode step's time goes: per variant of the step (atskv with evict_every: the step that evicts
     and the one that does not; compressed methods: also the step without scoring), run eagerly (a replayed CUDA
-    graph hides its kernels from the profiler) after two warm-up steps, `steps` steps under torch.profiler. On a GPU
+    graph hides its kernels from the profiler) after two warm-up steps, `steps` steps under torch.profiler (one
+    context prefilled, the decoder's state repeated to the batch). On a GPU
     it counts CUDA kernels and their device time, elsewhere CPU operators and their self time."""
     from torch.profiler import ProfilerActivity, profile
     from fast_decode import StaticDecoder
     dev = model.device
     cuda = dev.type == "cuda"
-    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed)
     dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
     dec.tok.copy_(logits.argmax(-1))
+    dec = dec.repeated(batch) if batch > 1 else dec   # one context prefilled, its state repeated (as the fast part)
     spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
     out = []
     plan = dec.variants()

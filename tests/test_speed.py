@@ -65,11 +65,15 @@ def test_speed_benchmark_records_every_path_and_writes_the_speed_section_then_re
     assert "| full (kernels off: evict) | 256 | 2 | fast path |" in md and "| full | 256 | 2 | fast path |" in md
 
 
-def test_fast_part_times_the_fast_path_without_hf_plain_loop(tmp_path, run_main):
+def test_fast_part_times_the_fast_path_without_hf_plain_loop_from_one_prefilled_row(tmp_path, run_main):
+    """Without the plain loop one context is prefilled and the decoder's state repeated to the batch (the report
+    says so)."""
     code, err = run_main(*SPEED, "--methods", "full", "--speed_parts", "fast", "--output_dir", tmp_path)
     assert code == 0, err[-5:]
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["path"], r["paths"]) for r in recs] == [("fast", "fast")] and recs[0]["decode_ms"] > 0
+    assert (recs[0]["batch"], recs[0]["prefill_rows"]) == (2, 1)
+    assert " (1 row) |" in (tmp_path / "results.md").read_text()
 
 
 def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path, run_main):
