@@ -142,7 +142,8 @@ def test_step_votes_are_the_group_votes_of_the_sparq_scores_with_invalid_entries
     kq, scale = quantize_int8(k)
     valid = torch.rand(2, 3, 90, generator=g) > 0.2
     pq = kq.transpose(2, 3).contiguous()
-    for r, logits in ((16, sparq_logits(q, kq, scale[..., 0], valid, 16)), (0, int8_logits(q, kq, scale[..., 0], valid))):
+    s = scale[..., 0]
+    for r, logits in ((16, sparq_logits(q, kq, s, valid, 16)), (0, int8_logits(q, kq, s, valid))):
         want = group_votes(logits, 64).masked_fill(~valid, -1.0)
-        got = step_votes(q, pq, scale[..., 0], valid, r)
+        got = step_votes(q, pq, s, valid, r)
         assert torch.equal(got == -1, ~valid) and torch.allclose(got, want, atol=1e-6)
