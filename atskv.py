@@ -658,7 +658,7 @@ class ATSKV(KVMethod):
         on_device = self.tier_on_device(state["pk"].device)
         return {"device": summaries + held + (tier if on_device else 0), "host": 0 if on_device else tier,
                 "device_read": (scanned + (recalled if on_device else 0)) // k + held,
-                "host_read": 0 if on_device else recalled // k}
+                "host_read": 0 if on_device else recalled // k, "device_tier": tier if on_device else 0}
 
     def slot_state_repeated(self, state, batch):
         host = {k: state[k] for k in ("pk", "pv") if k in state and not self.tier_on_device(state[k].device)}

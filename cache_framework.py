@@ -275,9 +275,10 @@ class KVMethod:
 
     def slot_extra_nbytes(self, state: dict, layer_args: dict) -> dict:
         """Bytes of a layer's state outside the slots: held on the device ("device") and in host memory ("host"),
-        and what a step reads of each ("device_read", "host_read"). ATSKV: its passive tier; a step reads its int8
-        keys on the device and the entries it recalls from where the tier keeps them."""
-        return {"device": 0, "host": 0, "device_read": 0, "host_read": 0}
+        and what a step reads of each ("device_read", "host_read"); "device_tier": the part of "device" that is
+        evicted KV kept on the device (not a summary). ATSKV: its passive tier; a step reads its int8 keys on the
+        device and the entries it recalls from where the tier keeps them."""
+        return {"device": 0, "host": 0, "device_read": 0, "host_read": 0, "device_tier": 0}
 
     def slot_evict_every(self) -> int:
         """The fast path's step scores and evicts every this many steps (ATSKV's evict_every); the steps between

@@ -413,7 +413,7 @@ class StaticDecoder:
     def extra_nbytes(self) -> dict:
         """The methods' state outside the slots, over the layers: bytes held on the device and in host memory, and
         the bytes of each a step reads (KVMethod.slot_extra_nbytes)."""
-        total = {"device": 0, "host": 0, "device_read": 0, "host_read": 0}
+        total = {"device": 0, "host": 0, "device_read": 0, "host_read": 0, "device_tier": 0}
         if self.m is None or self.grow:
             return total
         for sl, la in zip(self.slots, self._layer_args()):

@@ -90,11 +90,13 @@ def interval95(scores: list[float]) -> tuple[float, float]:
 
 
 def tiers_mb(rs: list[dict]) -> tuple[float, float, float]:
-    """Mean MB in each tier a method holds: active KV and summaries on the device, the passive store on the host.
-    Records from before the tiers were recorded give their KV bytes as the active tier."""
+    """Mean MB in each tier a method holds: active KV and summaries on the device (with a passive tier kept on the
+    device: the fast path's passive_device), the passive store on the host. Records from before the tiers were
+    recorded give their KV bytes as the active tier."""
     n = max(1, len(rs))
+    mb = lambda k: sum(r.get(k, 0) for r in rs) / n / MB  # noqa: E731
     active = sum(r.get("active_kv_bytes", r.get("kv_bytes", 0)) for r in rs) / n / MB
-    return active, sum(r.get("summary_bytes", 0) for r in rs) / n / MB, sum(r.get("passive_bytes", 0) for r in rs) / n / MB
+    return active, mb("summary_bytes") + mb("device_tier_bytes"), mb("passive_bytes")
 
 
 def recalled_at(rs: list[dict], size: int) -> str:
@@ -161,7 +163,9 @@ def synthetic_tables(ok: list[dict]):
     marks = timing_marks(ok)
     recalls = any("recall_bytes_per_step" in r for r in ok)
     header = ["method", "budget"] + [f"score @{s}" for s in sizes] + \
-        ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries", f"host MB @{big}"] + \
+        ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries"
+         + (" (+ passive tier kept there)" if any(r.get("device_tier_bytes") for r in ok) else ""),
+         f"host MB @{big}"] + \
         ([f"recalled @{big}: context MB / question MB / decode KB a step"] if recalls else []) + ["prefill s", "decode ms/token"]
     rows = []
     for (m, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):

@@ -97,9 +97,11 @@ def run_generation(model, tokenizer, cache, ctx_ids: list[int], q_ids: list[int]
         dec = StaticDecoder.from_cache(model, method_of(cache), cache, pos, max_new_tokens, compile=compile)
         cache = None  # the decoder took the entries over
         peak_bytes = bytes_after_context = dec.kv_bytes()
-        # the method's state beside the slots: on the device (int8 keys, held entries, a device tier), on the host
+        # the method's state beside the slots: summaries on the device (int8 keys, held entries), the passive tier on
+        # the host, or on the device (passive_device, and off CUDA)
         extra = dec.extra_nbytes()
-        fast_tiers = {"active_kv_bytes": peak_bytes, "summary_bytes": extra["device"], "passive_bytes": extra["host"]}
+        fast_tiers = {"active_kv_bytes": peak_bytes, "summary_bytes": extra["device"] - extra["device_tier"],
+                      "passive_bytes": extra["host"], "device_tier_bytes": extra["device_tier"]}
         for tok in dec.generate(logits[0].argmax(), max_new_tokens)[0].tolist():  # then the plain loop's stop rules
             if tok in stops:
                 break
@@ -268,7 +270,8 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
         decode.append(r["decode_ms_per_token"])
         recalls.append({k: r[k] for k in ("recall_bytes_prefill", "recall_bytes_question", "recall_bytes_per_step")
                         if k in r})
-        fast_tiers.append({k: r[k] for k in ("active_kv_bytes", "summary_bytes", "passive_bytes", "kv_bytes")})
+        fast_tiers.append({k: r[k] for k in ("active_kv_bytes", "summary_bytes", "passive_bytes",
+                                              "device_tier_bytes", "kv_bytes") if k in r})
     recalled = {k: sum(x[k] for x in recalls) / len(recalls) for k in recalls[0]}
     if fast:   # the decoder's tiers (its slots, its state beside them), as a single question's fast cell records
         tiers = {k: sum(x[k] for x in fast_tiers) / len(fast_tiers) for k in fast_tiers[0]}
@@ -299,7 +302,8 @@ def summarize_samples(per_sample: list[dict]) -> dict:
     }
     if any(r.get("press_masks") for r in per_sample):   # the press holds the full cache: its bytes say so
         out["press_masks"] = True
-    for k in ("recall_bytes_question", "recall_bytes_per_step"):  # methods with an external memory
+    # methods with an external memory (a passive tier kept on the device: the fast path's passive_device)
+    for k in ("recall_bytes_question", "recall_bytes_per_step", "device_tier_bytes"):
         if any(k in r for r in per_sample):
             out[k] = sum(r.get(k, 0) for r in per_sample) / n
     if out["n_empty"]:

@@ -40,6 +40,14 @@ def test_results_md_shows_every_tier_that_a_method_holds(tmp_path):
     assert (tmp_path / "figures" / "synthetic_memory_by_tier.png").stat().st_size > 1000
 
 
+def test_a_passive_tier_kept_on_the_device_counts_as_device_memory_and_the_header_says_so(tmp_path):
+    tier = record("atskv[external_memory=true;passive_device=true]", 0.1, 100, active=4.5e6, summaries=0.25e6)
+    tier["device_tier_bytes"] = 40e6
+    md = build(tmp_path, [record("full", None, 100, active=45e6), tier])
+    assert "device MB @2048: KV + summaries (+ passive tier kept there) | host MB @2048" in md
+    assert "| 100% | 4.3 + 38.39 | - |" in md
+
+
 def test_the_summary_ranks_methods_by_score_with_the_memory_each_holds(tmp_path):
     md = build(tmp_path, [record("full", None, 100, active=45e6), record("snapkv", 0.1, 20, active=4.5e6),
                           record("atskv[external_memory=true]", 0.1, 100, active=4.5e6, passive=40e6)])
