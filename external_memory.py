@@ -294,7 +294,7 @@ def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: t
     each block's best as sortable keys; then the best of those, gathered; of equal votes the lower index), in
     place of torch.topk's dozen kernels over the whole tier and three gathers."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
-    if recall_kernels.votes_usable(q, pq):
+    if recall_kernels.votes_usable(q, pq) and recall_kernels.candidates_fit(pq.shape[-1], n):
         return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v)
     idx = step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
     return idx, gather_entries(k, idx), gather_entries(v, idx), valid.gather(2, idx)

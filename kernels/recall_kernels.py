@@ -17,6 +17,7 @@ from kernels import tl, triton
 
 MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a program holds; more: torch's einsum
 VOTE_BLOCK = 512     # entries a program of a decode step's recall scores, then votes on (and picks its best of)
+MAX_CANDIDATES = 8192   # the blocks' best that one program sorts to pick a row's n (int64 keys held in registers)
 TILE = 16384         # q x key products a program holds in registers: BLOCK_N keys = TILE / (queries x head size)
 
 
@@ -245,6 +246,13 @@ def votes_usable(q: torch.Tensor, pq: torch.Tensor) -> bool:
 
 def step_votes(q, pq, scale, valid, r: int):
     return _step_votes_op(q, pq, scale, valid.to(torch.uint8), r)
+
+
+def candidates_fit(n_entries: int, n: int) -> bool:
+    """Whether the blocks' best (each block's next power of two >= n) fit one program's sort (MAX_CANDIDATES): at
+    8K entries and n = 16, 17 x 16; longer tiers or larger n go to the tensor form."""
+    per_block = min(VOTE_BLOCK, 1 << max(0, n - 1).bit_length())
+    return -(-n_entries // VOTE_BLOCK) * per_block <= MAX_CANDIDATES
 
 
 def step_recall(q, pq, scale, valid, r: int, n: int, k, v):

@@ -147,3 +147,11 @@ def test_step_votes_are_the_group_votes_of_the_sparq_scores_with_invalid_entries
         want = group_votes(logits, 64).masked_fill(~valid, -1.0)
         got = step_votes(q, pq, s, valid, r)
         assert torch.equal(got == -1, ~valid) and torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_kernels_pick_from_at_most_max_candidates_and_longer_tiers_take_the_tensor_form():
+    """Each block of 512 entries offers its next power of two >= n best; one program sorts them all."""
+    assert recall_kernels.candidates_fit(8256, 16)                 # 17 blocks x 16: the default model at 8K
+    assert recall_kernels.candidates_fit(131072, 16)               # 256 x 16 = 4096
+    assert not recall_kernels.candidates_fit(131072, 64)           # 256 x 64 = 16384
+    assert not recall_kernels.candidates_fit(1 << 20, 16)
