@@ -363,7 +363,7 @@ def test_a_fast_decode_cell_decodes_each_question_of_multi_question_on_the_fast_
     """--fast_decode: every answer of a cell, the several questions of a multi_question sample included, is decoded
     by a StaticDecoder, gives the plain path's answer, and records the method's state beside the slots (here the
     passive tier and its int8 keys: off CUDA the tier lives on the device)."""
-    samples = [ev.make_synthetic_sample(tokenizer, task, 400, 0.5, 0) for task in ("needle", "multi_question")]
+    samples = [ev.make_synthetic_sample(tokenizer, task, 300, 0.5, 0) for task in ("needle", "multi_question")]
     params = {"external_memory": True}
     plain = run_synthetic_samples(model, tokenizer, "atskv", 0.25, samples, "question_agnostic", 128, params)
     built = []
