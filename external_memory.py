@@ -276,8 +276,8 @@ def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: to
     """A decode step's `group_votes` over the fast path's passive tier, -1 where an entry is not valid (so that a
     top-k never chooses it): q (B, H_kv, G, 1, D) against the dimension-major int8 keys pq (B, H_kv, D, N), scored
     on r dimensions (`sparq_logits`; 0 or D: all, `int8_logits`). On CUDA two Triton kernels compute it
-    (kernels/recall_kernels.py: the scores and each block's softmax statistics, then the votes), in place of the
-    dozen that torch.compile makes of this tensor form, their reference."""
+    (kernels/recall_kernels.py: the scores and each block's softmax statistics, then the votes); this tensor form
+    is their reference."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq):
         return recall_kernels.step_votes(q, pq, scale, valid, r)
@@ -292,7 +292,7 @@ def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: t
     their int8 copies pq): those of the n largest `step_votes` -> (indices (B, H_kv, n), best first; keys and values
     (B, H_kv, n, D); validity (B, H_kv, n), bool or uint8). On CUDA three Triton kernels (the votes' two, keeping
     each block's best as sortable keys; then the best of those, gathered; of equal votes the lower index), in
-    place of torch.topk's dozen kernels over the whole tier and three gathers."""
+    place of torch.topk's radix select over the whole tier and three gathers."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq) and recall_kernels.candidates_fit(pq.shape[-1], n):
         return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v)

@@ -237,11 +237,8 @@ def int8_logits(q, kq, scale, valid):
 
 
 def votes_usable(q: torch.Tensor, pq: torch.Tensor) -> bool:
-    """Whether the step's votes kernels take this: CUDA, Triton, one query per query head (a decode step), at most
-    MAX_QUERIES of them a KV head, a head size that is a power of two."""
-    G, Q, D = q.shape[2:]
-    return kernels.enabled("recall") and q.is_cuda and pq.dtype == torch.int8 and Q == 1 and G <= MAX_QUERIES \
-        and D & (D - 1) == 0 and D >= 16
+    """Whether the step's kernels take this: `usable`'s conditions, with one query per query head (a decode step)."""
+    return q.shape[3] == 1 and usable(q, pq)
 
 
 def step_votes(q, pq, scale, valid, r: int):
