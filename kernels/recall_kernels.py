@@ -7,6 +7,13 @@ the bf16 keys they summarise. Here each program reads a block of int8 keys once,
 writes only the few queries' scores. A decode step (a few queries per KV head) takes it; a prompt chunk (many
 queries) is a real GEMM and stays with torch. Under torch.compile, Inductor generates the fused reduction itself.
 `external_memory.int8_logits` is its tensor form and the reference.
+
+A decode step's recall on the fast path (`step_recall`, `step_votes`) takes four kernels a layer: a row's scanned
+dimensions and query components, chosen once; each block's softmax statistics; the votes (the block's logits
+computed again) and each block's best; the row's best of those, gathered from the tier. Their loads never wait on a
+reduction, so that a block's R int8 rows stream in together: a first version that chose each next dimension inside
+the scan's loop was bound by that wait (docs/design-recall-fast-path.md). `external_memory.step_votes` and
+`step_recall`'s topk are their tensor form.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a p
 VOTE_BLOCK = 512     # entries a program of a decode step's recall scores, then votes on (and picks its best of)
 MAX_CANDIDATES = 8192   # the blocks' best that one program sorts to pick a row's n (int64 keys held in registers)
 TILE = 16384         # q x key products a program holds in registers: BLOCK_N keys = TILE / (queries x head size)
+TOPK = triton is not None and hasattr(tl, "topk")   # a partial bitonic sort (newer Tritons); else a full sort
 
 
 if triton is not None:
@@ -43,53 +51,77 @@ if triton is not None:
         tl.store(out_ptr + row * M * N + m[:, None] * N + n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _step_scores_kernel(q_ptr, k_ptr, s_ptr, ok_ptr, l_ptr, m_ptr, z_ptr, N, NB, temp, k_row, k_d, k_n,
-                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                            BN: tl.constexpr, SPARQ: tl.constexpr):
-        """A decode step's scaled logits l[row, g, n] = q[row, g] . k[row, n] * s[row, n] * c[row, g] * temp (-inf
-        where not ok) over one block of BN entries, and the block's softmax statistics per query head: its maximum
-        m and its sum of exp(l - m) z. With SPARQ only the R dimensions of largest |q| summed over the group are
-        read, in that order (SparQ's first step), and c is SparQ's correction sqrt(|q|_1 / |q_R|_1); else all D
-        in order and c = 1. k int8 at strides k_row, k_d, k_n (the fast path's tier: (B, H, D, N)): one dimension
-        of BN entries is one contiguous load."""
-        blk, row = tl.program_id(0), tl.program_id(1)
-        g, d = tl.arange(0, GP), tl.arange(0, D)
-        g_ok = g < G
+    def _step_prep_kernel(q_ptr, qs_ptr, f_ptr, dims_ptr, temp, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr):
+        """A row's (b, h) part of a decode step's scoring, once, before the scan: the R dimensions it reads, in
+        order (dims (RP,)), the group's query components on them (qs (RP, GP)) and each head's factor f = c * temp.
+        With SPARQ the R dimensions of largest |q| summed over the group (of equal sums the lower dimension: SparQ's
+        first step) and c = sqrt(|q|_1 / |q_R|_1), SparQ's correction; else all D in order and c = 1."""
+        row = tl.program_id(0)
+        g, d, j = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, RP)
+        g_ok, j_ok = g < G, j < R
         q = tl.load(q_ptr + row * G * D + g[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
         if SPARQ:   # a dimension's rank: how many beat it (a larger sum, or an equal one at a lower index)
             a = tl.sum(tl.abs(q), 0)
-            e = tl.arange(0, D)
-            beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (e[None, :] < e[:, None]))
+            beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (d[None, :] < d[:, None]))
             rank = tl.sum(beats.to(tl.int32), 1)
+            dims = tl.sum(tl.where(rank[None, :] == j[:, None], d[None, :], 0), 1)              # (RP,)
             qr = tl.where(rank[None, :] < R, q, 0.0)
             c = tl.sqrt(tl.sum(tl.abs(q), 1) / tl.maximum(tl.sum(tl.abs(qr), 1), 1e-30))
         else:
-            rank = d
+            dims = j
             c = tl.full((GP,), 1.0, tl.float32)
+        dims = tl.where(j_ok, dims, 0)
+        qs = tl.load(q_ptr + row * G * D + g[None, :] * D + dims[:, None], mask=g_ok[None, :], other=0.0)
+        tl.store(qs_ptr + (row * RP + j[:, None]) * GP + g[None, :], qs)
+        tl.store(dims_ptr + row * RP + j, dims)
+        tl.store(f_ptr + row * GP + g, c * temp)
+
+    @triton.jit
+    def _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n, G: tl.constexpr,
+                      GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr):
+        """A decode step's scaled logits l (GP, BN) = q[g] . k[n] * s[n] * f[g] over one block of BN entries (-inf
+        where not ok, or a padded head), on the R dimensions `_step_prep_kernel` chose, in its order. k int8 at
+        strides k_row, k_d, k_n (the fast path's tier: (B, H, D, N)): one dimension of BN entries is one contiguous
+        load, and no load waits on another (the dimensions come from memory, not from a reduction)."""
+        g = tl.arange(0, GP)
         n = blk * BN + tl.arange(0, BN)
         n_ok = n < N
         keys = k_ptr + row.to(tl.int64) * k_row + n * k_n
         acc = tl.zeros((GP, BN), dtype=tl.float32)
-        for j in range(R):
-            dim = tl.sum(tl.where(rank == j, d, 0))
-            qc = tl.sum(tl.where(d[None, :] == dim, q, 0.0), 1)                     # (GP,)
-            kd = tl.load(keys + dim * k_d, mask=n_ok, other=0).to(tl.float32)        # (BN,)
+        for j in tl.static_range(R):
+            dim = tl.load(dims_ptr + row * RP + j)
+            qc = tl.load(qs_ptr + (row * RP + j) * GP + g)                                 # (GP,)
+            kd = tl.load(keys + dim * k_d, mask=n_ok, other=0).to(tl.float32)               # (BN,)
             acc += qc[:, None] * kd[None, :]
         s = tl.load(s_ptr + row * N + n, mask=n_ok, other=0.0)
         ok = (tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0) & n_ok
-        l = tl.where(ok[None, :] & g_ok[:, None], acc * s[None, :] * (c * temp)[:, None], float("-inf"))
-        tl.store(l_ptr + (row * G + g[:, None]) * N + n[None, :], l, mask=g_ok[:, None] & n_ok[None, :])
+        f = tl.load(f_ptr + row * GP + g)
+        l = tl.where(ok[None, :] & (g < G)[:, None], acc * s[None, :] * f[:, None], float("-inf"))
+        return l, ok, n, n_ok
+
+    @triton.jit
+    def _step_stats_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, N, NB, k_row, k_d, k_n,
+                           G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr):
+        """One block's softmax statistics per query head: the maximum m of its logits and its sum of exp(l - m) z."""
+        blk, row = tl.program_id(0), tl.program_id(1)
+        l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
+                                       G, GP, R, RP, BN)
+        g = tl.arange(0, GP)
         m = tl.max(l, 1)
         z = tl.sum(tl.where(l > float("-inf"), tl.exp(l - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0), 1)
         tl.store(m_ptr + (row * NB + blk) * GP + g, m)
         tl.store(z_ptr + (row * NB + blk) * GP + g, z)
 
     @triton.jit
-    def _step_votes_kernel(l_ptr, m_ptr, z_ptr, ok_ptr, out_ptr, N, NB, G: tl.constexpr, GP: tl.constexpr,
-                           NBP: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr):
-        """The group's votes over one block of entries: each query head's softmax over all N entries (from the
-        blocks' statistics), summed over the heads; -1 where an entry is not ok. NC = 0: the votes into out (B, H,
-        N); NC > 0: the block's NC best as sortable keys (`_vote_keys`) into out (B, H, NB, NC), best first."""
+    def _step_votes_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, out_ptr, N, NB, k_row, k_d,
+                           k_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                           NBP: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr, TOPK: tl.constexpr):
+        """The group's votes over one block of entries, its logits computed again (reading the int8 keys twice
+        moves fewer bytes than writing and reading float logits): each query head's softmax over all N entries
+        (from the blocks' statistics), summed over the heads; -1 where an entry is not ok. NC = 0: the votes into
+        out (B, H, N); NC > 0: the block's NC best as sortable keys (`_vote_keys`) into out (B, H, NB, NC), best
+        first (tl.topk where this Triton has it, else a sort of the block)."""
         blk, row = tl.program_id(0), tl.program_id(1)
         g, b = tl.arange(0, GP), tl.arange(0, NBP)
         mb = tl.load(m_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=float("-inf"))
@@ -97,19 +129,20 @@ if triton is not None:
         m = tl.max(mb, 0)                                                            # (GP,)
         m0 = tl.where(m > float("-inf"), m, 0.0)
         z = tl.sum(tl.where(mb > float("-inf"), zb * tl.exp(mb - m0[None, :]), 0.0), 0)
-        n = blk * BN + tl.arange(0, BN)
-        n_ok = n < N
-        l = tl.load(l_ptr + (row * G + g[:, None]) * N + n[None, :], mask=(g[:, None] < G) & n_ok[None, :],
-                    other=float("-inf"))
+        l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
+                                       G, GP, R, RP, BN)
         p = tl.where(l > float("-inf"), tl.exp(l - m0[:, None]) / tl.maximum(z, 1e-30)[:, None], 0.0)
-        ok = tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0
         vote = tl.where(ok, tl.sum(p, 0), -1.0)
         if NC == 0:
             tl.store(out_ptr + row * N + n, vote, mask=n_ok)
         else:
-            best = tl.sort(_vote_keys(vote, n, n_ok), descending=True)
-            i = tl.arange(0, BN)
-            tl.store(out_ptr + (row * NB + blk) * NC + i, best, mask=i < NC)
+            keys = _vote_keys(vote, n, n_ok)
+            if TOPK:
+                i = tl.arange(0, NC)
+                tl.store(out_ptr + (row * NB + blk) * NC + i, tl.topk(keys, NC))
+            else:
+                i = tl.arange(0, BN)
+                tl.store(out_ptr + (row * NB + blk) * NC + i, tl.sort(keys, descending=True), mask=i < NC)
 
     @triton.jit
     def _vote_keys(vote, n, n_ok):
@@ -122,14 +155,20 @@ if triton is not None:
 
     @triton.jit
     def _top_keys_kernel(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, NCAND, n_top, N, k_row,
-                         k_n, v_row, v_n, CP: tl.constexpr, D: tl.constexpr, NP: tl.constexpr):
+                         k_n, v_row, v_n, CP: tl.constexpr, NT: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+                         TOPK: tl.constexpr):
         """A row's n_top best of its blocks' candidate keys -> their entries' indices (B, H, n_top), best first,
         and those entries: keys and values (B, H, n_top, D) gathered from k, v (B, H, N, D) at strides k_row, k_n
-        (the tier, in device or pinned host memory) and their validity (uint8), NP entries at a time."""
+        (the tier, in device or pinned host memory) and their validity (uint8), NP entries at a time. NT: the next
+        power of two >= n_top (tl.topk's k), else CP (a sort of all candidates)."""
         row = tl.program_id(0)
-        i = tl.arange(0, CP)
-        c = tl.load(c_ptr + row * NCAND + i, mask=i < NCAND, other=-9223372036854775807)
-        best = tl.sort(c, descending=True)
+        c = tl.load(c_ptr + row * NCAND + tl.arange(0, CP), mask=tl.arange(0, CP) < NCAND,
+                    other=-9223372036854775807)
+        if TOPK:
+            best = tl.topk(c, NT)
+        else:
+            best = tl.sort(c, descending=True)
+        i = tl.arange(0, NT)
         low = best - (best >> 32) * 4294967296                                     # the index's part
         tl.store(idx_ptr + row * n_top + i, 4294967296 - 1 - low, mask=i < n_top)
         tl.debug_barrier()   # the indices are read back below by other threads of this program
@@ -172,26 +211,33 @@ if triton is not None:
         (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
         (B, H, n_top) of the n_top best, best first (of equal votes the lower index: each block's next power of
         two >= n_top best, then the best of those), and those entries of the tier's keys and values k, v (B, H, N,
-        D) with their validity (uint8). Two kernels, or three with n_top."""
+        D) with their validity (uint8). Three kernels (the row's dimensions and query components; each block's
+        softmax statistics; the votes), and a fourth with n_top."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
-        GP, BN = max(2, triton.next_power_of_2(G)), VOTE_BLOCK
+        sparq = 0 < r < D
+        R = r if sparq else D
+        GP, RP, BN = max(2, triton.next_power_of_2(G)), max(2, triton.next_power_of_2(R)), VOTE_BLOCK
         NB = triton.cdiv(N, BN)
-        logits = torch.empty((B, H, G, N), dtype=torch.float32, device=q.device)
-        m = torch.empty((B, H, NB, GP), dtype=torch.float32, device=q.device)
-        z = torch.empty_like(m)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        qs, f = torch.empty((B, H, RP, GP), **f32), torch.empty((B, H, GP), **f32)
+        dims = torch.empty((B, H, RP), dtype=torch.int32, device=q.device)
+        wrap(_step_prep_kernel)[(B * H,)](q.float().contiguous(), qs, f, dims, D ** -0.5, G=G, GP=GP, D=D, R=R,
+                                          RP=RP, SPARQ=sparq, num_warps=4)
+        m, z = torch.empty((B, H, NB, GP), **f32), torch.empty((B, H, NB, GP), **f32)
         if pq.stride(0) != H * pq.stride(1):   # rows (b, h) not evenly spaced: a copy
             pq = pq.contiguous()
-        sparq = 0 < r < D
-        wrap(_step_scores_kernel)[(NB, B * H)](
-            q.float().contiguous(), pq, scale.float().contiguous(), valid.contiguous(), logits, m, z, N, NB,
-            D ** -0.5, pq.stride(1), pq.stride(2), pq.stride(3), G=G, GP=GP, D=D, R=r if sparq else D, BN=BN,
-            SPARQ=sparq, num_warps=4)
+        scale, valid = scale.float().contiguous(), valid.contiguous()
+        scan = (qs, f, dims, pq, scale, valid)
+        strides = (pq.stride(1), pq.stride(2), pq.stride(3))
+        wrap(_step_stats_kernel)[(NB, B * H)](*scan, m, z, N, NB, *strides, G=G, GP=GP, R=R, RP=RP, BN=BN,
+                                              num_warps=4)
         NC = min(BN, triton.next_power_of_2(n_top)) if n_top else 0
         out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
                           device=q.device)
-        wrap(_step_votes_kernel)[(NB, B * H)](logits, m, z, valid.contiguous(), out, N, NB, G=G, GP=GP,
-                                             NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, num_warps=4)
+        wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, out, N, NB, *strides, G=G, GP=GP, R=R, RP=RP,
+                                              NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, TOPK=TOPK,
+                                              num_warps=4)
         if not NC:
             return out
         idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)
@@ -200,10 +246,11 @@ if triton is not None:
         rok = torch.empty((B, H, n_top), dtype=torch.uint8, device=q.device)
         for t in (k, v):
             assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "the tier's rows evenly spaced"
+        CP = max(2, triton.next_power_of_2(NB * NC))
         wrap(_top_keys_kernel)[(B * H,)](out, idx, k, v, valid, rk, rv, rok, NB * NC, n_top, N, k.stride(1),
-                                         k.stride(2), v.stride(1), v.stride(2),
-                                         CP=max(2, triton.next_power_of_2(NB * NC)), D=k.shape[-1], NP=32,
-                                         num_warps=4)
+                                         k.stride(2), v.stride(1), v.stride(2), CP=CP,
+                                         NT=min(CP, max(2, triton.next_power_of_2(n_top))) if TOPK else CP,
+                                         D=k.shape[-1], NP=32, TOPK=TOPK, num_warps=4)
         return idx, rk, rv, rok
 
     @triton_op("atskv::step_votes", mutates_args=())

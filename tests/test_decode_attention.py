@@ -100,9 +100,10 @@ def test_triton_kernels_match_the_reference_in_the_triton_interpreter():
     run_interpreted(INTERPRETED)
 
 
-def compile_for_hopper(fn, constexprs: dict, ones=()):
+def compile_for_hopper(fn, constexprs: dict, ones=(), types=None):
     """Compile a Triton kernel for an sm_90 target on this machine (no GPU needed: Triton's ptxas ships with it);
-    `ones`: integer arguments the launcher would specialise to the constant 1."""
+    `ones`: integer arguments the launcher would specialise to the constant 1; `types`: argument types by name
+    (else bf16 or float32 pointers, i32 integers)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -110,6 +111,8 @@ def compile_for_hopper(fn, constexprs: dict, ones=()):
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             sig[p.name], cx[(i,)] = "constexpr", constexprs.get(p.name, 1)
+        elif types and p.name in types:
+            sig[p.name] = types[p.name]
         elif p.name.endswith("_ptr"):
             sig[p.name] = "*u8" if p.name == "b2_ptr" else "*bf16" if p.name in (
                 "q_ptr", "k_ptr", "v_ptr", "b_ptr", "k2_ptr", "v2_ptr", "o_ptr", "cos_ptr", "sin_ptr") else "*fp32"

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-# 2 tasks x 3 methods (one budget): 6 small cells of 2 samples; on 2 workers each cell runs in 2 parts
+# 2 tasks x 4 methods (one budget): 8 small cells of 2 samples; on 2 workers each cell runs in 2 parts
 CELLS = ["--tasks", "needle,passkey", "--context_sizes", "128", "--num_samples", "2", "--budgets", "0.25",
-         "--methods", "full,snapkv,h2o"]
+         "--methods", "full,sliding_window,snapkv,h2o"]
 RAY = ["--ray", "--ray_workers", "2"]
 
 
@@ -60,7 +60,7 @@ def test_a_ray_sweep_gives_the_serial_runs_cells_and_scores(faulty_sweep, tmp_pa
     code, err = run_main("--output_dir", tmp_path / "serial", *CELLS)
     assert code == 0, err[-5:]
     serial, parallel = outcomes(tmp_path / "serial"), outcomes(faulty_sweep["out"])
-    assert len(serial) == 6 and all(status == "ok" for status, _, _ in serial.values())
+    assert len(serial) == 8 and all(status == "ok" for status, _, _ in serial.values())
     assert parallel == serial   # the cells' last records: 4 from the faulty run, 2 from the rerun
     assert {r["parts"] for r in records(faulty_sweep["out"]) if r["status"] == "ok"} == {2}
 
@@ -70,10 +70,10 @@ def test_a_killed_worker_loses_no_finished_cell_and_the_rerun_runs_only_the_rest
     recs = faulty_sweep["records"]
     killed = [r for r in recs if r["status"] == "error" and "WorkerDied" in r["error"]]
     assert [(r["method"], r["task"]) for r in killed] == [("snapkv", "needle")]
-    assert sum(r["status"] == "ok" for r in recs) == 4          # all but the killed and the raising cell
+    assert sum(r["status"] == "ok" for r in recs) == 6          # all but the killed and the raising cell
     code, err = faulty_sweep["rerun"]
-    assert code == 0 and "6 cells, 4 already finished, 2 to run" in err, err[-500:]
-    assert sorted(s for s, _, _ in outcomes(faulty_sweep["out"]).values()) == ["ok"] * 6
+    assert code == 0 and "8 cells, 6 already finished, 2 to run" in err, err[-500:]
+    assert sorted(s for s, _, _ in outcomes(faulty_sweep["out"]).values()) == ["ok"] * 8
 
 
 def test_a_killed_workers_cell_keeps_its_finished_part_for_the_rerun(faulty_sweep):
