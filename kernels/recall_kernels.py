@@ -24,6 +24,7 @@ from kernels import tl, triton
 
 MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a program holds; more: torch's einsum
 VOTE_BLOCK = 512     # entries a program of a decode step's recall scores, then votes on (and picks its best of)
+SCAN_WARPS = 4       # warps a program of the scan (the statistics' and the votes' kernels)
 MAX_CANDIDATES = 8192   # the blocks' best that one program sorts to pick a row's n (int64 keys held in registers)
 TILE = 16384         # q x key products a program holds in registers: BLOCK_N keys = TILE / (queries x head size)
 TOPK = triton is not None and hasattr(tl, "topk")   # a partial bitonic sort (newer Tritons); else a full sort
@@ -231,13 +232,13 @@ if triton is not None:
         scan = (qs, f, dims, pq, scale, valid)
         strides = (pq.stride(1), pq.stride(2), pq.stride(3))
         wrap(_step_stats_kernel)[(NB, B * H)](*scan, m, z, N, NB, *strides, G=G, GP=GP, R=R, RP=RP, BN=BN,
-                                              num_warps=4)
+                                              num_warps=SCAN_WARPS)
         NC = min(BN, triton.next_power_of_2(n_top)) if n_top else 0
         out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
                           device=q.device)
         wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, out, N, NB, *strides, G=G, GP=GP, R=R, RP=RP,
                                               NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, TOPK=TOPK,
-                                              num_warps=4)
+                                              num_warps=SCAN_WARPS)
         if not NC:
             return out
         idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)
