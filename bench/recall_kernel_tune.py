@@ -10,6 +10,7 @@ Each configuration is checked against the first (the same entries chosen) and ti
 (the first of --batches that the run's --batch_sizes names) before it runs; the JSON says which configuration that
 was, since the records name only the commit."""
 import argparse
+import itertools
 import json
 import sys
 
@@ -34,42 +35,45 @@ def main(argv=None):
     p.add_argument("--batches", default="64,1")
     p.add_argument("--blocks", default="256,512,1024")
     p.add_argument("--warps", default="4,8")
+    p.add_argument("--topk", default="1", help="1: tl.topk where Triton has it, 0: the full sort; e.g. 1,0")
     p.add_argument("--dims", type=int, default=16)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--out", default="recall_kernel_tune.json")
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     import triton.testing
     from kernels import recall_kernels as rk
-    rows, best = [], {}
+    rows, best, has_topk = [], {}, rk.TOPK
     for B in map(int, a.batches.split(",")):
         q, pq, s, ok, k, v = inputs(B)
         ref = None
-        for block in map(int, a.blocks.split(",")):
-            for warps in map(int, a.warps.split(",")):
-                rk.VOTE_BLOCK, rk.SCAN_WARPS = block, warps
-                idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v)[0]
-                ref = idx if ref is None else ref
-                same = bool(torch.equal(idx, ref))
-                pick = triton.testing.do_bench_cudagraph(
-                    lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v), rep=200, return_mode="median")
-                votes = triton.testing.do_bench_cudagraph(
-                    lambda: rk._launch_step(q, pq, s, ok, a.dims, 0), rep=200, return_mode="median")
-                row = dict(batch=B, block=block, warps=warps, us_pick=round(pick * 1e3, 2),
-                           us_votes=round(votes * 1e3, 2), same_entries=same, topk=rk.TOPK)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if same and (B not in best or row["us_pick"] < best[B]["us_pick"]):
-                    best[B] = row
-    result = {"device": torch.cuda.get_device_name(), "triton_topk": rk.TOPK, "rows": rows,
+        for block, warps, topk in itertools.product(*(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk))):
+            if topk and not has_topk:
+                continue
+            rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK = block, warps, bool(topk)
+            idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v)[0]
+            ref = idx if ref is None else ref
+            same = bool(torch.equal(idx, ref))
+            pick = triton.testing.do_bench_cudagraph(
+                lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v), rep=200, return_mode="median")
+            votes = triton.testing.do_bench_cudagraph(
+                lambda: rk._launch_step(q, pq, s, ok, a.dims, 0), rep=200, return_mode="median")
+            row = dict(batch=B, block=block, warps=warps, us_pick=round(pick * 1e3, 2),
+                       us_votes=round(votes * 1e3, 2), same_entries=same, topk=rk.TOPK)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if same and (B not in best or row["us_pick"] < best[B]["us_pick"]):
+                best[B] = row
+    result = {"device": torch.cuda.get_device_name(), "triton_topk": has_topk, "rows": rows,
               "best": {str(b): r for b, r in best.items()}, "speed": []}
     if speed:
         import run_experiment
         sizes = speed[speed.index("--batch_sizes") + 1] if "--batch_sizes" in speed else ""
         chosen = next((best[b] for b in best if str(b) in sizes.split(",")), next(iter(best.values())))
-        rk.VOTE_BLOCK, rk.SCAN_WARPS = chosen["block"], chosen["warps"]
-        print(f"speed run with block {chosen['block']}, {chosen['warps']} warps: {' '.join(speed)}", flush=True)
+        rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK = chosen["block"], chosen["warps"], chosen["topk"]
+        print(f"speed run with block {chosen['block']}, {chosen['warps']} warps, topk {chosen['topk']}: "
+              f"{' '.join(speed)}", flush=True)
         result["speed"].append({"args": speed, "block": chosen["block"], "warps": chosen["warps"],
-                                "exit": run_experiment.main(speed)})
+                                "topk": chosen["topk"], "exit": run_experiment.main(speed)})
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
