@@ -13,7 +13,7 @@ from sparse_kv_cache import KVCacheFactory, ThresholdController
 from tests.triton_interpreter import needs_triton, register, run_interpreted
 from utils import UserError
 
-N_STEPS = 12
+N_STEPS = 8    # decode steps compared: two evictions at evict_every=4, several recalls on each schedule
 
 
 def kept_positions(positions_bhs):
