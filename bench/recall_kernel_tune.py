@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--blocks", default="256,512,1024")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--topk", default="1", help="1: tl.topk where Triton has it, 0: the full sort; e.g. 1,0")
+    p.add_argument("--prune", default="0", help="PRUNE_SUBBLOCKS values, e.g. 0,16 (random inputs skip few blocks:"
+                   " this times the pruning's cost, not its gain)")
     p.add_argument("--dims", type=int, default=16)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--out", default="recall_kernel_tune.json")
@@ -46,10 +48,11 @@ def main(argv=None):
     for B in map(int, a.batches.split(",")):
         q, pq, s, ok, k, v = inputs(B)
         ref = None
-        for block, warps, topk in itertools.product(*(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk))):
+        for block, warps, topk, prune in itertools.product(
+                *(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk, a.prune))):
             if topk and not has_topk:
                 continue
-            rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK = block, warps, bool(topk)
+            rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK, rk.PRUNE_SUBBLOCKS = block, warps, bool(topk), prune
             idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v)[0]
             ref = idx if ref is None else ref
             same = bool(torch.equal(idx, ref))
@@ -57,7 +60,7 @@ def main(argv=None):
                 lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v), rep=200, return_mode="median")
             votes = triton.testing.do_bench_cudagraph(
                 lambda: rk._launch_step(q, pq, s, ok, a.dims, 0), rep=200, return_mode="median")
-            row = dict(batch=B, block=block, warps=warps, us_pick=round(pick * 1e3, 2),
+            row = dict(batch=B, block=block, warps=warps, prune=prune, us_pick=round(pick * 1e3, 2),
                        us_votes=round(votes * 1e3, 2), same_entries=same, topk=rk.TOPK)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -70,10 +73,12 @@ def main(argv=None):
         sizes = speed[speed.index("--batch_sizes") + 1] if "--batch_sizes" in speed else ""
         chosen = next((best[b] for b in best if str(b) in sizes.split(",")), next(iter(best.values())))
         rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK = chosen["block"], chosen["warps"], chosen["topk"]
-        print(f"speed run with block {chosen['block']}, {chosen['warps']} warps, topk {chosen['topk']}: "
+        rk.PRUNE_SUBBLOCKS = chosen["prune"]
+        print(f"speed run with block {chosen['block']}, {chosen['warps']} warps, topk {chosen['topk']}, "
+              f"prune {chosen['prune']}: "
               f"{' '.join(speed)}", flush=True)
-        result["speed"].append({"args": speed, "block": chosen["block"], "warps": chosen["warps"],
-                                "topk": chosen["topk"], "exit": run_experiment.main(speed)})
+        result["speed"].append({"args": speed, **{k: chosen[k] for k in ("block", "warps", "topk", "prune")},
+                                "exit": run_experiment.main(speed)})
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

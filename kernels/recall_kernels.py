@@ -28,6 +28,10 @@ SCAN_WARPS = 4       # warps a program of the scan (the statistics' and the vote
 MAX_CANDIDATES = 8192   # the blocks' best that one program sorts to pick a row's n (int64 keys held in registers)
 TILE = 16384         # q x key products a program holds in registers: BLOCK_N keys = TILE / (queries x head size)
 TOPK = triton is not None and hasattr(tl, "topk")   # a partial bitonic sort (newer Tritons); else a full sort
+# The votes' pruning (`_step_votes_kernel`): sub-blocks a block of the statistics' kernel keeps the maxima of; 0: no
+# pruning. Off until timed on a GPU with the real model's attention (bench/prune_probe.py: on the CPU the bound let
+# about half of the blocks go unscanned; random weights would not show it).
+PRUNE_SUBBLOCKS = 0
 
 
 if triton is not None:
@@ -102,9 +106,11 @@ if triton is not None:
         return l, ok, n, n_ok
 
     @triton.jit
-    def _step_stats_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, N, NB, k_row, k_d, k_n,
-                           G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr):
-        """One block's softmax statistics per query head: the maximum m of its logits and its sum of exp(l - m) z."""
+    def _step_stats_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, t_ptr, N, NB, k_row, k_d,
+                           k_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                           BN: tl.constexpr, NS: tl.constexpr):
+        """One block's softmax statistics per query head: the maximum m of its logits and its sum of exp(l - m) z;
+        NS > 0: also the maxima of its NS sub-blocks per head (t (B, H, NB, GP, NS), for the votes' pruning)."""
         blk, row = tl.program_id(0), tl.program_id(1)
         l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
                                        G, GP, R, RP, BN)
@@ -113,16 +119,27 @@ if triton is not None:
         z = tl.sum(tl.where(l > float("-inf"), tl.exp(l - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0), 1)
         tl.store(m_ptr + (row * NB + blk) * GP + g, m)
         tl.store(z_ptr + (row * NB + blk) * GP + g, z)
+        if NS > 0:
+            sub = tl.max(tl.reshape(l, (GP, NS, BN // NS)), 2)                             # (GP, NS)
+            i = tl.arange(0, NS)
+            tl.store(t_ptr + ((row * NB + blk) * GP + g[:, None]) * NS + i[None, :], sub)
 
     @triton.jit
-    def _step_votes_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, out_ptr, N, NB, k_row, k_d,
-                           k_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                           NBP: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr, TOPK: tl.constexpr):
+    def _step_votes_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, t_ptr, out_ptr, N, NB,
+                           n_top, k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr,
+                           RP: tl.constexpr, NBP: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr,
+                           TOPK: tl.constexpr, NS: tl.constexpr):
         """The group's votes over one block of entries, its logits computed again (reading the int8 keys twice
         moves fewer bytes than writing and reading float logits): each query head's softmax over all N entries
         (from the blocks' statistics), summed over the heads; -1 where an entry is not ok. NC = 0: the votes into
         out (B, H, N); NC > 0: the block's NC best as sortable keys (`_vote_keys`) into out (B, H, NB, NC), best
-        first (tl.topk where this Triton has it, else a sort of the block)."""
+        first (tl.topk where this Triton has it, else a sort of the block).
+        NS > 0 (pruning, with NC > 0): a block that cannot hold any of the row's n_top best is not scanned again
+        (its candidates are left out). No vote in block b exceeds U_b = the sum over heads of exp(m_b - M) / Z (each
+        head's block maximum m_b; the row's M and Z); the entry at each sub-block's maximum of one head g of block b
+        has a vote of at least exp(t - M_g) / Z_g, so the n_top-th largest of those (distinct entries: disjoint
+        sub-blocks) is at most the row's n_top-th best vote. A block whose U_b is below it (with a margin for
+        rounding) holds none of the n_top best: the same entries are chosen as without pruning."""
         blk, row = tl.program_id(0), tl.program_id(1)
         g, b = tl.arange(0, GP), tl.arange(0, NBP)
         mb = tl.load(m_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=float("-inf"))
@@ -130,20 +147,39 @@ if triton is not None:
         m = tl.max(mb, 0)                                                            # (GP,)
         m0 = tl.where(m > float("-inf"), m, 0.0)
         z = tl.sum(tl.where(mb > float("-inf"), zb * tl.exp(mb - m0[None, :]), 0.0), 0)
-        l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
-                                       G, GP, R, RP, BN)
-        p = tl.where(l > float("-inf"), tl.exp(l - m0[:, None]) / tl.maximum(z, 1e-30)[:, None], 0.0)
-        vote = tl.where(ok, tl.sum(p, 0), -1.0)
-        if NC == 0:
-            tl.store(out_ptr + row * N + n, vote, mask=n_ok)
-        else:
-            keys = _vote_keys(vote, n, n_ok)
-            if TOPK:
-                i = tl.arange(0, NC)
-                tl.store(out_ptr + (row * NB + blk) * NC + i, tl.topk(keys, NC))
+        scan = True
+        if NS > 0 and NC > 0:
+            w = tl.where(mb > float("-inf"), tl.exp(mb - m0[None, :]) / tl.maximum(z, 1e-30)[None, :], 0.0)
+            upper = tl.sum(w, 1)                                                     # (NBP,)
+            head = tl.argmax(w, 1)                                                   # each block's head g
+            pick = g[None, :] == head[:, None]
+            mh = tl.sum(tl.where(pick, m0[None, :], 0.0), 1)
+            zh = tl.sum(tl.where(pick, z[None, :], 0.0), 1)
+            i = tl.arange(0, NS)
+            t = tl.load(t_ptr + ((row * NB + b[:, None]) * GP + head[:, None]) * NS + i[None, :],
+                        mask=b[:, None] < NB, other=float("-inf"))                   # (NBP, NS)
+            low = tl.where(t > float("-inf"), tl.exp(t - mh[:, None]) / tl.maximum(zh, 1e-30)[:, None], 0.0)
+            ranked = tl.sort(tl.reshape(low, (NBP * NS,)), descending=True)
+            nth = tl.sum(tl.where(tl.arange(0, NBP * NS) == n_top - 1, ranked, 0.0))
+            scan = tl.sum(tl.where(b == blk, upper, 0.0)) * 1.001 >= nth * 0.999
+        if scan:
+            l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d,
+                                           k_n, G, GP, R, RP, BN)
+            p = tl.where(l > float("-inf"), tl.exp(l - m0[:, None]) / tl.maximum(z, 1e-30)[:, None], 0.0)
+            vote = tl.where(ok, tl.sum(p, 0), -1.0)
+            if NC == 0:
+                tl.store(out_ptr + row * N + n, vote, mask=n_ok)
             else:
-                i = tl.arange(0, BN)
-                tl.store(out_ptr + (row * NB + blk) * NC + i, tl.sort(keys, descending=True), mask=i < NC)
+                keys = _vote_keys(vote, n, n_ok)
+                if TOPK:
+                    i = tl.arange(0, NC)
+                    tl.store(out_ptr + (row * NB + blk) * NC + i, tl.topk(keys, NC))
+                else:
+                    i = tl.arange(0, BN)
+                    tl.store(out_ptr + (row * NB + blk) * NC + i, tl.sort(keys, descending=True), mask=i < NC)
+        elif NC > 0:   # (compiled even where `scan` is the constant True)
+            i = tl.arange(0, NC)
+            tl.store(out_ptr + (row * NB + blk) * NC + i, tl.full((NC,), -9223372036854775807, tl.int64))
 
     @triton.jit
     def _vote_keys(vote, n, n_ok):
@@ -207,13 +243,13 @@ if triton is not None:
         return _launch(q, kq, scale, valid, wrap_triton)
 
 
-    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k, k=None, v=None):
+    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k, k=None, v=None, debug=None):
         """q (B, H, G, 1, D) against the dimension-major int8 tier pq (B, H, D, N), scale (B, H, N) float32, valid
         (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
         (B, H, n_top) of the n_top best, best first (of equal votes the lower index: each block's next power of
         two >= n_top best, then the best of those), and those entries of the tier's keys and values k, v (B, H, N,
         D) with their validity (uint8). Three kernels (the row's dimensions and query components; each block's
-        softmax statistics; the votes), and a fourth with n_top."""
+        softmax statistics; the votes), and a fourth with n_top. `debug` (a dict) gets the blocks' candidates."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
         sparq = 0 < r < D
@@ -231,14 +267,18 @@ if triton is not None:
         scale, valid = scale.float().contiguous(), valid.contiguous()
         scan = (qs, f, dims, pq, scale, valid)
         strides = (pq.stride(1), pq.stride(2), pq.stride(3))
-        wrap(_step_stats_kernel)[(NB, B * H)](*scan, m, z, N, NB, *strides, G=G, GP=GP, R=R, RP=RP, BN=BN,
-                                              num_warps=SCAN_WARPS)
         NC = min(BN, triton.next_power_of_2(n_top)) if n_top else 0
+        NS = PRUNE_SUBBLOCKS if NC else 0
+        t = torch.empty((B, H, NB, GP, NS) if NS else (1,), **f32)
+        wrap(_step_stats_kernel)[(NB, B * H)](*scan, m, z, t, N, NB, *strides, G=G, GP=GP, R=R, RP=RP, BN=BN, NS=NS,
+                                              num_warps=SCAN_WARPS)
         out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
                           device=q.device)
-        wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, out, N, NB, *strides, G=G, GP=GP, R=R, RP=RP,
+        wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, t, out, N, NB, n_top, *strides, G=G, GP=GP, R=R, RP=RP,
                                               NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, TOPK=TOPK,
-                                              num_warps=SCAN_WARPS)
+                                              NS=NS, num_warps=SCAN_WARPS)
+        if debug is not None:
+            debug["candidates"] = out
         if not NC:
             return out
         idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)

@@ -130,6 +130,26 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
         finally:
             rk.TOPK = topk
         assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
+# the votes' pruning on attention as peaked as a trained model's (a few keys aligned with the group's query, the
+# rest not): blocks that cannot hold any of the n best go unscanned, and the same entries are chosen
+B, H, G, N, D, n = 1, 2, 3, 2048, 64, 4
+q, k = torch.randn(B, H, G, 1, D, generator=g), torch.randn(B, H, N, D, generator=g) * 0.3
+k[:, :, [40, 41, 300, 777, 1050, 1500]] = q.mean(2)[:, :, 0, None] * 3
+kq, scale = quantize_int8(k)
+pq, valid = kq.transpose(2, 3).contiguous(), torch.rand(B, H, N, generator=g) > 0.1
+valid[:, :, [40, 41, 300, 777, 1050, 1500]] = True
+kt, vt = k.bfloat16(), torch.randn(B, H, N, D, generator=g).bfloat16()
+plain = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), 16, n, k=kt, v=vt)
+rk.PRUNE_SUBBLOCKS, seen = 8, {}
+try:
+    pruned = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), 16, n, k=kt, v=vt, debug=seen)
+finally:
+    rk.PRUNE_SUBBLOCKS = 0
+skipped = (seen["candidates"] == -9223372036854775807).all(-1)            # (B, H, blocks): not scanned
+assert int(skipped.sum()) >= skipped.numel() // 2, skipped
+assert all(torch.equal(a, b) for a, b in zip(pruned, plain))
+votes = step_votes(q.bfloat16(), pq, scale[..., 0], valid, 16)
+assert torch.equal(plain[0], votes.sort(dim=-1, descending=True, stable=True).indices[..., :n]), plain[0]
 print("ok")
 """
 register(VOTES_INTERPRETED)
@@ -174,9 +194,12 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
     scan = dict(qs_ptr=f32, f_ptr=f32, dims_ptr=i32, k_ptr="*i8", s_ptr=f32, ok_ptr="*u8", m_ptr=f32, z_ptr=f32)
     shape = dict(G=3, GP=4, D=64, R=16, RP=16, BN=512)
     compile_for_hopper(recall_kernels._step_prep_kernel, dict(shape, SPARQ=True), types=dict(q_ptr=f32, temp="fp32", **scan))
-    compile_for_hopper(recall_kernels._step_stats_kernel, shape, types=scan)
-    compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=16, TOPK=topk),
-                       types=dict(scan, out_ptr="*i64"))
+    for ns in (0, 16):   # without and with the votes' pruning
+        compile_for_hopper(recall_kernels._step_stats_kernel, dict(shape, NS=ns), types=dict(scan, t_ptr=f32))
+        compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=16, TOPK=topk, NS=ns),
+                           types=dict(scan, t_ptr=f32, out_ptr="*i64"))
+    compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=0, TOPK=topk, NS=0),
+                       types=dict(scan, t_ptr=f32, out_ptr=f32))
     compile_for_hopper(recall_kernels._top_keys_kernel, dict(CP=256, NT=16 if topk else 256, D=64, NP=32, TOPK=topk),
                        types=dict(c_ptr="*i64", idx_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", ok_ptr="*u8",
                                   rk_ptr="*bf16", rv_ptr="*bf16", rok_ptr="*u8"))
