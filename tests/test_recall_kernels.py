@@ -123,7 +123,7 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
     tensor_form = step_recall(q.bfloat16(), pq, scale[..., 0], valid, r, n, kt, vt)
     assert torch.allclose(want.gather(-1, tensor_form[0]).sort(-1).values, want.gather(-1, idx).sort(-1).values,
                           atol=1e-5)
-    if r == 16:   # a Triton without tl.topk sorts whole blocks and candidates: the same picks
+    if r == 8:   # a Triton without tl.topk sorts whole blocks and candidates: the same picks
         topk, rk.TOPK = rk.TOPK, False
         try:
             again = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)
@@ -132,12 +132,12 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
         assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
 # the votes' pruning on attention as peaked as a trained model's (a few keys aligned with the group's query, the
 # rest not): blocks that cannot hold any of the n best go unscanned, and the same entries are chosen
-B, H, G, N, D, n = 1, 2, 3, 2048, 64, 4
+B, H, G, N, D, n = 1, 1, 3, 1024, 64, 4
 q, k = torch.randn(B, H, G, 1, D, generator=g), torch.randn(B, H, N, D, generator=g) * 0.3
-k[:, :, [40, 41, 300, 777, 1050, 1500]] = q.mean(2)[:, :, 0, None] * 3
+k[:, :, [40, 41, 300, 777, 1000]] = q.mean(2)[:, :, 0, None] * 3
 kq, scale = quantize_int8(k)
 pq, valid = kq.transpose(2, 3).contiguous(), torch.rand(B, H, N, generator=g) > 0.1
-valid[:, :, [40, 41, 300, 777, 1050, 1500]] = True
+valid[:, :, [40, 41, 300, 777, 1000]] = True
 kt, vt = k.bfloat16(), torch.randn(B, H, N, D, generator=g).bfloat16()
 plain = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), 16, n, k=kt, v=vt)
 rk.PRUNE_SUBBLOCKS, seen = 8, {}
