@@ -193,7 +193,8 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
     f32, i32 = "*fp32", "*i32"
     scan = dict(qs_ptr=f32, f_ptr=f32, dims_ptr=i32, k_ptr="*i8", s_ptr=f32, ok_ptr="*u8", m_ptr=f32, z_ptr=f32)
     shape = dict(G=3, GP=4, D=64, R=16, RP=16, BN=512)
-    compile_for_hopper(recall_kernels._step_prep_kernel, dict(shape, SPARQ=True), types=dict(q_ptr=f32, temp="fp32", **scan))
+    compile_for_hopper(recall_kernels._step_prep_kernel, dict(shape, SPARQ=True),
+                       types=dict(q_ptr=f32, temp="fp32", **scan))
     for ns in (0, 16):   # without and with the votes' pruning
         compile_for_hopper(recall_kernels._step_stats_kernel, dict(shape, NS=ns), types=dict(scan, t_ptr=f32))
         compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=16, TOPK=topk, NS=ns),
