@@ -28,6 +28,7 @@ def latest_records(records: list[dict]) -> list[dict]:
 
 def label(r: dict) -> str:
     off = f" (kernels off: {', '.join(r['kernels_off'])})" if r.get("kernels_off") else ""
+    off += f" ({r['contexts']} contexts)" if r.get("contexts") else ""
     return (r["method"] if r.get("budget") is None else f"{r['method']} @ {fmt_budget(r['budget'])}") + off
 
 

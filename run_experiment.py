@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
       "decode loop alone, what model.generate(past_key_values=cache) runs: the mean step over whole eviction "
       "cycles)")
     a("--check_answers", type=int, default=20, help="speed benchmark: samples for the answers part")
+    a("--speed_contexts", default="random", help="speed benchmark: what is prefilled: random tokens (a step's "
+      "work does not depend on the values), or a synthetic task's prompts (e.g. multi_key), for what depends on "
+      "the attention's values (the recall kernels' pruning); the largest-batch part always prefills random tokens")
     a("--no_cudnn_attention", action="store_true", help="switch off PyTorch's cuDNN backend of scaled_dot_product_"
       "attention for every method (CUDA): its per-shape set-up dominates HF's decode loop in bf16 when KV lengths "
       "change every step; recorded in each result's env")
@@ -332,6 +335,10 @@ def speed_cli(args) -> int:
         raise UserError(f"--check_answers {args.check_answers}: at least 1 sample")
     if args.decode_steps < 4:
         raise UserError(f"--decode_steps {args.decode_steps}: at least 4 (the timed steps, after the warm-up)")
+    from evals.synthetic import SYNTHETIC_TASKS
+    accepted = ("random",) + tuple(t for t in SYNTHETIC_TASKS if t != "multi_question")
+    if args.speed_contexts not in accepted:
+        raise UserError(f"--speed_contexts {args.speed_contexts!r}: accepted: {', '.join(accepted)}")
     kernels_off = sorted(set(split_list(args.kernels_off)))
     return run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_off)
 

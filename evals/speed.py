@@ -66,13 +66,25 @@ def _dtype_name(model) -> str:
 
 
 def _prefill_random(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None,
-                    chunk: int, seed: int):
-    """A batch of random-token contexts (speed only: the values do not matter) prefilled with the method (chunked,
-    the plain path), device peak memory counted from the prefill on. Returns the cache, the last logits and the
-    prefill's seconds."""
+                    chunk: int, seed: int, contexts: str = "random"):
+    """A batch of contexts prefilled with the method (chunked, the plain path), device peak memory counted from the
+    prefill on. Returns the cache, the last logits and the prefill's seconds. contexts "random": random tokens (a
+    step's work and bytes do not depend on the values); a synthetic task's name: its samples' prompts (context and
+    question, the first `context` tokens cut from the front), for what depends on the attention's values, such as
+    the recall kernels' pruning."""
     dev = model.device
-    ids = torch.randint(0, model.config.vocab_size, (batch, context),
-                        generator=torch.Generator().manual_seed(seed)).to(dev)
+    if contexts == "random":
+        ids = torch.randint(0, model.config.vocab_size, (batch, context),
+                            generator=torch.Generator().manual_seed(seed)).to(dev)
+    else:
+        from evals.harness import encode_prompt
+        from evals.synthetic import synthetic_samples
+        rows = []
+        for s in synthetic_samples(tokenizer, contexts, context, batch, seed):
+            c, q = encode_prompt(tokenizer, s.context, s.question, s.answer_prefix)
+            row = (c + q)[-context:]
+            rows.append(c[:context - len(row)] + row if len(row) < context else row)   # too short: the context again
+        ids = torch.tensor(rows, device=dev)
     cache, _ = make_cache(method, model, budget, context, params, tokenizer)
     _peak_reset(dev)
     _sync(dev)
@@ -154,11 +166,14 @@ def plain_decode_ms(model, cache, tok, pos: int, steps: int, warm_up: int = 2):
 
 @torch.no_grad()
 def measure_plain_decode(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
-                         params: dict | None = None, chunk: int = 512, seed: int = 0) -> list[dict]:
-    """The plain path alone (what `model.generate(past_key_values=cache)` runs): a batch of random-token contexts
-    prefilled with the method, then the mean decode step over whole eviction cycles (`plain_decode_ms`)."""
+                         params: dict | None = None, chunk: int = 512, seed: int = 0,
+                         contexts: str = "random") -> list[dict]:
+    """The plain path alone (what `model.generate(past_key_values=cache)` runs): a batch of contexts (random tokens
+    unless `contexts` names a task: `_prefill_random`) prefilled with the method, then the mean decode step over
+    whole eviction cycles (`plain_decode_ms`)."""
     from sparse_kv_cache import cache_nbytes
-    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed)
+    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed,
+                                               contexts)
     ms, _, _ = plain_decode_ms(model, cache, logits.argmax(-1), context, steps)
     return [{"benchmark": "speed_plain", "method": method, "budget": budget, "context": context, "batch": batch,
              "dtype": _dtype_name(model), "path": "hf_plain", "steps": steps, "decode_ms": ms,
@@ -169,9 +184,9 @@ def measure_plain_decode(model, tokenizer, method: str, budget, context: int, ba
 def measure_decode_speed(model, tokenizer, method: str, budget, context: int, batch: int, steps: int = 32,
                          plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
                          params: dict | None = None, chunk: int = 512, seed: int = 0,
-                         host_bandwidth_gbs: float = 0.0) -> list[dict]:
-    """One speed cell: a batch of random-token contexts (speed only: the values do not matter) is prefilled with the
-    method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
+                         host_bandwidth_gbs: float = 0.0, contexts: str = "random") -> list[dict]:
+    """One speed cell: a batch of contexts (random tokens unless `contexts` names a task: `_prefill_random`) is
+    prefilled with the method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
     method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
     on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
@@ -190,7 +205,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     # ATSKV with external memory took most of a GPU call's minutes (CHANGELOG.md).
     one_row = not plain_steps and batch > 1
     cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, 1 if one_row else batch,
-                                               params, chunk, seed)
+                                               params, chunk, seed, contexts)
     prefill_peak = _peak(dev)
     _peak_reset(dev)
     if plain_steps:
@@ -242,7 +257,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
 @torch.no_grad()
 def profile_decode_step(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None = None,
                         compile: bool = False, steps: int = 2, top: int = 12, chunk: int = 512,
-                        seed: int = 0) -> list[dict]:
+                        seed: int = 0, contexts: str = "random") -> list[dict]:
     """Where a fast decode step's time goes: per variant of the step (atskv with evict_every: the step that evicts
     and the one that does not; compressed methods: also the step without scoring), run eagerly (a replayed CUDA
     graph hides its kernels from the profiler) after two warm-up steps, `steps` steps under torch.profiler (one
@@ -252,7 +267,7 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
     from fast_decode import StaticDecoder
     dev = model.device
     cuda = dev.type == "cuda"
-    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed)
+    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed, contexts)
     dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
     dec.tok.copy_(logits.argmax(-1))
     dec = dec.repeated(batch) if batch > 1 else dec   # one context prefilled, its state repeated (as the fast part)
@@ -431,6 +446,8 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
                 r["paths"] = spec["paths"]
             if kernels_off:
                 r["kernels_off"] = kernels_off
+            if "contexts" in spec:
+                r["contexts"] = spec["contexts"]
             r.update(method=spec["method"], base_method=spec["base_method"], params=spec["params"])
             r.update(cell=f"{key}-{i}", status=r.get("status", "ok"), model=args.model_name, env=env,
                      wall_s=time.perf_counter() - t, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -454,6 +471,8 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
     common = {"model": args.model_name, "dtype": env["dtype"], "compile": args.compile, "device": env["hardware"]}
     if kernels_off:   # only then: the cells of earlier runs keep their keys
         common["kernels_off"] = kernels_off
+    if args.speed_contexts != "random":   # the same
+        common["contexts"] = args.speed_contexts
 
     def cells(benchmark: str, **fields):
         """(spec, method, params, budget) per method and budget (full once, without one)."""
@@ -471,19 +490,19 @@ def run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_o
                         save(spec, lambda: measure_decode_speed(
                             model, tok, m, budget, size, batch, steps=args.decode_steps, compile=args.compile,
                             bandwidth_gbs=bw, params=params, chunk=args.prefill_chunk, seed=args.seed,
-                            plain_steps=0 if only else 10, host_bandwidth_gbs=host_bw))
+                            plain_steps=0 if only else 10, host_bandwidth_gbs=host_bw, contexts=args.speed_contexts))
         for size in sizes if "plain" in parts else []:
             for batch in batches:
                 for spec, m, params, budget in cells("speed_plain", context=size, batch=batch, steps=args.decode_steps):
                     save(spec, lambda: measure_plain_decode(model, tok, m, budget, size, batch, args.decode_steps,
                                                                params=params, chunk=args.prefill_chunk,
-                                                               seed=args.seed))
+                                                               seed=args.seed, contexts=args.speed_contexts))
         for size in sizes if "profile" in parts else []:
             for batch in batches:
                 for spec, m, params, budget in cells("speed_profile", context=size, batch=batch):
                     save(spec, lambda: profile_decode_step(model, tok, m, budget, size, batch, params,
                                                               compile=args.compile, chunk=args.prefill_chunk,
-                                                              seed=args.seed))
+                                                              seed=args.seed, contexts=args.speed_contexts))
         if "max_batch" in parts:
             for spec, m, params, budget in cells("speed_max_batch", context=max(sizes)):
                 save(spec, lambda: [largest_decode_batch(model, tok, m, budget, max(sizes), params,

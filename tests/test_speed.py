@@ -21,6 +21,7 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
     (["--batch_sizes", "0"], "--batch_sizes '0': expected a comma list of positive integers"),
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
     (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict, greedy"),
+    (["--speed_contexts", "lorem"], "--speed_contexts 'lorem': accepted: random, passkey, needle, multi_key"),
 ])
 def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path, run_main):
     code, err = run_main(*SPEED, *args, "--output_dir", tmp_path)
@@ -75,6 +76,24 @@ def test_fast_part_times_the_fast_path_without_hf_plain_loop_from_one_prefilled_
     assert [(r["path"], r["paths"]) for r in recs] == [("fast", "fast")] and recs[0]["decode_ms"] > 0
     assert (recs[0]["batch"], recs[0]["prefill_rows"]) == (2, 1)
     assert " (1 row) |" in (tmp_path / "results.md").read_text()
+
+
+def test_task_contexts_prefill_the_tasks_prompts_and_are_recorded_and_labelled(tmp_path, run_main, monkeypatch,
+                                                                                tokenizer):
+    """--speed_contexts needle: the prefilled rows are needle prompts of the context's length, question last, and
+    the records and the report say so (their cells apart from random contexts')."""
+    import evals.speed
+    seen, forward = [], evals.speed.forward_chunked
+    monkeypatch.setattr(evals.speed, "forward_chunked", lambda model, cache, ids, chunk: (
+        seen.append(ids.clone()), forward(model, cache, ids, chunk))[1])
+    code, err = run_main(*SPEED, "--methods", "full", "--speed_parts", "fast", "--speed_contexts", "needle",
+                         "--output_dir", tmp_path)
+    assert code == 0, err[-5:]
+    assert [tuple(ids.shape) for ids in seen] == [(1, 256)]     # one row prefilled, repeated to the batch
+    assert "?" in tokenizer.decode(seen[0][0, -40:])              # the question at the end
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["contexts"] for r in recs] == ["needle"]
+    assert "| full (needle contexts) | 256 | 2 | fast path" in (tmp_path / "results.md").read_text()
 
 
 def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path, run_main):
