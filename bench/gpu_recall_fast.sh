@@ -24,6 +24,8 @@
 # WEIGHTS=random: the speed parts time random weights of the default model's shape (`--model_config smollm2-135m`;
 # a step's time does not depend on the weights' values), so that no model file has to be carried; the tests
 # still need the model.
+# SPEED_CONTEXTS=multi_key: the speed parts prefill that task's prompts instead of random tokens (with the real
+# model, not WEIGHTS=random: what the recall kernels' pruning skips depends on the attention's values).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
@@ -53,7 +55,7 @@ pick() { local out=; for s in ${SETTINGS:-$*}; do
     if [ -n "${SETTING[$s]:-}" ]; then out="$out,${SETTING[$s]}"; else echo "unknown setting $s" >&2; fi; done
   echo "${out#,}"; }
 speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
-  --context_sizes 8192 "${MODEL[@]}" --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
+  --context_sizes 8192 "${MODEL[@]}" --speed_contexts ${SPEED_CONTEXTS:-random} --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
   | tail -30 >> $OUT/speed24.log; }
 for part in $PARTS; do
   echo "== $part $(date +%T)" >> $OUT/speed24.log
