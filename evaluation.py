@@ -14,7 +14,7 @@ from evals.harness import (  # noqa: F401
     MAX_NEW_TOKENS, encode_prompt, evaluate_synthetic_cell, forward_chunked, make_cache, make_kvpress,
     measure_prefill_overhead, run_generation, run_multi_question, summarize_samples)
 from evals.speed import (  # noqa: F401
-    _prefill_random, check_fast_answers, device_bandwidth_gbs, largest_decode_batch, measure_decode_speed,
+    _prefill_contexts, check_fast_answers, device_bandwidth_gbs, largest_decode_batch, measure_decode_speed,
     measure_plain_decode, plain_decode_ms, profile_decode_step, timing_probe)
 from evals.real_benchmarks import (  # noqa: F401
     LONGBENCH_HUB_ZIP, LONGBENCH_MAX_NEW_TOKENS, LONGBENCH_NO_CHAT, LONGBENCH_PROMPTS, LONGBENCH_TASKS,

@@ -25,7 +25,7 @@ methods = sys.argv[2].split(",") if len(sys.argv) > 2 else ["full", "atskv"]
 model, tok = load_model_and_tokenizer("smollm2-135m")
 for m in methods:
     with torch.no_grad():
-        cache, logits, _ = ev._prefill_random(model, tok, m, None if m == "full" else 0.1, context, 1, {}, 512, 0)
+        cache, logits, _ = ev._prefill_contexts(model, tok, m, None if m == "full" else 0.1, context, 1, {}, 512, 0)
         step = PlainStep(model, cache, logits.argmax(-1), context)
         for _ in range(3):
             step()

@@ -30,7 +30,8 @@ dev = model.device
 for spec in a.methods.split("|"):
     m, params = (spec.split("[")[0], json.loads(spec.split("[", 1)[1][:-1]) if "[" in spec else {})
     with torch.no_grad():
-        cache, logits, _ = ev._prefill_random(model, tok, m, None if m == "full" else 0.1, a.context, 1, params, 512, 0)
+        cache, logits, _ = ev._prefill_contexts(model, tok, m, None if m == "full" else 0.1, a.context, 1, params,
+                                                512, 0)
         step = PlainStep(model, cache, logits.argmax(-1), a.context)
         for _ in range(4):
             step()

@@ -65,7 +65,7 @@ def _dtype_name(model) -> str:
     return str(model.dtype).replace("torch.", "")
 
 
-def _prefill_random(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None,
+def _prefill_contexts(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None,
                     chunk: int, seed: int, contexts: str = "random"):
     """A batch of contexts prefilled with the method (chunked, the plain path), device peak memory counted from the
     prefill on. Returns the cache, the last logits and the prefill's seconds. contexts "random": random tokens (a
@@ -169,10 +169,10 @@ def measure_plain_decode(model, tokenizer, method: str, budget, context: int, ba
                          params: dict | None = None, chunk: int = 512, seed: int = 0,
                          contexts: str = "random") -> list[dict]:
     """The plain path alone (what `model.generate(past_key_values=cache)` runs): a batch of contexts (random tokens
-    unless `contexts` names a task: `_prefill_random`) prefilled with the method, then the mean decode step over
+    unless `contexts` names a task: `_prefill_contexts`) prefilled with the method, then the mean decode step over
     whole eviction cycles (`plain_decode_ms`)."""
     from sparse_kv_cache import cache_nbytes
-    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, batch, params, chunk, seed,
+    cache, logits, prefill_s = _prefill_contexts(model, tokenizer, method, budget, context, batch, params, chunk, seed,
                                                contexts)
     ms, _, _ = plain_decode_ms(model, cache, logits.argmax(-1), context, steps)
     return [{"benchmark": "speed_plain", "method": method, "budget": budget, "context": context, "batch": batch,
@@ -185,9 +185,9 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
                          plain_steps: int = 10, compile: bool = False, bandwidth_gbs: float = 0.0,
                          params: dict | None = None, chunk: int = 512, seed: int = 0,
                          host_bandwidth_gbs: float = 0.0, contexts: str = "random") -> list[dict]:
-    """One speed cell: a batch of contexts (random tokens unless `contexts` names a task: `_prefill_random`) is
-    prefilled with the method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward per step through the
-    method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
+    """One speed cell: a batch of contexts (random tokens unless `contexts` names a task: `_prefill_contexts`) is
+    prefilled with the method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward
+    per step through the method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
     by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
     on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
     each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
@@ -204,7 +204,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     # same context; a step's work and bytes do not depend on the values). The plain path's batch-64 prefill of
     # ATSKV with external memory took most of a GPU call's minutes (CHANGELOG.md).
     one_row = not plain_steps and batch > 1
-    cache, logits, prefill_s = _prefill_random(model, tokenizer, method, budget, context, 1 if one_row else batch,
+    cache, logits, prefill_s = _prefill_contexts(model, tokenizer, method, budget, context, 1 if one_row else batch,
                                                params, chunk, seed, contexts)
     prefill_peak = _peak(dev)
     _peak_reset(dev)
@@ -267,7 +267,7 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
     from fast_decode import StaticDecoder
     dev = model.device
     cuda = dev.type == "cuda"
-    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed, contexts)
+    cache, logits, _ = _prefill_contexts(model, tokenizer, method, budget, context, 1, params, chunk, seed, contexts)
     dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
     dec.tok.copy_(logits.argmax(-1))
     dec = dec.repeated(batch) if batch > 1 else dec   # one context prefilled, its state repeated (as the fast part)
@@ -316,7 +316,7 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     import gc
     from fast_decode import StaticDecoder
     dev = model.device
-    cache, logits, _ = _prefill_random(model, tokenizer, method, budget, context, 1, params, chunk, seed=0)
+    cache, logits, _ = _prefill_contexts(model, tokenizer, method, budget, context, 1, params, chunk, seed=0)
     one = StaticDecoder.from_cache(model, method, cache, context, 8, use_graph=False)
     one.tok.copy_(logits.argmax(-1))
     per_seq = one.kv_bytes()
