@@ -55,8 +55,8 @@ pick() { local out=; for s in ${SETTINGS:-$*}; do
     if [ -n "${SETTING[$s]:-}" ]; then out="$out,${SETTING[$s]}"; else echo "unknown setting $s" >&2; fi; done
   echo "${out#,}"; }
 speed() { timeout ${SPEED_LIMIT:-500} python run_experiment.py --benchmark speed --use_fp16 --compile --budgets 0.1 \
-  --context_sizes 8192 "${MODEL[@]}" --speed_contexts ${SPEED_CONTEXTS:-random} --output_dir $R "$@" 2>&1 | grep -v -e Warning -e warn -e Converting \
-  | tail -30 >> $OUT/speed24.log; }
+  --context_sizes 8192 "${MODEL[@]}" --speed_contexts ${SPEED_CONTEXTS:-random} --output_dir $R "$@" 2>&1 \
+  | grep -v -e Warning -e warn -e Converting | tail -30 >> $OUT/speed24.log; }
 for part in $PARTS; do
   echo "== $part $(date +%T)" >> $OUT/speed24.log
   case $part in

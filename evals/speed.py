@@ -66,7 +66,7 @@ def _dtype_name(model) -> str:
 
 
 def _prefill_contexts(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None,
-                    chunk: int, seed: int, contexts: str = "random"):
+                      chunk: int, seed: int, contexts: str = "random"):
     """A batch of contexts prefilled with the method (chunked, the plain path), device peak memory counted from the
     prefill on. Returns the cache, the last logits and the prefill's seconds. contexts "random": random tokens (a
     step's work and bytes do not depend on the values); a synthetic task's name: its samples' prompts (context and
@@ -172,8 +172,8 @@ def measure_plain_decode(model, tokenizer, method: str, budget, context: int, ba
     unless `contexts` names a task: `_prefill_contexts`) prefilled with the method, then the mean decode step over
     whole eviction cycles (`plain_decode_ms`)."""
     from sparse_kv_cache import cache_nbytes
-    cache, logits, prefill_s = _prefill_contexts(model, tokenizer, method, budget, context, batch, params, chunk, seed,
-                                               contexts)
+    cache, logits, prefill_s = _prefill_contexts(model, tokenizer, method, budget, context, batch, params, chunk,
+                                                 seed, contexts)
     ms, _, _ = plain_decode_ms(model, cache, logits.argmax(-1), context, steps)
     return [{"benchmark": "speed_plain", "method": method, "budget": budget, "context": context, "batch": batch,
              "dtype": _dtype_name(model), "path": "hf_plain", "steps": steps, "decode_ms": ms,
@@ -187,10 +187,11 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
                          host_bandwidth_gbs: float = 0.0, contexts: str = "random") -> list[dict]:
     """One speed cell: a batch of contexts (random tokens unless `contexts` names a task: `_prefill_contexts`) is
     prefilled with the method (chunked, the plain path), then decoded by HF's plain loop (`hf_plain`: one forward
-    per step through the method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and for compressed methods
-    by the fast path without the method's scoring and eviction (`fast_bare`: the same slots, the oldest entries freed
-    on the method's schedule; the method's share of the step is 1 - bare / fast), and for atskv with evict_every > 1
-    each step variant alone (`variant_ms`: the steps that evict and those that do not, with and without scoring).
+    per step through the method's cache) and by the fast path (`fast`: static slots, one CUDA graph per step), and
+    for compressed methods by the fast path without the method's scoring and eviction (`fast_bare`: the same slots,
+    the oldest entries freed on the method's schedule; the method's share of the step is 1 - bare / fast), and for
+    atskv with evict_every > 1 each step variant alone (`variant_ms`: the steps that evict and those that do not,
+    with and without scoring).
     Without the plain loop (plain_steps 0) one context is prefilled and the decoder's state repeated to the batch.
     Per path: decode ms per step (plain: the mean of `plain_steps` consecutive steps, none when 0; fast: the mean
     of `steps` consecutive replays; both rounded up to whole cycles of atskv's evict_every), tokens/s, peak device
@@ -205,7 +206,7 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     # ATSKV with external memory took most of a GPU call's minutes (CHANGELOG.md).
     one_row = not plain_steps and batch > 1
     cache, logits, prefill_s = _prefill_contexts(model, tokenizer, method, budget, context, 1 if one_row else batch,
-                                               params, chunk, seed, contexts)
+                                                 params, chunk, seed, contexts)
     prefill_peak = _peak(dev)
     _peak_reset(dev)
     if plain_steps:
