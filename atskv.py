@@ -554,7 +554,8 @@ class ATSKV(KVMethod):
         else:
             pk, pv = (host_mapped(shape, dt, dev) for shape in shapes)
         t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, D, cap), dtype=torch.int8, device=dev),
-             "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev)}
+             "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev),
+             "pcount": torch.zeros((B, H), dtype=torch.int32, device=dev)}   # the recall kernels' scratch
         for k, v, pos, valid, kq, scale, stored in parts:   # the active entries quantised as an eviction would
             valid = valid.to(dev)
             where = torch.where(valid, pos.to(dev), cap - 1)
@@ -633,7 +634,8 @@ class ATSKV(KVMethod):
             idx = top_entries(max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0), n)
             got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
         else:
-            got = step_recall(q, st["pq"], st["ps"], st["pok"], self.recall_dims, n, st["pk"], st["pv"])[1:]
+            got = step_recall(q, st["pq"], st["ps"], st["pok"], self.recall_dims, n, st["pk"], st["pv"],
+                              st["pcount"])[1:]
         if "rk" not in st:
             return got
         for name, x in zip(("rk", "rv", "rok"), got):

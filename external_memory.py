@@ -275,9 +275,9 @@ def sparq_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: 
 def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int) -> torch.Tensor:
     """A decode step's `group_votes` over the fast path's passive tier, -1 where an entry is not valid (so that a
     top-k never chooses it): q (B, H_kv, G, 1, D) against the dimension-major int8 keys pq (B, H_kv, D, N), scored
-    on r dimensions (`sparq_logits`; 0 or D: all, `int8_logits`). On CUDA three Triton kernels compute it
-    (kernels/recall_kernels.py: the row's dimensions, each block's softmax statistics, then the votes); this tensor
-    form is their reference."""
+    on r dimensions (`sparq_logits`; 0 or D: all, `int8_logits`). On CUDA two Triton kernels compute it
+    (kernels/recall_kernels.py: each block's softmax statistics, then the votes); this tensor form is their
+    reference."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq):
         return recall_kernels.step_votes(q, pq, scale, valid, r)
@@ -287,15 +287,16 @@ def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: to
 
 
 def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int, n: int,
-                k: torch.Tensor, v: torch.Tensor) -> tuple:
+                k: torch.Tensor, v: torch.Tensor, count: torch.Tensor | None = None) -> tuple:
     """The n entries a decode step recalls from the fast path's tier (keys and values k, v (B, H_kv, N, D) beside
     their int8 copies pq): those of the n largest `step_votes` -> (indices (B, H_kv, n), best first; keys and values
-    (B, H_kv, n, D); validity (B, H_kv, n), bool or uint8). On CUDA four Triton kernels (the votes' three, keeping
-    each block's best as sortable keys; then the best of those, gathered; of equal votes the lower index), in
-    place of torch.topk's radix select over the whole tier and three gathers."""
+    (B, H_kv, n, D); validity (B, H_kv, n), bool or uint8). On CUDA two Triton kernels (kernels/recall_kernels.py:
+    the votes, each block's best kept as sortable keys, then the best of those, gathered; of equal votes the lower
+    index), in place of torch.topk's radix select over the whole tier and three gathers. count (B, H_kv) int32
+    zeros: the kernels' scratch (left at zeros), kept by the caller so that a step need not clear one."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq) and recall_kernels.candidates_fit(pq.shape[-1], n):
-        return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v)
+        return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v, count)
     idx = step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
     return idx, gather_entries(k, idx), gather_entries(v, idx), valid.gather(2, idx)
 

@@ -5,8 +5,8 @@ the default model's shape at 10% of 8192 tokens (7373 passive entries a KV head,
     python bench/recall_kernel_tune.py --batches 64,1 --out tune.json [-- <run_experiment.py speed arguments>]
 
 Each configuration is checked against the first (the same entries chosen) and timed as a replayed CUDA graph
-(`triton.testing.do_bench_cudagraph`, median): one layer's four kernels (n = 16) and the three without the pick
-(n = 0, the votes written). With arguments after `--`, each speed run sets the fastest configuration of its batch
+(`triton.testing.do_bench_cudagraph`, median): one layer's recall (n = 16: two kernels fused, four not) and the
+votes alone (n = 0). With arguments after `--`, each speed run sets the fastest configuration of its batch
 (the first of --batches that the run's --batch_sizes names) before it runs; the JSON says which configuration that
 was, since the records name only the commit."""
 import argparse
@@ -38,6 +38,7 @@ def main(argv=None):
     p.add_argument("--topk", default="1", help="1: tl.topk where Triton has it, 0: the full sort; e.g. 1,0")
     p.add_argument("--prune", default="0", help="PRUNE_SUBBLOCKS values, e.g. 0,16 (random inputs skip few blocks:"
                    " this times the pruning's cost, not its gain)")
+    p.add_argument("--fused", default="1,0", help="FUSED values: 1 two kernels a layer, 0 four")
     p.add_argument("--dims", type=int, default=16)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--out", default="recall_kernel_tune.json")
@@ -47,20 +48,23 @@ def main(argv=None):
     rows, best, has_topk = [], {}, rk.TOPK
     for B in map(int, a.batches.split(",")):
         q, pq, s, ok, k, v = inputs(B)
+        count = torch.zeros(q.shape[:2], dtype=torch.int32, device="cuda")   # kept, as the fast path keeps it
         ref = None
-        for block, warps, topk, prune in itertools.product(
-                *(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk, a.prune))):
+        for block, warps, topk, prune, fused in itertools.product(
+                *(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk, a.prune, a.fused))):
             if topk and not has_topk:
                 continue
             rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK, rk.PRUNE_SUBBLOCKS = block, warps, bool(topk), prune
-            idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v)[0]
+            rk.FUSED = bool(fused)
+            idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count)[0]
             ref = idx if ref is None else ref
             same = bool(torch.equal(idx, ref))
             pick = triton.testing.do_bench_cudagraph(
-                lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v), rep=200, return_mode="median")
+                lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count), rep=200,
+                return_mode="median")
             votes = triton.testing.do_bench_cudagraph(
                 lambda: rk._launch_step(q, pq, s, ok, a.dims, 0), rep=200, return_mode="median")
-            row = dict(batch=B, block=block, warps=warps, prune=prune, us_pick=round(pick * 1e3, 2),
+            row = dict(batch=B, block=block, warps=warps, prune=prune, fused=fused, us_pick=round(pick * 1e3, 2),
                        us_votes=round(votes * 1e3, 2), same_entries=same, topk=rk.TOPK)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -73,11 +77,11 @@ def main(argv=None):
         sizes = speed[speed.index("--batch_sizes") + 1] if "--batch_sizes" in speed else ""
         chosen = next((best[b] for b in best if str(b) in sizes.split(",")), next(iter(best.values())))
         rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK = chosen["block"], chosen["warps"], chosen["topk"]
-        rk.PRUNE_SUBBLOCKS = chosen["prune"]
+        rk.PRUNE_SUBBLOCKS, rk.FUSED = chosen["prune"], bool(chosen["fused"])
         print(f"speed run with block {chosen['block']}, {chosen['warps']} warps, topk {chosen['topk']}, "
-              f"prune {chosen['prune']}: "
+              f"prune {chosen['prune']}, fused {chosen['fused']}: "
               f"{' '.join(speed)}", flush=True)
-        result["speed"].append({"args": speed, **{k: chosen[k] for k in ("block", "warps", "topk", "prune")},
+        result["speed"].append({"args": speed, **{k: chosen[k] for k in ("block", "warps", "topk", "prune", "fused")},
                                 "exit": run_experiment.main(speed)})
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

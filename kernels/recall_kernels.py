@@ -8,9 +8,10 @@ writes only the few queries' scores. A decode step (a few queries per KV head) t
 queries) is a real GEMM and stays with torch. Under torch.compile, Inductor generates the fused reduction itself.
 `external_memory.int8_logits` is its tensor form and the reference.
 
-A decode step's recall on the fast path (`step_recall`, `step_votes`) takes four kernels a layer: a row's scanned
-dimensions and query components, chosen once; each block's softmax statistics; the votes (the block's logits
-computed again) and each block's best; the row's best of those, gathered from the tier. Their loads never wait on a
+A decode step's recall on the fast path (`step_recall`, `step_votes`) takes four steps a layer: a row's scanned
+dimensions and query components; each block's softmax statistics; the votes (the block's logits computed again)
+and each block's best; the row's best of those, gathered from the tier. With FUSED they run in two kernels (the
+first step inside the second's programs, the last by each row's last block of the third). Their loads never wait on a
 reduction, so that a block's R int8 rows stream in together: a first version that chose each next dimension inside
 the scan's loop was bound by that wait (docs/design-recall-fast-path.md). `external_memory.step_votes` and
 `step_recall`'s topk are their tensor form.
@@ -32,6 +33,9 @@ TOPK = triton is not None and hasattr(tl, "topk")   # a partial bitonic sort (ne
 # pruning. Off until timed on a GPU with the real model's attention (bench/prune_probe.py: on the CPU the bound let
 # about half of the blocks go unscanned; random weights would not show it).
 PRUNE_SUBBLOCKS = 0
+# A decode step's recall in two kernels a layer (the row's preparation inside the statistics' kernel, the pick
+# inside the votes' kernel, by each row's last block): at batch 1 a step is a chain of short launches. Off: four.
+FUSED = True
 
 
 if triton is not None:
@@ -58,11 +62,16 @@ if triton is not None:
     @triton.jit
     def _step_prep_kernel(q_ptr, qs_ptr, f_ptr, dims_ptr, temp, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                           R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr):
-        """A row's (b, h) part of a decode step's scoring, once, before the scan: the R dimensions it reads, in
-        order (dims (RP,)), the group's query components on them (qs (RP, GP)) and each head's factor f = c * temp.
-        With SPARQ the R dimensions of largest |q| summed over the group (of equal sums the lower dimension: SparQ's
+        """`_prep_row` once per row, before the scan (FUSED off)."""
+        _prep_row(q_ptr, qs_ptr, f_ptr, dims_ptr, tl.program_id(0), temp, G, GP, D, R, RP, SPARQ)
+
+    @triton.jit
+    def _prep_row(q_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr):
+        """A row's (b, h) part of a decode step's scoring, before its scan: the R dimensions it reads, in order
+        (dims (RP,)), the group's query components on them (qs (RP, GP)) and each head's factor f = c * temp. With
+        SPARQ the R dimensions of largest |q| summed over the group (of equal sums the lower dimension: SparQ's
         first step) and c = sqrt(|q|_1 / |q_R|_1), SparQ's correction; else all D in order and c = 1."""
-        row = tl.program_id(0)
         g, d, j = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, RP)
         g_ok, j_ok = g < G, j < R
         q = tl.load(q_ptr + row * G * D + g[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
@@ -106,12 +115,18 @@ if triton is not None:
         return l, ok, n, n_ok
 
     @triton.jit
-    def _step_stats_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, t_ptr, N, NB, k_row, k_d,
-                           k_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                           BN: tl.constexpr, NS: tl.constexpr):
+    def _step_stats_kernel(q_ptr, temp, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, t_ptr, N, NB,
+                           k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                           RP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, PREP: tl.constexpr,
+                           SPARQ: tl.constexpr):
         """One block's softmax statistics per query head: the maximum m of its logits and its sum of exp(l - m) z;
-        NS > 0: also the maxima of its NS sub-blocks per head (t (B, H, NB, GP, NS), for the votes' pruning)."""
+        NS > 0: also the maxima of its NS sub-blocks per head (t (B, H, NB, GP, NS), for the votes' pruning).
+        PREP: each program first does its row's `_prep_row` (every block of a row writes the same values; the votes'
+        kernel reads them), in place of a kernel of its own: at batch 1 a decode step is a chain of launches."""
         blk, row = tl.program_id(0), tl.program_id(1)
+        if PREP:
+            _prep_row(q_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, G, GP, D, R, RP, SPARQ)
+            tl.debug_barrier()   # read back below by other threads of this program
         l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
                                        G, GP, R, RP, BN)
         g = tl.arange(0, GP)
@@ -126,9 +141,11 @@ if triton is not None:
 
     @triton.jit
     def _step_votes_kernel(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, t_ptr, out_ptr, N, NB,
-                           n_top, k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr,
+                           n_top, k_row, k_d, k_n, count_ptr, idx_ptr, tk_ptr, tv_ptr, rk_ptr, rv_ptr, rok_ptr,
+                           tk_row, tk_n, tv_row, tv_n, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr,
                            RP: tl.constexpr, NBP: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr,
-                           TOPK: tl.constexpr, NS: tl.constexpr):
+                           TOPK: tl.constexpr, NS: tl.constexpr, TOP: tl.constexpr, CP: tl.constexpr,
+                           NT: tl.constexpr, DV: tl.constexpr):
         """The group's votes over one block of entries, its logits computed again (reading the int8 keys twice
         moves fewer bytes than writing and reading float logits): each query head's softmax over all N entries
         (from the blocks' statistics), summed over the heads; -1 where an entry is not ok. NC = 0: the votes into
@@ -139,7 +156,10 @@ if triton is not None:
         head's block maximum m_b; the row's M and Z); the entry at each sub-block's maximum of one head g of block b
         has a vote of at least exp(t - M_g) / Z_g, so the n_top-th largest of those (distinct entries: disjoint
         sub-blocks) is at most the row's n_top-th best vote. A block whose U_b is below it (with a margin for
-        rounding) holds none of the n_top best: the same entries are chosen as without pruning."""
+        rounding) holds none of the n_top best: the same entries are chosen as without pruning.
+        TOP (with NC > 0): the row's last block to finish (a counter per row, count_ptr, taken atomically and left
+        at 0 for the next step) also does `_top_rows` over all the blocks' candidates, in place of a kernel of its
+        own (tk, tv: the tier's keys and values, at strides tk_row, tk_n, tv_row, tv_n)."""
         blk, row = tl.program_id(0), tl.program_id(1)
         g, b = tl.arange(0, GP), tl.arange(0, NBP)
         mb = tl.load(m_ptr + (row * NB + b[:, None]) * GP + g[None, :], mask=b[:, None] < NB, other=float("-inf"))
@@ -180,6 +200,14 @@ if triton is not None:
         elif NC > 0:   # (compiled even where `scan` is the constant True)
             i = tl.arange(0, NC)
             tl.store(out_ptr + (row * NB + blk) * NC + i, tl.full((NC,), -9223372036854775807, tl.int64))
+        if TOP:
+            tl.debug_barrier()   # every thread's candidates stored before the counter says so (released with it)
+            done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+            if done == NB - 1:
+                tl.store(count_ptr + row, 0)
+                tl.debug_barrier()
+                _top_rows(out_ptr, idx_ptr, tk_ptr, tv_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, row, NB * NC, n_top, N,
+                          tk_row, tk_n, tv_row, tv_n, CP, NT, DV, 32, TOPK)
 
     @triton.jit
     def _vote_keys(vote, n, n_ok):
@@ -194,13 +222,21 @@ if triton is not None:
     def _top_keys_kernel(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, NCAND, n_top, N, k_row,
                          k_n, v_row, v_n, CP: tl.constexpr, NT: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
                          TOPK: tl.constexpr):
+        """`_top_rows` for one row a program (FUSED off)."""
+        _top_rows(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, tl.program_id(0), NCAND, n_top, N,
+                  k_row, k_n, v_row, v_n, CP, NT, D, NP, TOPK)
+
+    @triton.jit
+    def _top_rows(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, row, NCAND, n_top, N, k_row, k_n,
+                  v_row, v_n, CP: tl.constexpr, NT: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
+                  TOPK: tl.constexpr):
         """A row's n_top best of its blocks' candidate keys -> their entries' indices (B, H, n_top), best first,
         and those entries: keys and values (B, H, n_top, D) gathered from k, v (B, H, N, D) at strides k_row, k_n
         (the tier, in device or pinned host memory) and their validity (uint8), NP entries at a time. NT: the next
-        power of two >= n_top (tl.topk's k), else CP (a sort of all candidates)."""
-        row = tl.program_id(0)
+        power of two >= n_top (tl.topk's k), else CP (a sort of all candidates). The candidates are read past the
+        L1 cache (.cg): other programs wrote them."""
         c = tl.load(c_ptr + row * NCAND + tl.arange(0, CP), mask=tl.arange(0, CP) < NCAND,
-                    other=-9223372036854775807)
+                    other=-9223372036854775807, cache_modifier=".cg")
         if TOPK:
             best = tl.topk(c, NT)
         else:
@@ -243,13 +279,16 @@ if triton is not None:
         return _launch(q, kq, scale, valid, wrap_triton)
 
 
-    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k, k=None, v=None, debug=None):
+    def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k, k=None, v=None, count=None,
+                     debug=None):
         """q (B, H, G, 1, D) against the dimension-major int8 tier pq (B, H, D, N), scale (B, H, N) float32, valid
         (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
         (B, H, n_top) of the n_top best, best first (of equal votes the lower index: each block's next power of
         two >= n_top best, then the best of those), and those entries of the tier's keys and values k, v (B, H, N,
-        D) with their validity (uint8). Three kernels (the row's dimensions and query components; each block's
-        softmax statistics; the votes), and a fourth with n_top. `debug` (a dict) gets the blocks' candidates."""
+        D) with their validity (uint8). FUSED: two kernels (each block's softmax statistics, the row's dimensions
+        and query components chosen by each of its programs; the votes, and with n_top the row's best of its
+        blocks' best, by the row's last block, counted in count (B, H) int32, zeros, left at zeros: a scratch the
+        caller keeps, so that no step clears it); else four. `debug` (a dict) gets the blocks' candidates."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
         sparq = 0 < r < D
@@ -259,8 +298,10 @@ if triton is not None:
         f32 = dict(dtype=torch.float32, device=q.device)
         qs, f = torch.empty((B, H, RP, GP), **f32), torch.empty((B, H, GP), **f32)
         dims = torch.empty((B, H, RP), dtype=torch.int32, device=q.device)
-        wrap(_step_prep_kernel)[(B * H,)](q.float().contiguous(), qs, f, dims, D ** -0.5, G=G, GP=GP, D=D, R=R,
-                                          RP=RP, SPARQ=sparq, num_warps=4)
+        q = q.float().contiguous()
+        if not FUSED:
+            wrap(_step_prep_kernel)[(B * H,)](q, qs, f, dims, D ** -0.5, G=G, GP=GP, D=D, R=R, RP=RP, SPARQ=sparq,
+                                              num_warps=4)
         m, z = torch.empty((B, H, NB, GP), **f32), torch.empty((B, H, NB, GP), **f32)
         if pq.stride(0) != H * pq.stride(1):   # rows (b, h) not evenly spaced: a copy
             pq = pq.contiguous()
@@ -270,28 +311,40 @@ if triton is not None:
         NC = min(BN, triton.next_power_of_2(n_top)) if n_top else 0
         NS = PRUNE_SUBBLOCKS if NC else 0
         t = torch.empty((B, H, NB, GP, NS) if NS else (1,), **f32)
-        wrap(_step_stats_kernel)[(NB, B * H)](*scan, m, z, t, N, NB, *strides, G=G, GP=GP, R=R, RP=RP, BN=BN, NS=NS,
-                                              num_warps=SCAN_WARPS)
+        wrap(_step_stats_kernel)[(NB, B * H)](q, D ** -0.5, *scan, m, z, t, N, NB, *strides, G=G, GP=GP, D=D, R=R,
+                                              RP=RP, BN=BN, NS=NS, PREP=FUSED, SPARQ=sparq, num_warps=SCAN_WARPS)
         out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
                           device=q.device)
-        wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, t, out, N, NB, n_top, *strides, G=G, GP=GP, R=R, RP=RP,
+        if NC:
+            idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)
+            rk = torch.empty((B, H, n_top, k.shape[-1]), dtype=k.dtype, device=q.device)
+            rv = torch.empty((B, H, n_top, v.shape[-1]), dtype=v.dtype, device=q.device)
+            rok = torch.empty((B, H, n_top), dtype=torch.uint8, device=q.device)
+            for x in (k, v):
+                assert x.stride(-1) == 1 and x.stride(0) == H * x.stride(1), "the tier's rows evenly spaced"
+            assert k.shape[-1] == v.shape[-1], "keys and values of one head size"
+            CP = max(2, triton.next_power_of_2(NB * NC))
+            NT = min(CP, max(2, triton.next_power_of_2(n_top))) if TOPK else CP
+            if FUSED and count is None:
+                count = torch.zeros((B, H), dtype=torch.int32, device=q.device)
+            top = (idx, k, v, rk, rv, rok, k.stride(1), k.stride(2), v.stride(1), v.stride(2))
+        else:
+            CP = NT = 2
+            top = (out,) * 6 + (0,) * 4
+        fuse_top = bool(FUSED and NC)
+        wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, t, out, N, NB, n_top, *strides,
+                                              count if fuse_top else out, *top, G=G, GP=GP, R=R, RP=RP,
                                               NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, TOPK=TOPK,
-                                              NS=NS, num_warps=SCAN_WARPS)
+                                              NS=NS, TOP=fuse_top, CP=CP, NT=NT, DV=k.shape[-1] if NC else 2,
+                                              num_warps=SCAN_WARPS)
         if debug is not None:
             debug["candidates"] = out
         if not NC:
             return out
-        idx = torch.empty((B, H, n_top), dtype=torch.int64, device=q.device)
-        rk = torch.empty((B, H, n_top, k.shape[-1]), dtype=k.dtype, device=q.device)
-        rv = torch.empty((B, H, n_top, v.shape[-1]), dtype=v.dtype, device=q.device)
-        rok = torch.empty((B, H, n_top), dtype=torch.uint8, device=q.device)
-        for t in (k, v):
-            assert t.stride(-1) == 1 and t.stride(0) == H * t.stride(1), "the tier's rows evenly spaced"
-        CP = max(2, triton.next_power_of_2(NB * NC))
-        wrap(_top_keys_kernel)[(B * H,)](out, idx, k, v, valid, rk, rv, rok, NB * NC, n_top, N, k.stride(1),
-                                         k.stride(2), v.stride(1), v.stride(2), CP=CP,
-                                         NT=min(CP, max(2, triton.next_power_of_2(n_top))) if TOPK else CP,
-                                         D=k.shape[-1], NP=32, TOPK=TOPK, num_warps=4)
+        if not FUSED:
+            wrap(_top_keys_kernel)[(B * H,)](out, idx, k, v, valid, rk, rv, rok, NB * NC, n_top, N, k.stride(1),
+                                             k.stride(2), v.stride(1), v.stride(2), CP=CP, NT=NT, D=k.shape[-1],
+                                             NP=32, TOPK=TOPK, num_warps=4)
         return idx, rk, rv, rok
 
     @triton_op("atskv::step_votes", mutates_args=())
@@ -299,11 +352,11 @@ if triton is not None:
                        r: int) -> torch.Tensor:
         return _launch_step(q, pq, scale, valid, r, 0, wrap_triton)
 
-    @triton_op("atskv::step_recall", mutates_args=())
+    @triton_op("atskv::step_recall", mutates_args=("count",))
     def _step_recall_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int,
-                        n_top: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor, torch.Tensor]:
-        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton, k, v)
+                        n_top: int, k: torch.Tensor, v: torch.Tensor,
+                        count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton, k, v, count)
 
 
 def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
@@ -340,5 +393,7 @@ def candidates_fit(n_entries: int, n: int) -> bool:
     return -(-n_entries // VOTE_BLOCK) * per_block <= MAX_CANDIDATES
 
 
-def step_recall(q, pq, scale, valid, r: int, n: int, k, v):
-    return _step_recall_op(q, pq, scale, valid.to(torch.uint8), r, n, k, v)
+def step_recall(q, pq, scale, valid, r: int, n: int, k, v, count=None):
+    if count is None:
+        count = torch.zeros(pq.shape[:2], dtype=torch.int32, device=pq.device)
+    return _step_recall_op(q, pq, scale, valid.to(torch.uint8), r, n, k, v, count)

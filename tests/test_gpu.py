@@ -258,6 +258,19 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
     e = idx[..., None].expand(-1, -1, -1, 64)
     assert torch.equal(rk, kt.gather(2, e)) and torch.equal(rv, vt.gather(2, e))
     assert torch.equal(rok.bool(), valid.gather(2, idx))
+    # the pick done by each row's last block (FUSED, atomics across programs) against its own kernel (four
+    # kernels): the same entries; the rows' counter, kept by the caller, is left at zeros for the next step
+    count = torch.zeros((64, 3), dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        again = pick(q, pq, scale[..., 0], valid, r, 16, kt, vt, count)
+        assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk, rv, rok))) and not count.any()
+    if not compile:
+        recall_kernels.FUSED = False
+        try:
+            four = step_recall(q, pq, scale[..., 0], valid, r, 16, kt, vt)
+        finally:
+            recall_kernels.FUSED = True
+        assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk, rv, rok)))
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")

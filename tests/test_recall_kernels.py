@@ -130,6 +130,17 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
         finally:
             rk.TOPK = topk
         assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
+    # the four kernels unfused (a kernel each for the row's preparation and the pick): the same picks; fused, the
+    # rows' counter is left at zeros for the next step
+    rk.FUSED = False
+    try:
+        four = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)
+    finally:
+        rk.FUSED = True
+    assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
+    count = torch.zeros((B, H), dtype=torch.int32)
+    again = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt, count=count)
+    assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))) and not count.any(), count
 # the votes' pruning on attention as peaked as a trained model's (a few keys aligned with the group's query, the
 # rest not): blocks that cannot hold any of the n best go unscanned, and the same entries are chosen
 B, H, G, N, D, n = 1, 1, 3, 1024, 64, 4
@@ -186,21 +197,27 @@ def test_the_kernels_pick_from_at_most_max_candidates_and_longer_tiers_take_the_
 
 @needs_triton
 def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
-    """The interpreter runs no compiler: the decode step's four kernels compiled for sm_90 at the default model's
-    shape (16 of 64 dimensions, 16 entries), with tl.topk where this Triton has it (else the full sort)."""
+    """The interpreter runs no compiler: the decode step's kernels compiled for sm_90 at the default model's
+    shape (16 of 64 dimensions, 16 entries), fused (two) and not (four), with tl.topk where this Triton has it
+    (else the full sort)."""
     from tests.test_decode_attention import compile_for_hopper
     topk = recall_kernels.TOPK
     f32, i32 = "*fp32", "*i32"
     scan = dict(qs_ptr=f32, f_ptr=f32, dims_ptr=i32, k_ptr="*i8", s_ptr=f32, ok_ptr="*u8", m_ptr=f32, z_ptr=f32)
+    tier = dict(idx_ptr="*i64", tk_ptr="*bf16", tv_ptr="*bf16", rk_ptr="*bf16", rv_ptr="*bf16", rok_ptr="*u8")
     shape = dict(G=3, GP=4, D=64, R=16, RP=16, BN=512)
+    pick = dict(CP=512, NT=16 if topk else 512, DV=64)
     compile_for_hopper(recall_kernels._step_prep_kernel, dict(shape, SPARQ=True),
                        types=dict(q_ptr=f32, temp="fp32", **scan))
-    for ns in (0, 16):   # without and with the votes' pruning
-        compile_for_hopper(recall_kernels._step_stats_kernel, dict(shape, NS=ns), types=dict(scan, t_ptr=f32))
-        compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=16, TOPK=topk, NS=ns),
-                           types=dict(scan, t_ptr=f32, out_ptr="*i64"))
-    compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=0, TOPK=topk, NS=0),
-                       types=dict(scan, t_ptr=f32, out_ptr=f32))
+    for ns, fused in ((0, True), (0, False), (16, True)):   # without and with the votes' pruning
+        compile_for_hopper(recall_kernels._step_stats_kernel, dict(shape, NS=ns, PREP=fused, SPARQ=True),
+                           types=dict(scan, q_ptr=f32, temp="fp32", t_ptr=f32))
+        compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=16, TOPK=topk, NS=ns, TOP=fused,
+                                                                   **pick),
+                           types=dict(scan, t_ptr=f32, out_ptr="*i64", count_ptr=i32, **tier))
+    compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=0, TOPK=topk, NS=0, TOP=False,
+                                                               CP=2, NT=2, DV=2),
+                       types=dict(scan, t_ptr=f32, out_ptr=f32, count_ptr=f32, **dict.fromkeys(tier, f32)))
     compile_for_hopper(recall_kernels._top_keys_kernel, dict(CP=256, NT=16 if topk else 256, D=64, NP=32, TOPK=topk),
                        types=dict(c_ptr="*i64", idx_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", ok_ptr="*u8",
                                   rk_ptr="*bf16", rv_ptr="*bf16", rok_ptr="*u8"))
