@@ -72,6 +72,8 @@ def main(argv=None):
                 best[B] = row
     result = {"device": torch.cuda.get_device_name(), "triton_topk": has_topk, "rows": rows,
               "best": {str(b): r for b, r in best.items()}, "speed": []}
+    with open(a.out, "w") as f:   # kept should the speed run below be cut short
+        json.dump(result, f, indent=1)
     if speed:
         import run_experiment
         sizes = speed[speed.index("--batch_sizes") + 1] if "--batch_sizes" in speed else ""
