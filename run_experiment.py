@@ -339,6 +339,10 @@ def speed_cli(args) -> int:
     accepted = ("random",) + tuple(t for t in SYNTHETIC_TASKS if t != "multi_question")
     if args.speed_contexts not in accepted:
         raise UserError(f"--speed_contexts {args.speed_contexts!r}: accepted: {', '.join(accepted)}")
+    from utils import RANDOM_WEIGHTS
+    if args.speed_contexts != "random" and str(args.model_name).startswith(RANDOM_WEIGHTS):
+        raise UserError(f"--speed_contexts {args.speed_contexts!r} with --model_config {args.model_config!r}: a "
+                        "task's prompts mean nothing to random weights; accepted there: random")
     kernels_off = sorted(set(split_list(args.kernels_off)))
     return run_speed_benchmark(args, methods, budgets, sizes, batches, parts, kernels_off)
 

@@ -22,6 +22,8 @@ def test_memory_floor_is_weights_plus_kv_read_once_at_the_bandwidth():
     (["--decode_steps", "2"], "--decode_steps 2: at least 4"),
     (["--kernels_off", "gemm,rope"], "--kernels_off: unknown kernel(s) rope; accepted: attention, gemm, evict, greedy"),
     (["--speed_contexts", "lorem"], "--speed_contexts 'lorem': accepted: random, passkey, needle, multi_key"),
+    (["--speed_contexts", "needle", "--model_config", "smollm2-135m"],
+     "--speed_contexts 'needle' with --model_config 'smollm2-135m': a task's prompts mean nothing to random weights"),
 ])
 def test_speed_benchmark_bad_input_exits_2_with_one_line(args, message, tmp_path, run_main):
     code, err = run_main(*SPEED, *args, "--output_dir", tmp_path)
