@@ -627,15 +627,15 @@ class ATSKV(KVMethod):
         st = s["state"]
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]
-        q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
         n = min(s["layer_args"]["recall_n"], st["pok"].shape[-1])
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
+            q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
             vote = step_votes(q, st["pq"], st["ps"], st["pok"], self.recall_dims)   # -1 where no entry
             idx = top_entries(max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0), n)
             got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
-        else:
-            got = step_recall(q, st["pq"], st["ps"], st["pok"], self.recall_dims, n, st["pk"], st["pv"],
-                              st["pcount"])[1:]
+        else:   # the query rotated as the kernels read it
+            got = step_recall(s["q"][:, :, :, None], st["pq"], st["ps"], st["pok"], self.recall_dims, n, st["pk"],
+                              st["pv"], st["pcount"], s["cos"], s["sin"])[1:]
         if "rk" not in st:
             return got
         for name, x in zip(("rk", "rv", "rok"), got):

@@ -287,16 +287,21 @@ def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: to
 
 
 def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int, n: int,
-                k: torch.Tensor, v: torch.Tensor, count: torch.Tensor | None = None) -> tuple:
+                k: torch.Tensor, v: torch.Tensor, count: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> tuple:
     """The n entries a decode step recalls from the fast path's tier (keys and values k, v (B, H_kv, N, D) beside
     their int8 copies pq): those of the n largest `step_votes` -> (indices (B, H_kv, n), best first; keys and values
     (B, H_kv, n, D); validity (B, H_kv, n), bool or uint8). On CUDA two Triton kernels (kernels/recall_kernels.py:
     the votes, each block's best kept as sortable keys, then the best of those, gathered; of equal votes the lower
     index), in place of torch.topk's radix select over the whole tier and three gathers. count (B, H_kv) int32
-    zeros: the kernels' scratch (left at zeros), kept by the caller so that a step need not clear one."""
+    zeros: the kernels' scratch (left at zeros), kept by the caller so that a step need not clear one. cos, sin
+    (B, 1, D): q is not rotated yet; it is, in float32 (the kernels as they read it)."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq) and recall_kernels.candidates_fit(pq.shape[-1], n):
-        return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v, count)
+        return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v, count, cos, sin)
+    if cos is not None:
+        from kernels.decode_attention import rope
+        q = rope(q.float(), cos.float()[:, :, None, None], sin.float()[:, :, None, None])
     idx = step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
     return idx, gather_entries(k, idx), gather_entries(v, idx), valid.gather(2, idx)
 

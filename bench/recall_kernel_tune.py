@@ -49,6 +49,8 @@ def main(argv=None):
     for B in map(int, a.batches.split(",")):
         q, pq, s, ok, k, v = inputs(B)
         count = torch.zeros(q.shape[:2], dtype=torch.int32, device="cuda")   # kept, as the fast path keeps it
+        cos = torch.rand(B, 1, q.shape[-1], device="cuda")   # the query rotated in the kernels, as the fast path's
+        sin = (1 - cos ** 2).sqrt()
         ref = None
         for block, warps, topk, prune, fused in itertools.product(
                 *(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk, a.prune, a.fused))):
@@ -56,11 +58,11 @@ def main(argv=None):
                 continue
             rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK, rk.PRUNE_SUBBLOCKS = block, warps, bool(topk), prune
             rk.FUSED = bool(fused)
-            idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count)[0]
+            idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count, cos=cos, sin=sin)[0]
             ref = idx if ref is None else ref
             same = bool(torch.equal(idx, ref))
             pick = triton.testing.do_bench_cudagraph(
-                lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count), rep=200,
+                lambda: rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count, cos=cos, sin=sin), rep=200,
                 return_mode="median")
             votes = triton.testing.do_bench_cudagraph(
                 lambda: rk._launch_step(q, pq, s, ok, a.dims, 0), rep=200, return_mode="median")

@@ -18,6 +18,8 @@ the scan's loop was bound by that wait (docs/design-recall-fast-path.md). `exter
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 import kernels
@@ -60,21 +62,40 @@ if triton is not None:
         tl.store(out_ptr + row * M * N + m[:, None] * N + n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _step_prep_kernel(q_ptr, qs_ptr, f_ptr, dims_ptr, temp, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                          R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr):
+    def _step_prep_kernel(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, temp, H, c_row, G: tl.constexpr,
+                          GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr,
+                          ROPE: tl.constexpr):
         """`_prep_row` once per row, before the scan (FUSED off)."""
-        _prep_row(q_ptr, qs_ptr, f_ptr, dims_ptr, tl.program_id(0), temp, G, GP, D, R, RP, SPARQ)
+        _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, tl.program_id(0), temp, H, c_row, G, GP, D, R, RP,
+                  SPARQ, ROPE)
 
     @triton.jit
-    def _prep_row(q_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr):
+    def _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, g, d, g_ok, G: tl.constexpr, D: tl.constexpr,
+                  ROPE: tl.constexpr):
+        """The group's query components q[g, d] (float32), rotated here with ROPE (HF's rotary embedding: q cos +
+        rotate_half(q) sin, cos and sin of the row's sequence b = row // H at cos_ptr + b * c_row), so that no
+        kernel of its own rotates them first."""
+        base = q_ptr + row * G * D + g * D
+        x = tl.load(base + d, mask=g_ok, other=0.0).to(tl.float32)
+        if ROPE:
+            y = tl.load(base + (d + D // 2) % D, mask=g_ok, other=0.0).to(tl.float32)
+            b = row // H
+            c = tl.load(cos_ptr + b * c_row + d).to(tl.float32)
+            s = tl.load(sin_ptr + b * c_row + d).to(tl.float32)
+            x = x * c + tl.where(d < D // 2, -y, y) * s
+        return x
+
+    @triton.jit
+    def _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, G: tl.constexpr,
+                  GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr,
+                  ROPE: tl.constexpr):
         """A row's (b, h) part of a decode step's scoring, before its scan: the R dimensions it reads, in order
         (dims (RP,)), the group's query components on them (qs (RP, GP)) and each head's factor f = c * temp. With
         SPARQ the R dimensions of largest |q| summed over the group (of equal sums the lower dimension: SparQ's
         first step) and c = sqrt(|q|_1 / |q_R|_1), SparQ's correction; else all D in order and c = 1."""
         g, d, j = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, RP)
         g_ok, j_ok = g < G, j < R
-        q = tl.load(q_ptr + row * G * D + g[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
+        q = _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, g[:, None], d[None, :], g_ok[:, None], G, D, ROPE)
         if SPARQ:   # a dimension's rank: how many beat it (a larger sum, or an equal one at a lower index)
             a = tl.sum(tl.abs(q), 0)
             beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (d[None, :] < d[:, None]))
@@ -86,7 +107,7 @@ if triton is not None:
             dims = j
             c = tl.full((GP,), 1.0, tl.float32)
         dims = tl.where(j_ok, dims, 0)
-        qs = tl.load(q_ptr + row * G * D + g[None, :] * D + dims[:, None], mask=g_ok[None, :], other=0.0)
+        qs = _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, g[None, :], dims[:, None], g_ok[None, :], G, D, ROPE)
         tl.store(qs_ptr + (row * RP + j[:, None]) * GP + g[None, :], qs)
         tl.store(dims_ptr + row * RP + j, dims)
         tl.store(f_ptr + row * GP + g, c * temp)
@@ -115,17 +136,18 @@ if triton is not None:
         return l, ok, n, n_ok
 
     @triton.jit
-    def _step_stats_kernel(q_ptr, temp, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, m_ptr, z_ptr, t_ptr, N, NB,
-                           k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                           RP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, PREP: tl.constexpr,
-                           SPARQ: tl.constexpr):
+    def _step_stats_kernel(q_ptr, cos_ptr, sin_ptr, temp, H, c_row, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr,
+                           m_ptr, z_ptr, t_ptr, N, NB, k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                           R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, PREP: tl.constexpr,
+                           SPARQ: tl.constexpr, ROPE: tl.constexpr):
         """One block's softmax statistics per query head: the maximum m of its logits and its sum of exp(l - m) z;
         NS > 0: also the maxima of its NS sub-blocks per head (t (B, H, NB, GP, NS), for the votes' pruning).
         PREP: each program first does its row's `_prep_row` (every block of a row writes the same values; the votes'
         kernel reads them), in place of a kernel of its own: at batch 1 a decode step is a chain of launches."""
         blk, row = tl.program_id(0), tl.program_id(1)
         if PREP:
-            _prep_row(q_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, G, GP, D, R, RP, SPARQ)
+            _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, G, GP, D, R, RP, SPARQ,
+                      ROPE)
             tl.debug_barrier()   # read back below by other threads of this program
         l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
                                        G, GP, R, RP, BN)
@@ -280,7 +302,7 @@ if triton is not None:
 
 
     def _launch_step(q, pq, scale, valid, r: int, n_top: int, wrap=lambda k: k, k=None, v=None, count=None,
-                     debug=None):
+                     cos=None, sin=None, debug=None):
         """q (B, H, G, 1, D) against the dimension-major int8 tier pq (B, H, D, N), scale (B, H, N) float32, valid
         (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
         (B, H, n_top) of the n_top best, best first (of equal votes the lower index: each block's next power of
@@ -288,7 +310,9 @@ if triton is not None:
         D) with their validity (uint8). FUSED: two kernels (each block's softmax statistics, the row's dimensions
         and query components chosen by each of its programs; the votes, and with n_top the row's best of its
         blocks' best, by the row's last block, counted in count (B, H) int32, zeros, left at zeros: a scratch the
-        caller keeps, so that no step clears it); else four. `debug` (a dict) gets the blocks' candidates."""
+        caller keeps, so that no step clears it); else four. cos, sin (B or 1, 1, D): q is not rotated yet (HF's
+        rotary embedding, applied in float32 as the row's query is read). `debug` (a dict) gets the blocks'
+        candidates."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
         sparq = 0 < r < D
@@ -298,10 +322,16 @@ if triton is not None:
         f32 = dict(dtype=torch.float32, device=q.device)
         qs, f = torch.empty((B, H, RP, GP), **f32), torch.empty((B, H, GP), **f32)
         dims = torch.empty((B, H, RP), dtype=torch.int32, device=q.device)
-        q = q.float().contiguous()
+        q = q.contiguous()
+        if cos is None:
+            rows = (q, q, D ** -0.5, H, 0)
+        else:
+            cos, sin = (x.reshape(x.shape[0], D).expand(B, D) for x in (cos, sin))
+            assert cos.stride(1) == 1 and sin.stride() == cos.stride(), "cos and sin of one layout"
+            rows = (cos, sin, D ** -0.5, H, cos.stride(0))
         if not FUSED:
-            wrap(_step_prep_kernel)[(B * H,)](q, qs, f, dims, D ** -0.5, G=G, GP=GP, D=D, R=R, RP=RP, SPARQ=sparq,
-                                              num_warps=4)
+            wrap(_step_prep_kernel)[(B * H,)](q, *rows[:2], qs, f, dims, *rows[2:], G=G, GP=GP, D=D, R=R, RP=RP,
+                                              SPARQ=sparq, ROPE=cos is not None, num_warps=4)
         m, z = torch.empty((B, H, NB, GP), **f32), torch.empty((B, H, NB, GP), **f32)
         if pq.stride(0) != H * pq.stride(1):   # rows (b, h) not evenly spaced: a copy
             pq = pq.contiguous()
@@ -311,8 +341,9 @@ if triton is not None:
         NC = min(BN, triton.next_power_of_2(n_top)) if n_top else 0
         NS = PRUNE_SUBBLOCKS if NC else 0
         t = torch.empty((B, H, NB, GP, NS) if NS else (1,), **f32)
-        wrap(_step_stats_kernel)[(NB, B * H)](q, D ** -0.5, *scan, m, z, t, N, NB, *strides, G=G, GP=GP, D=D, R=R,
-                                              RP=RP, BN=BN, NS=NS, PREP=FUSED, SPARQ=sparq, num_warps=SCAN_WARPS)
+        wrap(_step_stats_kernel)[(NB, B * H)](q, *rows, *scan, m, z, t, N, NB, *strides, G=G, GP=GP, D=D, R=R,
+                                              RP=RP, BN=BN, NS=NS, PREP=FUSED, SPARQ=sparq, ROPE=cos is not None,
+                                              num_warps=SCAN_WARPS)
         out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
                           device=q.device)
         if NC:
@@ -354,9 +385,9 @@ if triton is not None:
 
     @triton_op("atskv::step_recall", mutates_args=("count",))
     def _step_recall_op(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int,
-                        n_top: int, k: torch.Tensor, v: torch.Tensor,
-                        count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton, k, v, count)
+                        n_top: int, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, cos: Optional[torch.Tensor],
+                        sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton, k, v, count, cos, sin)
 
 
 def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
@@ -382,8 +413,13 @@ def votes_usable(q: torch.Tensor, pq: torch.Tensor) -> bool:
     return q.shape[3] == 1 and usable(q, pq)
 
 
+def as_uint8(valid: torch.Tensor) -> torch.Tensor:
+    """The kernels' validity: a bool tensor's bytes read as uint8 (a view: no conversion kernel a layer)."""
+    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
+
+
 def step_votes(q, pq, scale, valid, r: int):
-    return _step_votes_op(q, pq, scale, valid.to(torch.uint8), r)
+    return _step_votes_op(q, pq, scale, as_uint8(valid), r)
 
 
 def candidates_fit(n_entries: int, n: int) -> bool:
@@ -393,7 +429,7 @@ def candidates_fit(n_entries: int, n: int) -> bool:
     return -(-n_entries // VOTE_BLOCK) * per_block <= MAX_CANDIDATES
 
 
-def step_recall(q, pq, scale, valid, r: int, n: int, k, v, count=None):
+def step_recall(q, pq, scale, valid, r: int, n: int, k, v, count=None, cos=None, sin=None):
     if count is None:
         count = torch.zeros(pq.shape[:2], dtype=torch.int32, device=pq.device)
-    return _step_recall_op(q, pq, scale, valid.to(torch.uint8), r, n, k, v, count)
+    return _step_recall_op(q, pq, scale, as_uint8(valid), r, n, k, v, count, cos, sin)

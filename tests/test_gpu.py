@@ -232,6 +232,7 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
     import kernels
     from external_memory import quantize_int8, step_recall, step_votes
     from kernels import recall_kernels
+    from kernels.decode_attention import rope
     torch.manual_seed(0)
     q, k = torch.randn(64, 3, 3, 1, 64, device="cuda").bfloat16(), torch.randn(64, 3, 7373, 64, device="cuda")
     kq, scale = quantize_int8(k)
@@ -271,6 +272,19 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
         finally:
             recall_kernels.FUSED = True
         assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk, rv, rok)))
+    # a query not rotated yet (the fast path's): the kernels rotate it in float32 as they read it, as the tensor
+    # form does before it scores
+    freq = torch.randint(0, 8192, (64, 1, 1), device="cuda") * 10000 ** (-torch.arange(0, 64, 2, device="cuda") / 64)
+    cos, sin = torch.cat((freq, freq), -1).cos(), torch.cat((freq, freq), -1).sin()
+    got = pick(q, pq, scale[..., 0], valid, r, 16, kt, vt, count, cos, sin)[0]
+    kernels.switch_off(["recall"])
+    try:
+        want_idx = step_recall(q, pq, scale[..., 0], valid, r, 16, kt, vt, None, cos, sin)[0]
+        rotated = rope(q.float(), cos[:, :, None, None], sin[:, :, None, None])
+        votes = step_votes(rotated, pq, scale[..., 0], valid, r)
+    finally:
+        kernels.switch_off([])
+    assert (votes.gather(-1, got) - votes.gather(-1, want_idx)).abs().max() < 1e-4
 
 
 @pytest.mark.skipif(da.triton is None, reason="needs Triton (it ships with CUDA builds of torch)")

@@ -141,6 +141,22 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
     count = torch.zeros((B, H), dtype=torch.int32)
     again = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt, count=count)
     assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))) and not count.any(), count
+    # the query not rotated yet: the kernels rotate it (in float32) as they read it, fused and not; the bool
+    # validity read as bytes
+    pos = torch.randint(0, 5000, (B, 1, 1), generator=g).float()
+    freq = pos * 10000 ** (-torch.arange(0, D, 2) / D)
+    cos, sin = torch.cat((freq, freq), -1).cos(), torch.cat((freq, freq), -1).sin()           # (B, 1, D)
+    raw = torch.randn(B, H, G, 1, D, generator=g)
+    half = D // 2
+    rotated = raw * cos[:, :, None, None] + torch.cat((-raw[..., half:], raw[..., :half]), -1) * sin[:, :, None, None]
+    want_idx = rk._launch_step(rotated, pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)[0]
+    for fused in (True, False):
+        rk.FUSED = fused
+        try:
+            got = rk._launch_step(raw, pq, scale[..., 0], rk.as_uint8(valid), r, n, k=kt, v=vt, cos=cos, sin=sin)
+        finally:
+            rk.FUSED = True
+        assert torch.equal(got[0], want_idx), (B, H, G, N, D, r, n, fused)
 # the votes' pruning on attention as peaked as a trained model's (a few keys aligned with the group's query, the
 # rest not): blocks that cannot hold any of the n best go unscanned, and the same entries are chosen
 B, H, G, N, D, n = 1, 1, 3, 1024, 64, 4
@@ -207,11 +223,11 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
     tier = dict(idx_ptr="*i64", tk_ptr="*bf16", tv_ptr="*bf16", rk_ptr="*bf16", rv_ptr="*bf16", rok_ptr="*u8")
     shape = dict(G=3, GP=4, D=64, R=16, RP=16, BN=512)
     pick = dict(CP=512, NT=16 if topk else 512, DV=64)
-    compile_for_hopper(recall_kernels._step_prep_kernel, dict(shape, SPARQ=True),
-                       types=dict(q_ptr=f32, temp="fp32", **scan))
+    compile_for_hopper(recall_kernels._step_prep_kernel, dict(shape, SPARQ=True, ROPE=True),
+                       types=dict(q_ptr="*bf16", cos_ptr=f32, sin_ptr=f32, temp="fp32", **scan))
     for ns, fused in ((0, True), (0, False), (16, True)):   # without and with the votes' pruning
-        compile_for_hopper(recall_kernels._step_stats_kernel, dict(shape, NS=ns, PREP=fused, SPARQ=True),
-                           types=dict(scan, q_ptr=f32, temp="fp32", t_ptr=f32))
+        compile_for_hopper(recall_kernels._step_stats_kernel, dict(shape, NS=ns, PREP=fused, SPARQ=True, ROPE=fused),
+                           types=dict(scan, q_ptr="*bf16", cos_ptr=f32, sin_ptr=f32, temp="fp32", t_ptr=f32))
         compile_for_hopper(recall_kernels._step_votes_kernel, dict(shape, NBP=16, NC=16, TOPK=topk, NS=ns, TOP=fused,
                                                                    **pick),
                            types=dict(scan, t_ptr=f32, out_ptr="*i64", count_ptr=i32, **tier))
