@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_framework import (METHODS, KVMethod, current_hidden, current_input_ids, gather_entries, protection, put,
-                             put_rows, repeat_heads, window_attention)
+                             put_rows, repeat_heads, rope, window_attention)
 from external_memory import (PassiveStore, attention_lse, host_mapped, max_pool_positions, merge_attention,
                              quantize_int8, step_recall, step_votes, top_entries)
 from relevance_predictor import AttentionStatisticsExtractor, HandcraftedFeatureExtractor
@@ -623,7 +623,6 @@ class ATSKV(KVMethod):
         "rok") and attended again on the steps until the next recall (s["recall"] False)."""
         if not self.external_memory or s["layer_args"]["recall_n"] == 0:
             return None
-        from kernels.decode_attention import rope   # here, not at import: Triton loads only for the fast path
         st = s["state"]
         if "rk" in st and not s["recall"]:   # recall_every > 1, a step between recalls: the last recall's entries
             return st["rk"], st["rv"], st["rok"]

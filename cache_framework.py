@@ -119,6 +119,12 @@ def current_hidden(layer_idx: int):
     return (getattr(_PENDING, "hidden", None) or {}).get(layer_idx)
 
 
+def rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotary embedding of q (..., D) with cos, sin broadcastable to it."""
+    half = q.shape[-1] // 2
+    return q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+
+
 def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     """(B, H_kv, ...) -> (B, H_kv * n, ...), the GQA expansion."""
     if n == 1:

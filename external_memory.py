@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cache_framework import gather_entries, repeat_heads
+from cache_framework import gather_entries, repeat_heads, rope
 
 
 class PassiveStore:
@@ -300,7 +300,6 @@ def step_recall(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: t
     if recall_kernels.votes_usable(q, pq) and recall_kernels.candidates_fit(pq.shape[-1], n):
         return recall_kernels.step_recall(q, pq, scale, valid, r, n, k, v, count, cos, sin)
     if cos is not None:
-        from kernels.decode_attention import rope
         q = rope(q.float(), cos.float()[:, :, None, None], sin.float()[:, :, None, None])
     idx = step_votes(q, pq, scale, valid, r).topk(n, dim=-1).indices
     return idx, gather_entries(k, idx), gather_entries(v, idx), valid.gather(2, idx)

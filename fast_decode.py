@@ -28,8 +28,8 @@ import math
 import torch
 
 from kernels import greedy_kernels, skinny_gemm
-from kernels.decode_attention import HIDDEN, decode_attention, kernel_available, rope
-from cache_framework import protection, put
+from kernels.decode_attention import HIDDEN, decode_attention, kernel_available
+from cache_framework import protection, put, rope
 from relevance_predictor import HandcraftedFeatureExtractor
 from utils import UserError, head_size
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from cache_framework import rope
 from kernels import tl, triton
 
 # Launch configuration, from a sweep on an H200 (block, warps, pipeline stages, programs; README "Decode speed"):
@@ -287,12 +288,6 @@ if triton is not None:
 
 def kernel_available(device) -> bool:
     return kernels.enabled("attention") and torch.device(device).type == "cuda"
-
-
-def rope(q, cos, sin):
-    """HF's rotary embedding of q (..., D) with cos, sin broadcastable to it."""
-    half = q.shape[-1] // 2
-    return q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
 
 
 def decode_attention(q, K, V, bias, scaling: float, want_probs: bool = False, use_kernel: bool = True, acc=None,

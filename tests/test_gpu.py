@@ -232,7 +232,7 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
     import kernels
     from external_memory import quantize_int8, step_recall, step_votes
     from kernels import recall_kernels
-    from kernels.decode_attention import rope
+    from cache_framework import rope
     torch.manual_seed(0)
     q, k = torch.randn(64, 3, 3, 1, 64, device="cuda").bfloat16(), torch.randn(64, 3, 7373, 64, device="cuda")
     kq, scale = quantize_int8(k)
