@@ -130,6 +130,8 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
         finally:
             rk.TOPK = topk
         assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
+    if r != 16:   # (the interpreter is slow: the rest on the first case alone)
+        continue
     # the four kernels unfused (a kernel each for the row's preparation and the pick): the same picks; fused, the
     # rows' counter is left at zeros for the next step
     rk.FUSED = False
