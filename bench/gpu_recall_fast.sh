@@ -12,6 +12,7 @@
 #   speed64    batch 64: full, atskv, recall every 64 steps (host tier, device tier)
 #   speed1     batch 1: the same
 #   profile    batch 64: each step variant's kernels, recall every 64 steps (both tiers)
+#   profile1   batch 1: the same for full and the device tier (where a step is a chain of launches)
 #   max_batch  the largest batch that fits at 8K: full and recall every 64 steps (both tiers)
 #   every      batch 64: recall every step (both tiers), and the scoring kernel off (einsum)
 # Logs and results go to $OUT (speed24.log, speed24.tgz). Run it alone on the machine: beside a quality sweep's 11
@@ -67,10 +68,12 @@ for part in $PARTS; do
     speed64) speed --speed_parts fast --batch_sizes 64 --methods "$(pick full evict host device)" ;;
     speed1) speed --speed_parts fast --batch_sizes 1 --methods "$(pick full evict host device)" ;;
     profile) speed --speed_parts profile --batch_sizes 64 --methods "$(pick host device)" ;;
+    profile1) speed --speed_parts profile --batch_sizes 1 --methods "$(pick full device)" ;;
     max_batch) speed --speed_parts max_batch --methods "$(pick full host device)" ;;
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
-    *) echo "unknown part $part (tests_a, tests_b, speed64, speed1, profile, max_batch, every)" >&2; exit 2 ;;
+    *) echo "unknown part $part (tests_a, tests_b, speed64, speed1, profile, profile1, max_batch, every)" >&2
+       exit 2 ;;
   esac
 done
 tar czf $OUT/speed24.tgz -C $HOME speed24 2>/dev/null
