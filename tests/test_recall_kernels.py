@@ -92,6 +92,7 @@ def test_int8_scores_kernel_matches_its_tensor_form_in_the_triton_interpreter():
 VOTES_INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
+from cache_framework import rope
 from external_memory import quantize_int8, step_recall, step_votes
 from kernels import recall_kernels as rk
 g = torch.Generator().manual_seed(1)
@@ -106,13 +107,16 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
     valid = torch.rand(B, H, N, generator=g) > 0.25
     valid[0, 1] = False
     want = step_votes(q.bfloat16(), pq, scale[..., 0], valid, r)     # the tensor form (no CUDA here)
-    got = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, 0)
-    assert got.shape == want.shape and got.dtype == torch.float32, (got.shape, want.shape)
-    assert torch.equal(got == -1, ~valid) and torch.equal(want == -1, ~valid), (B, H, G, N, D, r)
-    assert (got - want).abs().max() < 1e-5, (B, H, G, N, D, r, (got - want).abs().max())
-    assert torch.allclose(got[valid].sum(), torch.tensor(float(G * valid.any(-1).sum())), atol=1e-3)
-    # the n best: the kernels' votes sorted (best first, of equal votes the lower index: the invalid row's -1s)
-    # and those entries of the tier, gathered
+    if r in (16, 0):   # the votes alone (n = 0; the interpreter is slow: on two of the cases)
+        got = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, 0)
+        assert got.shape == want.shape and got.dtype == torch.float32, (got.shape, want.shape)
+        assert torch.equal(got == -1, ~valid) and torch.equal(want == -1, ~valid), (B, H, G, N, D, r)
+        assert (got - want).abs().max() < 1e-5, (B, H, G, N, D, r, (got - want).abs().max())
+        assert torch.allclose(got[valid].sum(), torch.tensor(float(G * valid.any(-1).sum())), atol=1e-3)
+    else:
+        got = want
+    # the n best: the votes sorted (best first, of equal votes the lower index: the invalid row's -1s) and those
+    # entries of the tier, gathered
     kt, vt = k.bfloat16(), torch.randn(B, H, N, D, generator=g).bfloat16()
     idx, rk_, rv_, rok = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)
     assert idx.shape == (B, H, n) and idx.dtype == torch.int64, idx.shape
@@ -132,33 +136,23 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
         assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
     if r != 16:   # (the interpreter is slow: the rest on the first case alone)
         continue
-    # the four kernels unfused (a kernel each for the row's preparation and the pick): the same picks; fused, the
-    # rows' counter is left at zeros for the next step
+    # the four kernels unfused (a kernel each for the row's preparation and the pick): the same picks
     rk.FUSED = False
     try:
         four = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)
     finally:
         rk.FUSED = True
     assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
-    count = torch.zeros((B, H), dtype=torch.int32)
-    again = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt, count=count)
-    assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk_, rv_, rok))) and not count.any(), count
-    # the query not rotated yet: the kernels rotate it (in float32) as they read it, fused and not; the bool
-    # validity read as bytes
+    # the query not rotated yet: the kernels rotate it (float32) as they read it, as the tensor form does before it
+    # scores; the bool validity read as bytes; the rows' counter, kept by the caller, left at zeros
     pos = torch.randint(0, 5000, (B, 1, 1), generator=g).float()
     freq = pos * 10000 ** (-torch.arange(0, D, 2) / D)
     cos, sin = torch.cat((freq, freq), -1).cos(), torch.cat((freq, freq), -1).sin()           # (B, 1, D)
-    raw = torch.randn(B, H, G, 1, D, generator=g)
-    half = D // 2
-    rotated = raw * cos[:, :, None, None] + torch.cat((-raw[..., half:], raw[..., :half]), -1) * sin[:, :, None, None]
-    want_idx = rk._launch_step(rotated, pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)[0]
-    for fused in (True, False):
-        rk.FUSED = fused
-        try:
-            got = rk._launch_step(raw, pq, scale[..., 0], rk.as_uint8(valid), r, n, k=kt, v=vt, cos=cos, sin=sin)
-        finally:
-            rk.FUSED = True
-        assert torch.equal(got[0], want_idx), (B, H, G, N, D, r, n, fused)
+    raw, count = torch.randn(B, H, G, 1, D, generator=g), torch.zeros((B, H), dtype=torch.int32)
+    got = rk._launch_step(raw, pq, scale[..., 0], rk.as_uint8(valid), r, n, k=kt, v=vt, count=count, cos=cos, sin=sin)
+    votes = step_votes(rope(raw, cos[:, :, None, None], sin[:, :, None, None]), pq, scale[..., 0], valid, r)
+    assert (votes.gather(-1, got[0]) - votes.topk(n, dim=-1).values).abs().max() < 1e-5, (B, H, G, N, D, r, n)
+    assert not count.any(), count
 # the votes' pruning on attention as peaked as a trained model's (a few keys aligned with the group's query, the
 # rest not): blocks that cannot hold any of the n best go unscanned, and the same entries are chosen
 B, H, G, N, D, n = 1, 1, 3, 1024, 64, 4
