@@ -137,9 +137,9 @@ if triton is not None:
 
     @triton.jit
     def _step_stats_kernel(q_ptr, cos_ptr, sin_ptr, temp, H, c_row, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr,
-                           m_ptr, z_ptr, t_ptr, N, NB, k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                           R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, PREP: tl.constexpr,
-                           SPARQ: tl.constexpr, ROPE: tl.constexpr):
+                           m_ptr, z_ptr, t_ptr, N, NB, k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr,
+                           D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+                           PREP: tl.constexpr, SPARQ: tl.constexpr, ROPE: tl.constexpr):
         """One block's softmax statistics per query head: the maximum m of its logits and its sum of exp(l - m) z;
         NS > 0: also the maxima of its NS sub-blocks per head (t (B, H, NB, GP, NS), for the votes' pruning).
         PREP: each program first does its row's `_prep_row` (every block of a row writes the same values; the votes'
@@ -414,8 +414,12 @@ def votes_usable(q: torch.Tensor, pq: torch.Tensor) -> bool:
 
 
 def as_uint8(valid: torch.Tensor) -> torch.Tensor:
-    """The kernels' validity: a bool tensor's bytes read as uint8 (a view: no conversion kernel a layer)."""
-    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
+    """The kernels' validity: eagerly a bool tensor's bytes read as uint8 (a view: no conversion kernel a layer).
+    Under torch.compile a conversion, as the decode attention's ops take theirs: a dtype view of a bool tensor
+    would be Inductor's bitcast, not yet tried on a GPU."""
+    if valid.dtype == torch.bool and not torch.compiler.is_compiling():
+        return valid.view(torch.uint8)
+    return valid.to(torch.uint8)
 
 
 def step_votes(q, pq, scale, valid, r: int):
