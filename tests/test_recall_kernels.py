@@ -1,5 +1,6 @@
 """Recall's int8 scoring kernel (recall_kernels): held to its tensor form (external_memory.int8_logits), on a CPU
 machine through Triton's interpreter when Triton is installed, on CUDA in tests/test_gpu.py."""
+import pytest
 import torch
 
 from external_memory import group_votes, int8_logits, quantize_int8, sparq_logits, step_votes
@@ -233,3 +234,37 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
     compile_for_hopper(recall_kernels._top_keys_kernel, dict(CP=256, NT=16 if topk else 256, D=64, NP=32, TOPK=topk),
                        types=dict(c_ptr="*i64", idx_ptr="*i64", k_ptr="*bf16", v_ptr="*bf16", ok_ptr="*u8",
                                   rk_ptr="*bf16", rv_ptr="*bf16", rok_ptr="*u8"))
+
+
+@needs_triton
+def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_callers_counter():
+    """Under torch.compile (fullgraph; traced here, not run: no GPU) the step's recall is the statistics' kernel
+    and the votes' kernel, no others (the rotation and the pick inside them), and the counter the caller keeps is
+    the graph's input, not a tensor of its own (no clearing kernel a step); the query goes in as bf16."""
+    from torch._dynamo.backends.common import aot_autograd
+    g = torch.Generator().manual_seed(5)
+    B, H, G, N, D = 2, 3, 3, 1300, 64
+    kq, scale = quantize_int8(torch.randn(B, H, N, D, generator=g))
+    k, v = torch.randn(B, H, N, D, generator=g).bfloat16(), torch.randn(B, H, N, D, generator=g).bfloat16()
+    q, count = torch.randn(B, H, G, 1, D, generator=g).bfloat16(), torch.zeros((B, H), dtype=torch.int32)
+    cos = torch.rand(B, 1, D, generator=g)
+    graphs = []
+
+    class Traced(Exception):
+        pass
+
+    def traced_only(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced
+        return run
+    torch._dynamo.reset()
+    f = torch.compile(recall_kernels.step_recall, backend=aot_autograd(fw_compiler=traced_only), fullgraph=True)
+    with pytest.raises(Traced):
+        f(q, kq.transpose(2, 3).contiguous(), scale[..., 0], torch.ones(B, H, N, dtype=torch.bool), 16, 16, k, v,
+          count, cos, (1 - cos ** 2).sqrt())
+    launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert [n.kwargs["kwargs"].get("TOP") for n in launches] == [None, True]     # the statistics', the votes'
+    assert launches[1].kwargs["kwargs"]["count_ptr"].op == "placeholder"
+    assert launches[0].kwargs["kwargs"]["q_ptr"].meta["val"].dtype == torch.bfloat16
