@@ -16,6 +16,15 @@ try:
 except ImportError:   # CPU builds of torch come without Triton; every kernel has its tensor form
     triton = tl = None
 
+if triton is not None:
+    @triton.jit
+    def rotary(x, partner, cos, sin, first_half):
+        """HF's rotary embedding (apply_rotary_pos_emb) in float32, inside a kernel: x cos + rotate_half(x) sin,
+        partner being x at (d + D/2) % D and first_half where d < D/2 (there rotate_half negates the partner)."""
+        p = partner.to(tl.float32)
+        return x.to(tl.float32) * cos.to(tl.float32) + tl.where(first_half, -p, p) * sin.to(tl.float32)
+
+
 NAMES = ("attention", "gemm", "evict", "greedy", "recall")
 _switched_off: set[str] = set()
 

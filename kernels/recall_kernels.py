@@ -76,14 +76,13 @@ if triton is not None:
         rotate_half(q) sin, cos and sin of the row's sequence b = row // H at cos_ptr + b * c_row), so that no
         kernel of its own rotates them first."""
         base = q_ptr + row * G * D + g * D
-        x = tl.load(base + d, mask=g_ok, other=0.0).to(tl.float32)
+        x = tl.load(base + d, mask=g_ok, other=0.0)
         if ROPE:
-            y = tl.load(base + (d + D // 2) % D, mask=g_ok, other=0.0).to(tl.float32)
+            partner = tl.load(base + (d + D // 2) % D, mask=g_ok, other=0.0)
             b = row // H
-            c = tl.load(cos_ptr + b * c_row + d).to(tl.float32)
-            s = tl.load(sin_ptr + b * c_row + d).to(tl.float32)
-            x = x * c + tl.where(d < D // 2, -y, y) * s
-        return x
+            x = kernels.rotary(x, partner, tl.load(cos_ptr + b * c_row + d), tl.load(sin_ptr + b * c_row + d),
+                               d < D // 2)
+        return x.to(tl.float32)
 
     @triton.jit
     def _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, G: tl.constexpr,
