@@ -62,20 +62,20 @@ if triton is not None:
         tl.store(out_ptr + row * M * N + m[:, None] * N + n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _step_prep_kernel(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, temp, H, c_row, G: tl.constexpr,
+    def _step_prep_kernel(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, temp, H, c_row, q_b, G: tl.constexpr,
                           GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr,
                           ROPE: tl.constexpr):
         """`_prep_row` once per row, before the scan (FUSED off)."""
-        _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, tl.program_id(0), temp, H, c_row, G, GP, D, R, RP,
-                  SPARQ, ROPE)
+        _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, tl.program_id(0), temp, H, c_row, q_b, G, GP, D,
+                  R, RP, SPARQ, ROPE)
 
     @triton.jit
-    def _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, g, d, g_ok, G: tl.constexpr, D: tl.constexpr,
+    def _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, q_b, g, d, g_ok, G: tl.constexpr, D: tl.constexpr,
                   ROPE: tl.constexpr):
-        """The group's query components q[g, d] (float32), rotated here with ROPE (HF's rotary embedding: q cos +
-        rotate_half(q) sin, cos and sin of the row's sequence b = row // H at cos_ptr + b * c_row), so that no
-        kernel of its own rotates them first."""
-        base = q_ptr + row * G * D + g * D
+        """The group's query components q[g, d] (float32; the sequence b = row // H at q_ptr + b * q_b: a view of
+        the step's fused q/k/v projection needs no copy), rotated here with ROPE (HF's rotary embedding: q cos +
+        rotate_half(q) sin, cos and sin at cos_ptr + b * c_row), so that no kernel of its own rotates them first."""
+        base = q_ptr + (row // H) * q_b + ((row % H) * G + g) * D
         x = tl.load(base + d, mask=g_ok, other=0.0)
         if ROPE:
             partner = tl.load(base + (d + D // 2) % D, mask=g_ok, other=0.0)
@@ -85,7 +85,7 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, G: tl.constexpr,
+    def _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, q_b, G: tl.constexpr,
                   GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr,
                   ROPE: tl.constexpr):
         """A row's (b, h) part of a decode step's scoring, before its scan: the R dimensions it reads, in order
@@ -94,7 +94,7 @@ if triton is not None:
         first step) and c = sqrt(|q|_1 / |q_R|_1), SparQ's correction; else all D in order and c = 1."""
         g, d, j = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, RP)
         g_ok, j_ok = g < G, j < R
-        q = _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, g[:, None], d[None, :], g_ok[:, None], G, D, ROPE)
+        q = _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, q_b, g[:, None], d[None, :], g_ok[:, None], G, D, ROPE)
         if SPARQ:   # a dimension's rank: how many beat it (a larger sum, or an equal one at a lower index)
             a = tl.sum(tl.abs(q), 0)
             beats = (a[None, :] > a[:, None]) | ((a[None, :] == a[:, None]) & (d[None, :] < d[:, None]))
@@ -106,7 +106,8 @@ if triton is not None:
             dims = j
             c = tl.full((GP,), 1.0, tl.float32)
         dims = tl.where(j_ok, dims, 0)
-        qs = _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, g[None, :], dims[:, None], g_ok[None, :], G, D, ROPE)
+        qs = _query_at(q_ptr, cos_ptr, sin_ptr, row, H, c_row, q_b, g[None, :], dims[:, None], g_ok[None, :], G, D,
+                       ROPE)
         tl.store(qs_ptr + (row * RP + j[:, None]) * GP + g[None, :], qs)
         tl.store(dims_ptr + row * RP + j, dims)
         tl.store(f_ptr + row * GP + g, c * temp)
@@ -135,7 +136,7 @@ if triton is not None:
         return l, ok, n, n_ok
 
     @triton.jit
-    def _step_stats_kernel(q_ptr, cos_ptr, sin_ptr, temp, H, c_row, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr,
+    def _step_stats_kernel(q_ptr, cos_ptr, sin_ptr, temp, H, c_row, q_b, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr,
                            m_ptr, z_ptr, t_ptr, N, NB, k_row, k_d, k_n, G: tl.constexpr, GP: tl.constexpr,
                            D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
                            PREP: tl.constexpr, SPARQ: tl.constexpr, ROPE: tl.constexpr):
@@ -145,8 +146,8 @@ if triton is not None:
         kernel reads them), in place of a kernel of its own: at batch 1 a decode step is a chain of launches."""
         blk, row = tl.program_id(0), tl.program_id(1)
         if PREP:
-            _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, G, GP, D, R, RP, SPARQ,
-                      ROPE)
+            _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, q_b, G, GP, D, R, RP,
+                      SPARQ, ROPE)
             tl.debug_barrier()   # read back below by other threads of this program
         l, ok, n, n_ok = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n,
                                        G, GP, R, RP, BN)
@@ -321,13 +322,14 @@ if triton is not None:
         f32 = dict(dtype=torch.float32, device=q.device)
         qs, f = torch.empty((B, H, RP, GP), **f32), torch.empty((B, H, GP), **f32)
         dims = torch.empty((B, H, RP), dtype=torch.int32, device=q.device)
-        q = q.contiguous()
+        if q.stride(4) != 1 or q.stride(2) != D or q.stride(1) != G * D:   # only the batch rows may be strided
+            q = q.contiguous()
         if cos is None:
-            rows = (q, q, D ** -0.5, H, 0)
+            rows = (q, q, D ** -0.5, H, 0, q.stride(0))
         else:
             cos, sin = (x.reshape(x.shape[0], D).expand(B, D) for x in (cos, sin))
             assert cos.stride(1) == 1 and sin.stride() == cos.stride(), "cos and sin of one layout"
-            rows = (cos, sin, D ** -0.5, H, cos.stride(0))
+            rows = (cos, sin, D ** -0.5, H, cos.stride(0), q.stride(0))
         if not FUSED:
             wrap(_step_prep_kernel)[(B * H,)](q, *rows[:2], qs, f, dims, *rows[2:], G=G, GP=GP, D=D, R=R, RP=RP,
                                               SPARQ=sparq, ROPE=cos is not None, num_warps=4)

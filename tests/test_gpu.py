@@ -272,11 +272,13 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
         finally:
             recall_kernels.FUSED = True
         assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk, rv, rok)))
-    # a query not rotated yet (the fast path's): the kernels rotate it in float32 as they read it, as the tensor
-    # form does before it scores
+    # a query not rotated yet, its rows apart in a wider tensor (the fast path's: a view of the fused q/k/v
+    # projection): the kernels read it in place and rotate it in float32 as they read it, as the tensor form does
+    # before it scores
     freq = torch.randint(0, 8192, (64, 1, 1), device="cuda") * 10000 ** (-torch.arange(0, 64, 2, device="cuda") / 64)
     cos, sin = torch.cat((freq, freq), -1).cos(), torch.cat((freq, freq), -1).sin()
-    got = pick(q, pq, scale[..., 0], valid, r, 16, kt, vt, count, cos, sin)[0]
+    wide = torch.cat((q.flatten(1), torch.zeros_like(q.flatten(1))), 1)[:, :q[0].numel()].view(q.shape)
+    got = pick(wide, pq, scale[..., 0], valid, r, 16, kt, vt, count, cos, sin)[0]
     kernels.switch_off(["recall"])
     try:
         want_idx = step_recall(q, pq, scale[..., 0], valid, r, 16, kt, vt, None, cos, sin)[0]

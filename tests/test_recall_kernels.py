@@ -144,14 +144,18 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
     finally:
         rk.FUSED = True
     assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
-    # the query not rotated yet: the kernels rotate it (float32) as they read it, as the tensor form does before it
-    # scores; the bool validity read as bytes; the rows' counter, kept by the caller, left at zeros
-    pos = torch.randint(0, 5000, (B, 1, 1), generator=g).float()
+    # the query not rotated yet, two sequences whose rows lie apart in a wider tensor (as the step's fused q/k/v
+    # projection leaves them): the kernels read it in place and rotate it (float32) as they read it, as the tensor
+    # form does before it scores; the bool validity read as bytes; the rows' counter, kept by the caller, left at 0
+    two = [x.repeat(2, *[1] * (x.dim() - 1)) for x in (pq, scale[..., 0], valid, kt, vt)]
+    pos = torch.randint(0, 5000, (2, 1, 1), generator=g).float()
     freq = pos * 10000 ** (-torch.arange(0, D, 2) / D)
-    cos, sin = torch.cat((freq, freq), -1).cos(), torch.cat((freq, freq), -1).sin()           # (B, 1, D)
-    raw, count = torch.randn(B, H, G, 1, D, generator=g), torch.zeros((B, H), dtype=torch.int32)
-    got = rk._launch_step(raw, pq, scale[..., 0], rk.as_uint8(valid), r, n, k=kt, v=vt, count=count, cos=cos, sin=sin)
-    votes = step_votes(rope(raw, cos[:, :, None, None], sin[:, :, None, None]), pq, scale[..., 0], valid, r)
+    cos, sin = torch.cat((freq, freq), -1).cos(), torch.cat((freq, freq), -1).sin()           # (2, 1, D)
+    raw = torch.randn(2, H * G * D + 3 * D, generator=g)[:, :H * G * D].view(2, H, G, 1, D)
+    count = torch.zeros((2, H), dtype=torch.int32)
+    got = rk._launch_step(raw, two[0], two[1], rk.as_uint8(two[2]), r, n, k=two[3], v=two[4], count=count, cos=cos,
+                          sin=sin)
+    votes = step_votes(rope(raw, cos[:, :, None, None], sin[:, :, None, None]), *two[:3], r)
     assert (votes.gather(-1, got[0]) - votes.topk(n, dim=-1).values).abs().max() < 1e-5, (B, H, G, N, D, r, n)
     assert not count.any(), count
 # the votes' pruning on attention as peaked as a trained model's (a few keys aligned with the group's query, the
