@@ -1,12 +1,17 @@
 """The speed benchmark: records per path beside the memory floor, the report's speed section, resuming, bad input."""
 import json
+from pathlib import Path
 
 import pytest
 
 from fast_decode import memory_floor_ms
 
-SPEED = ["--benchmark", "speed", "--context_sizes", "256", "--batch_sizes", "2", "--budgets", "0.25",
-         "--methods", "full,atskv[evict_every=2]", "--decode_steps", "4", "--device", "cpu"]
+# a 4-layer Llama of random weights: what these tests check (records, paths, variants, the report) does not depend
+# on the weights, and a step of the default model's 30 layers costs them several seconds each on a CPU
+TINY = ["--model_config", str(Path(__file__).with_name("tiny_llama.json"))]
+CELL = ["--benchmark", "speed", "--context_sizes", "256", "--batch_sizes", "2", "--budgets", "0.25",
+        "--methods", "full,atskv[evict_every=2]", "--decode_steps", "4", "--device", "cpu"]
+SPEED = CELL + TINY
 ATSKV = "atskv[evict_every=2]"
 
 
@@ -88,7 +93,7 @@ def test_task_contexts_prefill_the_tasks_prompts_and_are_recorded_and_labelled(t
     seen, forward = [], evals.speed.forward_chunked
     monkeypatch.setattr(evals.speed, "forward_chunked", lambda model, cache, ids, chunk: (
         seen.append(ids.clone()), forward(model, cache, ids, chunk))[1])
-    code, err = run_main(*SPEED, "--methods", "full", "--speed_parts", "fast", "--speed_contexts", "needle",
+    code, err = run_main(*CELL, "--methods", "full", "--speed_parts", "fast", "--speed_contexts", "needle",
                          "--output_dir", tmp_path)
     assert code == 0, err[-5:]
     assert [tuple(ids.shape) for ids in seen] == [(1, 256)]     # one row prefilled, repeated to the batch
@@ -100,7 +105,7 @@ def test_task_contexts_prefill_the_tasks_prompts_and_are_recorded_and_labelled(t
 
 def test_profile_part_records_each_step_variant_with_its_largest_operators(tmp_path, run_main):
     args = ["--benchmark", "speed", "--speed_parts", "profile", "--context_sizes", "256", "--batch_sizes", "1",
-            "--budgets", "0.25", "--methods", "full,atskv[evict_every=4]", "--device", "cpu"]
+            "--budgets", "0.25", "--methods", "full,atskv[evict_every=4]", "--device", "cpu", *TINY]
     code, err = run_main(*args, "--output_dir", tmp_path)
     assert code == 0, err[-5:]
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -121,7 +126,7 @@ def test_plain_part_alone_times_methods_the_fast_path_refuses(tmp_path, run_main
     parts that use the fast path still refuse it."""
     method = 'atskv[external_memory=true;recall_scoring="exact"]'
     args = ["--benchmark", "speed", "--context_sizes", "512", "--batch_sizes", "1", "--budgets", "0.25",
-            "--methods", method, "--decode_steps", "4", "--output_dir", tmp_path]
+            "--methods", method, "--decode_steps", "4", "--output_dir", tmp_path, *TINY]
     code, err = run_main(*args, "--speed_parts", "plain")
     assert code == 0, err[-5:]
     (rec,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
