@@ -23,6 +23,8 @@ if triton is not None:
         partner being x at (d + D/2) % D and first_half where d < D/2 (there rotate_half negates the partner)."""
         p = partner.to(tl.float32)
         return x.to(tl.float32) * cos.to(tl.float32) + tl.where(first_half, -p, p) * sin.to(tl.float32)
+else:
+    rotary = None
 
 
 NAMES = ("attention", "gemm", "evict", "greedy", "recall")

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 import kernels
 from cache_framework import rope
-from kernels import tl, triton
+# a kernel calls another jit function by its bare name: Inductor compiles user kernels in a subprocess
+# that resolves only those (an attribute of a module, kernels.rotary, is not defined there)
+from kernels import rotary, tl, triton
 
 # Launch configuration, from a sweep on an H200 (block, warps, pipeline stages, programs; README "Decode speed"):
 # tensor cores (tl.dot over the group's query rows padded to 16) win by far at batch 64 (100 us against 840 us at
@@ -93,7 +95,7 @@ if triton is not None:
             partner = tl.load(qb + ((dims + D // 2) % D)[None, :], mask=row_ok[:, None], other=0.0)
             cos = tl.load(cos_ptr + (bh // H) * stride_cb + dims)
             sin = tl.load(sin_ptr + (bh // H) * stride_cb + dims)
-            q = kernels.rotary(q, partner, cos[None, :], sin[None, :], (dims < D // 2)[None, :]).to(q.dtype)
+            q = rotary(q, partner, cos[None, :], sin[None, :], (dims < D // 2)[None, :]).to(q.dtype)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)

@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 
 import kernels
-from kernels import tl, triton
+# a kernel calls another jit function by its bare name: Inductor compiles user kernels in a subprocess
+# that resolves only those (an attribute of a module, kernels.rotary, is not defined there)
+from kernels import rotary, tl, triton
 
 MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a program holds; more: torch's einsum
 VOTE_BLOCK = 512     # entries a program of a decode step's recall scores, then votes on (and picks its best of)
@@ -80,7 +82,7 @@ if triton is not None:
         if ROPE:
             partner = tl.load(base + (d + D // 2) % D, mask=g_ok, other=0.0)
             b = row // H
-            x = kernels.rotary(x, partner, tl.load(cos_ptr + b * c_row + d), tl.load(sin_ptr + b * c_row + d),
+            x = rotary(x, partner, tl.load(cos_ptr + b * c_row + d), tl.load(sin_ptr + b * c_row + d),
                                d < D // 2)
         return x.to(tl.float32)
 
