@@ -38,7 +38,7 @@ def main(argv=None):
     p.add_argument("--topk", default="1", help="1: tl.topk where Triton has it, 0: the full sort; e.g. 1,0")
     p.add_argument("--prune", default="0", help="PRUNE_SUBBLOCKS values, e.g. 0,16 (random inputs skip few blocks:"
                    " this times the pruning's cost, not its gain)")
-    p.add_argument("--fused", default="1,0", help="FUSED values: 1 two kernels a layer, 0 four")
+    p.add_argument("--fused", default="1,0", help="1: the fused form (two kernels a layer), 0: four; e.g. 1,0")
     p.add_argument("--dims", type=int, default=16)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--out", default="recall_kernel_tune.json")
@@ -56,8 +56,7 @@ def main(argv=None):
                 *(map(int, x.split(",")) for x in (a.blocks, a.warps, a.topk, a.prune, a.fused))):
             if topk and not has_topk:
                 continue
-            rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK, rk.PRUNE_SUBBLOCKS = block, warps, bool(topk), prune
-            rk.FUSED = bool(fused)
+            rk.FORM, rk.TOPK, rk.PRUNE_SUBBLOCKS = (block, warps, bool(fused)), bool(topk), prune
             idx = rk._launch_step(q, pq, s, ok, a.dims, a.n, k=k, v=v, count=count, cos=cos, sin=sin)[0]
             ref = idx if ref is None else ref
             same = bool(torch.equal(idx, ref))
@@ -80,8 +79,8 @@ def main(argv=None):
         import run_experiment
         sizes = speed[speed.index("--batch_sizes") + 1] if "--batch_sizes" in speed else ""
         chosen = next((best[b] for b in best if str(b) in sizes.split(",")), next(iter(best.values())))
-        rk.VOTE_BLOCK, rk.SCAN_WARPS, rk.TOPK = chosen["block"], chosen["warps"], chosen["topk"]
-        rk.PRUNE_SUBBLOCKS, rk.FUSED = chosen["prune"], bool(chosen["fused"])
+        rk.FORM, rk.TOPK = (chosen["block"], chosen["warps"], bool(chosen["fused"])), chosen["topk"]
+        rk.PRUNE_SUBBLOCKS = chosen["prune"]
         print(f"speed run with block {chosen['block']}, {chosen['warps']} warps, topk {chosen['topk']}, "
               f"prune {chosen['prune']}, fused {chosen['fused']}: "
               f"{' '.join(speed)}", flush=True)

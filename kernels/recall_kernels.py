@@ -10,14 +10,16 @@ queries) is a real GEMM and stays with torch. Under torch.compile, Inductor gene
 
 A decode step's recall on the fast path (`step_recall`, `step_votes`) takes four steps a layer: a row's scanned
 dimensions and query components; each block's softmax statistics; the votes (the block's logits computed again)
-and each block's best; the row's best of those, gathered from the tier. With FUSED they run in two kernels (the
-first step inside the second's programs, the last by each row's last block of the third). Their loads never wait on a
+and each block's best; the row's best of those, gathered from the tier. In the fused form (`scan_form`: small
+grids) they run in two kernels (the first step inside the second's programs, the last by each row's last block of
+the third). Their loads never wait on a
 reduction, so that a block's R int8 rows stream in together: a first version that chose each next dimension inside
 the scan's loop was bound by that wait (docs/design-recall-fast-path.md). `external_memory.step_votes` and
 `step_recall`'s topk are their tensor form.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,8 +30,6 @@ import kernels
 from kernels import rotary, tl, triton
 
 MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a program holds; more: torch's einsum
-VOTE_BLOCK = 512     # entries a program of a decode step's recall scores, then votes on (and picks its best of)
-SCAN_WARPS = 4       # warps a program of the scan (the statistics' and the votes' kernels)
 MAX_CANDIDATES = 8192   # the blocks' best that one program sorts to pick a row's n (int64 keys held in registers)
 TILE = 16384         # q x key products a program holds in registers: BLOCK_N keys = TILE / (queries x head size)
 TOPK = triton is not None and hasattr(tl, "topk")   # a partial bitonic sort (newer Tritons); else a full sort
@@ -37,9 +37,15 @@ TOPK = triton is not None and hasattr(tl, "topk")   # a partial bitonic sort (ne
 # pruning. Off until timed on a GPU with the real model's attention (bench/prune_probe.py: on the CPU the bound let
 # about half of the blocks go unscanned; random weights would not show it).
 PRUNE_SUBBLOCKS = 0
-# A decode step's recall in two kernels a layer (the row's preparation inside the statistics' kernel, the pick
-# inside the votes' kernel, by each row's last block): at batch 1 a step is a chain of short launches. Off: four.
-FUSED = True
+# A decode step's recall scan, as (entries a program scores then votes on, warps a program, fused), in one of two
+# forms chosen by its grid (`scan_form`), each the fastest of its kind as timed on the H100
+# (results/recall-step-kernels-h100-random/fifth). A grid of one wave (no more programs than the GPU has
+# multiprocessors: batch 1 at 8K) is a chain of short launches: two kernels a layer pay there, the row's preparation
+# done inside each program of the statistics' kernel and the pick by each row's last program of the votes' kernel.
+# A larger grid is bound by its scan: every program preparing its row again costs more than the launches saved.
+ONE_WAVE = (256, 8, True)
+MANY_WAVES = (512, 4, False)
+FORM = None   # one form for every grid (bench/recall_kernel_tune.py, tests); None: by the grid
 
 
 if triton is not None:
@@ -67,7 +73,7 @@ if triton is not None:
     def _step_prep_kernel(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, temp, H, c_row, q_b, G: tl.constexpr,
                           GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, SPARQ: tl.constexpr,
                           ROPE: tl.constexpr):
-        """`_prep_row` once per row, before the scan (FUSED off)."""
+        """`_prep_row` once per row, before the scan (the unfused form)."""
         _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, tl.program_id(0), temp, H, c_row, q_b, G, GP, D,
                   R, RP, SPARQ, ROPE)
 
@@ -82,8 +88,7 @@ if triton is not None:
         if ROPE:
             partner = tl.load(base + (d + D // 2) % D, mask=g_ok, other=0.0)
             b = row // H
-            x = rotary(x, partner, tl.load(cos_ptr + b * c_row + d), tl.load(sin_ptr + b * c_row + d),
-                               d < D // 2)
+            x = rotary(x, partner, tl.load(cos_ptr + b * c_row + d), tl.load(sin_ptr + b * c_row + d), d < D // 2)
         return x.to(tl.float32)
 
     @triton.jit
@@ -246,7 +251,7 @@ if triton is not None:
     def _top_keys_kernel(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, NCAND, n_top, N, k_row,
                          k_n, v_row, v_n, CP: tl.constexpr, NT: tl.constexpr, D: tl.constexpr, NP: tl.constexpr,
                          TOPK: tl.constexpr):
-        """`_top_rows` for one row a program (FUSED off)."""
+        """`_top_rows` for one row a program (the unfused form)."""
         _top_rows(c_ptr, idx_ptr, k_ptr, v_ptr, ok_ptr, rk_ptr, rv_ptr, rok_ptr, tl.program_id(0), NCAND, n_top, N,
                   k_row, k_n, v_row, v_n, CP, NT, D, NP, TOPK)
 
@@ -309,17 +314,18 @@ if triton is not None:
         (B, H, N) uint8 -> n_top = 0: the votes (B, H, N) float32, -1 where not valid; n_top > 0: the indices
         (B, H, n_top) of the n_top best, best first (of equal votes the lower index: each block's next power of
         two >= n_top best, then the best of those), and those entries of the tier's keys and values k, v (B, H, N,
-        D) with their validity (uint8). FUSED: two kernels (each block's softmax statistics, the row's dimensions
-        and query components chosen by each of its programs; the votes, and with n_top the row's best of its
-        blocks' best, by the row's last block, counted in count (B, H) int32, zeros, left at zeros: a scratch the
-        caller keeps, so that no step clears it); else four. cos, sin (B or 1, 1, D): q is not rotated yet (HF's
-        rotary embedding, applied in float32 as the row's query is read). `debug` (a dict) gets the blocks'
-        candidates."""
+        D) with their validity (uint8). The fused form (`scan_form`): two kernels (each block's softmax
+        statistics, the row's dimensions and query components chosen by each of its programs; the votes, and with
+        n_top the row's best of its blocks' best, by the row's last block, counted in count (B, H) int32, zeros,
+        left at zeros: a scratch the caller keeps, so that no step clears it); else four. cos, sin (B or 1, 1, D):
+        q is not rotated yet (HF's rotary embedding, applied in float32 as the row's query is read). `debug` (a
+        dict) gets the blocks' candidates."""
         B, H, G, _, D = q.shape
         N = pq.shape[3]
         sparq = 0 < r < D
         R = r if sparq else D
-        GP, RP, BN = max(2, triton.next_power_of_2(G)), max(2, triton.next_power_of_2(R)), VOTE_BLOCK
+        BN, warps, fused = scan_form(B * H, N, _multiprocessors(q.device))
+        GP, RP = max(2, triton.next_power_of_2(G)), max(2, triton.next_power_of_2(R))
         NB = triton.cdiv(N, BN)
         f32 = dict(dtype=torch.float32, device=q.device)
         qs, f = torch.empty((B, H, RP, GP), **f32), torch.empty((B, H, GP), **f32)
@@ -332,7 +338,7 @@ if triton is not None:
             cos, sin = (x.reshape(x.shape[0], D).expand(B, D) for x in (cos, sin))
             assert cos.stride(1) == 1 and sin.stride() == cos.stride(), "cos and sin of one layout"
             rows = (cos, sin, D ** -0.5, H, cos.stride(0), q.stride(0))
-        if not FUSED:
+        if not fused:
             wrap(_step_prep_kernel)[(B * H,)](q, *rows[:2], qs, f, dims, *rows[2:], G=G, GP=GP, D=D, R=R, RP=RP,
                                               SPARQ=sparq, ROPE=cos is not None, num_warps=4)
         m, z = torch.empty((B, H, NB, GP), **f32), torch.empty((B, H, NB, GP), **f32)
@@ -345,8 +351,8 @@ if triton is not None:
         NS = PRUNE_SUBBLOCKS if NC else 0
         t = torch.empty((B, H, NB, GP, NS) if NS else (1,), **f32)
         wrap(_step_stats_kernel)[(NB, B * H)](q, *rows, *scan, m, z, t, N, NB, *strides, G=G, GP=GP, D=D, R=R,
-                                              RP=RP, BN=BN, NS=NS, PREP=FUSED, SPARQ=sparq, ROPE=cos is not None,
-                                              num_warps=SCAN_WARPS)
+                                              RP=RP, BN=BN, NS=NS, PREP=fused, SPARQ=sparq, ROPE=cos is not None,
+                                              num_warps=warps)
         out = torch.empty((B, H, NB, NC) if NC else (B, H, N), dtype=torch.int64 if NC else torch.float32,
                           device=q.device)
         if NC:
@@ -359,23 +365,23 @@ if triton is not None:
             assert k.shape[-1] == v.shape[-1], "keys and values of one head size"
             CP = max(2, triton.next_power_of_2(NB * NC))
             NT = min(CP, max(2, triton.next_power_of_2(n_top))) if TOPK else CP
-            if FUSED and count is None:
+            if fused and count is None:
                 count = torch.zeros((B, H), dtype=torch.int32, device=q.device)
             top = (idx, k, v, rk, rv, rok, k.stride(1), k.stride(2), v.stride(1), v.stride(2))
         else:
             CP = NT = 2
             top = (out,) * 6 + (0,) * 4
-        fuse_top = bool(FUSED and NC)
+        fuse_top = bool(fused and NC)
         wrap(_step_votes_kernel)[(NB, B * H)](*scan, m, z, t, out, N, NB, n_top, *strides,
                                               count if fuse_top else out, *top, G=G, GP=GP, R=R, RP=RP,
                                               NBP=max(2, triton.next_power_of_2(NB)), BN=BN, NC=NC, TOPK=TOPK,
                                               NS=NS, TOP=fuse_top, CP=CP, NT=NT, DV=k.shape[-1] if NC else 2,
-                                              num_warps=SCAN_WARPS)
+                                              num_warps=warps)
         if debug is not None:
             debug["candidates"] = out
         if not NC:
             return out
-        if not FUSED:
+        if not fused:
             wrap(_top_keys_kernel)[(B * H,)](out, idx, k, v, valid, rk, rv, rok, NB * NC, n_top, N, k.stride(1),
                                              k.stride(2), v.stride(1), v.stride(2), CP=CP, NT=NT, D=k.shape[-1],
                                              NP=32, TOPK=TOPK, num_warps=4)
@@ -391,6 +397,20 @@ if triton is not None:
                         n_top: int, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, cos: Optional[torch.Tensor],
                         sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _launch_step(q, pq, scale, valid, r, n_top, wrap_triton, k, v, count, cos, sin)
+
+
+def scan_form(rows: int, n_entries: int, multiprocessors: int) -> tuple[int, int, bool]:
+    """(entries a block, warps a program, fused) of a decode step's recall over `rows` rows (batch x KV heads) of
+    n_entries: FORM where set, else ONE_WAVE where its grid fits one wave of the GPU's multiprocessors, else
+    MANY_WAVES."""
+    if FORM is not None:
+        return FORM
+    return ONE_WAVE if -(-n_entries // ONE_WAVE[0]) * rows <= multiprocessors else MANY_WAVES
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def usable(q: torch.Tensor, kq: torch.Tensor) -> bool:
@@ -431,9 +451,10 @@ def step_votes(q, pq, scale, valid, r: int):
 
 def candidates_fit(n_entries: int, n: int) -> bool:
     """Whether the blocks' best (each block's next power of two >= n) fit one program's sort (MAX_CANDIDATES): at
-    8K entries and n = 16, 17 x 16; longer tiers or larger n go to the tensor form."""
-    per_block = min(VOTE_BLOCK, 1 << max(0, n - 1).bit_length())
-    return -(-n_entries // VOTE_BLOCK) * per_block <= MAX_CANDIDATES
+    8K entries and n = 16, 29 x 16 in blocks of 256; longer tiers or larger n go to the tensor form."""
+    block = min(f[0] for f in (ONE_WAVE, MANY_WAVES, FORM) if f)   # the most blocks either form may take
+    per_block = min(block, 1 << max(0, n - 1).bit_length())
+    return -(-n_entries // block) * per_block <= MAX_CANDIDATES
 
 
 def step_recall(q, pq, scale, valid, r: int, n: int, k, v, count=None, cos=None, sin=None):

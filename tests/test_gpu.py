@@ -259,19 +259,22 @@ def test_step_recall_kernels_match_the_tensor_form(compile, r):
     e = idx[..., None].expand(-1, -1, -1, 64)
     assert torch.equal(rk, kt.gather(2, e)) and torch.equal(rv, vt.gather(2, e))
     assert torch.equal(rok.bool(), valid.gather(2, idx))
-    # the pick done by each row's last block (FUSED, atomics across programs) against its own kernel (four
-    # kernels): the same entries; the rows' counter, kept by the caller, is left at zeros for the next step
+    # the fused form (the pick by each row's last program, atomics across programs; a grid this large takes the
+    # four kernels unless told): the same entries; the rows' counter, kept by the caller, is left at zeros
+    assert recall_kernels.scan_form(64 * 3, 7373, 132) == recall_kernels.MANY_WAVES
     count = torch.zeros((64, 3), dtype=torch.int32, device="cuda")
-    for _ in range(3):
-        again = pick(q, pq, scale[..., 0], valid, r, 16, kt, vt, count)
-        assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk, rv, rok))) and not count.any()
-    if not compile:
-        recall_kernels.FUSED = False
-        try:
-            four = step_recall(q, pq, scale[..., 0], valid, r, 16, kt, vt)
-        finally:
-            recall_kernels.FUSED = True
-        assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk, rv, rok)))
+    recall_kernels.FORM = recall_kernels.ONE_WAVE
+    try:
+        if compile:   # the form is read when the op is traced: trace it again
+            torch._dynamo.reset()
+            pick = torch.compile(step_recall, fullgraph=True)
+        for _ in range(3):
+            again = pick(q, pq, scale[..., 0], valid, r, 16, kt, vt, count)
+            assert all(torch.equal(a, b) for a, b in zip(again, (idx, rk, rv, rok))) and not count.any()
+    finally:
+        recall_kernels.FORM = None
+        torch._dynamo.reset()
+    pick = torch.compile(step_recall, fullgraph=True) if compile else step_recall
     # a query not rotated yet, its rows apart in a wider tensor (the fast path's: a view of the fused q/k/v
     # projection): the kernels read it in place and rotate it in float32 as they read it, as the tensor form does
     # before it scores

@@ -97,7 +97,7 @@ from cache_framework import rope
 from external_memory import quantize_int8, step_recall, step_votes
 from kernels import recall_kernels as rk
 g = torch.Generator().manual_seed(1)
-rk.VOTE_BLOCK = 128   # the interpreter sorts slowly: blocks of 128 entries here, of 512 in tests/test_gpu.py
+rk.FORM = (128, 4, True)   # fused; the interpreter sorts slowly: blocks of 128 entries here
 # the default model's group on 16 of 64 dimensions and on all of them, over several blocks and a partial one; an
 # 8B model's head size; more entries to recall than a block holds; a row with no valid entry (its votes all -1)
 for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5), (1, 2, 4, 160, 128, 32, 40),
@@ -138,11 +138,11 @@ for B, H, G, N, D, r, n in ((1, 3, 3, 300, 64, 16, 16), (1, 2, 3, 150, 64, 0, 5)
     if r != 16:   # (the interpreter is slow: the rest on the first case alone)
         continue
     # the four kernels unfused (a kernel each for the row's preparation and the pick): the same picks
-    rk.FUSED = False
+    rk.FORM = (128, 4, False)
     try:
         four = rk._launch_step(q.bfloat16(), pq, scale[..., 0], valid.to(torch.uint8), r, n, k=kt, v=vt)
     finally:
-        rk.FUSED = True
+        rk.FORM = (128, 4, True)
     assert all(torch.equal(a, b) for a, b in zip(four, (idx, rk_, rv_, rok))), (B, H, G, N, D, r, n)
     # the query not rotated yet, two sequences whose rows lie apart in a wider tensor (as the step's fused q/k/v
     # projection leaves them): the kernels read it in place and rotate it (float32) as they read it, as the tensor
@@ -205,11 +205,43 @@ def test_step_votes_are_the_group_votes_of_the_sparq_scores_with_invalid_entries
 
 
 def test_the_kernels_pick_from_at_most_max_candidates_and_longer_tiers_take_the_tensor_form():
-    """Each block of 512 entries offers its next power of two >= n best; one program sorts them all."""
-    assert recall_kernels.candidates_fit(8256, 16)                 # 17 blocks x 16: the default model at 8K
-    assert recall_kernels.candidates_fit(131072, 16)               # 256 x 16 = 4096
-    assert not recall_kernels.candidates_fit(131072, 64)           # 256 x 64 = 16384
+    """Each block (of 256 entries in the one-wave form) offers its next power of two >= n best; one program sorts
+    them all."""
+    assert recall_kernels.candidates_fit(8256, 16)                 # 33 blocks x 16: the default model at 8K
+    assert recall_kernels.candidates_fit(131072, 16)               # 512 x 16 = 8192
+    assert not recall_kernels.candidates_fit(131072, 64)           # 512 x 64 = 32768
     assert not recall_kernels.candidates_fit(1 << 20, 16)
+
+
+def test_a_grid_of_one_wave_takes_the_fused_form_and_a_larger_grid_the_four_kernels(monkeypatch):
+    """At 8K (7373 passive entries a KV head) on 132 multiprocessors: batch 1 (3 rows, 29 blocks of 256 each) fits
+    one wave; batch 64 does not. A form set in FORM holds for every grid."""
+    rk = recall_kernels
+    assert rk.ONE_WAVE[2] and not rk.MANY_WAVES[2]
+    assert rk.scan_form(3, 7373, 132) == rk.ONE_WAVE
+    assert rk.scan_form(5, 7373, 132) == rk.MANY_WAVES            # 145 programs
+    assert rk.scan_form(192, 7373, 132) == rk.MANY_WAVES
+    monkeypatch.setattr(rk, "FORM", (128, 4, True))
+    assert rk.scan_form(192, 7373, 132) == (128, 4, True)
+
+
+def test_kernels_call_other_jit_functions_by_their_bare_names():
+    """Inductor compiles a user's Triton kernel in a worker process that resolves the jit functions it calls by
+    their names in the kernel's module: `kernels.rotary(...)` there failed ("kernels is not defined") and took
+    every compiled fast-path cell with it. So no kernel calls through a module imported by `import`, tl aside."""
+    import ast
+    from pathlib import Path
+    bad = []
+    for path in sorted(Path(recall_kernels.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names} - {"tl", "triton"}
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list):
+                bad += [f"{path.name}:{c.lineno} {ast.unparse(c.func)}" for c in ast.walk(fn)
+                        if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                        and isinstance(c.func.value, ast.Name) and c.func.value.id in modules]
+    assert not bad, bad
 
 
 @needs_triton
@@ -241,11 +273,13 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
 
 
 @needs_triton
-def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_callers_counter():
-    """Under torch.compile (fullgraph; traced here, not run: no GPU) the step's recall is the statistics' kernel
-    and the votes' kernel, no others (the rotation and the pick inside them), and the counter the caller keeps is
-    the graph's input, not a tensor of its own (no clearing kernel a step); the query goes in as bf16."""
+def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_callers_counter(monkeypatch):
+    """Under torch.compile (fullgraph; traced here, not run: no GPU) the step's recall in the fused form is the
+    statistics' kernel and the votes' kernel, no others (the rotation and the pick inside them), and the counter the
+    caller keeps is the graph's input, not a tensor of its own (no clearing kernel a step); the query goes in as
+    bf16."""
     from torch._dynamo.backends.common import aot_autograd
+    monkeypatch.setattr(recall_kernels, "FORM", recall_kernels.ONE_WAVE)
     g = torch.Generator().manual_seed(5)
     B, H, G, N, D = 2, 3, 3, 1300, 64
     kq, scale = quantize_int8(torch.randn(B, H, N, D, generator=g))
