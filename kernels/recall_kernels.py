@@ -12,9 +12,9 @@ A decode step's recall on the fast path (`step_recall`, `step_votes`) takes four
 dimensions and query components; each block's softmax statistics; the votes (the block's logits computed again)
 and each block's best; the row's best of those, gathered from the tier. In the fused form (`scan_form`: small
 grids) they run in two kernels (the first step inside the second's programs, the last by each row's last block of
-the third). Their loads never wait on a
-reduction, so that a block's R int8 rows stream in together: a first version that chose each next dimension inside
-the scan's loop was bound by that wait (docs/design-recall-fast-path.md). `external_memory.step_votes` and
+the third). Their loads never wait on a reduction, so that a block's R int8 rows stream in together: a first
+version that chose each next dimension inside the scan's loop was bound by that wait
+(docs/design-recall-fast-path.md). `external_memory.step_votes` and
 `step_recall`'s topk are their tensor form.
 """
 from __future__ import annotations
