@@ -9,6 +9,8 @@
 #              decode kernel with extra (recalled) entries
 #   tests_b    the compiled tests of held recall and of the tier written in place (each compiles its steps; all
 #              in one call, the first run passed three tests in 420 s; -v: each test's name as it ends; TEST_LIMIT s)
+#   kernels    the CUDA tests of the recall step's kernels and the int8 kernel (-k "step_recall or int8")
+#   attn_split the decode attention alone at batches 1 and 4 per split plan (bench/attention_split_tune.py)
 #   speed64    batch 64: full, atskv, recall every 64 steps (host tier, device tier)
 #   speed1     batch 1: the same
 #   profile    batch 64: each step variant's kernels, recall every 64 steps (both tiers)
@@ -65,6 +67,13 @@ for part in $PARTS; do
       [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped or extra_entries" || K="params13 or in_place"
       timeout ${TEST_LIMIT:-560} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py -k "$K" 2>&1 \
         | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -150 >> $OUT/test_gpu_recall.log ;;
+    kernels)
+      timeout ${TEST_LIMIT:-300} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py \
+        -k "step_recall or int8" 2>&1 | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -80 \
+        >> $OUT/test_gpu_recall.log ;;
+    attn_split)
+      PYTHONPATH=$HOME/site:$PWD timeout ${SPEED_LIMIT:-300} python bench/attention_split_tune.py --batches 1,4 \
+        --slots 836,8192 --out $OUT/attention_split.json 2>&1 | tail -3 >> $OUT/speed24.log ;;
     speed64) speed --speed_parts fast --batch_sizes 64 --methods "$(pick full evict host device)" ;;
     speed1) speed --speed_parts fast --batch_sizes 1 --methods "$(pick full evict host device)" ;;
     profile) speed --speed_parts profile --batch_sizes 64 --methods "$(pick host device)" ;;
@@ -72,7 +81,8 @@ for part in $PARTS; do
     max_batch) speed --speed_parts max_batch --methods "$(pick full host device)" ;;
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
-    *) echo "unknown part $part (tests_a, tests_b, speed64, speed1, profile, profile1, max_batch, every)" >&2
+    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, speed64, speed1, profile, profile1," \
+            "max_batch, every)" >&2
        exit 2 ;;
   esac
 done
