@@ -725,8 +725,9 @@ class ATSKV(KVMethod):
         B, H = s["k"].shape[:2]
         new_tok = s["tok"][:, None].expand(B, H)
         hz = step_hidden_logit(co, s["h"])[:, None, None].expand(B, H, 1)
-        put(st["z0"], slot, static_logit(co, c["flags"], hz, s["cur"][:, None, None].expand(B, H, 1),
-                                         s["k"][:, :, None], s["v"][:, :, None], new_tok[..., None], c["n_sink"])[..., 0])
+        z0 = static_logit(co, c["flags"], hz, s["cur"][:, None, None].expand(B, H, 1), s["k"][:, :, None],
+                          s["v"][:, :, None], new_tok[..., None], c["n_sink"])
+        put(st["z0"], slot, z0[..., 0])
         put(st["tok"], slot, new_tok)
         if not s["evict"]:   # decode_attention added the step's attention to acc
             return False

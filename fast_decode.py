@@ -44,7 +44,8 @@ SLOT_ALIGN = 16   # slot counts are rounded up to a multiple of this
 def fast_methods() -> list[str]:
     """The methods that have a fast decode path with their default parameters."""
     from cache_framework import METHODS, KVMethod
-    return ["full"] + [n for n, cls in METHODS.items() if issubclass(cls, KVMethod) and cls().fast_path_refusal() is None]
+    return ["full"] + [n for n, cls in METHODS.items()
+                       if issubclass(cls, KVMethod) and cls().fast_path_refusal() is None]
 
 
 def check_fast_method(name: str, params: dict | None = None) -> None:

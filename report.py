@@ -167,7 +167,8 @@ def synthetic_tables(ok: list[dict]):
         ["mean score [95% interval]", "samples", "vs full", f"device MB @{big}: KV + summaries"
          + (" (+ passive tier kept there)" if any(r.get("device_tier_bytes") for r in ok) else ""),
          f"host MB @{big}"] + \
-        ([f"recalled @{big}: context MB / question MB / decode KB a step"] if recalls else []) + ["prefill s", "decode ms/token"]
+        ([f"recalled @{big}: context MB / question MB / decode KB a step"] if recalls else []) + \
+        ["prefill s", "decode ms/token"]
     rows = []
     for (m, b), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -budget_order(kv[0][1]))):
         per_size = []
@@ -537,9 +538,9 @@ def build_report(out_dir, command: str = "") -> None:
         header, rows = api_table(api)
         write_csv(out_dir / "tables" / "api.csv", header, rows)
         lines += ["## API models", "", "Hosted models on the same tasks, prompts, truncation and scoring. `full` "
-                  "sends the whole prompt; `atskv` drops the context's least relevant sentences / lines (the local model's "
-                  "relevance predictor) down to the budget. Tokens are the provider's own counts; the input tokens "
-                  "saved are the input cost saved.", "", md_table(header, rows), ""]
+                  "sends the whole prompt; `atskv` drops the context's least relevant sentences / lines (the local "
+                  "model's relevance predictor) down to the budget. Tokens are the provider's own counts; the input "
+                  "tokens saved are the input cost saved.", "", md_table(header, rows), ""]
         summary += summary_lines(api, "API")
     speed = [r for r in ok if r["benchmark"].startswith("speed")]
     if speed:

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_experiment.py", formatter_class=HelpWithDefaults,
                                 description="ATSKV: KV-cache compression sweeps on Hugging Face causal LMs")
     a = p.add_argument
-    preset_help = lambda name: f" (default: the preset's; quick: {PRESETS['quick'][name]}, paper: {PRESETS['paper'][name]})"  # noqa: E731,E501
+    preset_help = lambda name: (f" (default: the preset's; quick: {PRESETS['quick'][name]}, "  # noqa: E731
+                                f"paper: {PRESETS['paper'][name]})")
     a("--preset", default="quick", help="sweep size for the options not given: quick (a first run, minutes on a "
       "laptop CPU) or paper (the full tables: more methods, budgets, context sizes, tasks and samples)")
     a("--model_name", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (embedded default), a hub id, a local "

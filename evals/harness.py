@@ -276,7 +276,8 @@ def run_multi_question(model, tokenizer, s: Sample, method: str, budget, params,
     if fast:   # the decoder's tiers (its slots, its state beside them), as a single question's fast cell records
         tiers = {k: sum(x[k] for x in fast_tiers) / len(fast_tiers) for k in fast_tiers[0]}
         kv = tiers.pop("kv_bytes")
-    return {**tiers, **recalled, **masks, "prediction": " | ".join(preds), "n_generated": sum(len(p) > 0 for p in preds),
+    return {**tiers, **recalled, **masks, "prediction": " | ".join(preds),
+            "n_generated": sum(len(p) > 0 for p in preds),
             "prefill_s": prefill_s, "decode_ms_per_token": sum(decode) / len(decode), "kv_bytes": kv,
             "kv_bytes_peak": kv, "context_tokens": len(ctx_ids), "question_tokens": 0, "id": s.id,
             "depth": s.depth, "answers": [a for _, _, a in questions], "score": sum(scores) / len(scores)}

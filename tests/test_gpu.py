@@ -28,7 +28,8 @@ def prompt(cuda_model):
 
 
 @pytest.mark.parametrize("method,compile,params,kernel", [
-    ("full", False, {}, True), ("sliding_window", False, {}, True), ("h2o", False, {}, True), ("atskv", False, {}, True),
+    ("full", False, {}, True), ("sliding_window", False, {}, True), ("h2o", False, {}, True),
+    ("atskv", False, {}, True),
     ("full", True, {}, True), ("atskv", True, {}, True), ("atskv", False, {"evict_every": 4}, True),
     ("atskv", True, {"evict_every": 4}, True), ("full", True, {}, False), ("atskv", True, {}, False),
     ("atskv", False, {"external_memory": True}, True), ("atskv", True, {"external_memory": True}, True),
