@@ -11,6 +11,9 @@
 #              in one call, the first run passed three tests in 420 s; -v: each test's name as it ends; TEST_LIMIT s)
 #   kernels    the CUDA tests of the recall step's kernels and the int8 kernel (-k "step_recall or int8")
 #   attn_split the decode attention alone at batches 1 and 4 per split plan (bench/attention_split_tune.py)
+#   prune      batch 64 on multi_key's prompts (the real model: not with WEIGHTS=random): device1r with the
+#              recall kernels' pruning off and on (PRUNE_SUBBLOCKS 0, 16; bench/run_with.py), each in its own
+#              directory ($HOME/prune0, $HOME/prune16 -> $OUT/prune.tgz)
 #   speed64    batch 64: full, atskv, recall every 64 steps (host tier, device tier)
 #   speed1     batch 1: the same
 #   profile    batch 64: each step variant's kernels, recall every 64 steps (both tiers)
@@ -74,6 +77,14 @@ for part in $PARTS; do
     attn_split)
       PYTHONPATH=$HOME/site:$PWD timeout ${SPEED_LIMIT:-300} python bench/attention_split_tune.py --batches 1,4 \
         --slots 836,8192 --out $OUT/attention_split.json 2>&1 | tail -3 >> $OUT/speed24.log ;;
+    prune)
+      for p in 0 16; do
+        PYTHONPATH=$HOME/site:$PWD timeout ${SPEED_LIMIT:-300} python bench/run_with.py \
+          recall_kernels.PRUNE_SUBBLOCKS=$p -- --benchmark speed --use_fp16 --compile --budgets 0.1 \
+          --context_sizes 8192 "${MODEL[@]}" --speed_contexts multi_key --output_dir $HOME/prune$p \
+          --speed_parts fast --batch_sizes 64 --methods "${SETTING[device1r]}" 2>&1 | grep ms/step >> $OUT/speed24.log
+      done
+      tar czf $OUT/prune.tgz -C $HOME prune0 prune16 2>/dev/null ;;
     speed64) speed --speed_parts fast --batch_sizes 64 --methods "$(pick full evict host device)" ;;
     speed1) speed --speed_parts fast --batch_sizes 1 --methods "$(pick full evict host device)" ;;
     profile) speed --speed_parts profile --batch_sizes 64 --methods "$(pick host device)" ;;
@@ -81,7 +92,7 @@ for part in $PARTS; do
     max_batch) speed --speed_parts max_batch --methods "$(pick full host device)" ;;
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
-    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, speed64, speed1, profile, profile1," \
+    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, prune, speed64, speed1, profile, profile1," \
             "max_batch, every)" >&2
        exit 2 ;;
   esac
