@@ -180,7 +180,14 @@ class ATSKV(KVMethod):
         self.recall_bytes = {"read": 0, "decode": 0, "decode_steps": 0}
 
     def recent_tokens(self, budget):
-        return self.n_recent if budget is None else min(self.n_recent, budget // 2)
+        """Protected recent tokens: n_recent, at most half the layer budget, and no more than a decode eviction's
+        target (budget - evict_every + 1) leaves beside the sinks. Where the sinks and the window outgrew that target
+        (small layer budgets), the plain path dropped protected entries in no particular order and the fast path
+        kept them all and ran out of free slots before the next eviction."""
+        if budget is None:
+            return self.n_recent
+        target = budget if self.evict_every == 1 else max(1, budget - self.evict_every + 1)
+        return max(0, min(self.n_recent, budget // 2, target - self.n_sink))
 
     def evict_to(self, layer, budget):
         """With `consensus`, nothing here: `on_layer_done` evicts every layer after the last one."""

@@ -55,6 +55,24 @@ def test_fast_path_generates_the_same_tokens_and_keeps_the_same_entries_as_the_p
             assert max(len(r) for b in fast for r in b) <= sl.budget
 
 
+def test_a_small_budgets_protected_entries_fit_a_decode_evictions_target_and_both_paths_keep_the_same(
+        model, tokenizer, prompt, plain_decode):
+    """At 40 tokens some layers get a budget of about 30: a decode eviction (every 16 steps) keeps 15, fewer than
+    the 4 sinks and a window of half the budget. The window shrinks to fit (`recent_tokens`), so no protected entry
+    is dropped and the fast path keeps what the plain path keeps (the plain path once dropped sinks in no particular
+    order; the fast path kept them all, beyond its free slots)."""
+    ids = prompt.expand(2, -1)
+    plain = KVCacheFactory.create("atskv", model, budget=40, tokenizer=tokenizer)
+    small = [b for b in (plain.layer_budget(i) for i in range(len(model.model.layers))) if b - 16 + 1 < 4 + b // 2]
+    assert small and all(plain.method.recent_tokens(b) + 4 <= b - 16 + 1 for b in small)
+    want = plain_decode(model, plain, ids, N_STEPS)
+    cache = KVCacheFactory.create("atskv", model, budget=40, tokenizer=tokenizer)
+    logits = ev.forward_chunked(model, cache, ids, chunk=128)
+    got = StaticDecoder.from_cache(model, "atskv", cache, ids.shape[1], N_STEPS).generate(logits.argmax(-1),
+                                                                                      N_STEPS + 1)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("params", [{}, {"evict_every": 1}, {"evict_every": 4}, {"retrieval_layers": 3}])
 def test_fast_path_holds_each_layers_budget_and_the_same_entries_after_every_step(model, tokenizer, prompt, params):
     """Step by step against the plain cache, for atskv (the controller decides every step, or every 4th step; or
