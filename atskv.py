@@ -181,13 +181,16 @@ class ATSKV(KVMethod):
 
     def recent_tokens(self, budget):
         """Protected recent tokens: n_recent, at most half the layer budget, and no more than a decode eviction's
-        target (budget - evict_every + 1) leaves beside the sinks. Where the sinks and the window outgrew that target
-        (small layer budgets), the plain path dropped protected entries in no particular order and the fast path
-        kept them all and ran out of free slots before the next eviction."""
+        target leaves beside the sinks, so that what is protected is what an eviction keeps (else the plain path
+        would drop protected entries in no particular order and the fast path would keep them beyond its slots)."""
         if budget is None:
             return self.n_recent
-        target = budget if self.evict_every == 1 else max(1, budget - self.evict_every + 1)
-        return max(0, min(self.n_recent, budget // 2, target - self.n_sink))
+        return max(0, min(self.n_recent, budget // 2, self.decode_target(budget) - self.n_sink))
+
+    def decode_target(self, budget: int) -> int:
+        """What a decode step's eviction keeps: budget - evict_every + 1, so that the steps until the next one stay
+        within the budget (the budget itself when evicting every step)."""
+        return budget if self.evict_every == 1 else max(1, budget - self.evict_every + 1)
 
     def evict_to(self, layer, budget):
         """With `consensus`, nothing here: `on_layer_done` evicts every layer after the last one."""
@@ -197,9 +200,9 @@ class ATSKV(KVMethod):
         """A prefill chunk evicts to the budget. Decode step s (from 0 after the last chunk) evicts when
         s % evict_every == 0, to budget - evict_every + 1: the steps in between add one entry each and stay within
         the budget; a layer over its budget evicts at once (`evicts_now`)."""
-        if self.evict_every == 1 or layer.n_new > 1:
+        if layer.n_new > 1:
             return budget
-        return max(1, budget - self.evict_every + 1) if self.evicts_now(layer, budget) else None
+        return self.decode_target(budget) if self.evict_every == 1 or self.evicts_now(layer, budget) else None
 
     def layer_budget(self, layer_idx, n_layers, budget):
         if not self.retrieval:

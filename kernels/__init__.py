@@ -17,6 +17,9 @@ except ImportError:   # CPU builds of torch come without Triton; every kernel ha
     triton = tl = None
 
 if triton is not None:
+    # Kernels import it by name (`from kernels import rotary`) and call it so: Inductor compiles user kernels in a
+    # worker process that resolves the jit functions a kernel calls by their bare names, not module attributes
+    # (`kernels.rotary(...)` failed there: tests/test_recall_kernels.py checks every kernel module).
     @triton.jit
     def rotary(x, partner, cos, sin, first_half):
         """HF's rotary embedding (apply_rotary_pos_emb) in float32, inside a kernel: x cos + rotate_half(x) sin,

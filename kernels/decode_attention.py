@@ -26,8 +26,6 @@ import torch.nn.functional as F
 
 import kernels
 from cache_framework import rope
-# a kernel calls another jit function by its bare name: Inductor compiles user kernels in a subprocess
-# that resolves only those (an attribute of a module, kernels.rotary, is not defined there)
 from kernels import rotary, tl, triton
 
 # Launch configuration, from a sweep on an H200 (block, warps, pipeline stages, programs; README "Decode speed"):
@@ -229,8 +227,8 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
         q = q.contiguous()
     want_lse = want_lse or acc is not None
     out = torch.empty((B, H, G, D), dtype=q.dtype, device=q.device)
-    rope = cos is not None
-    if rope:
+    rotate = cos is not None
+    if rotate:
         cos, sin = cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous()
     s = torch.empty((B, H, G, N) if want_lse else (1,), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, G) if want_lse else (1,), dtype=torch.float32, device=q.device)
@@ -243,13 +241,13 @@ def launch(q, K, V, bias, scaling: float, want_lse: bool, wrap=lambda k: k, cfg:
     pm = torch.empty((B * H * splits, G_PAD) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     ieee = q.dtype == torch.float32
-    wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, cos if rope else q,
-                                          sin if rope else q, N, scaling, chunk, splits, H, q.stride(0),
+    wrap(_decode_kernel)[(B * H, splits)](q, K, V, bias, out, s, lse, po, pm, pl, cos if rotate else q,
+                                          sin if rotate else q, N, scaling, chunk, splits, H, q.stride(0),
                                           D, K.stride(1), K.stride(2), V.stride(1), V.stride(2), bias.stride(1),
                                           bias.stride(2), K2, V2, ok2, K2.shape[2], chunk2, splits1, K2.stride(1),
                                           K2.stride(2), V2.stride(1), V2.stride(2), ok2.stride(1), ok2.stride(2),
                                           G=G, G_PAD=G_PAD, D=D, BLOCK=cfg["block_n"], SPLIT=splits > 1,
-                                          WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], ROPE=rope,
+                                          WANT_S=want_lse, IEEE=ieee, DOT=cfg["dot"], ROPE=rotate,
                                           EXTRA=extra is not None, HID=HIDDEN,
                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1 or acc is not None:

@@ -25,8 +25,6 @@ from typing import Optional
 import torch
 
 import kernels
-# a kernel calls another jit function by its bare name: Inductor compiles user kernels in a subprocess
-# that resolves only those (an attribute of a module, kernels.rotary, is not defined there)
 from kernels import rotary, tl, triton
 
 MAX_QUERIES = 16     # queries of one KV head's group (query heads x tokens) a program holds; more: torch's einsum
