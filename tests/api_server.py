@@ -58,6 +58,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: bytes, headers: dict | None = None, ctype="application/json"):
+        self._done()   # before the answer goes out: once the client has it, its next request may arrive first
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -79,11 +80,19 @@ class Handler(BaseHTTPRequestHandler):
                 srv.failing.add(prompt)
             srv.inflight += 1
             srv.max_inflight = max(srv.max_inflight, srv.inflight)
+            self._in_flight = True
         try:
             self._answer(srv, body, prompt, n)
         finally:
-            with srv.lock:
+            self._done()
+
+    def _done(self):
+        """This request no longer counts as in flight (once)."""
+        srv: FakeAPI = self.server
+        with srv.lock:
+            if getattr(self, "_in_flight", False):
                 srv.inflight -= 1
+                self._in_flight = False
 
     def _answer(self, srv, body, prompt, n):
         err = lambda status, msg, hdr=None: self._send(  # noqa: E731
