@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -40,12 +41,16 @@ def environment_info(model, model_name: str | None = None) -> dict:
 
 
 def source_commit() -> str | None:
-    """The project's git commit, with '-dirty' when the tree has uncommitted changes; $ATSKV_COMMIT when set (a copy
-    of the tree on another machine, whose .git may be another commit's); None outside a checkout."""
+    """The project's git commit (10 hex digits), with '-dirty' when the tree has uncommitted changes; $ATSKV_COMMIT
+    when set (a copy of the tree on another machine, whose .git may be another commit's), a full hash shortened
+    alike; None outside a checkout."""
     import subprocess
     here = Path(__file__).resolve().parent.parent
-    if os.environ.get("ATSKV_COMMIT"):   # named by the caller: a copy of the tree whose .git is not its own
-        return os.environ["ATSKV_COMMIT"]
+    named = os.environ.get("ATSKV_COMMIT")
+    if named:   # named by the caller: a copy of the tree whose .git is not its own
+        # one spelling per commit: a sweep resumes a cell's saved samples only where the commit string is equal, so a
+        # call that names the commit and one that reads it from .git must write the same string
+        return named[:10] if re.fullmatch(r"[0-9a-f]{11,40}", named) else named
     try:
         head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10)

@@ -263,3 +263,13 @@ def test_help_shows_every_options_default():
     assert "--seed SEED seed of the samples and of everything random (default: 42)" in text
     assert "--output_dir OUTPUT_DIR where results.jsonl, results.md, tables/ and figures/ go (default: outputs)" in text
     assert "--preset PRESET" in text and "(default: quick)" in text
+
+
+def test_a_named_full_commit_is_written_as_a_checkout_writes_its_own(monkeypatch):
+    # a sweep resumes saved samples only at an equal commit string: a call on a copy of the tree (ATSKV_COMMIT, the
+    # full hash) and a call that reads .git must agree, or the second redoes every finished sample
+    from evals.records import source_commit
+    monkeypatch.setenv("ATSKV_COMMIT", "050a3014653922e29c2783c2def81969992e43b4")
+    assert source_commit() == "050a301465"
+    monkeypatch.setenv("ATSKV_COMMIT", "my-build-7")
+    assert source_commit() == "my-build-7"
