@@ -1,10 +1,11 @@
 """Two runs' answers, sample by sample: per cell (context, budget, task) the samples both hold, how many of them have
 the same prediction, and the two mean scores on them. For a cell that one run decoded on the fast path and the
 other on the plain path (issue 24), or one method against another on the same samples.
-    python bench/compare_runs.py RUN_A RUN_B [--method_a M] [--method_b M] [--partial_a DIR]
+    python bench/compare_runs.py RUN_A RUN_B [--method_a M] [--method_b M] [--partial_a DIR] [--partial_b DIR]
 RUN_x: a folder with results.jsonl (a later record of a cell replaces an earlier one, as in report.py); --method_x:
-which method's records (default: every method of that run; give it when the run holds several). --partial_a: the
-`partial/` files of A's unfinished cells (named <label>-<budget>-<task>.jsonl), compared on the samples they hold."""
+which method's records (default: every method of that run; give it when the run holds several). --partial_x: the
+`partial/` files of that run's unfinished cells (named <label>-<budget>-<task>.jsonl; bench/gpu_recall_table.sh
+gathers them so), compared on the samples they hold."""
 import argparse
 import json
 from pathlib import Path
@@ -38,11 +39,12 @@ def main() -> None:
     ap.add_argument("--method_a")
     ap.add_argument("--method_b")
     ap.add_argument("--partial_a")
+    ap.add_argument("--partial_b")
     args = ap.parse_args()
-    a = cells(args.run_a, args.method_a)
-    if args.partial_a:
-        a.update({k: v for k, v in partial_cells(args.partial_a).items() if k not in a})
-    b = cells(args.run_b, args.method_b)
+    a, b = cells(args.run_a, args.method_a), cells(args.run_b, args.method_b)
+    for run, folder in ((a, args.partial_a), (b, args.partial_b)):
+        if folder:
+            run.update({k: v for k, v in partial_cells(folder).items() if k not in run})
     print("| context | budget | task | samples | same prediction | A | B | A - B |")
     print("|---|---|---|---|---|---|---|---|")
     worst = 0.0

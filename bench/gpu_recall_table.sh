@@ -4,7 +4,9 @@
 # $HOME/NAME, resuming what an earlier call on the same (still warm) machine finished, and is stopped at LIMIT (each
 # part keeps its finished samples). The parts found so far are joined, reported, and packed into $OUT/NAME.tgz.
 #   NAME=seed42 SEED=42 bash bench/gpu_recall_table.sh full 'atskv[external_memory=true]' kvpress:kvzip
-# CONTEXTS, BUDGETS, NUM, JOBS and THREADS pass through to bench/recall_table.sh.
+# CONTEXTS, BUDGETS, NUM, JOBS and THREADS pass through to bench/recall_table.sh. Pass ATSKV_COMMIT in every call
+# (the same commit each time) so that a call resumes the samples an earlier one saved. Two such runs at once with
+# JOBS=8 each (16 processes) ran an H100 out of memory in one part (its saved samples stay).
 set -uo pipefail
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -15,6 +17,12 @@ export JOBS=${JOBS:-11} THREADS=${THREADS:-1}
 timeout ${LIMIT:-520} bash bench/recall_table.sh "$M" "$out" "${SEED:?}" "$@" > "$out.log" 2>&1
 echo "recall_table: exit $? after at most ${LIMIT:-520} s" >> "$out.log"
 cat "$out"/parts/*/results.jsonl > "$out/results.jsonl" 2>/dev/null
+# an unfinished part's saved samples, as bench/compare_runs.py --partial_a/_b reads them: partial/part<n>-<budget>-<task>
+mkdir -p "$out/partial"
+for c in "$out"/parts/*.cell; do
+  n=$(basename "$c" .cell)
+  for f in "$out/parts/$n"/partial/*.jsonl; do [ -f "$f" ] && cp "$f" "$out/partial/part$n-$(cat "$c").jsonl"; done
+done
 python report.py "$out" > /dev/null 2>&1
 grep -h "exit" "$out.log" | tail -50
 tar czf "$OUT/$NAME.tgz" -C "$HOME" "$NAME" --exclude='*.png' 2>/dev/null

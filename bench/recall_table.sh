@@ -33,6 +33,7 @@ for ctx in ${CONTEXTS:-8192 4096}; do
     for b in $budgets; do
       for task in ${TASKS:-needle multi_key multi_value multi_question}; do
         n=$((n + 1))
+        echo "$b-$task" > "$out/parts/$n.cell"   # names the part's saved samples (bench/gpu_recall_table.sh)
         if grep -qxF "$m|$ctx|$(python -c "print(float('$b'))")|$task" <<< "$done_cells"; then continue; fi
         ( OMP_NUM_THREADS=${THREADS:-2} python run_experiment.py --model_name "$model" --output_dir "$out/parts/$n" \
             --benchmarks synthetic --tasks $task --context_sizes "$ctx" --budgets "$b" --methods "$m" \

@@ -42,6 +42,20 @@ def test_compare_runs_takes_an_unfinished_cell_from_its_partial_files(tmp_path):
     assert "| 8192 | 0.25 | multi_key | 1 | 1 | 0.0 | 0.0 | +0.0 |" in out
 
 
+def test_compare_runs_compares_two_unfinished_runs_on_the_samples_both_saved(tmp_path):
+    def unfinished(name, answers):
+        run = tmp_path / name
+        (run / "partial").mkdir(parents=True)
+        (run / "results.jsonl").write_text("")
+        rows = [{"id": i, "result": {"prediction": p, "score": s}} for i, (p, s) in answers.items()]
+        (run / "partial" / "part2-0.1-needle.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return run
+    a = unfinished("a", {"needle-8192-d0.00-s1": (" 9.", 1.0), "needle-8192-d0.25-s2": (" 8.", 1.0)})
+    b = unfinished("b", {"needle-8192-d0.00-s1": (" 7.", 0.0)})
+    out = _script("compare_runs.py", a, b, "--partial_a", a / "partial", "--partial_b", b / "partial")
+    assert "| 8192 | 0.1 | needle | 1 | 0 | 100.0 | 0.0 | +100.0 |" in out
+
+
 def test_compare_partial_scores_the_saved_samples_against_the_finished_run(tmp_path):
     run = _run_dir(tmp_path / "run", "atskv[external_memory=true]",
                    {"multi_key-8192-d0.00-s1": (" 9.", 1.0), "multi_key-8192-d0.25-s2": (" 8.", 0.0)})
