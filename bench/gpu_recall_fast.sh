@@ -67,7 +67,8 @@ for part in $PARTS; do
   echo "== $part $(date +%T)" >> $OUT/speed24.log
   case $part in
     tests_a|tests_b)
-      [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped or extra_entries" || K="params13 or in_place"
+      K="params13 or in_place"
+      [ $part = tests_a ] && K="params10 or params11 or params12 or int8 or host_mapped or extra_entries"
       timeout ${TEST_LIMIT:-560} python -m pytest -v --tb=short -p no:warnings tests/test_gpu.py -k "$K" 2>&1 \
         | grep -e PASS -e FAIL -e ERROR -e "^E " -e passed -e failed | tail -150 >> $OUT/test_gpu_recall.log ;;
     kernels)
@@ -91,7 +92,7 @@ for part in $PARTS; do
     speed1) speed --speed_parts fast --batch_sizes 1 --methods "$(pick full evict host device)" ;;
     profile) speed --speed_parts profile --batch_sizes 64 --methods "$(pick host device)" ;;
     profile1) speed --speed_parts profile --batch_sizes 1 --methods "$(pick full device)" ;;
-    max_batch) speed --speed_parts max_batch --methods "$(pick full host device)" ;;
+    max_batch) speed --speed_parts max_batch --methods "$(pick full device host)" ;;   # the host tier last: slow
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
     *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, prune, speed64, speed1, profile, profile1," \
