@@ -547,8 +547,8 @@ class ATSKV(KVMethod):
         so that an eviction only marks its entries: in pinned host memory that the step reads over the bus
         (`host_mapped`), or on the device with passive_device (and off CUDA). On the device: their int8 copies "pq"
         (B, H, D, cap: dimension by dimension, so that a scan of a few dimensions reads a few rows) and scales "ps",
-        and "pok" (B, H, cap): the position is in the passive store. The plain path's store is taken over (and let
-        go)."""
+        and "pok" (B, H, cap) uint8 (the recall kernels' form: a bool would be converted in every recalling layer
+        and step): the position is in the passive store. The plain path's store is taken over (and let go)."""
         store = self.passive.pop(layer.layer_idx, None)
         B, H, _, D = layer.keys.shape
         dev, dt = layer.device, layer.keys.dtype
@@ -564,15 +564,15 @@ class ATSKV(KVMethod):
         else:
             pk, pv = (host_mapped(shape, dt, dev) for shape in shapes)
         t = {"pk": pk, "pv": pv, "pq": torch.zeros((B, H, D, cap), dtype=torch.int8, device=dev),
-             "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.bool, device=dev),
+             "ps": torch.zeros((B, H, cap), device=dev), "pok": torch.zeros((B, H, cap), dtype=torch.uint8, device=dev),
              "pcount": torch.zeros((B, H), dtype=torch.int32, device=dev)}   # the recall kernels' scratch
         for k, v, pos, valid, kq, scale, stored in parts:   # the active entries quantised as an eviction would
             valid = valid.to(dev)
             where = torch.where(valid, pos.to(dev), cap - 1)
             tier_put(t, where, k, v, kq, scale)
             if stored:
-                put_rows(t["pok"], where, valid)
-        t["pok"][..., -1] = False
+                put_rows(t["pok"], where, valid.to(torch.uint8))
+        t["pok"][..., -1] = 0
         return t
 
     def held_buffers(self, layer) -> dict:
@@ -640,7 +640,7 @@ class ATSKV(KVMethod):
         if self.recall_span > 1:   # the tier is indexed by position: the plain store's pooling is a max-pool
             q = rope(s["q"], s["cos"][:, :, None], s["sin"][:, :, None])[:, :, :, None]   # (B, H, G, 1, D)
             vote = step_votes(q, st["pq"], st["ps"], st["pok"], self.recall_dims)   # -1 where no entry
-            idx = top_entries(max_pool_positions(vote, self.recall_span).masked_fill(~st["pok"], -1.0), n)
+            idx = top_entries(max_pool_positions(vote, self.recall_span).masked_fill(st["pok"] == 0, -1.0), n)
             got = gather_entries(st["pk"], idx), gather_entries(st["pv"], idx), st["pok"].gather(2, idx)
         else:   # the query rotated as the kernels read it
             got = step_recall(s["q"][:, :, :, None], st["pq"], st["ps"], st["pok"], self.recall_dims, n, st["pk"],
@@ -703,8 +703,8 @@ class ATSKV(KVMethod):
         are marked (their keys and values are there already: `slot_write_through`)."""
         st = s["state"]
         freed = before & ~s["present"] & s["valid"]
-        put_rows(st["pok"], torch.where(freed, s["pos"], st["pok"].shape[-1] - 1), freed)
-        st["pok"][..., -1] = False   # the last position took what was not marked
+        put_rows(st["pok"], torch.where(freed, s["pos"], st["pok"].shape[-1] - 1), freed.to(torch.uint8))
+        st["pok"][..., -1] = 0   # the last position took what was not marked
 
     def slot_consts(self):
         return {"flags": self.predictor.token_flags, "gain": self.controller.gain, "fixed": self.controller.fixed}

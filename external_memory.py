@@ -274,14 +274,14 @@ def sparq_logits(q: torch.Tensor, kq: torch.Tensor, scale: torch.Tensor, valid: 
 
 def step_votes(q: torch.Tensor, pq: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor, r: int) -> torch.Tensor:
     """A decode step's `group_votes` over the fast path's passive tier, -1 where an entry is not valid (so that a
-    top-k never chooses it): q (B, H_kv, G, 1, D) against the dimension-major int8 keys pq (B, H_kv, D, N), scored
-    on r dimensions (`sparq_logits`; 0 or D: all, `int8_logits`). On CUDA two Triton kernels compute it
-    (kernels/recall_kernels.py: each block's softmax statistics, then the votes); this tensor form is their
-    reference."""
+    top-k never chooses it): q (B, H_kv, G, 1, D) against the dimension-major int8 keys pq (B, H_kv, D, N), valid
+    (B, H_kv, N) bool or uint8, scored on r dimensions (`sparq_logits`; 0 or D: all, `int8_logits`). On CUDA two
+    Triton kernels compute it (kernels/recall_kernels.py: each block's softmax statistics, then the votes); this
+    tensor form is their reference."""
     from kernels import recall_kernels   # here, not at import: Triton loads only where it is used
     if recall_kernels.votes_usable(q, pq):
         return recall_kernels.step_votes(q, pq, scale, valid, r)
-    kq = pq.transpose(2, 3)
+    kq, valid = pq.transpose(2, 3), valid.bool()   # (the fast path's tier keeps it as uint8, the kernels' form)
     logits = sparq_logits(q, kq, scale, valid, r) if 0 < r < q.shape[-1] else int8_logits(q, kq, scale, valid)
     return group_votes(logits, q.shape[-1]).masked_fill(~valid, -1.0)
 

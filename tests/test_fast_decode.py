@@ -310,6 +310,15 @@ def test_fast_path_with_external_memory_recalls_and_offloads_as_the_plain_path(m
         assert tier == kept_positions(store.pos), f"layer {l}"
 
 
+def test_the_fast_paths_passive_tier_keeps_its_validity_in_the_recall_kernels_form(model, tokenizer, prompt):
+    """uint8, as the recall kernels read it: a bool tier would be converted in every recalling layer and step
+    (tests/test_recall_kernels.py traces the compiled form)."""
+    cache = KVCacheFactory.create("atskv", model, budget=64, tokenizer=tokenizer, external_memory=True)
+    ev.forward_chunked(model, cache, prompt, chunk=128)
+    dec = StaticDecoder.from_cache(model, "atskv", cache, prompt.shape[1], 2)
+    assert {sl.state["pok"].dtype for sl in dec.slots} == {torch.uint8}
+
+
 MERGED_INTERPRETED = r"""
 import sys, torch
 sys.path.insert(0, {root!r})

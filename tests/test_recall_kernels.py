@@ -306,3 +306,34 @@ def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_
     assert [n.kwargs["kwargs"].get("TOP") for n in launches] == [None, True]     # the statistics', the votes'
     assert launches[1].kwargs["kwargs"]["count_ptr"].op == "placeholder"
     assert launches[0].kwargs["kwargs"]["q_ptr"].meta["val"].dtype == torch.bfloat16
+
+
+def test_a_compiled_step_recall_over_a_uint8_validity_converts_nothing(monkeypatch):
+    """The fast path's tier keeps its validity as uint8, the kernels' form: traced under torch.compile (not run),
+    the graph has no conversion (a bool validity costs an `aten._to_copy`, a kernel a layer and step)."""
+    from torch._dynamo.backends.common import aot_autograd
+    monkeypatch.setattr(recall_kernels, "FORM", recall_kernels.ONE_WAVE)
+    g = torch.Generator().manual_seed(6)
+    B, H, G, N, D = 2, 3, 3, 1300, 64
+    kq, scale = quantize_int8(torch.randn(B, H, N, D, generator=g))
+    k = v = torch.randn(B, H, N, D, generator=g).bfloat16()
+    q = torch.randn(B, H, G, 1, D, generator=g).bfloat16()
+    graphs = []
+
+    class Traced(Exception):
+        pass
+
+    def traced_only(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced
+        return run
+    torch._dynamo.reset()
+    f = torch.compile(recall_kernels.step_recall, backend=aot_autograd(fw_compiler=traced_only), fullgraph=True)
+    with pytest.raises(Traced):
+        f(q, kq.transpose(2, 3).contiguous(), scale[..., 0], torch.ones(B, H, N, dtype=torch.uint8), 16, 16, k, v,
+          torch.zeros((B, H), dtype=torch.int32))
+    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("triton_kernel_wrapper" in op for op in ops) == 2
+    assert not [op for op in ops if "_to_copy" in op or "convert_element_type" in op]
