@@ -312,7 +312,8 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     """The largest batch whose decode state fits in the device's memory beside the weights (and whose host-memory
     state, ATSKV's passive tier, fits in `host_limit_bytes`: default 60% of the machine's memory): one random-token
     context is prefilled (the plain path), its slot cache is repeated to batch B and two decode steps run; B doubles
-    from `start` until memory runs out, then a bisection narrows it to within 3%. Prefill is not part of it (a
+    from `start` until memory runs out, then a bisection narrows it to within 3%. With a host tier the batch its
+    room allows is tried first: if the device holds it, it is the answer, exact. Prefill is not part of it (a
     serving system prefills in micro-batches)."""
     import gc
     from fast_decode import StaticDecoder
@@ -351,6 +352,11 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
                     empty_host()
     lo, hi = 0, None   # hi: the smallest batch refused (host memory is the bound when its host tier did not fit)
     b = start
+    host_cap = host_room // extra["host"] if extra["host"] else None
+    if host_cap is not None and start <= host_cap <= limit and fits(host_cap):
+        # the host tier's room is the bound if the device holds that many: one trial instead of a search whose
+        # every trial pins tens of GB of host memory (minutes at 8K)
+        lo, hi, b = host_cap, host_cap + 1, limit + 1
     while b <= limit:
         if fits(b):
             lo, b = b, b * 2

@@ -154,9 +154,9 @@ def test_a_speed_cell_that_raises_is_recorded_as_failed_and_the_others_still_run
 
 def test_largest_batch_of_a_host_tier_stops_at_the_host_limit_and_says_so(model, tokenizer, monkeypatch):
     """A pinned host tier bounds the batch by host memory. Here the tier's size is given and every batch fits the
-    device (the search alone is under test): with room for 500.5 sequences' tiers the largest batch is within the
-    search's 3% below 500, never above, and the record names host memory as the bound, although the search
-    stopped short of it; with room to spare, the search's own limit is the bound."""
+    device (the search alone is under test): with room for 500.5 sequences' tiers the largest batch is 500, found
+    with one trial, and the record names host memory as the bound; with room to spare, the search's own limit is
+    the bound."""
     import gc
     import types
 
@@ -164,9 +164,34 @@ def test_largest_batch_of_a_host_tier_stops_at_the_host_limit_and_says_so(model,
     from fast_decode import StaticDecoder
     monkeypatch.setattr(StaticDecoder, "extra_nbytes",
                         lambda self: {"device": 0, "host": 1000, "device_read": 0, "host_read": 0})
-    monkeypatch.setattr(StaticDecoder, "repeated", lambda self, b: types.SimpleNamespace(step=lambda: None))
+    trials = []
+    monkeypatch.setattr(StaticDecoder, "repeated",
+                        lambda self, b: trials.append(b) or types.SimpleNamespace(step=lambda: None))
     monkeypatch.setattr(gc, "collect", lambda: 0)   # each trial's clean-up: nothing was allocated
     r = largest_decode_batch(model, tokenizer, "full", None, 64, start=256, limit=4096, host_limit_bytes=500_500)
-    assert 500 - 500 // 33 <= r["max_batch"] <= 500 and r["host_bound"] and not r["limit_reached"], r
+    assert r["max_batch"] == 500 and r["host_bound"] and not r["limit_reached"] and trials == [500], (r, trials)
     r = largest_decode_batch(model, tokenizer, "full", None, 64, start=256, limit=256, host_limit_bytes=500_500)
     assert r["max_batch"] == 256 and r["limit_reached"] and not r["host_bound"], r
+
+
+def test_largest_batch_searches_below_a_host_limit_the_device_cannot_hold(model, tokenizer, monkeypatch):
+    """Room for 500 host tiers, but the device holds only 300 sequences: the batch the host allows is refused, and
+    the search finds the device's bound within its 3%, not naming host memory."""
+    import gc
+    import types
+
+    import torch
+
+    from evals.speed import largest_decode_batch
+    from fast_decode import StaticDecoder
+
+    def repeated(self, b):
+        if b > 300:
+            raise torch.OutOfMemoryError("device full")
+        return types.SimpleNamespace(step=lambda: None)
+    monkeypatch.setattr(StaticDecoder, "extra_nbytes",
+                        lambda self: {"device": 0, "host": 1000, "device_read": 0, "host_read": 0})
+    monkeypatch.setattr(StaticDecoder, "repeated", repeated)
+    monkeypatch.setattr(gc, "collect", lambda: 0)
+    r = largest_decode_batch(model, tokenizer, "full", None, 64, start=64, limit=4096, host_limit_bytes=500_500)
+    assert 300 - 300 // 33 <= r["max_batch"] <= 300 and not r["host_bound"] and not r["limit_reached"], r
