@@ -273,19 +273,16 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
 
 
 @needs_triton
-def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_callers_counter(monkeypatch):
-    """Under torch.compile (fullgraph; traced here, not run: no GPU) the step's recall in the fused form is the
-    statistics' kernel and the votes' kernel, no others (the rotation and the pick inside them), and the counter the
-    caller keeps is the graph's input, not a tensor of its own (no clearing kernel a step); the query goes in as
-    bf16."""
+def _compiled_step_recall_graph(valid_dtype, cos=None, seed=5):
+    """The graph torch.compile (fullgraph, through aot_autograd) makes of the fused form's step_recall at 2 x 3
+    heads x 1300 entries, traced on the CPU machine and not run: Inductor's input, kernels included."""
     from torch._dynamo.backends.common import aot_autograd
-    monkeypatch.setattr(recall_kernels, "FORM", recall_kernels.ONE_WAVE)
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     B, H, G, N, D = 2, 3, 3, 1300, 64
     kq, scale = quantize_int8(torch.randn(B, H, N, D, generator=g))
     k, v = torch.randn(B, H, N, D, generator=g).bfloat16(), torch.randn(B, H, N, D, generator=g).bfloat16()
     q, count = torch.randn(B, H, G, 1, D, generator=g).bfloat16(), torch.zeros((B, H), dtype=torch.int32)
-    cos = torch.rand(B, 1, D, generator=g)
+    rope = () if cos is None else (cos, (1 - cos ** 2).sqrt())
     graphs = []
 
     class Traced(Exception):
@@ -300,9 +297,20 @@ def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_
     torch._dynamo.reset()
     f = torch.compile(recall_kernels.step_recall, backend=aot_autograd(fw_compiler=traced_only), fullgraph=True)
     with pytest.raises(Traced):
-        f(q, kq.transpose(2, 3).contiguous(), scale[..., 0], torch.ones(B, H, N, dtype=torch.bool), 16, 16, k, v,
-          count, cos, (1 - cos ** 2).sqrt())
-    launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        f(q, kq.transpose(2, 3).contiguous(), scale[..., 0], torch.ones(B, H, N, dtype=valid_dtype), 16, 16, k, v,
+          count, *rope)
+    return graphs[0].graph
+
+
+def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_callers_counter(monkeypatch):
+    """Under torch.compile (fullgraph; traced here, not run: no GPU) the step's recall in the fused form is the
+    statistics' kernel and the votes' kernel, no others (the rotation and the pick inside them), and the counter the
+    caller keeps is the graph's input, not a tensor of its own (no clearing kernel a step); the query goes in as
+    bf16."""
+    monkeypatch.setattr(recall_kernels, "FORM", recall_kernels.ONE_WAVE)
+    cos = torch.rand(2, 1, 64, generator=torch.Generator().manual_seed(5))
+    graph = _compiled_step_recall_graph(torch.bool, cos=cos)
+    launches = [n for n in graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert [n.kwargs["kwargs"].get("TOP") for n in launches] == [None, True]     # the statistics', the votes'
     assert launches[1].kwargs["kwargs"]["count_ptr"].op == "placeholder"
     assert launches[0].kwargs["kwargs"]["q_ptr"].meta["val"].dtype == torch.bfloat16
@@ -311,29 +319,7 @@ def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_
 def test_a_compiled_step_recall_over_a_uint8_validity_converts_nothing(monkeypatch):
     """The fast path's tier keeps its validity as uint8, the kernels' form: traced under torch.compile (not run),
     the graph has no conversion (a bool validity costs an `aten._to_copy`, a kernel a layer and step)."""
-    from torch._dynamo.backends.common import aot_autograd
     monkeypatch.setattr(recall_kernels, "FORM", recall_kernels.ONE_WAVE)
-    g = torch.Generator().manual_seed(6)
-    B, H, G, N, D = 2, 3, 3, 1300, 64
-    kq, scale = quantize_int8(torch.randn(B, H, N, D, generator=g))
-    k = v = torch.randn(B, H, N, D, generator=g).bfloat16()
-    q = torch.randn(B, H, G, 1, D, generator=g).bfloat16()
-    graphs = []
-
-    class Traced(Exception):
-        pass
-
-    def traced_only(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*args):
-            raise Traced
-        return run
-    torch._dynamo.reset()
-    f = torch.compile(recall_kernels.step_recall, backend=aot_autograd(fw_compiler=traced_only), fullgraph=True)
-    with pytest.raises(Traced):
-        f(q, kq.transpose(2, 3).contiguous(), scale[..., 0], torch.ones(B, H, N, dtype=torch.uint8), 16, 16, k, v,
-          torch.zeros((B, H), dtype=torch.int32))
-    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    ops = [str(n.target) for n in _compiled_step_recall_graph(torch.uint8).nodes if n.op == "call_function"]
     assert sum("triton_kernel_wrapper" in op for op in ops) == 2
     assert not [op for op in ops if "_to_copy" in op or "convert_element_type" in op]
