@@ -272,7 +272,6 @@ def test_the_step_recall_kernels_compile_for_a_hopper_gpu():
                                   rk_ptr="*bf16", rv_ptr="*bf16", rok_ptr="*u8"))
 
 
-@needs_triton
 def _compiled_step_recall_graph(valid_dtype, cos=None, seed=5):
     """The graph torch.compile (fullgraph, through aot_autograd) makes of the fused form's step_recall at 2 x 3
     heads x 1300 entries, traced on the CPU machine and not run: Inductor's input, kernels included."""
@@ -302,6 +301,7 @@ def _compiled_step_recall_graph(valid_dtype, cos=None, seed=5):
     return graphs[0].graph
 
 
+@needs_triton
 def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_callers_counter(monkeypatch):
     """Under torch.compile (fullgraph; traced here, not run: no GPU) the step's recall in the fused form is the
     statistics' kernel and the votes' kernel, no others (the rotation and the pick inside them), and the counter the
@@ -316,6 +316,7 @@ def test_a_compiled_step_recall_traces_into_two_kernel_launches_that_update_the_
     assert launches[0].kwargs["kwargs"]["q_ptr"].meta["val"].dtype == torch.bfloat16
 
 
+@needs_triton
 def test_a_compiled_step_recall_over_a_uint8_validity_converts_nothing(monkeypatch):
     """The fast path's tier keeps its validity as uint8, the kernels' form: traced under torch.compile (not run),
     the graph has no conversion (a bool validity costs an `aten._to_copy`, a kernel a layer and step)."""
