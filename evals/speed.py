@@ -351,18 +351,19 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
                 if empty_host is not None:
                     empty_host()
     lo, hi = 0, None   # hi: the smallest batch refused (host memory is the bound when its host tier did not fit)
-    b = start
     host_cap = host_room // extra["host"] if extra["host"] else None
     if host_cap is not None and start <= host_cap <= limit and fits(host_cap):
         # the host tier's room is the bound if the device holds that many: one trial instead of a search whose
         # every trial pins tens of GB of host memory (minutes at 8K)
-        lo, hi, b = host_cap, host_cap + 1, limit + 1
-    while b <= limit:
-        if fits(b):
-            lo, b = b, b * 2
-        else:
-            hi = b
-            break
+        lo, hi = host_cap, host_cap + 1
+    else:
+        b = start
+        while b <= limit:
+            if fits(b):
+                lo, b = b, b * 2
+            else:
+                hi = b
+                break
     while hi is not None and hi - lo > max(1, lo // 33):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
