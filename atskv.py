@@ -187,11 +187,6 @@ class ATSKV(KVMethod):
             return self.n_recent
         return max(0, min(self.n_recent, budget // 2, self.decode_target(budget) - self.n_sink))
 
-    def decode_target(self, budget: int) -> int:
-        """What a decode step's eviction keeps: budget - evict_every + 1, so that the steps until the next one stay
-        within the budget (the budget itself when evicting every step)."""
-        return budget if self.evict_every == 1 else max(1, budget - self.evict_every + 1)
-
     def evict_to(self, layer, budget):
         """With `consensus`, nothing here: `on_layer_done` evicts every layer after the last one."""
         return None if self.consensus else self.keep_target(layer, budget)

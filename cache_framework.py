@@ -291,6 +291,11 @@ class KVMethod:
         only add their entry. Also the plain loop's cycle that a speed measurement covers whole."""
         return 1
 
+    def decode_target(self, budget: int) -> int:
+        """What a decode step's eviction keeps: budget - slot_evict_every() + 1, so that the steps until the next
+        one stay within the budget (the budget itself when evicting every step); both paths use it."""
+        return max(1, budget - self.slot_evict_every() + 1)
+
     def slot_recall_schedule(self) -> tuple[int, int]:
         """(k, offset): the fast path's step recalls (s["recall"] True) where (offset + t) % k == 0 for its t-th step;
         the others hold what the last recall brought. (1, 0): every step."""

@@ -433,7 +433,7 @@ class StaticDecoder:
                 if sl.budget is not None:
                     a["budget"] = torch.tensor(sl.budget, device=dev)
                     a["n_recent"] = torch.tensor(m.recent_tokens(sl.budget) if m is not None else 0, device=dev)
-                    a["keep"] = torch.tensor(max(1, sl.budget - self.every + 1), device=dev)  # evict_every's target
+                    a["keep"] = torch.tensor(m.decode_target(sl.budget) if m is not None else sl.budget, device=dev)
                     if not self.grow:
                         a.update(m.slot_layer_args(l, dev))
                 self._largs.append(a)
