@@ -114,14 +114,17 @@ if triton is not None:
         for i in range(0, length, BLOCK):
             n = start + i + tl.arange(0, BLOCK)
             n_ok = n < n_end
-            k = tl.load(kb + n[:, None] * skn + dims[None, :], mask=n_ok[:, None], other=0.0)
+            if DOT:
+                k = tl.load(kb + n[:, None] * skn + dims[None, :], mask=n_ok[:, None], other=0.0)
+            else:   # (1, BLOCK, D): loaded in the layout of the product with the (G_PAD, 1, D) query, unconverted
+                k = tl.load(kb + n[None, :, None] * skn + dims[None, None, :], mask=n_ok[None, :, None], other=0.0)
             if slots:
                 bias = tl.load(bb + n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
             else:
                 ok = tl.load(okb + n * stride_b2n, mask=n_ok, other=0)
                 bias = tl.where(ok != 0, 0.0, HID).to(tl.float32)
             if not DOT:    # CUDA cores, G_PAD = G rounded up to a power of two
-                s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
+                s = tl.sum(q[:, None, :].to(tl.float32) * k.to(tl.float32), 2)
             elif IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -135,13 +138,15 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vb + n[:, None] * svn + dims[None, :], mask=n_ok[:, None], other=0.0)
-            if not DOT:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
-            elif IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if not DOT:   # (1, BLOCK, D), as k
+                v = tl.load(vb + n[None, :, None] * svn + dims[None, None, :], mask=n_ok[None, :, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), 1)
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                v = tl.load(vb + n[:, None] * svn + dims[None, :], mask=n_ok[:, None], other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         if SPLIT:   # partial results, merged by _merge_kernel
             base = bh * n_splits + sp   # the output's partial for the group's G real rows only

@@ -125,20 +125,20 @@ if triton is not None:
         strides k_row, k_d, k_n (the fast path's tier: (B, H, D, N)): one dimension of BN entries is one contiguous
         load, and no load waits on another (the dimensions come from memory, not from a reduction)."""
         g = tl.arange(0, GP)
-        n = blk * BN + tl.arange(0, BN)
+        n = (blk * BN + tl.arange(0, BN))[None, :]   # (1, BN): loaded in the layout the (GP, BN) logits take
         n_ok = n < N
         keys = k_ptr + row.to(tl.int64) * k_row + n * k_n
         acc = tl.zeros((GP, BN), dtype=tl.float32)
         for j in tl.static_range(R):
             dim = tl.load(dims_ptr + row * RP + j)
             qc = tl.load(qs_ptr + (row * RP + j) * GP + g)                                 # (GP,)
-            kd = tl.load(keys + dim * k_d, mask=n_ok, other=0).to(tl.float32)               # (BN,)
-            acc += qc[:, None] * kd[None, :]
+            kd = tl.load(keys + dim * k_d, mask=n_ok, other=0).to(tl.float32)               # (1, BN)
+            acc += qc[:, None] * kd
         s = tl.load(s_ptr + row * N + n, mask=n_ok, other=0.0)
         ok = (tl.load(ok_ptr + row * N + n, mask=n_ok, other=0) != 0) & n_ok
         f = tl.load(f_ptr + row * GP + g)
-        l = tl.where(ok[None, :] & (g < G)[:, None], acc * s[None, :] * f[:, None], float("-inf"))
-        return l, ok, n, n_ok
+        l = tl.where(ok & (g < G)[:, None], acc * s * f[:, None], float("-inf"))
+        return l, tl.reshape(ok, (BN,)), tl.reshape(n, (BN,)), tl.reshape(n_ok, (BN,))
 
     @triton.jit
     def _step_stats_kernel(q_ptr, cos_ptr, sin_ptr, temp, H, c_row, q_b, qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr,

@@ -127,7 +127,8 @@ def compile_for_hopper(fn, constexprs: dict, ones=(), types=None):
 def test_the_kernels_compile_for_a_hopper_gpu(extra, ones):
     """The interpreter runs no compiler: a kernel whose branches yield mismatched types (a size the launcher
     specialises to 1 in one branch only) fails on a GPU alone. Compiled here for sm_90, as the launcher would."""
-    compile_for_hopper(da._decode_kernel, dict(G=3, G_PAD=16, D=64, BLOCK=64, SPLIT=True, WANT_S=True, IEEE=False,
-                                               DOT=True, ROPE=True, EXTRA=extra, HID=da.HIDDEN), ones)
+    for dot, g_pad, block in ((True, 16, 64), (False, 4, 32)):   # tensor cores; CUDA cores (batch 1)
+        compile_for_hopper(da._decode_kernel, dict(G=3, G_PAD=g_pad, D=64, BLOCK=block, SPLIT=True, WANT_S=True,
+                                                   IEEE=False, DOT=dot, ROPE=True, EXTRA=extra, HID=da.HIDDEN), ones)
     compile_for_hopper(da._merge_kernel, dict(G=3, G_PAD=16, D=64, S_PAD=4, SPLIT=True, WANT_S=True, ACC=True,
                                               ACC_BLOCK=256, R=4, EXTRA=extra))
