@@ -11,6 +11,7 @@
 #              in one call, the first run passed three tests in 420 s; -v: each test's name as it ends; TEST_LIMIT s)
 #   kernels    the CUDA tests of the recall step's kernels and the int8 kernel (-k "step_recall or int8")
 #   attn_split the decode attention alone at batch 1 per split plan (bench/attention_split_tune.py)
+#   tune       the recall kernels alone per form, block and warps at batches 64 and 1 (bench/recall_kernel_tune.py)
 #   prune      batch 64 on multi_key's prompts (the real model: not with WEIGHTS=random): device1r with the
 #              recall kernels' pruning off and on (PRUNE_SUBBLOCKS 0, 16; bench/run_with.py), each in its own
 #              directory ($HOME/prune0, $HOME/prune16 -> $OUT/prune.tgz)
@@ -80,6 +81,9 @@ for part in $PARTS; do
       PYTHONPATH=$HOME/site:$PWD timeout ${SPEED_LIMIT:-300} python bench/attention_split_tune.py --batches 1 \
         --slots 836,8192 --min_split 32,64,128 --target 264 --blocks 32 --warps 1,2,4 \
         --out $OUT/attention_split.json >> $OUT/attention_split.log 2>&1 ;;
+    tune)
+      PYTHONPATH=$HOME/site:$PWD timeout ${SPEED_LIMIT:-300} python bench/recall_kernel_tune.py --batches 64,1 \
+        --out $OUT/recall_kernel_tune.json > $OUT/recall_kernel_tune.log 2>&1 ;;
     prune)
       for p in 0 16; do
         PYTHONPATH=$HOME/site:$PWD timeout ${SPEED_LIMIT:-300} python bench/run_with.py \
@@ -95,7 +99,7 @@ for part in $PARTS; do
     max_batch) speed --speed_parts max_batch --methods "$(pick full device host)" ;;   # the host tier last: slow
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
-    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, prune, speed64, speed1, profile, profile1," \
+    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, tune, prune, speed64, speed1, profile, profile1," \
             "max_batch, every)" >&2
        exit 2 ;;
   esac
