@@ -154,8 +154,8 @@ if triton is not None:
             _prep_row(q_ptr, cos_ptr, sin_ptr, qs_ptr, f_ptr, dims_ptr, row, temp, H, c_row, q_b, G, GP, D, R, RP,
                       SPARQ, ROPE)
             tl.debug_barrier()   # read back below by other threads of this program
-        l = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n, G, GP, R, RP,
-                          BN)[0]
+        l, _, _, _ = _block_logits(qs_ptr, f_ptr, dims_ptr, k_ptr, s_ptr, ok_ptr, row, blk, N, k_row, k_d, k_n, G,
+                                   GP, R, RP, BN)   # (unpacked as Triton 3.6 takes a call's several results)
         g = tl.arange(0, GP)
         m = tl.max(l, 1)
         z = tl.sum(tl.where(l > float("-inf"), tl.exp(l - tl.where(m > float("-inf"), m, 0.0)[:, None]), 0.0), 1)
