@@ -99,8 +99,8 @@ for part in $PARTS; do
     max_batch) speed --speed_parts max_batch --methods "$(pick full device host)" ;;   # the host tier last: slow
     every) speed --speed_parts fast --batch_sizes 64 --methods "$E],$E;passive_device=true]"
            speed --speed_parts fast --batch_sizes 64 --methods "$HOST" --kernels_off recall ;;
-    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, tune, prune, speed64, speed1, profile, profile1," \
-            "max_batch, every)" >&2
+    *) echo "unknown part $part (tests_a, tests_b, kernels, attn_split, tune, prune, speed64, speed1, profile," \
+            "profile1, max_batch, every)" >&2
        exit 2 ;;
   esac
 done

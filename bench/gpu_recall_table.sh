@@ -17,7 +17,8 @@ export JOBS=${JOBS:-11} THREADS=${THREADS:-1}
 timeout ${LIMIT:-520} bash bench/recall_table.sh "$M" "$out" "${SEED:?}" "$@" > "$out.log" 2>&1
 echo "recall_table: exit $? after at most ${LIMIT:-520} s" >> "$out.log"
 cat "$out"/parts/*/results.jsonl > "$out/results.jsonl" 2>/dev/null
-# an unfinished part's saved samples, as bench/compare_runs.py --partial_a/_b reads them: partial/part<n>-<budget>-<task>
+# an unfinished part's saved samples, named as bench/compare_runs.py --partial_a/_b reads them:
+# partial/part<n>-<budget>-<task>.jsonl
 mkdir -p "$out/partial"
 for c in "$out"/parts/*.cell; do
   n=$(basename "$c" .cell)
