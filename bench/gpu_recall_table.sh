@@ -6,9 +6,12 @@
 #   NAME=seed42 SEED=42 bash bench/gpu_recall_table.sh full 'atskv[external_memory=true]' kvpress:kvzip
 # CONTEXTS, BUDGETS, NUM, JOBS and THREADS pass through to bench/recall_table.sh. Pass ATSKV_COMMIT in every call
 # (the same commit each time) so that a call resumes the samples an earlier one saved. Two such runs at once with
-# JOBS=8 each (16 processes) ran an H100 out of memory in one part (its saved samples stay).
+# JOBS=8 each (16 processes, up to 9 GB each at 8K in fp32) ran an H100 out of memory in one part (its saved samples
+# stay): JOBS=6 each there.
 set -uo pipefail
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
+# many processes share the one GPU: segments that grow in place leave less of each process's memory stranded
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 M=$HOME/model/SmolLM2-135M-Instruct.Q4_1.gguf
 PRELOAD=0 bash "$(dirname "$0")/gpu_model.sh" > /dev/null 2>&1 \
   || { echo "bench/gpu_model.sh failed: are the model's pieces in $HOME/m?" >&2; exit 2; }
