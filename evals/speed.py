@@ -255,6 +255,18 @@ def measure_decode_speed(model, tokenizer, method: str, budget, context: int, ba
     return out
 
 
+def _one_row_decoder(model, tokenizer, method: str, budget, context: int, params, chunk: int, seed: int,
+                     contexts: str, max_steps: int, **decoder_args):
+    """One context prefilled with the method (the plain path), its cache taken over by the fast path with the
+    context's next token set: a speed measurement repeats this decoder's state to its batch (`repeated`), since a
+    step's work and bytes do not depend on the rows' values."""
+    from fast_decode import StaticDecoder
+    cache, logits, _ = _prefill_contexts(model, tokenizer, method, budget, context, 1, params, chunk, seed, contexts)
+    dec = StaticDecoder.from_cache(model, method, cache, context, max_steps, **decoder_args)
+    dec.tok.copy_(logits.argmax(-1))
+    return dec
+
+
 @torch.no_grad()
 def profile_decode_step(model, tokenizer, method: str, budget, context: int, batch: int, params: dict | None = None,
                         compile: bool = False, steps: int = 2, top: int = 12, chunk: int = 512,
@@ -265,13 +277,11 @@ def profile_decode_step(model, tokenizer, method: str, budget, context: int, bat
     context prefilled, the decoder's state repeated to the batch). On a GPU
     it counts CUDA kernels and their device time, elsewhere CPU operators and their self time."""
     from torch.profiler import ProfilerActivity, profile
-    from fast_decode import StaticDecoder
     dev = model.device
     cuda = dev.type == "cuda"
-    cache, logits, _ = _prefill_contexts(model, tokenizer, method, budget, context, 1, params, chunk, seed, contexts)
-    dec = StaticDecoder.from_cache(model, method, cache, context, 8 * (steps + 2), compile=compile, use_graph=False)
-    dec.tok.copy_(logits.argmax(-1))
-    dec = dec.repeated(batch) if batch > 1 else dec   # one context prefilled, its state repeated (as the fast part)
+    dec = _one_row_decoder(model, tokenizer, method, budget, context, params, chunk, seed, contexts, 8 * (steps + 2),
+                           compile=compile, use_graph=False)
+    dec = dec.repeated(batch) if batch > 1 else dec
     spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
     out = []
     plan = dec.variants()
@@ -316,13 +326,9 @@ def largest_decode_batch(model, tokenizer, method: str, budget, context: int, pa
     room allows is tried first: if the device holds it, it is the answer, exact. Prefill is not part of it (a
     serving system prefills in micro-batches)."""
     import gc
-    from fast_decode import StaticDecoder
     dev = model.device
-    cache, logits, _ = _prefill_contexts(model, tokenizer, method, budget, context, 1, params, chunk, seed=0)
-    one = StaticDecoder.from_cache(model, method, cache, context, 8, use_graph=False)
-    one.tok.copy_(logits.argmax(-1))
+    one = _one_row_decoder(model, tokenizer, method, budget, context, params, chunk, 0, "random", 8, use_graph=False)
     per_seq = one.kv_bytes()
-    del cache
 
     extra = one.extra_nbytes()
     host_room = host_limit_bytes if host_limit_bytes is not None else _host_room()
