@@ -17,22 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def compile_sm90(fn, constexprs: dict, types: dict, ones=(), div=(), warps: int = 4, stages: int = 3):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    sig, cx, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr or p.name in ones:
-            sig[p.name], cx[(i,)] = "constexpr", constexprs.get(p.name, 1)
-            continue
-        sig[p.name] = types.get(p.name) or ("*bf16" if p.name.endswith("_ptr") else
-                                            "fp32" if p.name in ("scaling", "temp") else "i32")
-        if p.name.endswith("_ptr") or p.name in div:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature=sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+from tests.test_decode_attention import compile_for_hopper   # noqa: E402  (the sm_90 compile the tests use)
 
 
 def counts(compiled) -> dict:
@@ -53,30 +38,30 @@ def main(argv=None) -> int:
     from kernels import recall_kernels as rk
     f32, i32 = "*fp32", "*i32"
     scan = dict(qs_ptr=f32, f_ptr=f32, dims_ptr=i32, k_ptr="*i8", s_ptr=f32, ok_ptr="*u8", m_ptr=f32, z_ptr=f32,
-                q_ptr="*bf16", cos_ptr=f32, sin_ptr=f32, t_ptr=f32)
-    tier = dict(out_ptr="*i64", count_ptr=i32, idx_ptr="*i64", rok_ptr="*u8")
+                q_ptr="*bf16", cos_ptr=f32, sin_ptr=f32, t_ptr=f32, temp="fp32")
+    tier = dict(out_ptr="*i64", count_ptr=i32, idx_ptr="*i64", rok_ptr="*u8", tk_ptr="*bf16", tv_ptr="*bf16",
+                rk_ptr="*bf16", rv_ptr="*bf16")
     shape = dict(G=3, GP=4, D=64, R=16, RP=16, BN=a.block)
     div = ("k_row", "k_d", "N", "tk_row", "tv_row")
     rows = {}
     for fused in (False, True):
         name = "fused" if fused else "four kernels"
-        rows[f"recall statistics ({name})"] = counts(compile_sm90(
-            rk._step_stats_kernel, dict(shape, NS=0, PREP=fused, SPARQ=True, ROPE=fused), scan, ("k_n",), div,
-            a.warps))
-        rows[f"recall votes ({name})"] = counts(compile_sm90(
+        rows[f"recall statistics ({name})"] = counts(compile_for_hopper(
+            rk._step_stats_kernel, dict(shape, NS=0, PREP=fused, SPARQ=True, ROPE=fused), ones=("k_n",), types=scan,
+            div=div, warps=a.warps))
+        rows[f"recall votes ({name})"] = counts(compile_for_hopper(
             rk._step_votes_kernel, dict(shape, NBP=32, NC=16, TOPK=rk.TOPK, NS=0, TOP=fused, CP=512, NT=16, DV=64),
-            dict(scan, **tier), ("k_n",), div, a.warps))
+            ones=("k_n",), types=dict(scan, **tier), div=div, warps=a.warps))
     strides = ("stride_qb", "stride_cb", "stride_kb", "stride_kn", "stride_vb", "stride_vn", "stride_bb",
                "stride_k2b", "stride_k2n", "stride_v2b", "stride_v2n", "stride_b2b", "N", "chunk", "chunk2")
+    out_f32 = dict(cos_ptr=f32, sin_ptr=f32, s_ptr=f32, lse_ptr=f32, po_ptr=f32, pm_ptr=f32, pl_ptr=f32)
     for dot, g_pad, cfg in ((False, 4, da.CONFIGS["cuda"]), (True, 16, da.CONFIGS["dot"])):
         for extra in (False, True):
+            shape_d = dict(G=3, G_PAD=g_pad, D=64, BLOCK=cfg["block_n"], SPLIT=True, WANT_S=True, IEEE=False, DOT=dot,
+                           ROPE=True, EXTRA=extra, HID=da.HIDDEN)
             rows[f"decode attention ({'tensor' if dot else 'CUDA'} cores{', extra entries' if extra else ''})"] = \
-                counts(compile_sm90(da._decode_kernel, dict(G=3, G_PAD=g_pad, D=64, BLOCK=cfg["block_n"], SPLIT=True,
-                                                            WANT_S=True, IEEE=False, DOT=dot, ROPE=True, EXTRA=extra,
-                                                            HID=da.HIDDEN),
-                                    dict(b2_ptr="*u8", cos_ptr=f32, sin_ptr=f32, s_ptr=f32, lse_ptr=f32, po_ptr=f32,
-                                         pm_ptr=f32, pl_ptr=f32), ("stride_bn", "stride_b2n"), strides,
-                                    cfg["num_warps"], cfg["num_stages"]))
+                counts(compile_for_hopper(da._decode_kernel, shape_d, ones=("stride_bn", "stride_b2n"), types=out_f32,
+                                          div=strides, warps=cfg["num_warps"], stages=cfg["num_stages"]))
     import triton
     print(f"Triton {triton.__version__}, sm_90, recall block {a.block}, {a.warps} warps")
     print("| kernel | PTX instructions | barriers | shared loads/stores | shared bytes | layout conversions |")

@@ -100,25 +100,30 @@ def test_triton_kernels_match_the_reference_in_the_triton_interpreter():
     run_interpreted(INTERPRETED)
 
 
-def compile_for_hopper(fn, constexprs: dict, ones=(), types=None):
+def compile_for_hopper(fn, constexprs: dict, ones=(), types=None, div=(), warps: int = 4, stages: int = 3):
     """Compile a Triton kernel for an sm_90 target on this machine (no GPU needed: Triton's ptxas ships with it);
     `ones`: integer arguments the launcher would specialise to the constant 1; `types`: argument types by name
-    (else bf16 or float32 pointers, i32 integers)."""
+    (else bf16 or float32 pointers, i32 integers); `div`: integer arguments the launcher would mark as multiples
+    of 16, which with it marks every pointer so (as the launcher does: bench/kernel_ptx_counts.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    sig, cx = {}, {}
+    sig, cx, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             sig[p.name], cx[(i,)] = "constexpr", constexprs.get(p.name, 1)
-        elif types and p.name in types:
+            continue
+        if types and p.name in types:
             sig[p.name] = types[p.name]
         elif p.name.endswith("_ptr"):
             sig[p.name] = "*u8" if p.name == "b2_ptr" else "*bf16" if p.name in (
                 "q_ptr", "k_ptr", "v_ptr", "b_ptr", "k2_ptr", "v2_ptr", "o_ptr", "cos_ptr", "sin_ptr") else "*fp32"
         else:
             sig[p.name] = "fp32" if p.name == "scaling" else "i32"
-    return triton.compile(ASTSource(fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32))
+        if div and (p.name.endswith("_ptr") or p.name in div):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature=sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
 
 
 @needs_triton
