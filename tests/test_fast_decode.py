@@ -63,8 +63,10 @@ def test_a_small_budgets_protected_entries_fit_a_decode_evictions_target_and_bot
     order; the fast path kept them all, beyond its free slots)."""
     ids = prompt.expand(2, -1)
     plain = KVCacheFactory.create("atskv", model, budget=40, tokenizer=tokenizer)
-    small = [b for b in (plain.layer_budget(i) for i in range(len(model.model.layers))) if b - 16 + 1 < 4 + b // 2]
-    assert small and all(plain.method.recent_tokens(b) + 4 <= b - 16 + 1 for b in small)
+    m = plain.method   # evict_every 16 and 4 sinks by default
+    small = [b for b in (plain.layer_budget(i) for i in range(len(model.model.layers)))
+             if m.decode_target(b) < m.n_sink + b // 2]
+    assert small and all(m.recent_tokens(b) + m.n_sink <= m.decode_target(b) for b in small)
     want = plain_decode(model, plain, ids, N_STEPS)
     cache = KVCacheFactory.create("atskv", model, budget=40, tokenizer=tokenizer)
     logits = ev.forward_chunked(model, cache, ids, chunk=128)
